@@ -1,0 +1,28 @@
+# `make demo` and `make test` work on a fresh clone: both create .venv and install the pinned set.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO := work/demo
+
+.PHONY: install test demo clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# requirements.lock pins every package (tested set); pyproject.toml holds the ranges.
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[test,jpeg]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/cxr synth --out $(DEMO)/data --scale tiny --seed 0
+	$(BIN)/cxr manifest --covid-root $(DEMO)/data/covid-chestxray-dataset \
+		--rsna-root $(DEMO)/data/rsna-pneumonia-detection-challenge --out $(DEMO)/manifest.csv
+
+clean:
+	rm -rf $(VENV) work .pytest_cache

@@ -1,0 +1,144 @@
+"""One decoder for every source image: a 2-D uint8 array, the same for training, evaluation and
+inference.
+
+- DICOM (by the `DICM` magic, whatever the extension): pixel data through pydicom, then the
+  modality LUT (rescale slope/intercept), then the VOI transform (window centre/width or VOI LUT)
+  when the header has one, else a min-max stretch of images deeper than 8 bits; MONOCHROME1 is
+  inverted so that bone is always bright.
+- PNG / JPEG / other Pillow formats: EXIF orientation applied; alpha dropped (figures cut from
+  papers carry an opaque alpha channel); colour converted to luma with Pillow's ITU-R 601-2
+  weights; 16-bit grayscale stretched min-max to 8 bits.
+
+Only pixels leave this module, plus the view position on request (`dicom_view_position`): no
+other header value (names, dates, ages) is returned, logged or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
+
+# pydicom can decode JPEG Baseline through several plugins; Pillow's libjpeg-turbo decodes the
+# RSNA files about 4x faster than pylibjpeg, so we ask for it instead of taking whichever plugin
+# happens to be installed first. Other transfer syntaxes use pydicom's default choice.
+PLUGIN_BY_TRANSFER_SYNTAX = {JPEGBaseline8Bit: "pillow", JPEGExtended12Bit: "pillow"}
+
+
+class DecodeError(ValueError):
+    """An image file could not be decoded; the message names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: cannot decode image: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def decode_image(path: Path | str) -> np.ndarray:
+    """Decode any supported chest X-ray file into a 2-D uint8 array (rows, columns)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        raise DecodeError(path, f"cannot read the file ({exc.strerror or exc})") from None
+    if not head:
+        raise DecodeError(path, "the file is empty")
+    try:
+        image = _decode_dicom(path) if _is_dicom(head, path) else _decode_pillow(path)
+    except DecodeError:
+        raise
+    except Exception as exc:  # decoders raise many unrelated types; re-raise naming the file
+        raise DecodeError(path, f"{type(exc).__name__}: {exc}") from exc
+    if image.ndim != 2 or image.size == 0:
+        raise DecodeError(path, f"expected a 2-D image, decoded shape {image.shape}")
+    return image
+
+
+def dicom_view_position(path: Path | str) -> str:
+    """The DICOM ViewPosition (e.g. 'PA'), read without pixels; '' when absent."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"])
+    except Exception as exc:  # same contract as decode_image: name the file
+        raise DecodeError(path, f"{type(exc).__name__}: {exc}") from exc
+    return str(ds.get("ViewPosition", "")).strip()
+
+
+def _is_dicom(head: bytes, path: Path) -> bool:
+    return head[128:132] == b"DICM" or path.suffix.lower() in {".dcm", ".dicom"}
+
+
+def _decode_dicom(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise DecodeError(path, "the DICOM file has no Pixel Data element")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise DecodeError(path, f"expected a single-frame radiograph, found {frames} frames")
+    syntax = ds.file_meta.get("TransferSyntaxUID", "")
+    plugin = PLUGIN_BY_TRANSFER_SYNTAX.get(syntax, "")
+    raw = pixel_array(ds, decoding_plugin=plugin) if plugin else ds.pixel_array
+    if raw.ndim == 3:  # colour DICOM (rare for radiographs): same luma weights as Pillow
+        raw = raw[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    values = apply_modality_lut(raw, ds)
+    if _has_voi(ds):
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        image = _stretch(values, *_voi_output_range(ds))
+    elif raw.dtype == np.uint8 and "RescaleSlope" not in ds:
+        image = np.asarray(raw, dtype=np.uint8)  # already display values: keep them exactly
+    else:
+        image = _stretch(values, float(np.min(values)), float(np.max(values)))
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        image = 255 - image
+    return image
+
+
+def _has_voi(ds: pydicom.Dataset) -> bool:
+    return bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds
+                                              and ds.WindowCenter is not None and ds.WindowWidth is not None)
+
+
+def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The range pydicom's VOI transform maps into, so that it is stretched to 0..255 as a whole
+    (a min-max stretch would undo the window)."""
+    if ds.get("VOILUTSequence"):
+        descriptor = ds.VOILUTSequence[0].LUTDescriptor
+        bits = int(descriptor[2])
+        return 0.0, float(2**bits - 1)
+    # apply_windowing maps to the full range of the modality LUT's output type.
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds:
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        lo, hi = _stored_range(ds)
+        ends = (lo * slope + intercept, hi * slope + intercept)
+        return min(ends), max(ends)
+    return _stored_range(ds)
+
+
+def _stored_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    return 0.0, float(2**bits - 1)
+
+
+def _stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if hi <= lo:  # a constant image: nothing to stretch
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _decode_pillow(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()  # decode now: a truncated file fails here, inside our error handling
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            values = np.asarray(img, dtype=np.float64)
+            return _stretch(values, float(values.min()), float(values.max()))
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGBA").convert("RGB")  # palette, CMYK, 1-bit, alpha: drop alpha
+        return np.asarray(img.convert("L"), dtype=np.uint8)
