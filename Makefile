@@ -23,6 +23,8 @@ demo: install
 	$(BIN)/cxr synth --out $(DEMO)/data --scale tiny --seed 0
 	$(BIN)/cxr manifest --covid-root $(DEMO)/data/covid-chestxray-dataset \
 		--rsna-root $(DEMO)/data/rsna-pneumonia-detection-challenge --out $(DEMO)/manifest.csv
+	$(BIN)/cxr prepare --config configs/demo.yaml --manifest $(DEMO)/manifest.csv --out $(DEMO)/store
+	$(BIN)/cxr splits --config configs/demo.yaml --manifest $(DEMO)/manifest.csv --out $(DEMO)/splits
 
 clean:
 	rm -rf $(VENV) work .pytest_cache

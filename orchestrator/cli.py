@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from data_pipeline.decode import DecodeError
 from data_pipeline.schema import DataError
+from orchestrator.config import ConfigError, load_config
 
 log = logging.getLogger("cxr")
 
@@ -37,6 +39,44 @@ def cmd_manifest(args: argparse.Namespace) -> None:
             print(f"  {n:>6}  {reason}")
 
 
+def cmd_splits(args: argparse.Namespace) -> None:
+    from data_pipeline.manifest import read_manifest
+    from data_pipeline.splits import make_splits, summary, write_splits
+    from data_pipeline.store import ImageStore
+
+    config = load_config(args.config, args.set)
+    flags = {"protocol": args.protocol, "seed": args.seed, "import_dir": args.import_dir}
+    spec = dataclasses.replace(config.splits, **{k: v for k, v in flags.items() if v is not None})
+    manifest = read_manifest(args.manifest)
+    if args.store is not None:  # leave out images the store could not decode (built with --exclude-failed)
+        failed = ImageStore.open(args.store).failures
+        if not failed.empty:
+            log.warning("leaving %d image(s) the store failed to decode out of the splits: %s",
+                        len(failed), failed["image_id"].tolist())
+            manifest = manifest[~manifest["image_id"].isin(failed["image_id"])]
+    splits = make_splits(manifest, spec)
+    digest = write_splits(splits, args.out, manifest_path=args.manifest)
+    # one row per subset; a range where the folds differ (the sound protocol's do)
+    ranges = summary(splits).groupby(["subset", "label"], sort=False)["count"].agg(["min", "max"])
+    cells = ranges.apply(lambda r: str(r["min"]) if r["min"] == r["max"] else f"{r['min']}-{r['max']}", axis=1)
+    print(f"images per fold ({spec.folds} folds):")
+    print(cells.unstack("label").to_string())
+    for note in splits.notes:
+        print(f"note: {note}")
+    print(f"{spec.protocol} splits -> {args.out} (hash {digest[:16]})")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from data_pipeline.manifest import read_manifest
+    from orchestrator.launch import build_store
+
+    config = load_config(args.config, args.set)
+    flags = {"image_size": args.size, "exclude_failed": args.exclude_failed or None}
+    spec = dataclasses.replace(config.store, **{k: v for k, v in flags.items() if v is not None})
+    built = build_store(read_manifest(args.manifest), args.out, spec, address=args.address)
+    print(f"image store {'written to' if built else 'up to date at'} {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -57,7 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unknown-findings", action="store_true",
                    help="leave out covid-dataset rows with findings the reader does not know (listed)")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("splits", help="write every fold's phase, validation and test sets")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--protocol", choices=["paper", "import", "sound"])
+    p.add_argument("--import-dir", help="the authors' split files (All.csv, foldK/trainN.csv)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--store", type=Path, help="leave out the images this store failed to decode")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_splits)
+
+    p = sub.add_parser("prepare", help="decode every manifest image once into the memory-mapped store")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", type=int, help="image side in pixels (default: store.image_size, 300)")
+    p.add_argument("--exclude-failed", action="store_true",
+                   help="leave undecodable images out of the store (listed in failures.csv) instead of failing")
+    p.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, else a local one)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_prepare)
     return parser
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config; its sections give the counts and settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set splits.test_covid=6 (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args.func(args)
-    except (DataError, DecodeError) as exc:
+    except (DataError, DecodeError, ConfigError) as exc:
         log.error("%s", exc)
         return 2
     return 0

@@ -38,3 +38,64 @@ def synthetic_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic-tiny")
     write_synthetic(out, scale="tiny", seed=0)
     return out
+
+
+def placeholder_tree(root: Path) -> tuple[Path, Path]:
+    """The real label CSVs with empty placeholder image files (the manifest opens no image)."""
+    import pandas as pd
+
+    covid, rsna = root / "covid", root / "rsna"
+    (covid / "images").mkdir(parents=True)
+    (rsna / "stage_2_train_images").mkdir(parents=True)
+    (covid / "metadata.csv").symlink_to(fixture_path("covid/metadata-2020-04-08.csv"))
+    for name in ("stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"):
+        (rsna / name).symlink_to(fixture_path(f"rsna/{name}"))
+    meta = pd.read_csv(covid / "metadata.csv", dtype=str, keep_default_na=False)
+    for name in meta.loc[meta["folder"] == "images", "filename"]:
+        (covid / "images" / name).touch()
+    labels = pd.read_csv(rsna / "stage_2_train_labels.csv", dtype=str)
+    for pid in labels["patientId"].unique():
+        (rsna / "stage_2_train_images" / f"{pid}.dcm").touch()
+    return covid, rsna
+
+
+@pytest.fixture(scope="session")
+def real_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return placeholder_tree(tmp_path_factory.mktemp("real"))
+
+
+@pytest.fixture(scope="session")
+def real_manifest(real_tree):
+    """The manifest of the paper's data (2020-04-08 metadata + RSNA CSVs, placeholder images)."""
+    from data_pipeline.manifest import build_manifest
+
+    return build_manifest(*real_tree).manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(synthetic_tiny):
+    from data_pipeline.manifest import build_manifest
+
+    return build_manifest(synthetic_tiny / "covid-chestxray-dataset",
+                          synthetic_tiny / "rsna-pneumonia-detection-challenge").manifest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs, no dashboard) for the whole session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_store(ray_local, tiny_manifest, tmp_path_factory):
+    """The tiny synthetic dataset decoded into a 64x64 store with real Ray tasks."""
+    from data_pipeline.store import ImageStore, StoreSpec
+    from orchestrator.launch import build_store
+
+    out = tmp_path_factory.mktemp("store") / "store"
+    assert build_store(tiny_manifest, out, StoreSpec(image_size=64, chunk_size=16), show_progress=False)
+    return ImageStore.open(out)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,30 +15,8 @@ from data_pipeline.schema import MANIFEST_COLUMNS, DataError
 from tests.conftest import fixture_path
 
 
-def placeholder_tree(tmp_path: Path) -> tuple[Path, Path]:
-    """Real label CSVs with empty placeholder image files (the manifest opens no image)."""
-    covid, rsna = tmp_path / "covid", tmp_path / "rsna"
-    (covid / "images").mkdir(parents=True)
-    (rsna / "stage_2_train_images").mkdir(parents=True)
-    (covid / "metadata.csv").symlink_to(fixture_path("covid/metadata-2020-04-08.csv"))
-    for name in ("stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"):
-        (rsna / name).symlink_to(fixture_path(f"rsna/{name}"))
-    meta = pd.read_csv(covid / "metadata.csv", dtype=str, keep_default_na=False)
-    for name in meta.loc[meta["folder"] == "images", "filename"]:
-        (covid / "images" / name).touch()
-    labels = pd.read_csv(rsna / "stage_2_train_labels.csv", dtype=str)
-    for pid in labels["patientId"].unique():
-        (rsna / "stage_2_train_images" / f"{pid}.dcm").touch()
-    return covid, rsna
-
-
-@pytest.fixture(scope="module")
-def real_tree(tmp_path_factory) -> tuple[Path, Path]:
-    return placeholder_tree(tmp_path_factory.mktemp("real"))
-
-
-def test_real_files_give_the_papers_table_1_and_its_all_csv(real_tree):
-    manifest = build_manifest(*real_tree).manifest
+def test_real_files_give_the_papers_table_1_and_its_all_csv(real_manifest):
+    manifest = real_manifest
     assert list(manifest.columns) == list(MANIFEST_COLUMNS)
     by = manifest.groupby(["source", "label"])
     assert by.size().to_dict() == {("covid-chestxray", "COVID-19"): 180, ("covid-chestxray", "pneumonia"): 42,

@@ -1,0 +1,352 @@
+"""Splits: for each fold, the 8 training-phase sets, the test set and (where the protocol has one) a
+validation set for checkpoint selection; written to disk, hashed, and checked for patient leakage.
+
+Protocols (section 3.1 of the paper and the authors' code):
+- `paper`: per fold, hold out whole COVID-19 patients until the test set has `test_covid` images
+  (31) and covid-dataset pneumonia patients for `test_covid_pneumonia` images (8); every other
+  covid-dataset image is the part shared by all phases; each phase adds its own `phase_normal`
+  (250) RSNA normal and `phase_pneumonia` (200) RSNA pneumonia images, disjoint across phases;
+  everything else is the test set. Folds are drawn independently, as in the paper, so a patient
+  may be tested in several folds.
+- `import`: the authors' own files (`All.csv`, `foldK/trainN.csv`), reproduced exactly.
+- `sound`: every image in exactly one of the folds (grouped by patient, stratified by source and
+  class), so each image is tested once; a validation set carved by patient from the training
+  pool; phases built from the rest as in `paper` (smaller where the pool is).
+
+`validation: test_pool` (paper, import) adds the authors' `s_test` set (all test COVID-19 plus
+`s_test_normal` normal and `s_test_pneumonia` pneumonia test images) as `val.csv`: checkpoint
+selection on test images, flagged in `splits.json` and wherever results are shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
+from data_pipeline.schema import CLASSES, DataError
+
+log = logging.getLogger(__name__)
+
+SPLIT_COLUMNS = ["image_id", "label", "patient_id", "source"]
+PROTOCOLS = ("paper", "import", "sound")
+COVID_SOURCE, RSNA_SOURCE = "covid-chestxray", "rsna"
+TEST_POOL_FLAG = ("checkpoint selection on a validation set drawn from the test pool (the paper's "
+                  "s_test): test-set selection, results are optimistic")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    protocol: str = "paper"
+    seed: int = 0
+    folds: int = 5
+    phases: int = 8
+    test_covid: int = 31            # paper: COVID-19 test images per fold (whole patients)
+    test_covid_pneumonia: int = 8   # paper: covid-dataset pneumonia test images per fold
+    phase_normal: int = 250         # RSNA normal images unique to each phase
+    phase_pneumonia: int = 200      # RSNA pneumonia images unique to each phase
+    validation: str = "none"        # paper/import: none | test_pool; sound always has its own
+    s_test_normal: int = 300        # test_pool: normal / pneumonia images of the s_test set
+    s_test_pneumonia: int = 300
+    val_fraction: float = 0.1       # sound: share of the training pool (by patient) for validation
+    import_dir: str = ""            # import: folder with All.csv and foldK/trainN.csv
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"splits.protocol: expected one of {list(PROTOCOLS)}, received {self.protocol!r}.")
+        if self.validation not in ("none", "test_pool"):
+            raise ValueError(f"splits.validation: expected 'none' or 'test_pool', received {self.validation!r}.")
+        if self.protocol == "sound" and self.validation == "test_pool":
+            raise ValueError("splits.validation: 'test_pool' selects on test images; the sound protocol "
+                             "carves its own validation set from the training pool. Use 'none'.")
+        if self.protocol == "import" and not self.import_dir:
+            raise ValueError("splits.import_dir: the import protocol needs the folder of the authors' split files.")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"splits.val_fraction: expected a number in (0, 0.5), received {self.val_fraction}.")
+
+
+# A fold: subset name ("phase1".."phaseN", "val", "test") -> rows (SPLIT_COLUMNS [+ part]).
+Fold = dict[str, pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Splits:
+    spec: SplitSpec
+    folds: dict[int, Fold]
+    notes: tuple[str, ...]
+
+
+def make_splits(manifest: pd.DataFrame, spec: SplitSpec) -> Splits:
+    """Build every fold of the chosen protocol and check it for patient leakage."""
+    manifest = manifest.sort_values(["source", "image_id"], kind="stable").reset_index(drop=True)
+    notes = ["RSNA ids are per image, not per person: the challenge published no person id, so "
+             "RSNA images are grouped by image, and one person's images could sit on both sides."]
+    if spec.protocol == "paper":
+        folds = {k: _paper_fold(manifest, spec, k) for k in range(1, spec.folds + 1)}
+        notes.append("Folds are drawn independently, as in the paper: a patient may be tested in "
+                     "several folds, so the folds are not independent estimates.")
+    elif spec.protocol == "import":
+        folds = _import_folds(manifest, spec)
+        notes.append("Splits are the authors' own files; their folds overlap in test patients.")
+    else:
+        folds, shrink_notes = _sound_folds(manifest, spec)
+        notes.extend(shrink_notes)
+    if spec.validation == "test_pool":
+        for k, fold in folds.items():
+            fold["val"] = _s_test(fold["test"], spec, k)
+        notes.append(TEST_POOL_FLAG)
+    for k, fold in folds.items():
+        check_no_leakage(fold, k, val_from_test_pool=spec.validation == "test_pool")
+    return Splits(spec=spec, folds=folds, notes=tuple(notes))
+
+
+# ---------------------------------------------------------------- leakage
+
+def patient_keys(rows: pd.DataFrame) -> set[tuple[str, str]]:
+    """Patients are only comparable within a source (covid id `2` is not RSNA's `2`)."""
+    return set(zip(rows["source"], rows["patient_id"]))
+
+
+def check_no_leakage(fold: Fold, k: int, val_from_test_pool: bool = False) -> None:
+    """No patient of the fold's test set may appear in its phases or validation set."""
+    tested = patient_keys(fold["test"])
+    for name, rows in fold.items():
+        if name == "test" or (name == "val" and val_from_test_pool):  # s_test is test by design (flagged)
+            continue
+        leaked = sorted(tested & patient_keys(rows))
+        if leaked:
+            shown = ", ".join(f"{s}:{p}" for s, p in leaked[:20])
+            raise DataError(f"fold {k}: {len(leaked)} patient(s) of the test set also appear in {name}: "
+                            f"{shown}{' ...' if len(leaked) > 20 else ''}.")
+
+
+# ---------------------------------------------------------------- paper
+
+def _paper_fold(manifest: pd.DataFrame, spec: SplitSpec, k: int) -> Fold:
+    rng = np.random.default_rng([spec.seed, k])
+    covid = manifest[manifest["source"] == COVID_SOURCE]
+    rsna = manifest[manifest["source"] == RSNA_SOURCE]
+    test_parts = [hold_out_patients(covid[covid["label"] == "COVID-19"], spec.test_covid, rng, f"fold {k} COVID-19"),
+                  hold_out_patients(covid[covid["label"] == "pneumonia"], spec.test_covid_pneumonia, rng,
+                                    f"fold {k} covid-dataset pneumonia")]
+    held = pd.concat(test_parts)
+    shared = covid[~covid["image_id"].isin(held["image_id"])]
+    fold = _phases(shared, rsna, spec, rng, spec.phase_normal, spec.phase_pneumonia)
+    used = pd.concat([held] + [f for f in fold.values()])
+    fold["test"] = pd.concat([held, rsna[~rsna["image_id"].isin(used["image_id"])]])
+    return fold
+
+
+def hold_out_patients(rows: pd.DataFrame, n_images: int, rng: np.random.Generator, what: str) -> pd.DataFrame:
+    """Whole patients, taken in a random order, holding out exactly `n_images` images.
+
+    Walking the shuffled patients, one is taken when the rest can still complete the count
+    exactly (a subset-sum table over the remaining patients): plain greedy would miss exact
+    totals that exist when patients have several images.
+    """
+    if n_images > len(rows):
+        raise DataError(f"{what}: cannot hold out {n_images} images, only {len(rows)} exist.")
+    sizes = rows.groupby("patient_id").size()
+    order = rng.permutation(sizes.index.to_numpy())
+    counts = sizes.loc[order].to_numpy()
+    # reachable[i, s]: patients order[i:] can make exactly s images
+    reachable = np.zeros((len(order) + 1, n_images + 1), dtype=bool)
+    reachable[len(order), 0] = True
+    for i in range(len(order) - 1, -1, -1):
+        reachable[i] = reachable[i + 1]
+        reachable[i, counts[i]:] |= reachable[i + 1, : n_images + 1 - counts[i]]
+    if not reachable[0, n_images]:
+        raise DataError(f"{what}: no set of whole patients has exactly {n_images} images; change the configured count.")
+    chosen, remaining = [], n_images
+    for i, patient in enumerate(order):
+        if remaining == 0:
+            break
+        if counts[i] <= remaining and reachable[i + 1, remaining - counts[i]]:
+            chosen.append(patient)
+            remaining -= counts[i]
+    return rows[rows["patient_id"].isin(chosen)]
+
+
+def _phases(shared: pd.DataFrame, rsna: pd.DataFrame, spec: SplitSpec, rng: np.random.Generator,
+            n_normal: int, n_pneumonia: int) -> Fold:
+    """`spec.phases` phase sets: the shared part plus disjoint RSNA draws of each class."""
+    normal = _permuted(rsna[rsna["label"] == "normal"], rng)
+    pneumonia = _permuted(rsna[rsna["label"] == "pneumonia"], rng)
+    for name, pool, n in (("normal", normal, n_normal), ("pneumonia", pneumonia, n_pneumonia)):
+        if n * spec.phases > len(pool):
+            raise DataError(f"{spec.phases} phases x {n} RSNA {name} images need {n * spec.phases}, "
+                            f"only {len(pool)} are available; lower splits.phase_{name}.")
+    fold = {}
+    for i in range(spec.phases):
+        unique = pd.concat([normal.iloc[i * n_normal:(i + 1) * n_normal],
+                            pneumonia.iloc[i * n_pneumonia:(i + 1) * n_pneumonia]])
+        fold[f"phase{i + 1}"] = pd.concat([shared.assign(part="shared"), unique.assign(part="unique")])
+    return fold
+
+
+def _permuted(rows: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    return rows.iloc[rng.permutation(len(rows))]
+
+
+def _s_test(test: pd.DataFrame, spec: SplitSpec, k: int) -> pd.DataFrame:
+    """The authors' s_test: all test COVID-19 plus a sample of test normal and pneumonia."""
+    rng = np.random.default_rng([spec.seed, k, 1])
+    parts = [test[test["label"] == "COVID-19"]]
+    for label, n in (("normal", spec.s_test_normal), ("pneumonia", spec.s_test_pneumonia)):
+        pool = test[test["label"] == label]
+        parts.append(_permuted(pool, rng).iloc[:n])
+    return pd.concat(parts)
+
+
+# ---------------------------------------------------------------- import
+
+def _import_folds(manifest: pd.DataFrame, spec: SplitSpec) -> dict[int, Fold]:
+    root = Path(spec.import_dir)
+    by_name = _manifest_by_authors_name(manifest)
+    every = _read_authors_file(root / "All.csv", by_name)
+    folds = {}
+    for k in range(1, spec.folds + 1):
+        phases = [_read_authors_file(root / f"fold{k}" / f"train{n}.csv", by_name) for n in range(1, spec.phases + 1)]
+        shared_ids = set.intersection(*(set(p["image_id"]) for p in phases))
+        fold = {f"phase{n}": p.assign(part=np.where(p["image_id"].isin(shared_ids), "shared", "unique"))
+                for n, p in enumerate(phases, start=1)}
+        trained = set().union(*(set(p["image_id"]) for p in phases))
+        fold["test"] = every[~every["image_id"].isin(trained)]
+        folds[k] = fold
+    return folds
+
+
+def _manifest_by_authors_name(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The authors name RSNA images `<patientId>.png` and covid-dataset images by file name."""
+    names = manifest["image_id"].where(manifest["source"] != RSNA_SOURCE, manifest["image_id"] + ".png")
+    return manifest.assign(authors_name=names).set_index("authors_name")
+
+
+def _read_authors_file(path: Path, by_name: pd.DataFrame) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: expected an authors' split file (filename,class), found nothing.")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("filename", "class") if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(table.columns)}.")
+    unknown = table.loc[~table["filename"].isin(by_name.index), "filename"]
+    if not unknown.empty:
+        raise DataError(f"{path}: {len(unknown)} image(s) are not in the manifest: {unknown.tolist()[:10]}.")
+    rows = by_name.loc[table["filename"]].reset_index(drop=True)
+    disagree = table["class"].to_numpy() != rows["label"].to_numpy()
+    if disagree.any():
+        shown = list(zip(table.loc[disagree, "filename"], table.loc[disagree, "class"], rows.loc[disagree, "label"]))
+        raise DataError(f"{path}: column 'class' disagrees with the manifest for {int(disagree.sum())} image(s) "
+                        f"(file, theirs, ours): {shown[:10]}.")
+    return rows
+
+
+# ---------------------------------------------------------------- sound
+
+def _sound_folds(manifest: pd.DataFrame, spec: SplitSpec) -> tuple[dict[int, Fold], list[str]]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = (manifest["source"] + ":" + manifest["patient_id"]).to_numpy()
+    strata = (manifest["source"] + ":" + manifest["label"]).to_numpy()
+    fold_of = np.zeros(len(manifest), dtype=int)
+    outer = StratifiedGroupKFold(n_splits=spec.folds, shuffle=True, random_state=spec.seed)
+    for k, (_, test_idx) in enumerate(outer.split(np.zeros(len(manifest)), strata, groups), start=1):
+        fold_of[test_idx] = k
+
+    folds, notes = {}, []
+    for k in range(1, spec.folds + 1):
+        pool = manifest[fold_of != k]
+        inner = StratifiedGroupKFold(n_splits=round(1 / spec.val_fraction), shuffle=True,
+                                     random_state=spec.seed * 1000 + k)
+        _, val_idx = next(inner.split(np.zeros(len(pool)), strata[fold_of != k], groups[fold_of != k]))
+        val = pool.iloc[val_idx]
+        rest = pool.drop(pool.index[val_idx])
+        rsna = rest[rest["source"] == RSNA_SOURCE]
+        per_phase = {}
+        for label, wanted in (("normal", spec.phase_normal), ("pneumonia", spec.phase_pneumonia)):
+            available = int((rsna["label"] == label).sum())
+            per_phase[label] = min(wanted, available // spec.phases)
+            if per_phase[label] < wanted:
+                notes.append(f"fold {k}: the training pool has {available} RSNA {label} images, so each of "
+                             f"the {spec.phases} phases gets {per_phase[label]} instead of {wanted}.")
+                log.warning(notes[-1])
+        rng = np.random.default_rng([spec.seed, k])
+        fold = _phases(rest[rest["source"] == COVID_SOURCE], rsna, spec, rng, per_phase["normal"],
+                       per_phase["pneumonia"])
+        fold["val"] = val
+        fold["test"] = manifest[fold_of == k]
+        folds[k] = fold
+    return folds, notes
+
+
+# ---------------------------------------------------------------- files
+
+def write_splits(splits: Splits, out: Path, manifest_path: Path | None = None) -> str:
+    """Write every fold's CSVs, summary.csv, splits.json and SHA256SUMS; returns the split hash.
+
+    Files are sorted and written with fixed formatting, so the same manifest and spec give
+    byte-identical files. The folder is replaced atomically: a reader never sees half a split.
+    """
+    out = Path(out)
+    tmp = new_build_dir(out)
+    try:
+        files = {}
+        for k, fold in splits.folds.items():
+            for name, rows in fold.items():
+                columns = SPLIT_COLUMNS + (["part"] if "part" in rows.columns else [])
+                table = rows[columns].sort_values(["source", "image_id"], kind="stable")
+                files[f"fold{k}/{name}.csv"] = table.to_csv(index=False, lineterminator="\n")
+        files["summary.csv"] = summary(splits).to_csv(index=False, lineterminator="\n")
+        meta = {"spec": asdict(splits.spec), "notes": list(splits.notes),
+                "validation": _validation_kind(splits.spec),
+                "flags": [TEST_POOL_FLAG] if splits.spec.validation == "test_pool" else []}
+        if manifest_path is not None:
+            meta["manifest_sha256"] = sha256_bytes(Path(manifest_path).read_bytes())
+        files["splits.json"] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        sums = []
+        for name, text in sorted(files.items()):
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            sums.append(f"{sha256_bytes(text.encode())}  {name}\n")
+        (tmp / "SHA256SUMS").write_text("".join(sums), encoding="utf-8")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return split_hash(out)
+
+
+def split_hash(split_dir: Path) -> str:
+    """One hash naming the whole split: the hash of its SHA256SUMS file."""
+    return sha256_bytes((Path(split_dir) / "SHA256SUMS").read_bytes())
+
+
+def _validation_kind(spec: SplitSpec) -> str:
+    if spec.protocol == "sound":
+        return "training_pool"
+    return spec.validation
+
+
+def summary(splits: Splits) -> pd.DataFrame:
+    """fold, subset, label, count for every subset (phases, val, test) and class."""
+    records = []
+    for k, fold in splits.folds.items():
+        for name, rows in fold.items():
+            counts = rows["label"].value_counts()
+            records.extend({"fold": k, "subset": name, "label": label, "count": int(counts.get(label, 0))}
+                           for label in CLASSES)
+    return pd.DataFrame.from_records(records, columns=["fold", "subset", "label", "count"])
+
+
+def read_split(split_dir: Path, fold: int, subset: str) -> pd.DataFrame:
+    """One subset of one fold (e.g. `phase3`, `val`, `test`) as written by `write_splits`."""
+    path = Path(split_dir) / f"fold{fold}" / f"{subset}.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: no such split file; expected fold{fold}/{subset}.csv under {split_dir}.")
+    return pd.read_csv(path, dtype=str, keep_default_na=False)

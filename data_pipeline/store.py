@@ -1,0 +1,199 @@
+"""The image store: every manifest image decoded once, resized, in one uint8 array on disk.
+
+Layout of a store folder:
+  images.npy    (N, size, size) uint8, opened memory-mapped: every run on a node shares the
+                page cache instead of holding its own copy
+  index.csv     row, image_id, source, view (RSNA views come from the DICOM header here)
+  failures.csv  image_id, path, reason for images that could not be decoded (only when allowed)
+  store.json    size, count and the key of the inputs; written last, so its presence means the
+                store is complete
+
+Building is split so that any executor can run it: `decode_chunk` is a pure function (the
+orchestrator fans it out as Ray tasks); `StoreBuilder` writes results into a hidden folder and
+renames it into place when everything is in. This module knows nothing about Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from data_pipeline.decode import DecodeError, decode_image, dicom_view_position
+from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
+from data_pipeline.schema import DataError
+
+STORE_VERSION = 1  # bump when decoding or resizing changes: old stores then rebuild
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    image_size: int = 300          # the paper's 300x300
+    exclude_failed: bool = False   # leave undecodable images out (reported) instead of failing
+    chunk_size: int = 32           # images per decoding task
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ValueError(f"store.image_size: expected at least 32 pixels, received {self.image_size}.")
+        if self.chunk_size < 1:
+            raise ValueError(f"store.chunk_size: expected at least 1, received {self.chunk_size}.")
+
+
+class StoreError(DataError):
+    """The store could not be built or read; the message says which images or files and why."""
+
+
+def decode_resized(path: str, size: int) -> np.ndarray:
+    """Decode with the readers' decoder, then resize to size x size (the paper squashes, it does
+    not pad: aspect ratio is not kept). Pillow's bilinear filter widens with the reduction
+    factor, so large radiographs are area-averaged rather than aliased."""
+    image = Image.fromarray(decode_image(path))
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+@dataclass
+class ChunkResult:
+    positions: list[int] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    views: list[str] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
+
+
+def decode_chunk(items: list[tuple[int, str, str]], size: int) -> ChunkResult:
+    """Decode (position, path, manifest view) items; a bad file becomes a failure, not a crash."""
+    result = ChunkResult()
+    for position, path, view in items:
+        try:
+            image = decode_resized(path, size)
+            if not view and path.lower().endswith(".dcm"):
+                view = dicom_view_position(path)  # the only header value that leaves the decoder
+        except DecodeError as exc:
+            result.failures.append((position, exc.reason))
+            continue
+        result.positions.append(position)
+        result.images.append(image)
+        result.views.append(view)
+    return result
+
+
+def store_key(manifest: pd.DataFrame, spec: StoreSpec) -> str:
+    """What the store depends on: the images (ids and paths), the size and the decoder version."""
+    listing = manifest[["image_id", "path"]].to_csv(index=False, lineterminator="\n")
+    return sha256_bytes(f"v{STORE_VERSION}/{spec.image_size}/{listing}".encode())
+
+
+class StoreBuilder:
+    """Collects decoded chunks into a hidden folder; `finish` renames it into place."""
+
+    def __init__(self, out: Path, manifest: pd.DataFrame, spec: StoreSpec):
+        self.out, self.manifest, self.spec = Path(out), manifest.reset_index(drop=True), spec
+        self.key = store_key(self.manifest, spec)
+        self._tmp: Path | None = None
+        self._images: np.ndarray | None = None
+        self._views = [""] * len(self.manifest)
+        self._done = np.zeros(len(self.manifest), dtype=bool)
+        self._failures: dict[int, str] = {}
+
+    def is_current(self) -> bool:
+        """True when a complete store of the same inputs is already at `out`: nothing to do."""
+        meta = self.out / "store.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("key") == self.key
+
+    def chunks(self) -> list[list[tuple[int, str, str]]]:
+        items = list(zip(range(len(self.manifest)), self.manifest["path"], self.manifest["view"]))
+        n = self.spec.chunk_size
+        return [items[i:i + n] for i in range(0, len(items), n)]
+
+    def start(self) -> None:
+        self._tmp = new_build_dir(self.out)
+        size = self.spec.image_size
+        self._images = np.lib.format.open_memmap(self._tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                                 shape=(len(self.manifest), size, size))
+
+    def add(self, result: ChunkResult) -> None:
+        for position, image, view in zip(result.positions, result.images, result.views):
+            self._images[position] = image
+            self._views[position] = view
+            self._done[position] = True
+        self._failures.update(result.failures)
+
+    def finish(self) -> Path:
+        """Check that every image is in (or failed, when allowed) and put the store in place."""
+        try:
+            missing = ~self._done & ~np.isin(np.arange(len(self.manifest)), list(self._failures))
+            if missing.any():
+                raise StoreError(f"{self.out}: {int(missing.sum())} image(s) were never decoded "
+                                 f"(an executor was lost?): {self.manifest.loc[missing, 'path'].tolist()[:5]}.")
+            failures = self._failure_table()
+            if not failures.empty and not self.spec.exclude_failed:
+                report = self.out.with_name(self.out.name + ".failures.csv")
+                failures.to_csv(report, index=False, lineterminator="\n")
+                shown = "; ".join(f"{p}: {r}" for p, r in zip(failures["path"][:5], failures["reason"][:5]))
+                raise StoreError(f"{len(failures)} image(s) could not be decoded ({shown}). All are listed in "
+                                 f"{report}. Fix or remove them, or set store.exclude_failed / pass "
+                                 f"--exclude-failed to leave them out of the store and the splits.")
+            self._images.flush()
+            self._images = None
+            index = pd.DataFrame({"row": np.arange(len(self.manifest)), "image_id": self.manifest["image_id"],
+                                  "source": self.manifest["source"], "view": self._views})[self._done]
+            index.to_csv(self._tmp / "index.csv", index=False, lineterminator="\n")
+            failures.to_csv(self._tmp / "failures.csv", index=False, lineterminator="\n")
+            meta = {"version": STORE_VERSION, "key": self.key, "image_size": self.spec.image_size,
+                    "count": int(self._done.sum()), "failed": len(failures)}
+            (self._tmp / "store.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            replace_dir(self._tmp, self.out)
+            self.out.with_name(self.out.name + ".failures.csv").unlink(missing_ok=True)
+            return self.out
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Remove the hidden build folder (after a failure or an interruption)."""
+        self._images = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _failure_table(self) -> pd.DataFrame:
+        positions = sorted(self._failures)
+        return pd.DataFrame({"image_id": self.manifest["image_id"].iloc[positions].tolist(),
+                             "path": self.manifest["path"].iloc[positions].tolist(),
+                             "reason": [self._failures[p] for p in positions]},
+                            columns=["image_id", "path", "reason"])
+
+
+@dataclass(frozen=True)
+class ImageStore:
+    """A complete store, opened read-only and memory-mapped."""
+    root: Path
+    images: np.ndarray          # (N, size, size) uint8 memmap
+    index: pd.DataFrame         # row, image_id, source, view
+    failures: pd.DataFrame      # image_id, path, reason
+
+    @classmethod
+    def open(cls, root: Path | str) -> "ImageStore":
+        root = Path(root)
+        if not (root / "store.json").is_file():
+            raise StoreError(f"{root}: not a complete image store (no store.json); build it with `cxr prepare`.")
+        images = np.load(root / "images.npy", mmap_mode="r")
+        index = pd.read_csv(root / "index.csv", dtype={"row": np.int64}, keep_default_na=False)
+        failures = pd.read_csv(root / "failures.csv", dtype=str, keep_default_na=False)
+        return cls(root=root, images=images, index=index, failures=failures)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def rows(self, image_ids: pd.Series | list[str]) -> np.ndarray:
+        """Store rows of the given images, in order; an image not in the store is an error."""
+        lookup = pd.Series(self.index["row"].to_numpy(), index=self.index["image_id"])
+        ids = pd.Index(image_ids)
+        missing = ids[~ids.isin(lookup.index)]
+        if len(missing):
+            raise StoreError(f"{self.root}: {len(missing)} image(s) are not in the store: {list(missing[:10])}; "
+                             f"rebuild it from the same manifest (`cxr prepare`), or split without failed images.")
+        return lookup.loc[ids].to_numpy()

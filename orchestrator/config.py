@@ -1,0 +1,146 @@
+"""Experiment configs: YAML files in configs/ loaded into frozen dataclasses.
+
+Each section is the spec dataclass of the stage that uses it (`splits` -> data_pipeline.splits.
+SplitSpec, ...), so a stage receives exactly its own settings. Unknown keys and wrong types fail
+with the key's dotted name; `--set section.key=value` overrides parse values as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from data_pipeline.augment import AugmentSpec
+from data_pipeline.splits import SplitSpec
+from data_pipeline.store import StoreSpec
+
+
+class ConfigError(ValueError):
+    """A config file or override does not match the schema; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    covid_root: str = ""      # folder with metadata.csv and images/
+    rsna_root: str = ""       # folder with the stage_2 CSVs and stage_2_train_images/
+    synthetic: str = ""       # tiny | small | paper: generate lookalike data under workdir/data instead
+    synthetic_seed: int = 0
+    skip_missing: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    workdir: str = "work/default"
+    data: DataSpec = field(default_factory=DataSpec)
+    splits: SplitSpec = field(default_factory=SplitSpec)
+    store: StoreSpec = field(default_factory=StoreSpec)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    @property
+    def paths(self) -> "WorkPaths":
+        return WorkPaths(Path(self.workdir))
+
+
+@dataclass(frozen=True)
+class WorkPaths:
+    """Where each stage leaves its output inside the workdir."""
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+
+def load_config(path: Path | str | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc}).") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(data).__name__}.")
+    for item in overrides:
+        _apply_override(data, item)
+    return from_mapping(Config, data, where=str(path or "defaults"))
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. splits.seed=3.")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section.")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, received {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; "
+                          f"expected keys of {prefix.rstrip('.') or 'the top level'}: {sorted(fields)}.")
+    values = {}
+    for name, value in data.items():
+        key, expected = prefix + name, hints[name]
+        if dataclasses.is_dataclass(expected):
+            values[name] = from_mapping(expected, value or {}, where, key + ".")
+        else:
+            values[name] = _check_type(value, expected, where, key)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a spec's own validation (allowed values, ranges)
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = typing.get_origin(expected)
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(expected) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, received {type(value).__name__} {value!r}.")
+        return tuple(_check_type(v, inner, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _check_type(value, option, where, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {key}: expected {expected}, received {type(value).__name__} {value!r}.")
+    if expected is Any or expected is type(None) and value is None:
+        return value
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}: {key}: expected {getattr(expected, '__name__', expected)}, "
+                          f"received {type(value).__name__} {value!r}.")
+    return value

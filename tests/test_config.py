@@ -1,0 +1,64 @@
+"""Configs: every file in configs/ loads; unknown keys and wrong types fail with the key's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.splits import SplitSpec
+from orchestrator.config import Config, ConfigError, load_config
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_names_its_command(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert path.read_text().startswith("#") and "cxr " in path.read_text().split("\n\n")[0]
+
+
+def test_paper_config_holds_the_papers_values():
+    config = load_config(ROOT / "configs/paper.yaml")
+    assert config.splits == SplitSpec(protocol="paper", validation="test_pool")
+    assert config.store.image_size == 300
+    assert (config.augment.rotation, config.augment.zoom, config.augment.shift) == (360, 0.05, 0.05)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named_with_its_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['splits.phase_nromal'\].*phase_normal"):
+        load_config(write(tmp_path, "splits:\n  phase_nromal: 3\n"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trainer'\]"):
+        load_config(write(tmp_path, "trainer: {}\n"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("splits:\n  seed: abc\n", r"splits.seed: expected int, received str 'abc'"),
+    ("splits:\n  seed: true\n", r"splits.seed: expected int, received bool True"),
+    ("store:\n  exclude_failed: 1\n", r"store.exclude_failed: expected bool, received int 1"),
+    ("augment:\n  zoom: five\n", r"augment.zoom: expected float"),
+    ("splits: 3\n", r"splits: expected a mapping"),
+    ("splits:\n  protocol: clever\n", r"splits.protocol: expected one of \['paper', 'import', 'sound'\], received 'clever'"),
+])
+def test_wrong_types_and_values_fail_with_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_and_ints_for_floats(tmp_path):
+    config = load_config(write(tmp_path, "augment:\n  rotation: 90\n"),
+                         ["splits.seed=7", "store.image_size=96", "augment.fill_mode=reflect"])
+    assert config.splits.seed == 7 and config.store.image_size == 96
+    assert config.augment.rotation == 90.0 and isinstance(config.augment.rotation, float)
+    with pytest.raises(ConfigError, match=r"--set 'seed': expected key=value"):
+        load_config(None, ["seed"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['splits.sed'\]"):
+        load_config(None, ["splits.sed=1"])

@@ -1,0 +1,127 @@
+"""The image store: built with real Ray tasks, identical to the decoder's output, memory-mapped,
+idempotent, atomic, and explicit about images it cannot decode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from data_pipeline.store import (ImageStore, StoreBuilder, StoreError, StoreSpec, decode_chunk,
+                                 decode_resized)
+from orchestrator.launch import build_store
+
+
+def test_store_holds_the_decoders_output_resized(tiny_store, tiny_manifest):
+    assert tiny_store.images.shape == (len(tiny_manifest), 64, 64)
+    rows = tiny_store.rows(tiny_manifest["image_id"])
+    for i in range(0, len(tiny_manifest), 7):
+        assert np.array_equal(tiny_store.images[rows[i]], decode_resized(tiny_manifest["path"].iloc[i], 64))
+
+
+def test_store_is_memory_mapped_and_read_only(tiny_store):
+    assert isinstance(tiny_store.images, np.memmap)
+    assert not tiny_store.images.flags.writeable
+
+
+def test_rsna_views_come_from_the_dicom_header(tiny_store, tiny_manifest):
+    rsna = tiny_manifest[tiny_manifest["source"] == "rsna"].head(5)
+    index = tiny_store.index.set_index("image_id")
+    for image_id, path in zip(rsna["image_id"], rsna["path"]):
+        assert index.loc[image_id, "view"] == pydicom.dcmread(path).ViewPosition
+
+
+def test_a_second_build_with_the_same_inputs_does_nothing(tiny_store, tiny_manifest):
+    meta = tiny_store.root / "store.json"
+    before = meta.stat().st_mtime_ns
+    assert build_store(tiny_manifest, tiny_store.root, StoreSpec(image_size=64, chunk_size=16),
+                       show_progress=False) is False
+    assert meta.stat().st_mtime_ns == before
+
+
+def test_an_interrupted_build_never_looks_complete(ray_local, tiny_manifest, tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    builder = StoreBuilder(out, tiny_manifest, StoreSpec(image_size=48))
+    builder.start()
+    builder.add(decode_chunk(builder.chunks()[0], 48))  # ... and the process dies here
+    with pytest.raises(StoreError, match="not a complete image store"):
+        ImageStore.open(out)
+
+    build_store(tiny_manifest, out, StoreSpec(image_size=48), show_progress=False)  # recovers
+    assert ImageStore.open(out).image_size == 48
+    assert not list(tmp_path.glob(".store.building-*"))  # the dead build's folder is gone
+
+    calls = []
+
+    def add_then_interrupt(self, result):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StoreBuilder, "add", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):  # a rebuild at another size, interrupted
+        build_store(tiny_manifest, out, StoreSpec(image_size=56, chunk_size=8), show_progress=False)
+    old = ImageStore.open(out)  # the previous complete store is untouched
+    assert old.image_size == 48
+    assert not list(tmp_path.glob(".store.building-*"))
+
+
+@pytest.fixture
+def broken_manifest(tiny_manifest, tmp_path) -> pd.DataFrame:
+    """The tiny manifest with one truncated JPEG and one empty DICOM, copied out of the shared data."""
+    manifest = tiny_manifest.copy()
+    jpeg = manifest.index[manifest["path"].str.endswith((".jpg", ".jpeg"))][0]
+    dicom = manifest.index[manifest["source"] == "rsna"][0]
+    for i, make in ((jpeg, lambda b: b[: len(b) // 3]), (dicom, lambda b: b"")):
+        target = tmp_path / Path(manifest.loc[i, "path"]).name
+        target.write_bytes(make(Path(manifest.loc[i, "path"]).read_bytes()))
+        manifest.loc[i, "path"] = str(target)
+    return manifest
+
+
+def test_undecodable_images_fail_the_build_with_file_and_reason(ray_local, broken_manifest, tmp_path):
+    out = tmp_path / "store"
+    with pytest.raises(StoreError, match="2 image.*could not be decoded") as err:
+        build_store(broken_manifest, out, StoreSpec(image_size=32), show_progress=False)
+    assert "the file is empty" in str(err.value) and "--exclude-failed" in str(err.value)
+    report = pd.read_csv(tmp_path / "store.failures.csv")
+    assert len(report) == 2 and report["path"].str.startswith(str(tmp_path)).all()
+    assert not out.exists()
+
+
+def test_failed_images_are_excluded_only_with_the_flag(ray_local, broken_manifest, tmp_path):
+    out = tmp_path / "store"
+    build_store(broken_manifest, out, StoreSpec(image_size=32, exclude_failed=True), show_progress=False)
+    store = ImageStore.open(out)
+    assert len(store.failures) == 2 and len(store.index) == len(broken_manifest) - 2
+    assert json.loads((out / "store.json").read_text())["failed"] == 2
+    with pytest.raises(StoreError, match="not in the store"):
+        store.rows(store.failures["image_id"])
+
+    manifest_csv = tmp_path / "manifest.csv"
+    broken_manifest.to_csv(manifest_csv, index=False)
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "splits", "--manifest", str(manifest_csv),
+                           "--config", "configs/demo.yaml", "--store", str(out), "--out", str(tmp_path / "splits")],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert "leaving 2 image(s)" in done.stderr
+    split_ids = pd.concat(pd.read_csv(p) for p in (tmp_path / "splits").rglob("fold*/*.csv"))["image_id"]
+    assert not set(store.failures["image_id"]) & set(split_ids)
+
+
+def test_cli_prepare_reports_progress_and_is_idempotent(tmp_path, synthetic_tiny, tiny_manifest):
+    manifest_csv = tmp_path / "manifest.csv"
+    tiny_manifest.to_csv(manifest_csv, index=False)
+    args = [sys.executable, "-m", "orchestrator.cli", "prepare", "--manifest", str(manifest_csv),
+            "--out", str(tmp_path / "store"), "--size", "40"]
+    first = subprocess.run(args, capture_output=True, text=True, check=True)
+    assert "decoding to 40x40" in first.stdout + first.stderr and "written to" in first.stdout
+    second = subprocess.run(args, capture_output=True, text=True, check=True)
+    assert "up to date" in second.stdout
+    shutil.rmtree(tmp_path / "store")

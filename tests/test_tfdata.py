@@ -1,0 +1,68 @@
+"""tf.data streams over the store: a phase epoch is the phase's images once each, shuffled and
+augmented; evaluation batches are the store's pixels scaled by 1/255."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_pipeline.augment import AugmentSpec
+from data_pipeline.schema import CLASSES
+from data_pipeline.splits import SplitSpec, make_splits
+from data_pipeline.tfdata import eval_stream, one_hot, training_stream
+
+NO_AUGMENT = AugmentSpec(horizontal_flip=False, vertical_flip=False, rotation=0, zoom=0, shift=0, shear=0)
+
+
+@pytest.fixture(scope="module")
+def phase(tiny_manifest) -> pd.DataFrame:
+    spec = SplitSpec(test_covid=6, test_covid_pneumonia=2, phase_normal=8, phase_pneumonia=6)
+    return make_splits(tiny_manifest, spec).folds[1]["phase1"]
+
+
+def epoch(ds) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_a_phase_epoch_is_each_phase_image_once(tiny_store, phase):
+    x, y = epoch(training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT))
+    assert x.shape == (len(phase), 64, 64, 3) and x.dtype == np.float32
+    assert np.array_equal(x[..., 0], x[..., 2])  # gray copied to 3 channels
+    # class balance: the label counts of the file, once each
+    assert dict(zip(CLASSES, y.sum(0).astype(int))) == {c: int((phase["label"] == c).sum()) for c in CLASSES}
+    stored = tiny_store.images[tiny_store.rows(phase["image_id"])].astype(np.float32) * np.float32(1 / 255)
+    key = lambda a: a.round(5).tobytes()  # noqa: E731
+    assert sorted(map(key, x[..., 0])) == sorted(map(key, stored))
+
+
+def test_order_is_shuffled_per_epoch_and_fixed_by_the_seed(tiny_store, phase):
+    ds = training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT)
+    first, second = epoch(ds)[1], epoch(ds)[1]
+    in_file_order = one_hot(phase["label"])
+    assert not np.array_equal(first, in_file_order) and not np.array_equal(first, second)
+    again = training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT)
+    assert np.array_equal(epoch(again)[1], first)
+    # shared and unique parts are mixed in every epoch: no batch of COVID-19 only at the start
+    assert len(set(np.argmax(first[:10], axis=1))) > 1
+
+
+def test_augmented_epochs_differ_and_stay_in_range(tiny_store, phase):
+    ds = training_stream(tiny_store, phase, batch_size=16, seed=1, augment=AugmentSpec())
+    a, b = epoch(ds)[0], epoch(ds)[0]
+    assert a.shape == b.shape and not np.allclose(np.sort(a.ravel()), np.sort(b.ravel()))
+    assert a.min() >= 0.0 and a.max() <= 1.0
+
+
+def test_eval_stream_is_the_store_scaled_by_1_over_255(tiny_store, tiny_manifest):
+    rows = tiny_manifest.iloc[::3]
+    x, y = epoch(eval_stream(tiny_store, rows, batch_size=25))
+    expected = tiny_store.images[tiny_store.rows(rows["image_id"])].astype(np.float32) * np.float32(1 / 255)
+    assert np.array_equal(x, np.repeat(expected[..., None], 3, axis=-1))
+    assert np.array_equal(y, one_hot(rows["label"]))
+
+
+def test_unknown_label_is_an_error():
+    with pytest.raises(ValueError, match=r"labels must be one of .*found \['flu'\]"):
+        one_hot(pd.Series(["normal", "flu"]))
