@@ -25,6 +25,8 @@ demo: install
 		--rsna-root $(DEMO)/data/rsna-pneumonia-detection-challenge --out $(DEMO)/manifest.csv
 	$(BIN)/cxr prepare --config configs/demo.yaml --manifest $(DEMO)/manifest.csv --out $(DEMO)/store
 	$(BIN)/cxr splits --config configs/demo.yaml --manifest $(DEMO)/manifest.csv --out $(DEMO)/splits
+	$(BIN)/cxr train-one --config configs/demo.yaml --fold 1 --network xception
+	@echo "MLflow UI on these runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db"
 
 clean:
 	rm -rf $(VENV) work .pytest_cache

@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_pipeline.augment import AugmentSpec  # noqa: E402
-from data_pipeline.store import ImageStore, StoreBuilder, StoreSpec, decode_chunk  # noqa: E402
+from data_pipeline.store import ImageStore, StoreSpec, build_serial  # noqa: E402
 from data_pipeline.synth import chest_image  # noqa: E402
 from data_pipeline.tfdata import training_stream  # noqa: E402
 
@@ -47,15 +47,6 @@ def write_pngs(folder: Path, n: int, side: int) -> pd.DataFrame:
         rows.append({"image_id": name, "path": str(folder / name), "label": label, "source": "bench",
                      "patient_id": str(i), "view": "PA"})
     return pd.DataFrame(rows)
-
-
-def build_store(manifest: pd.DataFrame, out: Path) -> ImageStore:
-    builder = StoreBuilder(out, manifest, StoreSpec(image_size=SIZE))
-    builder.start()
-    for chunk in builder.chunks():
-        builder.add(decode_chunk(chunk, SIZE))
-    builder.finish()
-    return ImageStore.open(out)
 
 
 def rate_ours(store: ImageStore, rows: pd.DataFrame, epochs: int) -> float:
@@ -99,7 +90,7 @@ def main() -> None:
         folder = Path(tmp) / "png"
         folder.mkdir()
         rows = write_pngs(folder, args.images, args.source_size)
-        store = build_store(rows, Path(tmp) / "store")
+        store = ImageStore.open(build_serial(rows, Path(tmp) / "store", StoreSpec(image_size=SIZE)))
         ours = rate_ours(store, rows, args.epochs)
         authors = rate_authors(folder, rows, args.baseline_epochs)
     print(f"images: {args.images} PNG files of {args.source_size}x{args.source_size}, batches of {BATCH} at "

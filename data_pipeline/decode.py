@@ -21,12 +21,13 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
+from pydicom.uid import JPEGBaseline8Bit
 
 # pydicom can decode JPEG Baseline through several plugins; Pillow's libjpeg-turbo decodes the
-# RSNA files about 4x faster than pylibjpeg, so we ask for it instead of taking whichever plugin
-# happens to be installed first. Other transfer syntaxes use pydicom's default choice.
-PLUGIN_BY_TRANSFER_SYNTAX = {JPEGBaseline8Bit: "pillow", JPEGExtended12Bit: "pillow"}
+# RSNA files about 4x faster than pylibjpeg (bench/dicom_decode.py), so we ask for it instead of
+# taking whichever plugin happens to be installed first. Other transfer syntaxes (12-bit JPEG,
+# which Pillow cannot read, JPEG 2000, RLE, ...) use pydicom's default choice.
+PLUGIN_BY_TRANSFER_SYNTAX = {JPEGBaseline8Bit: "pillow"}
 
 
 class DecodeError(ValueError):
@@ -67,6 +68,16 @@ def dicom_view_position(path: Path | str) -> str:
     return str(ds.get("ViewPosition", "")).strip()
 
 
+def is_dicom(path: Path | str) -> bool:
+    """A DICOM file by its magic (or, for files without the preamble, its extension)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return _is_dicom(head, Path(path))
+
+
 def _is_dicom(head: bytes, path: Path) -> bool:
     return head[128:132] == b"DICM" or path.suffix.lower() in {".dcm", ".dicom"}
 
@@ -83,10 +94,12 @@ def _decode_dicom(path: Path) -> np.ndarray:
     raw = pixel_array(ds, decoding_plugin=plugin) if plugin else ds.pixel_array
     if raw.ndim == 3:  # colour DICOM (rare for radiographs): same luma weights as Pillow
         raw = raw[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    values = apply_modality_lut(raw, ds)
-    if _has_voi(ds):
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        image = _stretch(values, *_voi_output_range(ds))
+    values = apply_modality_lut(raw, ds).astype(np.float64)
+    if ds.get("VOILUTSequence"):
+        lut = ds.VOILUTSequence[0]
+        image = _stretch(apply_voi_lut(values, ds, index=0, prefer_lut=True), 0.0, float(2 ** int(lut.LUTDescriptor[2]) - 1))
+    elif _window(ds) is not None:
+        image = _apply_window(values, *_window(ds), str(ds.get("VOILUTFunction", "LINEAR")).strip().upper())
     elif raw.dtype == np.uint8 and "RescaleSlope" not in ds:
         image = np.asarray(raw, dtype=np.uint8)  # already display values: keep them exactly
     else:
@@ -96,32 +109,23 @@ def _decode_dicom(path: Path) -> np.ndarray:
     return image
 
 
-def _has_voi(ds: pydicom.Dataset) -> bool:
-    return bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds
-                                              and ds.WindowCenter is not None and ds.WindowWidth is not None)
+def _window(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The first (centre, width) of the header, or None; multi-valued windows give several."""
+    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
+        return None
+    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
+    return first(ds.WindowCenter), first(ds.WindowWidth)
 
 
-def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
-    """The range pydicom's VOI transform maps into, so that it is stretched to 0..255 as a whole
-    (a min-max stretch would undo the window)."""
-    if ds.get("VOILUTSequence"):
-        descriptor = ds.VOILUTSequence[0].LUTDescriptor
-        bits = int(descriptor[2])
-        return 0.0, float(2**bits - 1)
-    # apply_windowing maps to the full range of the modality LUT's output type.
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds:
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        lo, hi = _stored_range(ds)
-        ends = (lo * slope + intercept, hi * slope + intercept)
-        return min(ends), max(ends)
-    return _stored_range(ds)
-
-
-def _stored_range(ds: pydicom.Dataset) -> tuple[float, float]:
-    bits = int(ds.BitsStored)
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    return 0.0, float(2**bits - 1)
+def _apply_window(values: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
+    """The VOI window of DICOM PS3.3 C.11.2.1.2 mapped straight to 0..255."""
+    if function == "SIGMOID":
+        unit = 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
+    elif function == "LINEAR_EXACT":
+        unit = (values - centre) / width + 0.5
+    else:  # LINEAR, the default
+        unit = (values - (centre - 0.5)) / max(width - 1.0, 1e-9) + 0.5
+    return np.clip(np.rint(np.clip(unit, 0.0, 1.0) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

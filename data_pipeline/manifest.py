@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline.schema import CLASSES, MANIFEST_COLUMNS, DataError
+from data_pipeline.schema import CLASSES, MANIFEST_COLUMNS, DataError, read_source_csv
 from data_pipeline.sources.covid_chestxray import read_covid_chestxray
 from data_pipeline.sources.rsna_pneumonia import read_rsna_pneumonia
 
@@ -67,10 +67,7 @@ def write_manifest(result: ManifestResult, out: Path) -> Path | None:
 
 def read_manifest(path: Path) -> pd.DataFrame:
     """Load a manifest written by `write_manifest`, checking its columns and labels."""
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: not a manifest: missing column(s) {missing}; found {list(table.columns)}.")
+    table = read_source_csv(Path(path), MANIFEST_COLUMNS)
     bad = ~table["label"].isin(CLASSES)
     if bad.any():
         raise DataError(f"{path}: column 'label' must be one of {list(CLASSES)}; found {sorted(set(table.loc[bad, 'label']))}.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
 
@@ -50,3 +50,19 @@ def count_values(values: pd.Series) -> str:
     """'a' (3), 'b' (1): value counts for an error message, most frequent first."""
     counts = values.replace("", "<empty>").value_counts()
     return ", ".join(f"{value!r} ({n})" for value, n in counts.items())
+
+
+def is_relative_inside(name: str) -> bool:
+    """A relative path that stays inside its folder (no absolute path, drive or `..`)."""
+    if not name.strip():
+        return False
+    for flavour in (PurePosixPath, PureWindowsPath):  # a CSV may come from either system
+        path = flavour(name)
+        if path.is_absolute() or path.drive or path.root or ".." in path.parts:
+            return False
+    return True
+
+
+def is_plain_file_name(name: str) -> bool:
+    """One path component: no separators, not `.` or `..`, not empty."""
+    return is_relative_inside(name) and len(PurePosixPath(name).parts) == 1 and "\\" not in name

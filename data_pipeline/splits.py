@@ -54,7 +54,7 @@ class SplitSpec:
     validation: str = "none"        # paper/import: none | test_pool; sound always has its own
     s_test_normal: int = 300        # test_pool: normal / pneumonia images of the s_test set
     s_test_pneumonia: int = 300
-    val_fraction: float = 0.1       # sound: share of the training pool (by patient) for validation
+    val_folds: int = 10             # sound: validation = 1 of this many patient-grouped parts of the pool
     import_dir: str = ""            # import: folder with All.csv and foldK/trainN.csv
 
     def __post_init__(self) -> None:
@@ -67,8 +67,8 @@ class SplitSpec:
                              "carves its own validation set from the training pool. Use 'none'.")
         if self.protocol == "import" and not self.import_dir:
             raise ValueError("splits.import_dir: the import protocol needs the folder of the authors' split files.")
-        if not 0 < self.val_fraction < 0.5:
-            raise ValueError(f"splits.val_fraction: expected a number in (0, 0.5), received {self.val_fraction}.")
+        if self.val_folds < 2:
+            raise ValueError(f"splits.val_folds: expected at least 2, received {self.val_folds}.")
 
 
 # A fold: subset name ("phase1".."phaseN", "val", "test") -> rows (SPLIT_COLUMNS [+ part]).
@@ -80,6 +80,7 @@ class Splits:
     spec: SplitSpec
     folds: dict[int, Fold]
     notes: tuple[str, ...]
+    flags: tuple[str, ...] = ()  # warnings that must travel with every result (test-set selection)
 
 
 def make_splits(manifest: pd.DataFrame, spec: SplitSpec) -> Splits:
@@ -100,10 +101,15 @@ def make_splits(manifest: pd.DataFrame, spec: SplitSpec) -> Splits:
     if spec.validation == "test_pool":
         for k, fold in folds.items():
             fold["val"] = _s_test(fold["test"], spec, k)
-        notes.append(TEST_POOL_FLAG)
-    for k, fold in folds.items():
-        check_no_leakage(fold, k, val_from_test_pool=spec.validation == "test_pool")
-    return Splits(spec=spec, folds=folds, notes=tuple(notes))
+    splits = Splits(spec=spec, folds=folds, notes=tuple(notes),
+                    flags=(TEST_POOL_FLAG,) if spec.validation == "test_pool" else ())
+    check_splits(splits)
+    return splits
+
+
+def check_splits(splits: Splits) -> None:
+    for k, fold in splits.folds.items():
+        check_no_leakage(fold, k, val_from_test_pool=splits.spec.validation == "test_pool")
 
 
 # ---------------------------------------------------------------- leakage
@@ -114,15 +120,19 @@ def patient_keys(rows: pd.DataFrame) -> set[tuple[str, str]]:
 
 
 def check_no_leakage(fold: Fold, k: int, val_from_test_pool: bool = False) -> None:
-    """No patient of the fold's test set may appear in its phases or validation set."""
-    tested = patient_keys(fold["test"])
-    for name, rows in fold.items():
-        if name == "test" or (name == "val" and val_from_test_pool):  # s_test is test by design (flagged)
-            continue
-        leaked = sorted(tested & patient_keys(rows))
+    """No patient of the fold's test set may appear in its phases or validation set, and none of
+    a training-pool validation set in the phases it selects among."""
+    phases = [name for name in fold if name.startswith("phase")]
+    pairs = [("test", name) for name in phases]
+    if "val" in fold:
+        pairs += [("val", name) for name in phases]
+        if not val_from_test_pool:  # s_test is drawn from the test pool by design (flagged)
+            pairs.append(("test", "val"))
+    for held, used in pairs:
+        leaked = sorted(patient_keys(fold[held]) & patient_keys(fold[used]))
         if leaked:
             shown = ", ".join(f"{s}:{p}" for s, p in leaked[:20])
-            raise DataError(f"fold {k}: {len(leaked)} patient(s) of the test set also appear in {name}: "
+            raise DataError(f"fold {k}: {len(leaked)} patient(s) of the {held} set also appear in {used}: "
                             f"{shown}{' ...' if len(leaked) > 20 else ''}.")
 
 
@@ -160,7 +170,8 @@ def hold_out_patients(rows: pd.DataFrame, n_images: int, rng: np.random.Generato
     reachable[len(order), 0] = True
     for i in range(len(order) - 1, -1, -1):
         reachable[i] = reachable[i + 1]
-        reachable[i, counts[i]:] |= reachable[i + 1, : n_images + 1 - counts[i]]
+        if counts[i] <= n_images:  # a patient with more images than wanted can never be taken
+            reachable[i, counts[i]:] |= reachable[i + 1, : n_images + 1 - counts[i]]
     if not reachable[0, n_images]:
         raise DataError(f"{what}: no set of whole patients has exactly {n_images} images; change the configured count.")
     chosen, remaining = [], n_images
@@ -262,7 +273,7 @@ def _sound_folds(manifest: pd.DataFrame, spec: SplitSpec) -> tuple[dict[int, Fol
     folds, notes = {}, []
     for k in range(1, spec.folds + 1):
         pool = manifest[fold_of != k]
-        inner = StratifiedGroupKFold(n_splits=round(1 / spec.val_fraction), shuffle=True,
+        inner = StratifiedGroupKFold(n_splits=spec.val_folds, shuffle=True,
                                      random_state=spec.seed * 1000 + k)
         _, val_idx = next(inner.split(np.zeros(len(pool)), strata[fold_of != k], groups[fold_of != k]))
         val = pool.iloc[val_idx]
@@ -293,6 +304,7 @@ def write_splits(splits: Splits, out: Path, manifest_path: Path | None = None) -
     Files are sorted and written with fixed formatting, so the same manifest and spec give
     byte-identical files. The folder is replaced atomically: a reader never sees half a split.
     """
+    check_splits(splits)  # whatever built them, leaking splits are never written
     out = Path(out)
     tmp = new_build_dir(out)
     try:
@@ -304,8 +316,7 @@ def write_splits(splits: Splits, out: Path, manifest_path: Path | None = None) -
                 files[f"fold{k}/{name}.csv"] = table.to_csv(index=False, lineterminator="\n")
         files["summary.csv"] = summary(splits).to_csv(index=False, lineterminator="\n")
         meta = {"spec": asdict(splits.spec), "notes": list(splits.notes),
-                "validation": _validation_kind(splits.spec),
-                "flags": [TEST_POOL_FLAG] if splits.spec.validation == "test_pool" else []}
+                "validation": _validation_kind(splits.spec), "flags": list(splits.flags)}
         if manifest_path is not None:
             meta["manifest_sha256"] = sha256_bytes(Path(manifest_path).read_bytes())
         files["splits.json"] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
@@ -316,7 +327,7 @@ def write_splits(splits: Splits, out: Path, manifest_path: Path | None = None) -
             path.write_text(text, encoding="utf-8")
             sums.append(f"{sha256_bytes(text.encode())}  {name}\n")
         (tmp / "SHA256SUMS").write_text("".join(sums), encoding="utf-8")
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, marker="SHA256SUMS")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return split_hash(out)

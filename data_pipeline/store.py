@@ -16,6 +16,7 @@ renames it into place when everything is in. This module knows nothing about Ray
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data_pipeline.decode import DecodeError, decode_image, dicom_view_position
+from data_pipeline.decode import DecodeError, decode_image, dicom_view_position, is_dicom
 from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
 from data_pipeline.schema import DataError
 
@@ -70,7 +71,7 @@ def decode_chunk(items: list[tuple[int, str, str]], size: int) -> ChunkResult:
     for position, path, view in items:
         try:
             image = decode_resized(path, size)
-            if not view and path.lower().endswith(".dcm"):
+            if not view and is_dicom(path):
                 view = dicom_view_position(path)  # the only header value that leaves the decoder
         except DecodeError as exc:
             result.failures.append((position, exc.reason))
@@ -82,9 +83,13 @@ def decode_chunk(items: list[tuple[int, str, str]], size: int) -> ChunkResult:
 
 
 def store_key(manifest: pd.DataFrame, spec: StoreSpec) -> str:
-    """What the store depends on: the images (ids and paths), the size and the decoder version."""
-    listing = manifest[["image_id", "path"]].to_csv(index=False, lineterminator="\n")
-    return sha256_bytes(f"v{STORE_VERSION}/{spec.image_size}/{listing}".encode())
+    """What the store depends on: each image's id, path, size and modification time (a replaced
+    file rebuilds), the image size, the failure policy and the decoder version."""
+    stats = [os.stat(p) if os.path.exists(p) else None for p in manifest["path"]]
+    listing = manifest[["image_id", "path"]].assign(
+        bytes=[st.st_size if st else -1 for st in stats], mtime=[st.st_mtime_ns if st else -1 for st in stats])
+    text = listing.to_csv(index=False, lineterminator="\n")
+    return sha256_bytes(f"v{STORE_VERSION}/{spec.image_size}/{spec.exclude_failed}/{text}".encode())
 
 
 class StoreBuilder:
@@ -146,7 +151,7 @@ class StoreBuilder:
             meta = {"version": STORE_VERSION, "key": self.key, "image_size": self.spec.image_size,
                     "count": int(self._done.sum()), "failed": len(failures)}
             (self._tmp / "store.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            replace_dir(self._tmp, self.out)
+            replace_dir(self._tmp, self.out, marker="store.json")
             self.out.with_name(self.out.name + ".failures.csv").unlink(missing_ok=True)
             return self.out
         finally:
@@ -164,6 +169,16 @@ class StoreBuilder:
                              "path": self.manifest["path"].iloc[positions].tolist(),
                              "reason": [self._failures[p] for p in positions]},
                             columns=["image_id", "path", "reason"])
+
+
+def build_serial(manifest: pd.DataFrame, out: Path, spec: StoreSpec) -> Path:
+    """Build a store in this process, one chunk after another (benchmarks, small tests); the
+    orchestrator's `build_store` fans the same chunks out as Ray tasks."""
+    builder = StoreBuilder(out, manifest, spec)
+    builder.start()
+    for chunk in builder.chunks():
+        builder.add(decode_chunk(chunk, spec.image_size))
+    return builder.finish()
 
 
 @dataclass(frozen=True)

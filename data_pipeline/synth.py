@@ -16,9 +16,11 @@ from generators seeded by (seed, item), and nothing depends on time or the machi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import random
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 COVID_DIR = "covid-chestxray-dataset"
 RSNA_DIR = "rsna-pneumonia-detection-challenge"
+MARKER = "SYNTHETIC.txt"  # beside the two dataset folders: says they are ours to replace
 
 # The header of covid-chestxray-dataset's metadata.csv as of April 2020 (the version the paper
 # used), including its trailing empty column.
@@ -71,15 +74,33 @@ SCALES = {
 }
 
 
-def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0) -> dict[str, int]:
-    """Write both synthetic datasets under `out`; returns images written per selected class."""
+def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0, image_size: int = 0) -> dict[str, int]:
+    """Write both synthetic datasets under `out`; returns images written per selected class.
+
+    `image_size` > 0 overrides the scale's image sides (tests write the paper's counts small).
+    """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}; received {scale!r}.")
     s = SCALES[scale]
+    if image_size:
+        s = dataclasses.replace(s, rsna_size=image_size, covid_size=(image_size, image_size))
     out = Path(out)
+    _clear_previous(out)
     covid = _write_covid(out / COVID_DIR, s, seed)
     rsna = _write_rsna(out / RSNA_DIR, s, seed)
+    (out / MARKER).write_text(f"synthetic lookalike datasets: scale {scale}, seed {seed}\n")
     return {**covid, **rsna}
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove an earlier synthetic output (so no stale file of another seed or scale survives);
+    refuse to write into dataset folders this function did not make (real data, perhaps)."""
+    existing = [out / d for d in (COVID_DIR, RSNA_DIR) if (out / d).exists()]
+    if existing and not (out / MARKER).is_file():
+        raise ValueError(f"{out}: holds {[str(p) for p in existing]} but no {MARKER} file; expected an empty "
+                         f"folder or an earlier `cxr synth` output. Choose another --out.")
+    for folder in existing:
+        shutil.rmtree(folder)
 
 
 # ---------------------------------------------------------------- pixels

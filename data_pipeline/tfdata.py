@@ -2,7 +2,7 @@
 evaluation batches for the validation and test sets.
 
 Order of the chain, and why:
-  row ids -> shuffle (ids only: cheap, seeded, reshuffled each epoch)
+  row ids -> shuffle (ids only: cheap; stateless, seeded by (seed, epoch))
           -> batch (so everything after works on whole batches)
           -> gather from the memory-mapped store (one numpy fancy-index copy per batch)
           -> rescale 1/255, augment (one composed affine per image, one op per batch)
@@ -41,28 +41,44 @@ def _gather(store: ImageStore):
     return load
 
 
+def _rgb(images: tf.Tensor, size: int) -> tf.Tensor:
+    """Gray to 3 channels, with the static shape stated (Keras then traces one step function)."""
+    return tf.ensure_shape(tf.image.grayscale_to_rgb(images), [None, size, size, 3])
+
+
 def _rows_and_targets(store: ImageStore, rows: pd.DataFrame) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices((store.rows(rows["image_id"]), one_hot(rows["label"])))
 
 
-def training_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int, seed: int,
-                    augment: AugmentSpec) -> tf.data.Dataset:
-    """One epoch over `rows` (a phase: shared + unique part), shuffled and augmented; iterate it
-    again for the next epoch (new order and new augmentations, same seed -> same sequence)."""
+def training_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int, seed: int, augment: AugmentSpec,
+                    first_epoch: int = 0, epochs: int = 1, steps_per_epoch: int = 0) -> tf.data.Dataset:
+    """Epochs `first_epoch` .. `first_epoch + epochs - 1` over `rows` (a phase: shared + unique
+    part), back to back, shuffled and augmented.
+
+    Each epoch's order and augmentations are a function of (seed, epoch) alone (stateless
+    random ops), so a run resumed at epoch e sees exactly what an uninterrupted run would have.
+    `steps_per_epoch` > 0 keeps only that many batches of each epoch (short runs for tests).
+    """
+    ids = tf.constant(store.rows(rows["image_id"]))
+    targets = tf.constant(one_hot(rows["label"]))
     load = _gather(store)
-    batches = (_rows_and_targets(store, rows)
-               .shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-               .batch(batch_size))
-    # one random seed pair per batch, different every epoch, fixed by `seed`
-    noise = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
-    def prepare(batch: tuple[tf.Tensor, tf.Tensor], pair: tf.Tensor):
-        ids, targets = batch
-        images = tf.cast(load(ids), tf.float32) * (1.0 / 255.0)
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(rows), dtype=tf.int64),
+                                                         seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        # augmentation seeds: second component above 2**31, so never equal to a shuffle seed
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        if steps_per_epoch:
+            batches = batches.take(steps_per_epoch)
+        return batches.enumerate().map(
+            lambda i, batch: (batch, tf.stack([tf.constant(seed, tf.int64), (epoch + 1) * 2**31 + i])))
+
+    def prepare(batch: tf.Tensor, pair: tf.Tensor):
+        images = tf.cast(load(tf.gather(ids, batch)), tf.float32) * (1.0 / 255.0)
         images = augment_batch(images, augment, pair)
-        return tf.image.grayscale_to_rgb(images), targets
+        return _rgb(images, store.image_size), tf.gather(targets, batch)
 
-    return (tf.data.Dataset.zip((batches, noise))
+    return (tf.data.Dataset.range(first_epoch, first_epoch + epochs).flat_map(one_epoch)
             .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
 
@@ -73,7 +89,7 @@ def eval_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int) -> tf.da
 
     def prepare(ids: tf.Tensor, targets: tf.Tensor):
         images = tf.cast(load(ids), tf.float32) * (1.0 / 255.0)
-        return tf.image.grayscale_to_rgb(images), targets
+        return _rgb(images, store.image_size), targets
 
     return (_rows_and_targets(store, rows).batch(batch_size)
             .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

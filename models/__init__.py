@@ -1,2 +1,3 @@
-"""The paper's networks (Xception, ResNet50V2, their concatenation) as builder functions in one
-registry. Filled in by the networks issue; nothing here imports `orchestrator`."""
+"""The paper's networks as builder functions in one registry: `models.networks.build(name, ...)`.
+
+Nothing here imports `orchestrator`."""

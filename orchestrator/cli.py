@@ -15,6 +15,14 @@ from orchestrator.config import ConfigError, load_config
 log = logging.getLogger("cxr")
 
 
+def override(spec, **flags):
+    """The config's spec with the command-line flags that were given; invalid -> ConfigError."""
+    try:
+        return dataclasses.replace(spec, **{k: v for k, v in flags.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigError(f"command-line flags: {exc}") from None
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
     from data_pipeline.synth import write_synthetic
 
@@ -45,8 +53,7 @@ def cmd_splits(args: argparse.Namespace) -> None:
     from data_pipeline.store import ImageStore
 
     config = load_config(args.config, args.set)
-    flags = {"protocol": args.protocol, "seed": args.seed, "import_dir": args.import_dir}
-    spec = dataclasses.replace(config.splits, **{k: v for k, v in flags.items() if v is not None})
+    spec = override(config.splits, protocol=args.protocol, seed=args.seed, import_dir=args.import_dir)
     manifest = read_manifest(args.manifest)
     if args.store is not None:  # leave out images the store could not decode (built with --exclude-failed)
         failed = ImageStore.open(args.store).failures
@@ -63,6 +70,8 @@ def cmd_splits(args: argparse.Namespace) -> None:
     print(cells.unstack("label").to_string())
     for note in splits.notes:
         print(f"note: {note}")
+    for flag in splits.flags:
+        print(f"FLAG: {flag}")
     print(f"{spec.protocol} splits -> {args.out} (hash {digest[:16]})")
 
 
@@ -71,10 +80,21 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from orchestrator.launch import build_store
 
     config = load_config(args.config, args.set)
-    flags = {"image_size": args.size, "exclude_failed": args.exclude_failed or None}
-    spec = dataclasses.replace(config.store, **{k: v for k, v in flags.items() if v is not None})
+    spec = override(config.store, image_size=args.size, exclude_failed=args.exclude_failed or None)
     built = build_store(read_manifest(args.manifest), args.out, spec, address=args.address)
     print(f"image store {'written to' if built else 'up to date at'} {args.out}")
+
+
+def cmd_train_one(args: argparse.Namespace) -> None:
+    from models.networks import WeightsError
+    from orchestrator.trainer import train_and_evaluate
+
+    config = load_config(args.config, args.set)
+    try:
+        root = train_and_evaluate(config, args.fold, args.network)
+    except WeightsError as exc:  # a model.weights setting the machine cannot honour
+        raise ConfigError(str(exc)) from None
+    print(f"fold{args.fold}-{args.network}: predictions -> {root / 'predictions.csv'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, else a local one)")
     add_config_arguments(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train-one", help="train and evaluate one fold x network run in this process (no Ray)")
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--network", choices=["xception", "resnet50v2", "concatenated"], required=True)
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train_one)
     return parser
 
 

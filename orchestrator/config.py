@@ -1,7 +1,9 @@
 """Experiment configs: YAML files in configs/ loaded into frozen dataclasses.
 
 Each section is the spec dataclass of the stage that uses it (`splits` -> data_pipeline.splits.
-SplitSpec, ...), so a stage receives exactly its own settings. Unknown keys and wrong types fail
+SplitSpec, ...), so a stage receives exactly its own settings. The specs of the model, trainer
+and tracking live here rather than beside their code so that loading a config needs neither
+TensorFlow nor MLflow. Unknown keys and wrong types fail
 with the key's dotted name; `--set section.key=value` overrides parse values as YAML.
 """
 
@@ -35,16 +37,70 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    weights: str = "none"  # imagenet | none | folder with Keras' no-top files | whole-network .weights.h5
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    xception: int = 30
+    resnet50v2: int = 30
+    concatenated: int = 20
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = 100               # per phase
+    learning_rate: float = 1e-4     # Nadam
+    batch_size: BatchSizes = field(default_factory=BatchSizes)
+    steps_per_epoch: int = 0        # 0: one pass over the phase; >0 caps an epoch (tests, demo)
+    selection: str = "last"         # last | best (on the split's val.csv)
+    monitor: str = "val_accuracy"   # for `best`; higher is better
+    validation_freq: int = 1        # evaluate val.csv every N epochs
+    checkpoint_every: int = 0       # epochs; 0: at phase ends only
+    keep_checkpoints: int = 2       # a concatenated checkpoint with optimizer state is ~0.5 GB
+    eval_batch_size: int = 128
+    mixed_precision: bool = False   # for GPUs; off on CPU
+    xla: bool = False
+    seed: int = 0
+    log_checkpoints: str = "weights"  # MLflow, per phase: weights | full (with optimizer state) | none
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("last", "best"):
+            raise ValueError(f"train.selection: expected 'last' or 'best', received {self.selection!r}.")
+        if self.log_checkpoints not in ("weights", "full", "none"):
+            raise ValueError(f"train.log_checkpoints: expected 'weights', 'full' or 'none', "
+                             f"received {self.log_checkpoints!r}.")
+        for name in ("epochs", "validation_freq", "keep_checkpoints", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: expected at least 1, received {getattr(self, name)}.")
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    uri: str = ""          # "" -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = ""   # "" -> the config file's name (cxr-<stem>)
+
+
+@dataclass(frozen=True)
 class Config:
     workdir: str = "work/default"
     data: DataSpec = field(default_factory=DataSpec)
     splits: SplitSpec = field(default_factory=SplitSpec)
     store: StoreSpec = field(default_factory=StoreSpec)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    name: str = ""  # set from the config file's name; names the MLflow experiment
 
     @property
     def paths(self) -> "WorkPaths":
         return WorkPaths(Path(self.workdir))
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"cxr-{self.name or 'default'}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +124,10 @@ class WorkPaths:
     def store(self) -> Path:
         return self.root / "store"
 
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
 
 def load_config(path: Path | str | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
@@ -82,7 +142,10 @@ def load_config(path: Path | str | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(data).__name__}.")
     for item in overrides:
         _apply_override(data, item)
-    return from_mapping(Config, data, where=str(path or "defaults"))
+    config = from_mapping(Config, data, where=str(path or "defaults"))
+    if path is not None and not config.name:
+        config = dataclasses.replace(config, name=Path(path).stem)
+    return config
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

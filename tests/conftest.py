@@ -85,7 +85,9 @@ def ray_local():
     """One local Ray instance (2 CPUs, no dashboard) for the whole session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from orchestrator.launch import connect
+
+    connect(num_cpus=2)
     yield ray
     ray.shutdown()
 

@@ -41,8 +41,18 @@ def test_monochrome1_comes_out_as_the_inverse_of_its_monochrome2_twin():
     assert np.array_equal(inverted, 255 - original)
 
 
-def test_view_position_is_the_only_header_value_read():
+def test_view_position_reads_only_that_header_value():
     assert dicom_view_position(fixture_path(f"dicom/{REAL_DICOMS[0]}")) == "PA"
+
+
+def test_jpeg_baseline_is_decoded_through_pillow_on_purpose(monkeypatch):
+    import data_pipeline.decode as decode
+
+    plugins = []
+    real = decode.pixel_array
+    monkeypatch.setattr(decode, "pixel_array", lambda ds, **kw: plugins.append(kw["decoding_plugin"]) or real(ds, **kw))
+    decode_image(fixture_path(f"dicom/{REAL_DICOMS[0]}"))
+    assert plugins == ["pillow"]
 
 
 def real_images() -> list[dict]:

@@ -65,6 +65,7 @@ def test_same_manifest_and_seed_give_byte_identical_files(paper, real_manifest, 
     assert other != first
     meta = json.loads((tmp_path / "a" / "splits.json").read_text())
     assert meta["validation"] == "test_pool" and "test-set selection" in meta["flags"][0]
+    assert paper.flags == tuple(meta["flags"])
     summary = pd.read_csv(tmp_path / "a" / "summary.csv")
     assert list(summary.columns) == ["fold", "subset", "label", "count"]
     assert summary.query("fold == 2 and subset == 'test' and label == 'COVID-19'")["count"].item() == 31
@@ -142,6 +143,36 @@ def test_hold_out_takes_whole_patients_and_exact_counts(tiny_manifest):
         assert len(whole) == 7  # no patient split across test and training
     with pytest.raises(DataError, match="only 30 exist"):
         hold_out_patients(covid, 31, np.random.default_rng(0), "COVID-19")
+    # a patient with more images than wanted (here 10 > 2 + 8) is never taken, nor does it break the table
+    big = pd.concat([covid, covid.head(10).assign(patient_id="big", image_id=[f"big{i}" for i in range(10)])])
+    for seed in range(10):
+        held = hold_out_patients(big, 8, np.random.default_rng(seed), "test")
+        assert len(held) == 8 and "big" not in set(held["patient_id"])
+
+
+def test_a_split_that_leaks_is_never_written(real_manifest, tmp_path):
+    """The authors' files with one test image of a multi-image patient moved into training."""
+    root = fixture_path("paper_splits/All.csv").parent
+    shutil.copytree(root, tmp_path / "splits")
+    fold = make_splits(real_manifest, SplitSpec(protocol="import", import_dir=str(root))).folds[1]
+    covid_test = fold["test"][fold["test"]["source"] == "covid-chestxray"]
+    patient = covid_test["patient_id"][covid_test["patient_id"].duplicated()].iloc[0]
+    moved = covid_test[covid_test["patient_id"] == patient].iloc[0]
+    with (tmp_path / "splits" / "fold1" / "train3.csv").open("a") as f:
+        f.write(f"{moved['image_id']},{moved['label']}\n")
+    with pytest.raises(DataError, match=f"fold 1: 1 patient.*test set also appear in phase3: covid-chestxray:{patient}"):
+        make_splits(real_manifest, SplitSpec(protocol="import", import_dir=str(tmp_path / "splits")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_splits_never_replace_a_folder_they_did_not_write(paper, tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "manifest.csv").write_text("precious")
+    with pytest.raises(DataError, match="not an earlier output of this step"):
+        write_splits(paper, tmp_path / "work")
+    assert (tmp_path / "work" / "manifest.csv").read_text() == "precious"
+    write_splits(paper, tmp_path / "splits")
+    write_splits(paper, tmp_path / "splits")  # its own earlier output is replaced
 
 
 def test_cli_writes_splits_with_config_counts(tmp_path, synthetic_tiny):

@@ -14,7 +14,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from data_pipeline.store import (ImageStore, StoreBuilder, StoreError, StoreSpec, decode_chunk,
+from PIL import Image
+
+from data_pipeline.store import (ImageStore, StoreBuilder, StoreError, StoreSpec, build_serial, decode_chunk,
                                  decode_resized)
 from orchestrator.launch import build_store
 
@@ -46,11 +48,57 @@ def test_a_second_build_with_the_same_inputs_does_nothing(tiny_store, tiny_manif
     assert meta.stat().st_mtime_ns == before
 
 
+def test_changed_inputs_rebuild_the_store(ray_local, tiny_manifest, tmp_path):
+    manifest = tiny_manifest.head(12).copy()
+    copy = tmp_path / Path(manifest["path"].iloc[0]).name
+    shutil.copy(manifest["path"].iloc[0], copy)
+    manifest.loc[manifest.index[0], "path"] = str(copy)
+    spec = StoreSpec(image_size=40)
+    assert build_store(manifest, tmp_path / "store", spec, show_progress=False)
+    assert not build_store(manifest, tmp_path / "store", spec, show_progress=False)
+    assert build_store(manifest, tmp_path / "store", StoreSpec(image_size=40, exclude_failed=True),
+                       show_progress=False)  # another failure policy
+    flipped = np.asarray(Image.open(copy))[::-1]
+    Image.fromarray(flipped).save(copy, format=Image.open(copy).format)  # the file is replaced
+    assert build_store(manifest, tmp_path / "store", spec, show_progress=False)
+    store = ImageStore.open(tmp_path / "store")
+    assert np.array_equal(store.images[store.rows([manifest["image_id"].iloc[0]])[0]], decode_resized(str(copy), 40))
+
+
+def test_no_dicom_header_value_but_the_view_leaves(tiny_manifest, tmp_path, caplog):
+    """Names, dates, ages and sex in the DICOM header never reach the store's files or the logs."""
+    rsna = tiny_manifest[tiny_manifest["source"] == "rsna"].head(6).copy()
+    secrets = {"PatientName": "Doe^Jane", "PatientBirthDate": "19450203", "PatientSex": "F",
+               "PatientAge": "077Y", "StudyDate": "20190314", "InstitutionName": "Saint Example Hospital"}
+    for i, path in zip(rsna.index, rsna["path"]):
+        ds = pydicom.dcmread(path)
+        for key, value in secrets.items():
+            setattr(ds, key, value)
+        target = tmp_path / Path(path).name
+        ds.save_as(target)
+        rsna.loc[i, "path"] = str(target)
+    caplog.set_level("DEBUG")
+    out = build_serial(rsna, tmp_path / "store", StoreSpec(image_size=32))
+    written = " ".join(p.read_text() for p in out.iterdir() if p.suffix in (".csv", ".json"))
+    for value in ("Doe", "Jane", "19450203", "077Y", "20190314", "Saint Example"):
+        assert value not in written and value not in caplog.text
+    assert set(ImageStore.open(out).index["view"]) <= {"PA", "AP"}
+
+
 def test_an_interrupted_build_never_looks_complete(ray_local, tiny_manifest, tmp_path, monkeypatch):
     out = tmp_path / "store"
-    builder = StoreBuilder(out, tiny_manifest, StoreSpec(image_size=48))
-    builder.start()
-    builder.add(decode_chunk(builder.chunks()[0], 48))  # ... and the process dies here
+    tiny_manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    dies_mid_build = f"""
+import os, pandas as pd
+from data_pipeline.store import StoreBuilder, StoreSpec, decode_chunk
+builder = StoreBuilder({str(out)!r}, pd.read_csv({str(tmp_path / "manifest.csv")!r}, dtype=str, keep_default_na=False),
+                       StoreSpec(image_size=48))
+builder.start()
+builder.add(decode_chunk(builder.chunks()[0], 48))
+os._exit(9)  # killed mid-build: no clean-up runs
+"""
+    assert subprocess.run([sys.executable, "-c", dies_mid_build], cwd=Path(__file__).parents[1]).returncode == 9
+    assert list(tmp_path.glob(".store.building-*"))  # its half-built folder
     with pytest.raises(StoreError, match="not a complete image store"):
         ImageStore.open(out)
 

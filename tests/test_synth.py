@@ -30,10 +30,24 @@ def test_same_seed_same_bytes_other_seed_other_bytes(synthetic_tiny, tmp_path):
     assert tree_digest(tmp_path / "other") != first
 
 
-def test_paper_scale_holds_the_papers_counts():
-    paper = SCALES["paper"]
-    assert (paper.covid_images, paper.covid_patients, paper.pneumonia_images, paper.pneumonia_patients,
-            paper.rsna_pneumonia, paper.rsna_normal) == (180, 118, 42, 25, 6012, 8851)
+def test_paper_scale_reads_back_with_the_papers_counts(tmp_path):
+    write_synthetic(tmp_path, "paper", seed=0, image_size=16)  # the paper's counts, tiny pixels
+    m = build_manifest(tmp_path / COVID_DIR, tmp_path / RSNA_DIR).manifest
+    by = m.groupby(["source", "label"])
+    assert by.size().to_dict() == {("covid-chestxray", "COVID-19"): 180, ("covid-chestxray", "pneumonia"): 42,
+                                   ("rsna", "normal"): 8851, ("rsna", "pneumonia"): 6012}
+    assert by["patient_id"].nunique()[("covid-chestxray", "COVID-19")] == 118
+    assert by["patient_id"].nunique()[("covid-chestxray", "pneumonia")] == 25
+
+
+def test_rewriting_replaces_an_earlier_output_but_never_foreign_folders(tmp_path):
+    write_synthetic(tmp_path / "a", "tiny", seed=1)
+    write_synthetic(tmp_path / "a", "tiny", seed=0)  # over an earlier output: no stale file survives
+    write_synthetic(tmp_path / "b", "tiny", seed=0)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    (tmp_path / "real" / COVID_DIR).mkdir(parents=True)
+    with pytest.raises(ValueError, match="no SYNTHETIC.txt"):
+        write_synthetic(tmp_path / "real", "tiny")
 
 
 def test_readers_accept_it_unchanged_with_the_scales_counts(synthetic_tiny):

@@ -37,22 +37,26 @@ def test_a_phase_epoch_is_each_phase_image_once(tiny_store, phase):
     assert sorted(map(key, x[..., 0])) == sorted(map(key, stored))
 
 
-def test_order_is_shuffled_per_epoch_and_fixed_by_the_seed(tiny_store, phase):
-    ds = training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT)
-    first, second = epoch(ds)[1], epoch(ds)[1]
-    in_file_order = one_hot(phase["label"])
-    assert not np.array_equal(first, in_file_order) and not np.array_equal(first, second)
+def test_order_is_shuffled_per_epoch_and_fixed_by_seed_and_epoch(tiny_store, phase):
+    n = len(phase)
+    both = epoch(training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT, epochs=2))[1]
+    first, second = both[:n], both[n:]
+    assert not np.array_equal(first, one_hot(phase["label"])) and not np.array_equal(first, second)
     again = training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT)
     assert np.array_equal(epoch(again)[1], first)
+    resumed = training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT, first_epoch=1)
+    assert np.array_equal(epoch(resumed)[1], second)  # a resumed run replays epoch 1 exactly
     # shared and unique parts are mixed in every epoch: no batch of COVID-19 only at the start
     assert len(set(np.argmax(first[:10], axis=1))) > 1
 
 
-def test_augmented_epochs_differ_and_stay_in_range(tiny_store, phase):
-    ds = training_stream(tiny_store, phase, batch_size=16, seed=1, augment=AugmentSpec())
-    a, b = epoch(ds)[0], epoch(ds)[0]
-    assert a.shape == b.shape and not np.allclose(np.sort(a.ravel()), np.sort(b.ravel()))
-    assert a.min() >= 0.0 and a.max() <= 1.0
+def test_augmented_epochs_differ_and_resume_exactly(tiny_store, phase):
+    n = len(phase)
+    x = epoch(training_stream(tiny_store, phase, batch_size=16, seed=1, augment=AugmentSpec(), epochs=2))[0]
+    assert not np.allclose(np.sort(x[:n].ravel()), np.sort(x[n:].ravel()))
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    resumed = epoch(training_stream(tiny_store, phase, batch_size=16, seed=1, augment=AugmentSpec(), first_epoch=1))[0]
+    assert np.array_equal(resumed, x[n:])
 
 
 def test_eval_stream_is_the_store_scaled_by_1_over_255(tiny_store, tiny_manifest):

@@ -12,11 +12,11 @@ never guessed by a substring match.
 from __future__ import annotations
 
 import logging
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline.schema import MANIFEST_COLUMNS, DataError, count_values, read_source_csv
+from data_pipeline.schema import MANIFEST_COLUMNS, DataError, count_values, is_relative_inside, read_source_csv
 
 SOURCE = "covid-chestxray"
 REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
@@ -113,17 +113,7 @@ def read_covid_chestxray(root: Path, skip_unknown_findings: bool = False) -> tup
 
 def _check_file_names(names: pd.Series, csv_path: Path) -> None:
     """Reject file names that would read outside `images/` (absolute, `..`, empty)."""
-    bad = [name for name in names if not _is_plain_relative(name)]
+    bad = [name for name in names if not is_relative_inside(name)]
     if bad:
         raise DataError(f"{csv_path}: column 'filename' must hold paths inside the images folder; "
                         f"found {len(bad)} that escape it or are empty: {bad[:10]}.")
-
-
-def _is_plain_relative(name: str) -> bool:
-    if not name.strip():
-        return False
-    for flavour in (PurePosixPath, PureWindowsPath):  # a CSV may come from either system
-        path = flavour(name)
-        if path.is_absolute() or path.drive or path.root or ".." in path.parts:
-            return False
-    return True

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline.schema import MANIFEST_COLUMNS, DataError, count_values, read_source_csv
+from data_pipeline.schema import MANIFEST_COLUMNS, DataError, count_values, is_plain_file_name, read_source_csv
 
 SOURCE = "rsna"
 LABELS_CSV = "stage_2_train_labels.csv"
@@ -37,6 +37,11 @@ def read_rsna_pneumonia(root: Path) -> pd.DataFrame:
         raise DataError(f"{classes_path}: column 'class' has unknown value(s) "
                         f"{count_values(classes.loc[unknown_class, 'class'])}; expected one of {sorted(KNOWN_CLASSES)}.")
 
+    for path, table in ((labels_path, labels), (classes_path, classes)):
+        bad_ids = sorted(set(i for i in table["patientId"] if not is_plain_file_name(i)))
+        if bad_ids:  # ids become file names: they must not reach outside stage_2_train_images/
+            raise DataError(f"{path}: column 'patientId' must hold plain ids; found {len(bad_ids)} that are "
+                            f"empty or contain path parts: {bad_ids[:10]}.")
     targets = labels.groupby("patientId")["Target"].agg(set)
     mixed = targets[targets.map(len) > 1]
     if not mixed.empty:

@@ -1,0 +1,133 @@
+"""All MLflow calls of the project.
+
+One training run (fold x network) is one MLflow run named `fold{k}-{network}`. Its id is written
+to the run folder the moment it is created, so a restarted run continues the same MLflow run
+instead of opening a second one. Epoch metrics are handed over in batches (at checkpoints), so
+that epochs redone after a crash are never logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from dataclasses import asdict, is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import TrackingSpec
+
+log = logging.getLogger(__name__)
+DEFAULT_URI = "sqlite:///mlflow.db"
+PACKAGES = ("tensorflow", "keras", "ray", "mlflow", "pydicom", "numpy", "pandas")
+
+
+def tracking_uri(spec: TrackingSpec) -> str:
+    return spec.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """A config dataclass as dotted MLflow params (`splits.seed` -> '0')."""
+    data = asdict(obj) if is_dataclass(obj) else obj
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"version.python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[f"version.{name}"] = "absent"
+    return versions
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None):
+    """Point MLflow at `uri` and make `name` the active experiment, creating it if needed.
+
+    With a local sqlite store, artifacts go to `artifact_root` (the workdir's mlruns/) rather
+    than to ./mlruns of whatever folder the process happens to run in; a tracking server keeps
+    its own artifact store.
+    """
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:") and artifact_root is not None:
+        mlflow.create_experiment(name, artifact_location=Path(artifact_root).absolute().as_uri())
+    return mlflow.set_experiment(name)
+
+
+class RunTracker:
+    """The MLflow run of one fold x network training run."""
+
+    def __init__(self, spec: TrackingSpec, experiment: str, run_dir: Path, artifact_root: Path | None = None):
+        self.uri = tracking_uri(spec)
+        self.artifact_root = artifact_root
+        self.experiment = spec.experiment or experiment
+        self.id_file = Path(run_dir) / "mlflow_run.json"
+        self.client = MlflowClient(self.uri)
+        self.run_id = ""
+
+    def open(self, run_name: str, tags: dict[str, str], params: dict[str, str], parent_run_id: str = "") -> str:
+        """Start the run, or continue the one this run folder already started."""
+        experiment = ensure_experiment(self.uri, self.experiment, self.artifact_root)
+        previous = json.loads(self.id_file.read_text())["run_id"] if self.id_file.is_file() else ""
+        if previous:
+            mlflow.start_run(run_id=previous)
+            log.info("continuing MLflow run %s (%s)", run_name, previous)
+        else:
+            if parent_run_id:
+                tags = {**tags, "mlflow.parentRunId": parent_run_id}
+            mlflow.start_run(experiment_id=experiment.experiment_id, run_name=run_name, tags=tags)
+            self.id_file.parent.mkdir(parents=True, exist_ok=True)
+            self.id_file.write_text(json.dumps({"run_id": mlflow.active_run().info.run_id}) + "\n")
+            # params in chunks: MLflow caps one batch at 100
+            items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(mlflow.active_run().info.run_id, params=items[i:i + 100])
+        self.run_id = mlflow.active_run().info.run_id
+        return self.run_id
+
+    def log_epochs(self, rows: list[dict[str, float]]) -> None:
+        """Per-epoch metrics; each row has a `step` (the global epoch across phases)."""
+        metrics = [Metric(key, float(value), 0, int(row["step"])) for row in rows
+                   for key, value in row.items() if key != "step"]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+    def log_model(self, model: Any, sample: Any) -> str:
+        """The selected model as an MLflow Keras model (signature from a sample batch); its URI."""
+        import mlflow.keras
+        from mlflow.models import infer_signature
+
+        sample = np.asarray(sample)
+        signature = infer_signature(sample, np.asarray(model.predict(sample, verbose=0)))
+        info = mlflow.keras.log_model(model, name="model", signature=signature)
+        return info.model_uri
+
+    def close(self, status: str = "FINISHED") -> None:
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status=status)
+
+    def mark(self, status: str) -> None:
+        """Set the status of this run folder's MLflow run from outside it (e.g. FAILED)."""
+        if self.id_file.is_file():
+            run_id = json.loads(self.id_file.read_text())["run_id"]
+            self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))

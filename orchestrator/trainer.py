@@ -1,0 +1,316 @@
+"""One training run (one fold x one network), end to end, in this process and without Ray.
+
+  build and compile once -> phases 1..8 in order, each a Keras `fit` over its own stream (shared
+  + unique part), continuing from the previous phase's weights and optimizer state -> select the
+  last or the best (validation) weights -> evaluate the fold's test set in large batches ->
+  predictions.csv, confusion matrix, MLflow.
+
+Checkpoints (`runs/fold{k}-{network}/checkpoints/ckpt-<global epoch>/`: the native `.keras` model
+with its optimizer state, plus a cursor) are written every `checkpoint_every` epochs and at each
+phase end; the same command restarts from the newest one. The input streams are stateless
+functions of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one and
+ends with the same number of epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from data_pipeline.files import new_build_dir, replace_dir
+from data_pipeline.schema import CLASSES, DataError
+from data_pipeline.splits import read_split, split_hash
+from data_pipeline.store import ImageStore
+from data_pipeline.tfdata import eval_stream, training_stream
+from models.networks import NETWORKS, build
+from orchestrator.config import TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.root / "best.weights.h5"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.csv"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "done.json"
+
+
+@dataclass
+class Cursor:
+    """Where a run stands: epochs completed (global, across phases) and the best so far."""
+    epoch: int = 0
+    best_value: float = -math.inf
+    best_epoch: int = 0
+
+    @classmethod
+    def read(cls, path: Path) -> "Cursor":
+        return cls(**json.loads(path.read_text()))
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__) + "\n")
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What one run reads: its phases, validation and test sets, and the store."""
+    store: ImageStore
+    phases: list[pd.DataFrame]
+    val: pd.DataFrame | None
+    test: pd.DataFrame
+    split_meta: dict
+
+    @classmethod
+    def load(cls, store_dir: Path, split_dir: Path, fold: int, n_phases: int) -> "RunInputs":
+        meta = json.loads((split_dir / "splits.json").read_text())
+        has_val = (split_dir / f"fold{fold}" / "val.csv").is_file()
+        return cls(store=ImageStore.open(store_dir),
+                   phases=[read_split(split_dir, fold, f"phase{n}") for n in range(1, n_phases + 1)],
+                   val=read_split(split_dir, fold, "val") if has_val else None,
+                   test=read_split(split_dir, fold, "test"), split_meta=meta)
+
+
+def compile_model(model: keras.Model, spec: TrainSpec) -> keras.Model:
+    model.compile(optimizer=keras.optimizers.Nadam(learning_rate=spec.learning_rate),
+                  loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=spec.xla)
+    return model
+
+
+def save_weights_only(model: keras.Model, path: Path) -> Path:
+    """The network's weights without the optimizer's (Keras 3's save_weights stores both, three
+    times the size with Nadam): saved from an uncompiled clone."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    clone.save_weights(path)
+    return path
+
+
+def latest_checkpoint(paths: RunPaths) -> Path | None:
+    """The newest complete checkpoint (its cursor is written last)."""
+    done = sorted(p for p in paths.checkpoints.glob("ckpt-*") if (p / "cursor.json").is_file())
+    return done[-1] if done else None
+
+
+class Run:
+    """One fold x network run. `train()` does everything; it resumes where a checkpoint exists."""
+
+    def __init__(self, network: str, fold: int, inputs: RunInputs, spec: TrainSpec, augment, paths: RunPaths,
+                 weights: str = "none", tracker=None):
+        if network not in NETWORKS:
+            raise ValueError(f"network: expected one of {sorted(NETWORKS)}, received {network!r}.")
+        if spec.selection == "best" and inputs.val is None:
+            raise DataError(f"train.selection is 'best' but the splits have no val.csv for fold {fold}; "
+                            f"use a protocol with a validation set, or selection 'last'.")
+        self.network, self.fold, self.inputs, self.spec, self.augment = network, fold, inputs, spec, augment
+        self.paths, self.weights, self.tracker = paths, weights, tracker
+        self.batch_size = getattr(spec.batch_size, network)
+        self.pending: list[dict] = []  # epoch metrics not yet behind a checkpoint
+
+    # ------------------------------------------------------------ model
+
+    def model_and_cursor(self) -> tuple[keras.Model, Cursor]:
+        """Load the newest checkpoint, or build and compile a new model (once per run)."""
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        if self.spec.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        checkpoint = latest_checkpoint(self.paths)
+        if checkpoint is not None:
+            log.info("resuming %s from %s", self.name, checkpoint.name)
+            model = keras.models.load_model(checkpoint / "model.keras", safe_mode=True)
+            return model, Cursor.read(checkpoint / "cursor.json")
+        keras.utils.set_random_seed(self.spec.seed * 1000 + self.fold)
+        model = build(self.network, self.inputs.store.image_size, self.weights)
+        return compile_model(model, self.spec), Cursor()
+
+    @property
+    def name(self) -> str:
+        return f"fold{self.fold}-{self.network}"
+
+    # ------------------------------------------------------------ training
+
+    def train(self) -> Path:
+        """Run every remaining phase, select, evaluate; returns the predictions file."""
+        model, cursor = self.model_and_cursor()
+        self._truncate_history(cursor.epoch)
+        epochs = self.spec.epochs
+        for phase, rows in enumerate(self.inputs.phases, start=1):
+            start, end = max(cursor.epoch, (phase - 1) * epochs), phase * epochs
+            if start >= end:
+                continue
+            log.info("%s: phase %d/%d, epochs %d-%d, %d images", self.name, phase, len(self.inputs.phases),
+                     start + 1, end, len(rows))
+            self._fit_phase(model, cursor, phase, rows, start, end)
+            self._end_phase(model, cursor, phase)
+        return self._evaluate(self._selected(model))
+
+    def _fit_phase(self, model: keras.Model, cursor: Cursor, phase: int, rows: pd.DataFrame,
+                   start: int, end: int) -> None:
+        steps = self.spec.steps_per_epoch or math.ceil(len(rows) / self.batch_size)
+        stream = training_stream(self.inputs.store, rows, self.batch_size, seed=self.spec.seed * 1000 + self.fold,
+                                 augment=self.augment, first_epoch=start, epochs=end - start, steps_per_epoch=steps)
+        val = (eval_stream(self.inputs.store, self.inputs.val, self.spec.eval_batch_size)
+               if self.inputs.val is not None else None)
+        callback = EpochEnd(self, cursor, phase, phase_start=(phase - 1) * self.spec.epochs, phase_end=end)
+        model.fit(stream, initial_epoch=start, epochs=end, steps_per_epoch=steps, validation_data=val,
+                  validation_freq=self.spec.validation_freq, callbacks=[callback], shuffle=False, verbose=2)
+
+    def on_epoch_end(self, model: keras.Model, cursor: Cursor, phase: int, epoch: int, logs: dict,
+                     phase_start: int, phase_end: int) -> None:
+        """`epoch` counts completed epochs across phases (the global step)."""
+        cursor.epoch = epoch
+        self.pending.append({"step": epoch, "phase": phase, **{k: float(v) for k, v in logs.items()}})
+        value = logs.get(self.spec.monitor)
+        if self.spec.selection == "best" and value is not None and value > cursor.best_value:
+            cursor.best_value, cursor.best_epoch = float(value), epoch
+            tmp = save_weights_only(model, self.paths.root / "best.tmp.weights.h5")
+            tmp.replace(self.paths.best_weights)
+        every = self.spec.checkpoint_every
+        if epoch == phase_end or (every and (epoch - phase_start) % every == 0):
+            self.checkpoint(model, cursor)
+
+    def checkpoint(self, model: keras.Model, cursor: Cursor) -> Path:
+        """Model + optimizer state + cursor, written aside and renamed in; then the epochs it
+        covers are handed to history.csv and MLflow (never before: a crash would repeat them)."""
+        target = self.paths.checkpoints / f"ckpt-{cursor.epoch:06d}"
+        tmp = new_build_dir(target)
+        model.save(tmp / "model.keras")
+        cursor.write(tmp / "cursor.json")
+        replace_dir(tmp, target, marker="cursor.json")
+        for old in sorted(self.paths.checkpoints.glob("ckpt-*"))[:-self.spec.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._flush_history()
+        return target
+
+    def _flush_history(self) -> None:
+        if not self.pending:
+            return
+        table = pd.DataFrame(self.pending)
+        table.to_csv(self.paths.history, mode="a", header=not self.paths.history.is_file(), index=False)
+        if self.tracker is not None:
+            self.tracker.log_epochs([{k: v for k, v in row.items() if k != "phase"} for row in self.pending])
+        self.pending = []
+
+    def _truncate_history(self, epoch: int) -> None:
+        """Drop history rows past the checkpoint we resume from (they will be redone)."""
+        if self.paths.history.is_file():
+            table = pd.read_csv(self.paths.history)
+            table[table["step"] <= epoch].to_csv(self.paths.history, index=False)
+
+    def _end_phase(self, model: keras.Model, cursor: Cursor, phase: int) -> None:
+        if self.tracker is None:
+            return
+        rows = [r for r in pd.read_csv(self.paths.history).to_dict("records") if r["phase"] == phase]
+        last = rows[-1]
+        summary = {f"phase_{k}": v for k, v in last.items() if k not in ("step", "phase") and not pd.isna(v)}
+        self.tracker.log_metrics(summary, step=phase)
+        if self.spec.log_checkpoints == "weights":
+            weights = save_weights_only(model, self.paths.root / f"phase{phase}.weights.h5")
+            self.tracker.log_artifact(weights, "checkpoints")
+            weights.unlink()
+        elif self.spec.log_checkpoints == "full":
+            self.tracker.log_artifact(latest_checkpoint(self.paths) / "model.keras", f"checkpoints/phase{phase}")
+
+    # ------------------------------------------------------------ selection and evaluation
+
+    def _selected(self, model: keras.Model) -> keras.Model:
+        if self.spec.selection == "best" and self.paths.best_weights.is_file():
+            clone = keras.models.clone_model(model)  # the file holds weights only
+            clone.load_weights(self.paths.best_weights)
+            model.set_weights(clone.get_weights())
+            log.info("%s: selected the best weights on the validation set", self.name)
+        return model
+
+    def _evaluate(self, model: keras.Model) -> Path:
+        test = self.inputs.test
+        probabilities = model.predict(eval_stream(self.inputs.store, test, self.spec.eval_batch_size), verbose=0)
+        predictions = pd.DataFrame({"image_id": test["image_id"], "label": test["label"],
+                                    "pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
+        for i, name in enumerate(CLASSES):
+            predictions[f"p_{name}"] = probabilities[:, i].round(6)
+        predictions.to_csv(self.paths.predictions, index=False, lineterminator="\n")
+        self.model = model
+        return self.paths.predictions
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """Hands each finished epoch to the run (metrics, best weights, checkpoints)."""
+
+    def __init__(self, run: Run, cursor: Cursor, phase: int, phase_start: int, phase_end: int):
+        super().__init__()
+        self.run, self.cursor, self.phase = run, cursor, phase
+        self.phase_start, self.phase_end = phase_start, phase_end
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.run.on_epoch_end(self.model, self.cursor, self.phase, epoch + 1, logs or {},
+                              self.phase_start, self.phase_end)
+
+
+def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "") -> Path:
+    """Train and evaluate one run of `config` (an orchestrator.config.Config), tracked in MLflow.
+
+    Returns the run folder. A finished run (done.json) is not trained again.
+    """
+    from orchestrator.figures import confusion_matrix_figure
+    from orchestrator.tracking import RunTracker, flatten, package_versions
+    from sklearn.metrics import confusion_matrix
+
+    paths = RunPaths(config.paths.runs / f"fold{fold}-{network}")
+    if paths.done.is_file():
+        log.info("fold%d-%s is complete (%s); skipping", fold, network, paths.done)
+        return paths.root
+    inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases)
+    tracker = RunTracker(config.tracking, config.experiment_name, paths.root, config.paths.root / "mlruns")
+    test_pool = inputs.split_meta.get("validation") == "test_pool"
+    tags = {"fold": str(fold), "network": network, "protocol": inputs.split_meta["spec"]["protocol"],
+            "split_hash": split_hash(config.paths.splits), "validation": inputs.split_meta.get("validation", ""),
+            "selection_on_test_pool": str(test_pool and config.train.selection == "best").lower(),
+            **package_versions()}
+    tracker.open(f"fold{fold}-{network}", tags, {**flatten(config), "fold": str(fold), "network": network},
+                 parent_run_id)
+    try:
+        run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker)
+        predictions = pd.read_csv(run.train())
+        matrix = confusion_matrix(predictions["label"], predictions["pred"], labels=list(CLASSES))
+        figure = confusion_matrix_figure(matrix, CLASSES, f"fold {fold}, {network}", paths.root / "confusion_matrix.png")
+        tracker.log_metrics({"test_accuracy": float((predictions["label"] == predictions["pred"]).mean())})
+        for artifact in (paths.predictions, figure, paths.history):
+            tracker.log_artifact(artifact)
+        tracker.log_model(run.model, sample=next(iter(eval_stream(inputs.store, inputs.test.head(2), 2)))[0])
+    except KeyboardInterrupt:
+        tracker.close("KILLED")
+        raise
+    except BaseException:
+        tracker.close("FAILED")  # never left RUNNING
+        raise
+    paths.done.write_text(json.dumps({"run_id": tracker.run_id}) + "\n")
+    tracker.close("FINISHED")
+    # The selected model and the per-phase weights are in MLflow now; checkpoints only served
+    # resuming (and a concatenated one is ~0.5 GB), so a finished run keeps none.
+    shutil.rmtree(paths.checkpoints, ignore_errors=True)
+    paths.best_weights.unlink(missing_ok=True)
+    return paths.root

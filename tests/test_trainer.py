@@ -1,0 +1,155 @@
+"""The single-run trainer on the tiny synthetic data: phases in order on one compiled model,
+checkpoints, resume after a kill, batched evaluation, and what reaches MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_pipeline.splits import SplitSpec, make_splits, write_splits
+from data_pipeline.store import StoreSpec, build_serial
+from orchestrator.config import load_config
+from orchestrator.trainer import Run, RunInputs, RunPaths, train_and_evaluate
+from tests.conftest import ROOT
+
+SETTINGS = ["splits.phases=2", "store.image_size=72", "train.epochs=2", "train.steps_per_epoch=1",
+            "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}", "train.selection=best",
+            "train.eval_batch_size=32", "train.keep_checkpoints=1"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_manifest, tmp_path_factory) -> Path:
+    """manifest -> store (72x72) -> paper splits with 2 phases, as `cxr run` will lay them out."""
+    root = tmp_path_factory.mktemp("work")
+    build_serial(tiny_manifest, root / "store", StoreSpec(image_size=72))
+    spec = SplitSpec(test_covid=6, test_covid_pneumonia=2, phase_normal=8, phase_pneumonia=6, phases=2,
+                     validation="test_pool", s_test_normal=5, s_test_pneumonia=5)
+    write_splits(make_splits(tiny_manifest, spec), root / "splits")
+    return root
+
+
+def config_for(workdir: Path, run_dir: str, *extra: str):
+    return load_config(None, [f"workdir={workdir}", f"tracking.uri=sqlite:///{workdir / run_dir}.db",
+                              f"tracking.experiment={run_dir}", *SETTINGS, *extra])
+
+
+def runs_of(config) -> list:
+    mlflow.set_tracking_uri(config.tracking.uri)
+    return mlflow.search_runs(experiment_names=[config.experiment_name], output_format="list")
+
+
+def test_a_full_run_trains_every_phase_and_logs_it(workdir):
+    config = config_for(workdir, "full", "train.log_checkpoints=weights")
+    root = train_and_evaluate(config, 1, "xception")
+
+    predictions = pd.read_csv(root / "predictions.csv")
+    test = pd.read_csv(workdir / "splits" / "fold1" / "test.csv")
+    assert list(predictions.columns) == ["image_id", "label", "pred", "p_COVID-19", "p_pneumonia", "p_normal"]
+    assert predictions["image_id"].tolist() == test["image_id"].tolist()
+    assert np.allclose(predictions[["p_COVID-19", "p_pneumonia", "p_normal"]].sum(axis=1), 1, atol=1e-4)
+    assert not (root / "checkpoints").exists()  # a finished run keeps its results, not its checkpoints
+
+    (run,) = runs_of(config)
+    client = mlflow.tracking.MlflowClient(config.tracking.uri)
+    assert run.info.run_name == "fold1-xception" and run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert (tags["fold"], tags["network"], tags["protocol"]) == ("1", "xception", "paper")
+    assert len(tags["split_hash"]) == 64 and tags["selection_on_test_pool"] == "true"
+    assert tags["version.tensorflow"] and tags["version.mlflow"]
+    assert run.data.params["train.learning_rate"] == "0.0001" and run.data.params["splits.phases"] == "2"
+    # per-epoch metrics with one global step across the two phases, each epoch once
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "phase_loss")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"predictions.csv", "confusion_matrix.png", "history.csv", "checkpoints"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
+        "checkpoints/phase1.weights.h5", "checkpoints/phase2.weights.h5"}
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")  # the selected model, back
+    store_batch = RunInputs.load(workdir / "store", workdir / "splits", 1, 2)
+    from data_pipeline.tfdata import eval_stream
+
+    x = next(iter(eval_stream(store_batch.store, test.head(4), 4)))[0]
+    assert np.allclose(model.predict(x, verbose=0), predictions.iloc[:4, 3:].to_numpy(), atol=1e-4)
+
+    assert train_and_evaluate(config, 1, "xception") == root  # finished: skipped, no second run
+    assert len(runs_of(config)) == 1
+
+
+def tracing_counts(function) -> dict[str, int]:
+    """Tracing counts of the tf.functions inside a Keras train function (nested in closures)."""
+    counts, stack, seen = {}, [function], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if hasattr(item, "experimental_get_tracing_count"):
+            counts[item.python_function.__name__] = item.experimental_get_tracing_count()
+            continue
+        for cell in getattr(item, "__closure__", None) or ():
+            stack.append(cell.cell_contents)
+    return counts
+
+
+def test_changing_phase_neither_rebuilds_nor_retraces(workdir, tmp_path):
+    config = config_for(workdir, "trace")
+    inputs = RunInputs.load(workdir / "store", workdir / "splits", 2, 2)
+    run = Run("xception", 2, inputs, config.train, config.augment, RunPaths(tmp_path / "run"))
+    model, cursor = run.model_and_cursor()
+    run._fit_phase(model, cursor, 1, inputs.phases[0], 0, 2)
+    after_phase_1 = tracing_counts(model.train_function)
+    run._fit_phase(model, cursor, 2, inputs.phases[1], 2, 4)
+    assert tracing_counts(model.train_function) == after_phase_1  # the same graphs serve phase 2
+    assert int(model.optimizer.iterations) == 4  # 2 phases x 2 epochs x 1 step, one optimizer
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["step"].tolist() == [1, 2, 3, 4] and history["phase"].tolist() == [1, 1, 2, 2]
+
+
+def test_a_crash_marks_the_run_failed(workdir, monkeypatch):
+    config = config_for(workdir, "crash")
+
+    def broken(self, model):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Run, "_evaluate", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_and_evaluate(config, 3, "xception")
+    (run,) = runs_of(config)
+    assert run.info.status == "FAILED"
+
+
+def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, tmp_path):
+    settings = ["train.epochs=3", "train.checkpoint_every=1"]
+    config = config_for(workdir, "resume", *settings)
+    command = [sys.executable, "-m", "orchestrator.cli", "train-one", "--fold", "4", "--network", "xception",
+               "--set", f"workdir={workdir}", "--set", f"tracking.uri={config.tracking.uri}",
+               "--set", "tracking.experiment=resume"] + [a for s in SETTINGS + settings for a in ("--set", s)]
+    run_dir = workdir / "runs" / "fold4-xception"
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "ckpt-000004" / "cursor.json").exists():  # phase 2, epoch 1 done
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "done.json").exists()
+
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resuming fold4-xception from ckpt-00000" in finished.stderr
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["step"].tolist() == [1, 2, 3, 4, 5, 6]  # as many epochs as an uninterrupted run
+    (run,) = runs_of(config)  # the same MLflow run, continued
+    client = mlflow.tracking.MlflowClient(config.tracking.uri)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
