@@ -20,13 +20,9 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/cxr synth --out $(DEMO)/data --scale tiny --seed 0
-	$(BIN)/cxr manifest --covid-root $(DEMO)/data/covid-chestxray-dataset \
-		--rsna-root $(DEMO)/data/rsna-pneumonia-detection-challenge --out $(DEMO)/manifest.csv
-	$(BIN)/cxr prepare --config configs/demo.yaml --manifest $(DEMO)/manifest.csv --out $(DEMO)/store
-	$(BIN)/cxr splits --config configs/demo.yaml --manifest $(DEMO)/manifest.csv --out $(DEMO)/splits
-	$(BIN)/cxr train-one --config configs/demo.yaml --fold 1 --network xception
-	@echo "MLflow UI on these runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db"
+	# the whole protocol (5 folds x 3 networks x 8 phases) on the tiny synthetic data, local Ray,
+	# MLflow on work/demo/mlflow.db; prints the results and the command that opens the MLflow UI
+	$(BIN)/cxr run --config configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) work .pytest_cache

@@ -97,6 +97,18 @@ def cmd_train_one(args: argparse.Namespace) -> None:
     print(f"fold{args.fold}-{args.network}: predictions -> {root / 'predictions.csv'}")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from orchestrator.experiment import run_experiment
+
+    overrides = list(args.set) + ([f"cluster.address={args.address}"] if args.address else [])
+    config = load_config(args.config, overrides)
+    results = run_experiment(config, folds=args.folds, networks=args.networks, train_only=args.command == "train")
+    uri = config.tracking.uri or "sqlite:///mlflow.db"
+    print(f"\nMLflow UI on these runs: mlflow ui --backend-store-uri {uri}")
+    if (results["status"] != "done").any():
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -143,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", choices=["xception", "resnet50v2", "concatenated"], required=True)
     add_config_arguments(p)
     p.set_defaults(func=cmd_train_one)
+
+    for name, text in (("run", "every stage: data, manifest, store, splits, the training runs, results"),
+                       ("train", "only the fold x network training runs (inputs must exist)")):
+        p = sub.add_parser(name, help=text)
+        add_config_arguments(p)
+        p.add_argument("--address", help="Ray cluster to join ('auto', host:port); default RAY_ADDRESS or local")
+        p.add_argument("--folds", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,3")
+        p.add_argument("--networks", type=lambda s: s.split(","), help="e.g. xception,concatenated")
+        p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -64,6 +64,7 @@ class TrainSpec:
     xla: bool = False
     seed: int = 0
     log_checkpoints: str = "weights"  # MLflow, per phase: weights | full (with optimizer state) | none
+    fail_at: str = ""               # fault injection for tests: "fold2-resnet50v2:3" raises once in phase 3
 
     def __post_init__(self) -> None:
         if self.selection not in ("last", "best"):
@@ -83,6 +84,15 @@ class TrackingSpec:
 
 
 @dataclass(frozen=True)
+class ClusterSpec:
+    address: str = ""           # "": a local Ray started in-process; "auto" or host:port: join a cluster
+    gpus_per_run: float = -1.0  # -1: one GPU per run when the cluster has GPUs, else none; 0.5 packs two
+    cpus_per_run: float = 1.0   # CPUs reserved per run (its TensorFlow thread count follows)
+    storage_path: str = ""      # shared storage for run folders (checkpoints) and Ray results; "": workdir
+    max_failures: int = 2       # restarts of a run whose worker died (Ray Train FailureConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     workdir: str = "work/default"
     data: DataSpec = field(default_factory=DataSpec)
@@ -92,11 +102,12 @@ class Config:
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
     name: str = ""  # set from the config file's name; names the MLflow experiment
 
     @property
     def paths(self) -> "WorkPaths":
-        return WorkPaths(Path(self.workdir))
+        return WorkPaths(Path(self.workdir), Path(self.cluster.storage_path or self.workdir))
 
     @property
     def experiment_name(self) -> str:
@@ -105,8 +116,9 @@ class Config:
 
 @dataclass(frozen=True)
 class WorkPaths:
-    """Where each stage leaves its output inside the workdir."""
+    """Where each stage leaves its output: the workdir, and shared storage for the runs."""
     root: Path
+    storage: Path
 
     @property
     def data(self) -> Path:
@@ -126,7 +138,11 @@ class WorkPaths:
 
     @property
     def runs(self) -> Path:
-        return self.root / "runs"
+        return self.storage / "runs"
+
+    @property
+    def ray_results(self) -> Path:
+        return self.storage / "ray"
 
 
 def load_config(path: Path | str | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -207,3 +223,29 @@ def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
         raise ConfigError(f"{where}: {key}: expected {getattr(expected, '__name__', expected)}, "
                           f"received {type(value).__name__} {value!r}.")
     return value
+
+
+def resolved(config: Config, base: Path | None = None) -> Config:
+    """The config with every relative path made absolute against `base` (default: the current
+    folder). Ray workers run in other folders (and on other nodes), so the driver resolves paths
+    once and hands the workers the result; on a cluster, give absolute paths on shared storage."""
+    base = Path(base or Path.cwd())
+
+    def absolute(path: str) -> str:
+        return str(base / path) if path and not Path(path).is_absolute() else path
+
+    uri = config.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + absolute(uri[len("sqlite:///"):])
+    return dataclasses.replace(
+        config, workdir=absolute(config.workdir),
+        data=dataclasses.replace(config.data, covid_root=absolute(config.data.covid_root),
+                                 rsna_root=absolute(config.data.rsna_root)),
+        splits=dataclasses.replace(config.splits, import_dir=absolute(config.splits.import_dir)),
+        tracking=dataclasses.replace(config.tracking, uri=uri),
+        cluster=dataclasses.replace(config.cluster, storage_path=absolute(config.cluster.storage_path)))
+
+
+def to_mapping(config: Config) -> dict[str, Any]:
+    """A plain dict that `from_mapping(Config, ...)` turns back into the same config."""
+    return dataclasses.asdict(config)

@@ -11,8 +11,10 @@ import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from data_pipeline.store import StoreBuilder, StoreSpec, decode_chunk
+from orchestrator.config import ConfigError, to_mapping
 
 log = logging.getLogger(__name__)
+NETWORK_COST = {"concatenated": 2, "resnet50v2": 1, "xception": 1}  # relative time per run
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -71,3 +73,97 @@ def _collect_one(pending: list, builder: StoreBuilder, progress: Progress, bar) 
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+# ---------------------------------------------------------------- the 15 training runs
+
+def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str) -> dict[str, str]:
+    """Every fold x network run as a Ray Tune trial that drives a one-worker TensorflowTrainer.
+
+    The Tune trial only launches the Train run (the pattern current Ray recommends; a Trainer is
+    no longer passed to a Tuner); the Train worker holds the device and runs the single-run
+    trainer. Returns {run name: "done" | error}.
+    """
+    from ray import tune
+
+    connect(config.cluster.address or None)
+    networks = sorted(networks, key=lambda n: -NETWORK_COST.get(n, 0))  # longest first: no lone tail
+    gpus, cpus = _run_resources(config.cluster)
+    slots = _concurrency(gpus, cpus)
+    log.info("%d runs, %s GPU and %s CPU each, %d at a time", len(folds) * len(networks), gpus, cpus, slots)
+    storage = str(config.paths.ray_results.absolute())
+    tuner = tune.Tuner(
+        # the trial only drives its Train run: it reserves a little memory and no CPU, so that the
+        # workers, which hold the devices, are what limits concurrency
+        tune.with_resources(_drive_one_run, {"CPU": 0, "memory": 256 * 2**20}),
+        param_space={"fold": tune.grid_search(folds), "network": tune.grid_search(networks),
+                     "config": to_mapping(config), "parent_run_id": parent_run_id,
+                     "gpus": gpus, "cpus": cpus, "storage": storage, "max_failures": config.cluster.max_failures},
+        tune_config=tune.TuneConfig(max_concurrent_trials=slots),
+        run_config=tune.RunConfig(name=f"{config.experiment_name}-grid", storage_path=storage, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+    results = tuner.fit()
+    outcome = {}
+    for result in results:
+        name = f"fold{result.config['fold']}-{result.config['network']}"
+        outcome[name] = "done" if result.error is None else f"failed: {result.error}"
+    return outcome
+
+
+def _run_resources(cluster) -> tuple[float, float]:
+    available = ray.cluster_resources().get("GPU", 0)
+    gpus = cluster.gpus_per_run if cluster.gpus_per_run >= 0 else (1.0 if available else 0.0)
+    if gpus > available:
+        raise ConfigError(f"cluster.gpus_per_run: expected at most the {available} GPU(s) the cluster has, "
+                          f"received {gpus}.")
+    return gpus, cluster.cpus_per_run
+
+
+def _concurrency(gpus: float, cpus: float) -> int:
+    """Runs at once: as many as the devices hold (one per GPU, two per GPU at 0.5, ...), else CPUs."""
+    resources = ray.cluster_resources()
+    if gpus:
+        return max(1, int(resources.get("GPU", 0) / gpus))
+    return max(1, int(resources.get("CPU", 1) / cpus))
+
+
+def _drive_one_run(params: dict) -> None:
+    """A Tune trial: one Ray Train run with one worker, restarted from its checkpoint on failure."""
+    from ray import train, tune
+    from ray.train.tensorflow import TensorflowTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    name = f"fold{params['fold']}-{params['network']}"
+    resources = {"CPU": params["cpus"], **({"GPU": params["gpus"]} if params["gpus"] else {})}
+    trainer = TensorflowTrainer(
+        _train_worker, train_loop_config=params,
+        scaling_config=train.ScalingConfig(num_workers=1, use_gpu=bool(params["gpus"]),
+                                           resources_per_worker=resources),
+        # the name stays the same across restarts, so Ray resumes this run rather than starting anew
+        run_config=train.RunConfig(name=f"{name}-{tune.get_context().get_trial_id()}",
+                                   storage_path=params["storage"], callbacks=[TuneReportCallback()],
+                                   failure_config=train.FailureConfig(max_failures=params["max_failures"])),
+    )
+    trainer.fit()
+
+
+def _train_worker(params: dict) -> None:
+    """The Ray Train worker: pin TensorFlow to this worker's share, then the single-run trainer."""
+    import tensorflow as tf
+    from ray import train
+
+    from orchestrator.config import Config, from_mapping
+    from orchestrator.trainer import train_and_evaluate
+
+    threads = max(1, int(params["cpus"]))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    for gpu in tf.config.list_physical_devices("GPU"):  # a fraction of a GPU must not grab all of it
+        tf.config.experimental.set_memory_growth(gpu, True)
+    config = from_mapping(Config, params["config"], where="the driver's config")
+
+    def report(phase: int, metrics: dict) -> None:
+        train.report({"phase": phase, **metrics})
+
+    train_and_evaluate(config, params["fold"], params["network"], params["parent_run_id"], on_phase_end=report)

@@ -62,6 +62,8 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None):
     than to ./mlruns of whatever folder the process happens to run in; a tracking server keeps
     its own artifact store.
     """
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:") and artifact_root is not None:
         mlflow.create_experiment(name, artifact_location=Path(artifact_root).absolute().as_uri())
@@ -112,14 +114,18 @@ class RunTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
-    def log_model(self, model: Any, sample: Any) -> str:
-        """The selected model as an MLflow Keras model (signature from a sample batch); its URI."""
+    def log_model(self, model: Any, sample_input: Any, sample_output: Any) -> str:
+        """The selected model as an MLflow Keras model; returns its URI.
+
+        The signature comes from a sample the run already predicted, and the requirements are
+        stated, so MLflow neither runs the model again nor starts a process to guess them.
+        """
         import mlflow.keras
         from mlflow.models import infer_signature
 
-        sample = np.asarray(sample)
-        signature = infer_signature(sample, np.asarray(model.predict(sample, verbose=0)))
-        info = mlflow.keras.log_model(model, name="model", signature=signature)
+        signature = infer_signature(np.asarray(sample_input), np.asarray(sample_output, dtype=np.float32))
+        requirements = [f"{name}=={metadata.version(name)}" for name in ("tensorflow", "keras")]
+        info = mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
         return info.model_uri
 
     def close(self, status: str = "FINISHED") -> None:

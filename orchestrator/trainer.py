@@ -18,12 +18,18 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import keras
 import numpy as np
 import pandas as pd
+# Keras' own weights writer, for its `objects_to_skip` (the optimizer); no public equivalent
+from keras.src.saving import saving_lib
 
 from data_pipeline.files import new_build_dir, replace_dir
 from data_pipeline.schema import CLASSES, DataError
@@ -59,6 +65,14 @@ class RunPaths:
     @property
     def done(self) -> Path:
         return self.root / "done.json"
+
+    @property
+    def timing(self) -> Path:
+        return self.root / "timing.json"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by `train.fail_at`, to test that a run survives a worker failure."""
 
 
 @dataclass
@@ -102,11 +116,9 @@ def compile_model(model: keras.Model, spec: TrainSpec) -> keras.Model:
 
 
 def save_weights_only(model: keras.Model, path: Path) -> Path:
-    """The network's weights without the optimizer's (Keras 3's save_weights stores both, three
-    times the size with Nadam): saved from an uncompiled clone."""
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    clone.save_weights(path)
+    """The network's weights without the optimizer's: Keras 3's `save_weights` stores both (three
+    times the size with Nadam). The file loads into a freshly built model with `load_weights`."""
+    saving_lib.save_weights_only(model, str(path), objects_to_skip=[model.optimizer])
     return path
 
 
@@ -120,21 +132,42 @@ class Run:
     """One fold x network run. `train()` does everything; it resumes where a checkpoint exists."""
 
     def __init__(self, network: str, fold: int, inputs: RunInputs, spec: TrainSpec, augment, paths: RunPaths,
-                 weights: str = "none", tracker=None):
+                 weights: str = "none", tracker=None, on_phase_end: Callable[[int, dict], None] | None = None):
         if network not in NETWORKS:
             raise ValueError(f"network: expected one of {sorted(NETWORKS)}, received {network!r}.")
         if spec.selection == "best" and inputs.val is None:
             raise DataError(f"train.selection is 'best' but the splits have no val.csv for fold {fold}; "
                             f"use a protocol with a validation set, or selection 'last'.")
         self.network, self.fold, self.inputs, self.spec, self.augment = network, fold, inputs, spec, augment
-        self.paths, self.weights, self.tracker = paths, weights, tracker
+        self.paths, self.weights, self.tracker, self.on_phase_end = paths, weights, tracker, on_phase_end
         self.batch_size = getattr(spec.batch_size, network)
         self.pending: list[dict] = []  # epoch metrics not yet behind a checkpoint
+        self.seconds: dict[str, float] = defaultdict(float)  # where this process's time went
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - start
+
+    def save_timing(self) -> dict[str, float]:
+        """Add this process's seconds to the run's timing.json (summed over restarts)."""
+        total = json.loads(self.paths.timing.read_text()) if self.paths.timing.is_file() else {}
+        for key, value in self.seconds.items():
+            total[key] = round(total.get(key, 0.0) + value, 3)
+        self.paths.timing.write_text(json.dumps(total, sort_keys=True) + "\n")
+        return total
 
     # ------------------------------------------------------------ model
 
     def model_and_cursor(self) -> tuple[keras.Model, Cursor]:
         """Load the newest checkpoint, or build and compile a new model (once per run)."""
+        with self.timed("build"):
+            return self._model_and_cursor()
+
+    def _model_and_cursor(self) -> tuple[keras.Model, Cursor]:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         if self.spec.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
@@ -192,18 +225,23 @@ class Run:
         every = self.spec.checkpoint_every
         if epoch == phase_end or (every and (epoch - phase_start) % every == 0):
             self.checkpoint(model, cursor)
+        if self.spec.fail_at == f"{self.name}:{phase}" and not (self.paths.root / "failed-once").exists():
+            (self.paths.root / "failed-once").touch()  # once: the restarted run goes on
+            raise InjectedFailure(f"{self.name}: failure injected by train.fail_at in phase {phase}")
 
     def checkpoint(self, model: keras.Model, cursor: Cursor) -> Path:
         """Model + optimizer state + cursor, written aside and renamed in; then the epochs it
         covers are handed to history.csv and MLflow (never before: a crash would repeat them)."""
         target = self.paths.checkpoints / f"ckpt-{cursor.epoch:06d}"
-        tmp = new_build_dir(target)
-        model.save(tmp / "model.keras")
-        cursor.write(tmp / "cursor.json")
-        replace_dir(tmp, target, marker="cursor.json")
-        for old in sorted(self.paths.checkpoints.glob("ckpt-*"))[:-self.spec.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        self._flush_history()
+        with self.timed("checkpoints"):
+            tmp = new_build_dir(target)
+            model.save(tmp / "model.keras")
+            cursor.write(tmp / "cursor.json")
+            replace_dir(tmp, target, marker="cursor.json")
+            for old in sorted(self.paths.checkpoints.glob("ckpt-*"))[:-self.spec.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        with self.timed("logging"):
+            self._flush_history()
         return target
 
     def _flush_history(self) -> None:
@@ -222,11 +260,15 @@ class Run:
             table[table["step"] <= epoch].to_csv(self.paths.history, index=False)
 
     def _end_phase(self, model: keras.Model, cursor: Cursor, phase: int) -> None:
-        if self.tracker is None:
-            return
         rows = [r for r in pd.read_csv(self.paths.history).to_dict("records") if r["phase"] == phase]
-        last = rows[-1]
-        summary = {f"phase_{k}": v for k, v in last.items() if k not in ("step", "phase") and not pd.isna(v)}
+        summary = {f"phase_{k}": v for k, v in rows[-1].items() if k not in ("step", "phase") and not pd.isna(v)}
+        if self.on_phase_end is not None:
+            self.on_phase_end(phase, summary)
+        if self.tracker is not None:
+            with self.timed("logging"):
+                self._log_phase(model, phase, summary)
+
+    def _log_phase(self, model: keras.Model, phase: int, summary: dict) -> None:
         self.tracker.log_metrics(summary, step=phase)
         if self.spec.log_checkpoints == "weights":
             weights = save_weights_only(model, self.paths.root / f"phase{phase}.weights.h5")
@@ -239,15 +281,14 @@ class Run:
 
     def _selected(self, model: keras.Model) -> keras.Model:
         if self.spec.selection == "best" and self.paths.best_weights.is_file():
-            clone = keras.models.clone_model(model)  # the file holds weights only
-            clone.load_weights(self.paths.best_weights)
-            model.set_weights(clone.get_weights())
+            saving_lib.load_weights_only(model, str(self.paths.best_weights), objects_to_skip=[model.optimizer])
             log.info("%s: selected the best weights on the validation set", self.name)
         return model
 
     def _evaluate(self, model: keras.Model) -> Path:
         test = self.inputs.test
-        probabilities = model.predict(eval_stream(self.inputs.store, test, self.spec.eval_batch_size), verbose=0)
+        with self.timed("evaluation"):
+            probabilities = model.predict(eval_stream(self.inputs.store, test, self.spec.eval_batch_size), verbose=0)
         predictions = pd.DataFrame({"image_id": test["image_id"], "label": test["label"],
                                     "pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
         for i, name in enumerate(CLASSES):
@@ -269,8 +310,25 @@ class EpochEnd(keras.callbacks.Callback):
         self.run.on_epoch_end(self.model, self.cursor, self.phase, epoch + 1, logs or {},
                               self.phase_start, self.phase_end)
 
+    # Where the time goes: training steps, the first step of a process (which traces the graph),
+    # and validation. The rest (build, checkpoints, logging, evaluation) is timed by the run.
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._batch_start = time.perf_counter()
 
-def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "") -> Path:
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        seconds = time.perf_counter() - self._batch_start
+        first = "steps" not in self.run.seconds and "tracing" not in self.run.seconds
+        self.run.seconds["tracing" if first else "steps"] += seconds
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self._test_start = time.perf_counter()
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        self.run.seconds["validation"] += time.perf_counter() - self._test_start
+
+
+def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
+                       on_phase_end: Callable[[int, dict], None] | None = None) -> Path:
     """Train and evaluate one run of `config` (an orchestrator.config.Config), tracked in MLflow.
 
     Returns the run folder. A finished run (done.json) is not trained again.
@@ -292,21 +350,27 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "")
             **package_versions()}
     tracker.open(f"fold{fold}-{network}", tags, {**flatten(config), "fold": str(fold), "network": network},
                  parent_run_id)
+    run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker,
+              on_phase_end)
     try:
-        run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker)
         predictions = pd.read_csv(run.train())
         matrix = confusion_matrix(predictions["label"], predictions["pred"], labels=list(CLASSES))
         figure = confusion_matrix_figure(matrix, CLASSES, f"fold {fold}, {network}", paths.root / "confusion_matrix.png")
         tracker.log_metrics({"test_accuracy": float((predictions["label"] == predictions["pred"]).mean())})
-        for artifact in (paths.predictions, figure, paths.history):
-            tracker.log_artifact(artifact)
-        tracker.log_model(run.model, sample=next(iter(eval_stream(inputs.store, inputs.test.head(2), 2)))[0])
+        with run.timed("logging"):
+            for artifact in (paths.predictions, figure, paths.history):
+                tracker.log_artifact(artifact)
+            sample = next(iter(eval_stream(inputs.store, inputs.test.head(2), 2)))[0]
+            tracker.log_model(run.model, sample, predictions.iloc[:2][[f"p_{c}" for c in CLASSES]].to_numpy())
     except KeyboardInterrupt:
+        run.save_timing()
         tracker.close("KILLED")
         raise
     except BaseException:
+        run.save_timing()
         tracker.close("FAILED")  # never left RUNNING
         raise
+    tracker.log_metrics({f"seconds_{k}": v for k, v in run.save_timing().items()})
     paths.done.write_text(json.dumps({"run_id": tracker.run_id}) + "\n")
     tracker.close("FINISHED")
     # The selected model and the per-phase weights are in MLflow now; checkpoints only served

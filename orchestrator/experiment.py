@@ -1,0 +1,220 @@
+"""`cxr run`: every stage of an experiment, in order, each skipped when its outputs are up to date.
+
+  data (synthetic, or the configured folders) -> manifest -> image store -> splits
+  -> the fold x network training runs (Ray) -> per-run results in the parent MLflow run
+
+Re-running on the same workdir after the driver died skips finished runs, resumes unfinished
+ones from their checkpoints, and continues the same parent MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from data_pipeline.files import sha256_bytes
+from data_pipeline.manifest import build_manifest, read_manifest, write_manifest
+from data_pipeline.schema import CLASSES
+from data_pipeline.splits import make_splits, write_splits
+from data_pipeline.store import ImageStore
+from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, write_synthetic
+from orchestrator import launch
+from orchestrator.config import Config, ConfigError, resolved
+from orchestrator.tracking import ensure_experiment, tracking_uri
+
+log = logging.getLogger(__name__)
+NETWORKS = ("xception", "resnet50v2", "concatenated")
+LABEL_FILES = ("metadata.csv", "stage_2_train_labels.csv", "stage_2_detailed_class_info.csv")
+
+
+class Stopwatch:
+    """Seconds per stage of the driver, printed at the end so that overhead is visible."""
+
+    def __init__(self) -> None:
+        self.start, self.stages = time.perf_counter(), {}
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def run_experiment(config: Config, folds: list[int] | None = None, networks: list[str] | None = None,
+                   train_only: bool = False) -> pd.DataFrame:
+    """Run the stages; returns one row per training run (the report's input)."""
+    config = resolved(config)
+    clock = Stopwatch()
+    folds = folds or list(range(1, config.splits.folds + 1))
+    networks = networks or list(NETWORKS)
+    check_tracking(config)  # first: an unreachable server fails now, not in 15 workers later
+    _timed(clock, "Ray start", lambda: launch.connect(config.cluster.address or None))
+    if not train_only:
+        _timed(clock, "data stages", lambda: prepare_inputs(config))
+    parent = parent_run(config)
+    started = time.perf_counter()
+    outcome = launch.run_grid(config, folds, networks, parent)
+    clock.stage("training runs", time.perf_counter() - started)
+    results = collect(config, folds, networks, outcome)
+    finish_parent(config, parent, results)
+    print_summary(results, clock)
+    return results
+
+
+def _timed(clock: Stopwatch, name: str, work) -> None:
+    start = time.perf_counter()
+    work()
+    clock.stage(name, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- data stages
+
+def prepare_inputs(config: Config) -> None:
+    covid_root, rsna_root = ensure_data(config)
+    ensure_manifest(config, covid_root, rsna_root)
+    launch.build_store(read_manifest(config.paths.manifest), config.paths.store, config.store,
+                       address=config.cluster.address or None)
+    ensure_splits(config)
+
+
+def ensure_data(config: Config) -> tuple[Path, Path]:
+    """The raw dataset folders: generated when `data.synthetic` is set (once per scale and seed)."""
+    data = config.data
+    if not data.synthetic:
+        if not data.covid_root or not data.rsna_root:
+            raise ConfigError("data: set covid_root and rsna_root to the two datasets' folders, "
+                              "or data.synthetic to tiny|small|paper.")
+        return Path(data.covid_root), Path(data.rsna_root)
+    root = config.paths.data
+    stamp = f"synthetic lookalike datasets: scale {data.synthetic}, seed {data.synthetic_seed}\n"
+    if (root / MARKER).is_file() and (root / MARKER).read_text() == stamp:
+        log.info("synthetic data in %s is up to date", root)
+    else:
+        write_synthetic(root, data.synthetic, data.synthetic_seed)
+    return root / COVID_DIR, root / RSNA_DIR
+
+
+def ensure_manifest(config: Config, covid_root: Path, rsna_root: Path) -> None:
+    """Rebuilt when missing or older than any of the label CSVs it reads."""
+    out = config.paths.manifest
+    inputs = [p for root in (covid_root, rsna_root) for p in (root / name for name in LABEL_FILES) if p.is_file()]
+    if out.is_file() and all(p.stat().st_mtime <= out.stat().st_mtime for p in inputs):
+        log.info("manifest %s is up to date", out)
+        return
+    write_manifest(build_manifest(covid_root, rsna_root, skip_missing=config.data.skip_missing), out)
+
+
+def usable_manifest(manifest: pd.DataFrame, store_dir: Path) -> pd.DataFrame:
+    """The manifest less the images the store could not decode (only a store built with
+    exclude_failed has any); they are named in the log."""
+    failed = ImageStore.open(store_dir).failures
+    if failed.empty:
+        return manifest
+    log.warning("leaving %d image(s) the store failed to decode out of the splits: %s",
+                len(failed), failed["image_id"].tolist())
+    return manifest[~manifest["image_id"].isin(failed["image_id"])]
+
+
+def ensure_splits(config: Config) -> None:
+    """Rewritten when the split settings or the manifest changed."""
+    out = config.paths.splits
+    manifest_hash = sha256_bytes(config.paths.manifest.read_bytes())
+    meta = out / "splits.json"
+    if meta.is_file():
+        written = json.loads(meta.read_text())
+        if written.get("spec") == asdict(config.splits) and written.get("manifest_sha256") == manifest_hash:
+            log.info("splits %s are up to date", out)
+            return
+    manifest = usable_manifest(read_manifest(config.paths.manifest), config.paths.store)
+    write_splits(make_splits(manifest, config.splits), out, manifest_path=config.paths.manifest)
+
+
+# ---------------------------------------------------------------- MLflow
+
+def check_tracking(config: Config) -> None:
+    """Create the sqlite database here, before any worker starts (concurrent creation races),
+    or check that the tracking server answers; fail at once with a clear message if not."""
+    uri = tracking_uri(config.tracking)
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        ensure_experiment(uri, config.experiment_name, config.paths.root / "mlruns")
+    except Exception as exc:  # MLflow raises several types for a server that is down
+        raise ConfigError(f"tracking.uri: the MLflow tracking server at {uri} is not reachable "
+                          f"({type(exc).__name__}: {str(exc)[:300]}). Start it, or point tracking.uri "
+                          f"(or MLFLOW_TRACKING_URI) at one that runs.") from None
+
+
+def parent_run(config: Config) -> str:
+    """The parent MLflow run of this `cxr run`: continued if an earlier one was cut short."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri(config.tracking))
+    record = config.paths.root / "mlflow_parent.json"
+    if record.is_file():
+        run_id = json.loads(record.read_text())["run_id"]
+        if client.get_run(run_id).info.status != "FINISHED":
+            client.update_run(run_id, status="RUNNING")
+            log.info("continuing the parent MLflow run %s", run_id)
+            return run_id
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    run = client.create_run(experiment.experiment_id, run_name=f"{config.name or 'experiment'} "
+                            f"({time.strftime('%Y-%m-%d %H:%M')})", tags={"protocol": config.splits.protocol})
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
+    return run.info.run_id
+
+
+def finish_parent(config: Config, parent: str, results: pd.DataFrame) -> None:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri(config.tracking))
+    table = config.paths.root / "runs.csv"
+    results.to_csv(table, index=False)
+    client.log_artifact(parent, str(table))
+    client.log_metric(parent, "runs_complete", int((results["status"] == "done").sum()))
+    client.log_metric(parent, "runs_total", len(results))
+    client.set_terminated(parent, status="FINISHED" if (results["status"] == "done").all() else "FAILED")
+
+
+# ---------------------------------------------------------------- results
+
+def collect(config: Config, folds: list[int], networks: list[str], outcome: dict[str, str]) -> pd.DataFrame:
+    """One row per run: status, test accuracy, COVID-19 recall, and where its time went."""
+    rows = []
+    for fold in folds:
+        for network in networks:
+            name = f"fold{fold}-{network}"
+            root = config.paths.runs / name
+            row = {"run": name, "status": "done" if (root / "done.json").is_file() else outcome.get(name, "missing")}
+            if (root / "predictions.csv").is_file() and row["status"] == "done":
+                p = pd.read_csv(root / "predictions.csv")
+                covid = p[p["label"] == CLASSES[0]]
+                row.update(test_images=len(p), accuracy=round(100 * (p["label"] == p["pred"]).mean(), 2),
+                           covid_recall=f"{(covid['pred'] == CLASSES[0]).sum()}/{len(covid)}")
+            if (root / "timing.json").is_file():
+                row.update({f"s_{k}": v for k, v in json.loads((root / "timing.json").read_text()).items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_summary(results: pd.DataFrame, clock: Stopwatch) -> None:
+    shown = [c for c in ("run", "status", "test_images", "accuracy", "covid_recall") if c in results]
+    print(results[shown].to_string(index=False))
+    seconds = {c[2:]: results[c].sum() for c in results if c.startswith("s_")}
+    in_runs = sum(seconds.values())
+    wall = clock.wall()
+    print(f"\nwall time {wall:.0f} s; driver stages: " +
+          ", ".join(f"{k} {v:.0f} s" for k, v in clock.stages.items()))
+    if in_runs:
+        steps = seconds.get("steps", 0.0)
+        rest = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]) if k != "steps")
+        print(f"inside the runs (summed over runs): {in_runs:.0f} s, of which training steps {steps:.0f} s "
+              f"({100 * steps / in_runs:.0f}%); outside the steps {100 * (1 - steps / in_runs):.0f}%: {rest}")

@@ -1,0 +1,150 @@
+"""The whole protocol through Ray: a real local head (`ray start --head`), the demo submitted with
+`ray job submit`, a real `mlflow server` on 127.0.0.1, one injected worker failure, and the
+driver stopped mid-way and submitted again. The 15 runs are then read back through MLflow's REST
+API. One experiment serves all the checks, because it takes several minutes on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator.config import ConfigError, load_config
+from orchestrator.experiment import check_tracking
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+RUNS = [f"fold{k}-{n}" for k in range(1, 6) for n in ("xception", "resnet50v2", "concatenated")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def rest(base: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def test_an_unreachable_tracking_server_fails_at_once(tmp_path):
+    config = load_config(ROOT / "configs/demo.yaml", [f"workdir={tmp_path}",
+                                                      f"tracking.uri=http://127.0.0.1:{free_port()}"])
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"tracking.uri: the MLflow tracking server at http://127.0.0.1:\d+ is not reachable"):
+        check_tracking(config)
+    assert time.monotonic() - start < 30
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """mlflow server + ray head; the demo submitted, stopped after two runs, submitted again."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    mlflow_port, ray_port, dashboard = free_port(), free_port(), free_port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                               "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                               "--port", str(mlflow_port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the head listens on 127.0.0.1 only; token authentication (on a real cluster, keep it) is
+    # switched off so that the test does not depend on a token file in the home folder
+    env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "disabled"}
+    ray_start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
+                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                 "--disable-usage-stats"]
+    try:
+        wait_for(f"http://127.0.0.1:{mlflow_port}/health", 60)
+        subprocess.run(ray_start, check=True, capture_output=True, env={**env, "RAY_ADDRESS": ""}, timeout=120)
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        workdir = tmp / "work"
+        command = [sys.executable, "-m", "orchestrator.cli", "run", "--config", "configs/demo.yaml",
+                   "--set", f"workdir={workdir}", "--set", f"tracking.uri={uri}",
+                   # 2 phases instead of the demo's 8 keep the suite under 15 minutes; phases
+                   # themselves are tested in test_trainer.py
+                   "--set", "splits.phases=2", "--set", "train.fail_at=fold2-resnet50v2:2"]
+        submit = [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT)]
+        # first submission: stopped (the driver dies) once two runs are done
+        first = subprocess.run(submit + ["--no-wait", "--"] + command, capture_output=True, text=True,
+                               env=env, check=True, timeout=120)
+        job_id = next(w for w in first.stdout.split() if w.startswith("'raysubmit_")).strip("'")
+        deadline = time.monotonic() + 600
+        while len(list((workdir / "runs").glob("*/done.json"))) < 2:
+            assert time.monotonic() < deadline, "no run finished in 10 minutes"
+            time.sleep(2)
+        subprocess.run([str(BIN / "ray"), "job", "stop", job_id], env=env, check=True, capture_output=True,
+                       timeout=120)
+        done_before = {p.parent.name: p.stat().st_mtime_ns for p in (workdir / "runs").glob("*/done.json")}
+        # second submission of the same command: finished runs skipped, the others resumed
+        second = subprocess.run(submit + ["--"] + command, capture_output=True, text=True, env=env, timeout=1500)
+        yield {"workdir": workdir, "uri": uri, "log": second.stdout + second.stderr, "done_before": done_before}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_the_resubmitted_job_completes_every_run(experiment):
+    assert "succeeded" in experiment["log"], experiment["log"][-3000:]
+    workdir = experiment["workdir"]
+    results = pd.read_csv(workdir / "runs.csv")
+    assert sorted(results["run"]) == sorted(RUNS) and (results["status"] == "done").all()
+    for name in RUNS:
+        predictions = pd.read_csv(workdir / "runs" / name / "predictions.csv")
+        assert len(predictions) == 36
+    for name, mtime in experiment["done_before"].items():  # finished before the stop: not trained again
+        assert (workdir / "runs" / name / "done.json").stat().st_mtime_ns == mtime
+    assert "training steps" in experiment["log"] and "wall time" in experiment["log"]
+
+
+def test_the_injected_failure_was_survived_in_the_same_mlflow_run(experiment):
+    run_dir = experiment["workdir"] / "runs" / "fold2-resnet50v2"
+    assert (run_dir / "failed-once").exists()  # the worker did fail, in phase 2
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["step"].tolist() == [1, 2]  # and the run still has each epoch once
+
+
+def test_mlflow_server_holds_15_runs_once_each_under_one_parent(experiment):
+    base = experiment["uri"]
+    found = json.loads(urllib.request.urlopen(
+        f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=cxr-demo", timeout=30).read())
+    experiment_id = found["experiment"]["experiment_id"]
+    runs = rest(base, "runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+    names = [t.get("mlflow.runName") for t in tags]
+    children = [(run, t) for run, t in zip(runs, tags) if t.get("mlflow.runName") in RUNS]
+    assert sorted(t["mlflow.runName"] for _, t in children) == sorted(RUNS), names  # each exactly once
+    assert all(run["info"]["status"] == "FINISHED" for run, _ in children)
+    parents = {t["mlflow.parentRunId"] for _, t in children}
+    assert len(parents) == 1  # one parent for the stopped and the resubmitted driver
+    parent = rest(base, "runs/search", {"experiment_ids": [experiment_id],
+                                        "filter": f"attributes.run_id = '{parents.pop()}'"})["runs"][0]
+    assert parent["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert metrics["runs_complete"] == 15
+    resnet = next(run for run, t in children if t["mlflow.runName"] == "fold2-resnet50v2")
+    history = json.loads(urllib.request.urlopen(
+        f"{base}/api/2.0/mlflow/metrics/get-history?run_id={resnet['info']['run_id']}&metric_key=loss",
+        timeout=30).read())["metrics"]
+    assert sorted(m["step"] for m in history) == [1, 2]
