@@ -16,6 +16,7 @@ renames it into place when everything is in. This module knows nothing about Ray
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from data_pipeline.decode import DecodeError, decode_image, dicom_view_position,
 from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
 from data_pipeline.schema import DataError
 
+log = logging.getLogger(__name__)
 STORE_VERSION = 1  # bump when decoding or resizing changes: old stores then rebuild
 
 
@@ -169,6 +171,17 @@ class StoreBuilder:
                              "path": self.manifest["path"].iloc[positions].tolist(),
                              "reason": [self._failures[p] for p in positions]},
                             columns=["image_id", "path", "reason"])
+
+
+def without_failures(manifest: pd.DataFrame, store_dir: Path) -> pd.DataFrame:
+    """The manifest less the images the store could not decode (only a store built with
+    exclude_failed has any); they are named in the log, so none is dropped silently."""
+    failed = ImageStore.open(store_dir).failures
+    if failed.empty:
+        return manifest
+    log.warning("leaving %d image(s) the store failed to decode out of the splits: %s",
+                len(failed), failed["image_id"].tolist())
+    return manifest[~manifest["image_id"].isin(failed["image_id"])]
 
 
 def build_serial(manifest: pd.DataFrame, out: Path, spec: StoreSpec) -> Path:

@@ -50,17 +50,13 @@ def cmd_manifest(args: argparse.Namespace) -> None:
 def cmd_splits(args: argparse.Namespace) -> None:
     from data_pipeline.manifest import read_manifest
     from data_pipeline.splits import make_splits, summary, write_splits
-    from data_pipeline.store import ImageStore
+    from data_pipeline.store import without_failures
 
     config = load_config(args.config, args.set)
     spec = override(config.splits, protocol=args.protocol, seed=args.seed, import_dir=args.import_dir)
     manifest = read_manifest(args.manifest)
-    if args.store is not None:  # leave out images the store could not decode (built with --exclude-failed)
-        failed = ImageStore.open(args.store).failures
-        if not failed.empty:
-            log.warning("leaving %d image(s) the store failed to decode out of the splits: %s",
-                        len(failed), failed["image_id"].tolist())
-            manifest = manifest[~manifest["image_id"].isin(failed["image_id"])]
+    if args.store is not None:
+        manifest = without_failures(manifest, args.store)
     splits = make_splits(manifest, spec)
     digest = write_splits(splits, args.out, manifest_path=args.manifest)
     # one row per subset; a range where the folds differ (the sound protocol's do)

@@ -22,7 +22,7 @@ from data_pipeline.files import sha256_bytes
 from data_pipeline.manifest import build_manifest, read_manifest, write_manifest
 from data_pipeline.schema import CLASSES
 from data_pipeline.splits import make_splits, write_splits
-from data_pipeline.store import ImageStore
+from data_pipeline.store import without_failures
 from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, write_synthetic
 from orchestrator import launch
 from orchestrator.config import Config, ConfigError, resolved
@@ -110,17 +110,6 @@ def ensure_manifest(config: Config, covid_root: Path, rsna_root: Path) -> None:
     write_manifest(build_manifest(covid_root, rsna_root, skip_missing=config.data.skip_missing), out)
 
 
-def usable_manifest(manifest: pd.DataFrame, store_dir: Path) -> pd.DataFrame:
-    """The manifest less the images the store could not decode (only a store built with
-    exclude_failed has any); they are named in the log."""
-    failed = ImageStore.open(store_dir).failures
-    if failed.empty:
-        return manifest
-    log.warning("leaving %d image(s) the store failed to decode out of the splits: %s",
-                len(failed), failed["image_id"].tolist())
-    return manifest[~manifest["image_id"].isin(failed["image_id"])]
-
-
 def ensure_splits(config: Config) -> None:
     """Rewritten when the split settings or the manifest changed."""
     out = config.paths.splits
@@ -131,7 +120,7 @@ def ensure_splits(config: Config) -> None:
         if written.get("spec") == asdict(config.splits) and written.get("manifest_sha256") == manifest_hash:
             log.info("splits %s are up to date", out)
             return
-    manifest = usable_manifest(read_manifest(config.paths.manifest), config.paths.store)
+    manifest = without_failures(read_manifest(config.paths.manifest), config.paths.store)
     write_splits(make_splits(manifest, config.splits), out, manifest_path=config.paths.manifest)
 
 
