@@ -105,6 +105,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from orchestrator.report import make_report, print_report
+
+    config = load_config(args.config, args.set)
+    print_report(make_report(config, run_id=args.run_id or "", predictions=args.predictions, manifest=args.manifest,
+                             splits=args.splits, out=args.out, replicates=args.bootstrap, seed=args.seed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -160,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--folds", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,3")
         p.add_argument("--networks", type=lambda s: s.split(","), help="e.g. xception,concatenated")
         p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="the paper's Tables 3 and 4, the metrics it lacked, and the figures")
+    add_config_arguments(p)
+    p.add_argument("--run-id", help="the parent MLflow run of a `cxr run` (default: the config's latest)")
+    p.add_argument("--predictions", type=Path,
+                   help="a folder of fold{k}-{network}.csv prediction files instead of MLflow (nothing is logged)")
+    p.add_argument("--manifest", type=Path,
+                   help="image_id -> patient_id, for prediction files without a patient_id column "
+                        "(with MLflow: default the workdir's manifest)")
+    p.add_argument("--splits", type=Path, help="the runs' splits folder, for its flags and notes "
+                                               "(with MLflow: default the workdir's)")
+    p.add_argument("--out", type=Path, help="output folder (default: <workdir>/report)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the F1 and AUC intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -27,6 +27,11 @@ class ConfigError(ValueError):
     """A config file or override does not match the schema; the message names the key."""
 
 
+# The paper's three networks, in its tables' order. models.networks.NETWORKS holds their
+# builders; the names live here too so that the driver and the report need no TensorFlow.
+NETWORK_NAMES: tuple[str, ...] = ("xception", "resnet50v2", "concatenated")
+
+
 @dataclass(frozen=True)
 class DataSpec:
     covid_root: str = ""      # folder with metadata.csv and images/
@@ -62,6 +67,9 @@ class TrainSpec:
     eval_batch_size: int = 128
     mixed_precision: bool = False   # for GPUs; off on CPU
     xla: bool = False
+    # Keras eager mode: no graph tracing (20-45 s a run on CPU) but slower steps; pays off only
+    # for runs of a handful of steps (the orchestration test). test_trainer covers graph mode.
+    run_eagerly: bool = False
     seed: int = 0
     log_checkpoints: str = "weights"  # MLflow, per phase: weights | full (with optimizer state) | none
     fail_at: str = ""               # fault injection for tests: "fold2-resnet50v2:3" raises once in phase 3
@@ -72,6 +80,8 @@ class TrainSpec:
         if self.log_checkpoints not in ("weights", "full", "none"):
             raise ValueError(f"train.log_checkpoints: expected 'weights', 'full' or 'none', "
                              f"received {self.log_checkpoints!r}.")
+        if self.run_eagerly and self.xla:
+            raise ValueError("train.run_eagerly and train.xla: expected at most one of them true, received both.")
         for name in ("epochs", "validation_freq", "keep_checkpoints", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: expected at least 1, received {getattr(self, name)}.")

@@ -1,7 +1,8 @@
 """`cxr run`: every stage of an experiment, in order, each skipped when its outputs are up to date.
 
   data (synthetic, or the configured folders) -> manifest -> image store -> splits
-  -> the fold x network training runs (Ray) -> per-run results in the parent MLflow run
+  -> the fold x network training runs (Ray) -> the report (Tables 3 and 4, intervals, figures)
+     logged to the parent MLflow run
 
 Re-running on the same workdir after the driver died skips finished runs, resumes unfinished
 ones from their checkpoints, and continues the same parent MLflow run.
@@ -25,11 +26,11 @@ from data_pipeline.splits import make_splits, write_splits
 from data_pipeline.store import without_failures
 from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, write_synthetic
 from orchestrator import launch
-from orchestrator.config import Config, ConfigError, resolved
+from orchestrator.config import NETWORK_NAMES, Config, ConfigError, resolved
+from orchestrator.report import make_report, print_report
 from orchestrator.tracking import ensure_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
-NETWORKS = ("xception", "resnet50v2", "concatenated")
 LABEL_FILES = ("metadata.csv", "stage_2_train_labels.csv", "stage_2_detailed_class_info.csv")
 
 
@@ -52,7 +53,7 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
     config = resolved(config)
     clock = Stopwatch()
     folds = folds or list(range(1, config.splits.folds + 1))
-    networks = networks or list(NETWORKS)
+    networks = networks or list(NETWORK_NAMES)
     check_tracking(config)  # first: an unreachable server fails now, not in 15 workers later
     _timed(clock, "Ray start", lambda: launch.connect(config.cluster.address or None))
     if not train_only:
@@ -62,15 +63,23 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
     outcome = launch.run_grid(config, folds, networks, parent)
     clock.stage("training runs", time.perf_counter() - started)
     results = collect(config, folds, networks, outcome)
-    finish_parent(config, parent, results)
+    report = None
+    try:
+        if (results["status"] == "done").any():  # the tables of what finished; missing runs listed
+            report = _timed(clock, "report", lambda: make_report(config, run_id=parent))
+    finally:
+        finish_parent(config, parent, results)
     print_summary(results, clock)
+    if report is not None:
+        print_report(report)
     return results
 
 
-def _timed(clock: Stopwatch, name: str, work) -> None:
+def _timed(clock: Stopwatch, name: str, work):
     start = time.perf_counter()
-    work()
+    result = work()
     clock.stage(name, time.perf_counter() - start)
+    return result
 
 
 # ---------------------------------------------------------------- data stages
@@ -155,7 +164,7 @@ def parent_run(config: Config) -> str:
             return run_id
     experiment = client.get_experiment_by_name(config.experiment_name)
     run = client.create_run(experiment.experiment_id, run_name=f"{config.name or 'experiment'} "
-                            f"({time.strftime('%Y-%m-%d %H:%M')})", tags={"protocol": config.splits.protocol})
+                            f"({time.strftime('%Y-%m-%d %H:%M')})", tags={"protocol": config.splits.protocol, "cxr.role": "experiment"})
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
     return run.info.run_id

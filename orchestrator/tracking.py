@@ -1,4 +1,4 @@
-"""All MLflow calls of the project.
+"""The MLflow side of the training runs (the report reads them back in report.py).
 
 One training run (fold x network) is one MLflow run named `fold{k}-{network}`. Its id is written
 to the run folder the moment it is created, so a restarted run continues the same MLflow run

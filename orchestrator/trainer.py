@@ -111,7 +111,8 @@ class RunInputs:
 
 def compile_model(model: keras.Model, spec: TrainSpec) -> keras.Model:
     model.compile(optimizer=keras.optimizers.Nadam(learning_rate=spec.learning_rate),
-                  loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=spec.xla)
+                  loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=spec.xla,
+                  run_eagerly=spec.run_eagerly)
     return model
 
 
@@ -175,6 +176,7 @@ class Run:
         if checkpoint is not None:
             log.info("resuming %s from %s", self.name, checkpoint.name)
             model = keras.models.load_model(checkpoint / "model.keras", safe_mode=True)
+            model.run_eagerly = self.spec.run_eagerly  # a setting of this process, not of the model
             return model, Cursor.read(checkpoint / "cursor.json")
         keras.utils.set_random_seed(self.spec.seed * 1000 + self.fold)
         model = build(self.network, self.inputs.store.image_size, self.weights)
@@ -293,6 +295,7 @@ class Run:
                                     "pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
         for i, name in enumerate(CLASSES):
             predictions[f"p_{name}"] = probabilities[:, i].round(6)
+        predictions["patient_id"] = test["patient_id"]  # the report's patient bootstrap and fold overlap
         predictions.to_csv(self.paths.predictions, index=False, lineterminator="\n")
         self.model = model
         return self.paths.predictions

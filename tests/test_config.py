@@ -47,6 +47,7 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("augment:\n  zoom: five\n", r"augment.zoom: expected float"),
     ("splits: 3\n", r"splits: expected a mapping"),
     ("splits:\n  protocol: clever\n", r"splits.protocol: expected one of \['paper', 'import', 'sound'\], received 'clever'"),
+    ("train:\n  run_eagerly: true\n  xla: true\n", r"train.run_eagerly and train.xla: expected at most one"),
 ])
 def test_wrong_types_and_values_fail_with_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

@@ -81,9 +81,11 @@ def experiment(tmp_path_factory):
         workdir = tmp / "work"
         command = [sys.executable, "-m", "orchestrator.cli", "run", "--config", "configs/demo.yaml",
                    "--set", f"workdir={workdir}", "--set", f"tracking.uri={uri}",
-                   # 2 phases instead of the demo's 8 keep the suite under 15 minutes; phases
-                   # themselves are tested in test_trainer.py
-                   "--set", "splits.phases=2", "--set", "train.fail_at=fold2-resnet50v2:2"]
+                   # 2 phases instead of the demo's 8, and eager Keras (4 steps a run cost less
+                   # than tracing them), keep the suite under 15 minutes; phases and graph mode
+                   # are tested in test_trainer.py
+                   "--set", "splits.phases=2", "--set", "train.run_eagerly=true",
+                   "--set", "train.fail_at=fold2-resnet50v2:2"]
         submit = [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT)]
         # first submission: stopped (the driver dies) once two runs are done
         first = subprocess.run(submit + ["--no-wait", "--"] + command, capture_output=True, text=True,
@@ -149,3 +151,25 @@ def test_mlflow_server_holds_15_runs_once_each_under_one_parent(experiment):
         f"{base}/api/2.0/mlflow/metrics/get-history?run_id={resnet['info']['run_id']}&metric_key=loss",
         timeout=30).read())["metrics"]
     assert sorted(m["step"] for m in history) == [1, 2]
+
+
+def test_the_driver_reports_the_15_runs_into_the_parent(experiment):
+    workdir, base = experiment["workdir"], experiment["uri"]
+    table3 = pd.read_csv(workdir / "report" / "table3.csv")
+    assert len(table3) == 15
+    for row in table3.itertuples(index=False):
+        predictions = pd.read_csv(workdir / "runs" / f"fold{row.fold}-{row.network}" / "predictions.csv")
+        covid = predictions["label"] == "COVID-19"
+        assert row[2:5] == ((covid & (predictions["pred"] == "COVID-19")).sum(),
+                            (covid & (predictions["pred"] != "COVID-19")).sum(),
+                            (~covid & (predictions["pred"] == "COVID-19")).sum())
+    assert "Table 4, average over folds" in experiment["log"]
+    parent = json.loads((workdir / "mlflow_parent.json").read_text())["run_id"]
+    listed = json.loads(urllib.request.urlopen(
+        f"{base}/api/2.0/mlflow/artifacts/list?run_id={parent}&path=report", timeout=30).read())
+    assert {"report/table3.csv", "report/table4.csv", "report/tables.md", "report/figures"} <= \
+        {f["path"] for f in listed["files"]}
+    run = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={parent}", timeout=30).read())
+    metrics = {m["key"] for m in run["run"]["data"]["metrics"]}
+    assert {f"average.{n}.recall_COVID-19" for n in ("xception", "resnet50v2", "concatenated")} <= metrics
+    assert "test-set selection" in (workdir / "report" / "tables.md").read_text()  # the demo selects on s_test

@@ -53,7 +53,9 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
 
     predictions = pd.read_csv(root / "predictions.csv")
     test = pd.read_csv(workdir / "splits" / "fold1" / "test.csv")
-    assert list(predictions.columns) == ["image_id", "label", "pred", "p_COVID-19", "p_pneumonia", "p_normal"]
+    assert list(predictions.columns) == ["image_id", "label", "pred", "p_COVID-19", "p_pneumonia", "p_normal",
+                                         "patient_id"]
+    assert predictions["patient_id"].astype(str).tolist() == test["patient_id"].astype(str).tolist()
     assert predictions["image_id"].tolist() == test["image_id"].tolist()
     assert np.allclose(predictions[["p_COVID-19", "p_pneumonia", "p_normal"]].sum(axis=1), 1, atol=1e-4)
     assert not (root / "checkpoints").exists()  # a finished run keeps its results, not its checkpoints
@@ -79,7 +81,7 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
     from data_pipeline.tfdata import eval_stream
 
     x = next(iter(eval_stream(store_batch.store, test.head(4), 4)))[0]
-    assert np.allclose(model.predict(x, verbose=0), predictions.iloc[:4, 3:].to_numpy(), atol=1e-4)
+    assert np.allclose(model.predict(x, verbose=0), predictions.iloc[:4, 3:6].to_numpy(), atol=1e-4)
 
     assert train_and_evaluate(config, 1, "xception") == root  # finished: skipped, no second run
     assert len(runs_of(config)) == 1

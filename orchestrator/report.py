@@ -1,0 +1,539 @@
+"""`cxr report`: the runs of an experiment -> the paper's Tables 3 and 4, the metrics the paper
+lacked, and the figures.
+
+  runs (the MLflow children of a `cxr run`, or a folder of fold{k}-{network}.csv files)
+  -> table3.csv, table4.csv (+ average and std rows), metrics.csv (every per-class metric of
+     every run with its 95% interval), summary.csv, tables.md, report.json, figures/
+  -> logged to the parent MLflow run, and each run's training curves to that run
+
+Missing runs are listed by name; the tables are built from the runs that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_pipeline.schema import CLASSES, DataError
+from data_pipeline.splits import TEST_POOL_FLAG
+from orchestrator import figures
+from orchestrator.config import NETWORK_NAMES, Config
+from orchestrator.metrics import COUNTS, PAPER_METRICS, class_counts, confusion, paper_metrics, run_metrics
+
+log = logging.getLogger(__name__)
+PREDICTION_COLUMNS = ("image_id", "label", "pred", *(f"p_{c}" for c in CLASSES))
+FILE_NAME = re.compile(r"fold(\d+)-(" + "|".join(NETWORK_NAMES) + r")\.csv")
+TABLE4_COLUMNS = ["accuracy", *(f"{m}_{c}" for m in PAPER_METRICS for c in CLASSES)]
+BASELINE = "baseline (always normal)"
+FEW_POSITIVES = 50
+EXTRA_METRICS = ("recall", "specificity", "PPV", "NPV", "F1", "AUC")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One fold x network run: its test-set predictions, and its training history if known."""
+    fold: int
+    network: str
+    predictions: pd.DataFrame
+    history: pd.DataFrame | None = None
+    run_id: str = ""  # its MLflow run, where the report logs the run's own figures
+
+    @property
+    def name(self) -> str:
+        return f"fold{self.fold}-{self.network}"
+
+
+@dataclass
+class ReportInputs:
+    """The runs found, the grid they were expected to fill, and what the tables must warn about."""
+    runs: list[RunResult]
+    folds: int
+    source: str
+    flags: list[str] = field(default_factory=list)        # warnings on every number (test-set selection)
+    split_notes: list[str] = field(default_factory=list)  # the splits' own notes (splits.json)
+    patient_unit: str = "patients"                        # what the bootstrap resamples: or "images"
+    selection_known: bool = True                          # False: prediction files without their splits
+    parent_run_id: str = ""
+
+    @property
+    def missing(self) -> list[str]:
+        found = {r.name for r in self.runs}
+        return [f"fold{k}-{n}" for k in range(1, self.folds + 1) for n in NETWORK_NAMES
+                if f"fold{k}-{n}" not in found]
+
+
+# ---------------------------------------------------------------- reading the runs
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A trainer's predictions.csv, checked: columns, class names, probabilities, unique ids."""
+    table = pd.read_csv(path, dtype={"image_id": str, "label": str, "pred": str, "patient_id": str},
+                        keep_default_na=False)
+    missing = [c for c in PREDICTION_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: expected the columns {list(PREDICTION_COLUMNS)}, missing {missing} "
+                        f"(found {list(table.columns)}).")
+    for column in ("label", "pred"):
+        unknown = sorted(set(table[column]) - set(CLASSES))
+        if unknown:
+            raise DataError(f"{path}: column {column!r} expected one of {list(CLASSES)}, found {unknown[:5]}.")
+    for name in CLASSES:
+        scores = pd.to_numeric(table[f"p_{name}"], errors="coerce")
+        if scores.isna().any() or not scores.between(0, 1).all():
+            raise DataError(f"{path}: column 'p_{name}' expected probabilities in [0, 1], found "
+                            f"{table.loc[scores.isna() | ~scores.between(0, 1), f'p_{name}'].head(3).tolist()}.")
+        table[f"p_{name}"] = scores
+    duplicated = table["image_id"][table["image_id"].duplicated()]
+    if len(duplicated):
+        raise DataError(f"{path}: expected one row per image, found {len(duplicated)} repeated image_id(s), "
+                        f"e.g. {duplicated.iloc[0]!r}.")
+    return table
+
+
+def read_history(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def from_folder(folder: Path) -> list[RunResult]:
+    """`fold{k}-{network}.csv` files (and optional `fold{k}-{network}.history.csv` beside them)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--predictions {folder}: expected a folder of fold{{k}}-{{network}}.csv files; "
+                        f"no such folder.")
+    runs, ignored = [], []
+    for path in sorted(folder.glob("*.csv")):
+        match = FILE_NAME.fullmatch(path.name)
+        if match is None:
+            if not path.name.endswith(".history.csv"):
+                ignored.append(path.name)
+            continue
+        history = read_history(path.with_name(f"{path.stem}.history.csv"))
+        runs.append(RunResult(int(match[1]), match[2], read_predictions(path), history))
+    if ignored:
+        log.warning("%s: ignored %d file(s) not named fold{k}-{%s}.csv: %s", folder, len(ignored),
+                    "|".join(NETWORK_NAMES), ", ".join(ignored[:10]))
+    if not runs:
+        raise DataError(f"{folder}: expected files named fold{{k}}-{{network}}.csv with network one of "
+                        f"{list(NETWORK_NAMES)}; found none.")
+    return runs
+
+
+def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str, dict[str, str]]]:
+    """The finished child runs of a `cxr run` parent, with their predictions and histories
+    downloaded from MLflow; and each run's tags (its split hash, its checkpoint selection)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"], max_results=1000)
+    runs, tags = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for child in children:
+            name = child.info.run_name
+            if child.info.status != "FINISHED" or FILE_NAME.fullmatch(f"{name}.csv") is None:
+                log.info("report: leaving out MLflow run %s (%s)", name, child.info.status)
+                continue
+            files = {a.path for a in client.list_artifacts(child.info.run_id)}
+            if "predictions.csv" not in files:
+                log.warning("report: MLflow run %s (%s) has no predictions.csv; left out", name, child.info.run_id)
+                continue
+            folder = Path(tmp) / child.info.run_id
+            folder.mkdir()
+            for wanted in {"predictions.csv", "history.csv"} & files:  # not the model: it is large
+                client.download_artifacts(child.info.run_id, wanted, str(folder))
+            tags[name] = dict(child.data.tags)
+            match = FILE_NAME.fullmatch(f"{name}.csv")
+            runs[name] = RunResult(int(match[1]), match[2], read_predictions(folder / "predictions.csv"),
+                                   read_history(folder / "history.csv"), child.info.run_id)
+    return list(runs.values()), tags
+
+
+def latest_parent(uri: str, experiment: str, record: Path) -> str:
+    """The parent run of the config's latest `cxr run`: the workdir's record of it, else the
+    newest run tagged `cxr.role=experiment` in the experiment."""
+    from mlflow.tracking import MlflowClient
+
+    if record.is_file():
+        return json.loads(record.read_text())["run_id"]
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string="tags.`cxr.role` = 'experiment'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if found else []
+    if not runs:
+        raise DataError(f"no `cxr run` found in MLflow experiment {experiment!r} at {uri} (and no {record}); "
+                        f"give --run-id, or --predictions with a folder of prediction files.")
+    return runs[0].info.run_id
+
+
+def attach_patients(runs: list[RunResult], manifest: Path | None) -> tuple[list[RunResult], str]:
+    """Give every prediction row its patient (for the patient bootstrap and the fold overlap):
+    the file's own patient_id column, else the manifest's. Without either, images stand for
+    patients, and the report says so."""
+    lookup = None
+    if manifest is not None and Path(manifest).is_file():
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False, usecols=["image_id", "patient_id"])
+        lookup = table.set_index("image_id")["patient_id"]
+    unit, out = "patients", []
+    for run in runs:
+        p = run.predictions
+        if "patient_id" not in p.columns or (p["patient_id"] == "").any():
+            if lookup is None:
+                unit, p = "images", p.assign(patient_id=p["image_id"])
+            else:
+                ids = p["image_id"].map(lookup)
+                if ids.isna().any():
+                    raise DataError(f"{run.name}: {int(ids.isna().sum())} image_id(s) are not in the manifest "
+                                    f"{manifest}, e.g. {p['image_id'][ids.isna()].iloc[0]!r}.")
+                p = p.assign(patient_id=ids)
+        out.append(RunResult(run.fold, run.network, p, run.history, run.run_id))
+    return out, unit
+
+
+def split_context(split_dir: Path | None) -> tuple[list[str], list[str]]:
+    """The flags and notes the splits were written with (splits.json), if the folder is known."""
+    if split_dir is None or not (Path(split_dir) / "splits.json").is_file():
+        return [], []
+    meta = json.loads((Path(split_dir) / "splits.json").read_text())
+    return list(meta.get("flags", [])), list(meta.get("notes", []))
+
+
+# ---------------------------------------------------------------- tables
+
+def sorted_runs(runs: list[RunResult]) -> list[RunResult]:
+    return sorted(runs, key=lambda r: (r.fold, NETWORK_NAMES.index(r.network)))
+
+
+def table3(runs: list[RunResult]) -> pd.DataFrame:
+    """TP, FN, FP of each class, per run (the paper's Table 3)."""
+    rows = []
+    for run in sorted_runs(runs):
+        counts = class_counts(_matrix(run))
+        rows.append({"fold": run.fold, "network": run.network,
+                     **{f"{c}_{k}": counts[c][k] for c in CLASSES for k in COUNTS}})
+    return pd.DataFrame(rows, columns=["fold", "network", *(f"{c}_{k}" for c in CLASSES for k in COUNTS)])
+
+
+def table4(runs: list[RunResult]) -> pd.DataFrame:
+    """The paper's Table 4 per run, then per network the mean of its folds (`average`, as the
+    paper computes it) and their sample standard deviation (`std`), and the always-normal
+    baseline; percent, two decimals."""
+    per_run = pd.DataFrame([{"fold": r.fold, "network": r.network, **paper_metrics(_matrix(r))}
+                            for r in sorted_runs(runs)], columns=["fold", "network", *TABLE4_COLUMNS])
+    rows = [per_run]
+    for statistic in ("average", "std"):
+        for network in NETWORK_NAMES:
+            folds = per_run[per_run["network"] == network][TABLE4_COLUMNS]
+            if len(folds):
+                # a fold without a value (0 / 0) leaves the average empty rather than quietly 4 folds
+                values = folds.mean(skipna=False) if statistic == "average" else folds.std(ddof=1, skipna=False)
+                rows.append(pd.DataFrame([{"fold": statistic, "network": network, **values.to_dict()}]))
+    baseline = baseline_metrics(runs).mean(skipna=False)
+    rows.append(pd.DataFrame([{"fold": "average", "network": BASELINE, **baseline.to_dict()}]))
+    return pd.concat(rows, ignore_index=True).round(2)
+
+
+def baseline_metrics(runs: list[RunResult]) -> pd.DataFrame:
+    """Table 4's columns for a classifier that calls every image normal (so never COVID-19), on
+    each fold's test set: the accuracy that the class prevalence alone gives."""
+    rows = []
+    for fold in sorted({r.fold for r in runs}):
+        labels = next(r for r in runs if r.fold == fold).predictions["label"]
+        rows.append(paper_metrics(confusion(labels, pd.Series("normal", index=labels.index))))
+    return pd.DataFrame(rows, columns=TABLE4_COLUMNS)
+
+
+def _matrix(run: RunResult) -> np.ndarray:
+    return confusion(run.predictions["label"], run.predictions["pred"])
+
+
+def metrics_table(runs: list[RunResult], replicates: int, seed: int, unit: str) -> pd.DataFrame:
+    """Every per-class metric of every run with its 95% interval (metrics.run_metrics)."""
+    parts = []
+    for run in sorted_runs(runs):
+        table = run_metrics(run.predictions, run.predictions["patient_id"].to_numpy(), replicates, seed, unit)
+        parts.append(table.assign(fold=run.fold, network=run.network))
+    table = pd.concat(parts, ignore_index=True)
+    return table[["network", "fold", "class", "metric", "value", "ci_low", "ci_high", "ci_method", "n"]]
+
+
+def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per network, class and metric: the mean over folds, the std, the range, how many folds,
+    and the fewest positives (or negatives, predicted positives) any fold's value rests on."""
+    grouped = metrics.groupby(["network", "class", "metric"], sort=False)
+    table = grouped["value"].agg(mean="mean", std=lambda v: v.std(ddof=1), min="min", max="max", folds="count")
+    table["n_min"] = grouped["n"].min()
+    return table.reset_index()
+
+
+# ---------------------------------------------------------------- notes
+
+def overlap_note(runs: list[RunResult]) -> str | None:
+    """COVID-19 patients that are tested in more than one fold: the folds are then not
+    independent samples, and their std understates the uncertainty."""
+    per_fold = {}
+    for run in runs:
+        p = run.predictions
+        per_fold.setdefault(run.fold, set(p.loc[p["label"] == CLASSES[0], "patient_id"]))
+    seen: dict[str, int] = {}
+    for patients in per_fold.values():
+        for patient in patients:
+            seen[patient] = seen.get(patient, 0) + 1
+    shared = sum(1 for n in seen.values() if n > 1)
+    if not shared:
+        return None
+    return (f"Folds overlap: {shared} of the {len(seen)} COVID-19 patients in the test sets are tested in more "
+            f"than one fold (up to {max(seen.values())} times). The folds are not independent estimates; "
+            f"the std across folds understates the uncertainty.")
+
+
+def few_positives_notes(metrics: pd.DataFrame) -> list[str]:
+    """One note per class listing its metrics that rest on fewer than FEW_POSITIVES cases in some
+    run, and on how many (e.g. the paper's COVID-19 recall rests on 31 positives)."""
+    few = metrics[(metrics["n"] < FEW_POSITIVES) & (metrics["metric"].isin(EXTRA_METRICS))]
+    rests = {"specificity": "negatives", "PPV": "predicted positives", "NPV": "predicted negatives"}
+    notes = []
+    for name, rows in few.groupby("class", sort=False):
+        parts: dict[str, list[str]] = {}
+        for metric, group in rows.groupby("metric", sort=False):
+            lo, hi = int(group["n"].min()), int(group["n"].max())
+            parts.setdefault(f"{lo if lo == hi else f'{lo}-{hi}'} {rests.get(metric, 'positives')}", []).append(metric)
+        listed = "; ".join(f"{', '.join(names)} on {count}" for count, names in parts.items())
+        notes.append(f"{name} metrics that rest on fewer than {FEW_POSITIVES} cases in some runs: {listed}. "
+                     f"Read their 95% intervals, not the point values.")
+    return notes
+
+
+def notes(inputs: ReportInputs, metrics: pd.DataFrame, table: pd.DataFrame, test_pool_runs: list[str]) -> list[str]:
+    out = []
+    if test_pool_runs:
+        which = "all runs" if len(test_pool_runs) == len(inputs.runs) else ", ".join(test_pool_runs)
+        out.append("Checkpoints were selected on a validation set drawn from the test pool (the paper's s_test) "
+                   f"in {which}: test-set selection, so every number below is optimistic.")
+    out += [f"The splits carry this flag: {flag}." for flag in inputs.flags
+            if not (test_pool_runs and flag == TEST_POOL_FLAG)]
+    if not inputs.selection_known:
+        out.append("How checkpoints were selected is not known for these prediction files (give --splits to "
+                   "carry the splits' flags); if on the test pool, every number below is optimistic.")
+    overlap = overlap_note(inputs.runs)
+    if overlap:
+        out.append(overlap)
+    out += few_positives_notes(metrics)
+    base = table[table["network"] == BASELINE].iloc[0]
+    out.append(f"Baseline: a classifier that calls every image normal, so never COVID-19, scores "
+               f"{base['accuracy_COVID-19']:.2f}% COVID-19 accuracy and {base['specificity_COVID-19']:.2f}% "
+               f"COVID-19 specificity from the class prevalence alone (overall accuracy {base['accuracy']:.2f}%).")
+    if inputs.patient_unit != "patients":
+        out.append("The prediction files carry no patient ids (give --manifest): the bootstrap resamples images, "
+                   "so a patient's several images count as independent and the F1 and AUC intervals are too narrow.")
+    if inputs.missing:
+        out.append(f"Missing runs ({len(inputs.missing)}): {', '.join(inputs.missing)}. Averages are over the "
+                   f"folds present.")
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+@dataclass(frozen=True)
+class Report:
+    out: Path
+    table3: pd.DataFrame
+    table4: pd.DataFrame
+    metrics: pd.DataFrame
+    notes: list[str]
+    missing: list[str]
+    figures: dict[str, Path]  # run name or network -> figure path
+
+
+def write_report(inputs: ReportInputs, out: Path, replicates: int = 1000, seed: int = 0,
+                 test_pool_runs: list[str] | None = None) -> Report:
+    """Every table and figure of the report under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not inputs.runs:
+        raise DataError(f"no finished runs to report on ({inputs.source}); missing: {', '.join(inputs.missing)}.")
+    t3, t4 = table3(inputs.runs), table4(inputs.runs)
+    metrics = metrics_table(inputs.runs, replicates, seed, inputs.patient_unit)
+    summary = summary_table(metrics)
+    report_notes = notes(inputs, metrics, t4, test_pool_runs or [])
+    t3.to_csv(out / "table3.csv", index=False, lineterminator="\n")
+    t4.to_csv(out / "table4.csv", index=False, lineterminator="\n")
+    metrics.round(4).to_csv(out / "metrics.csv", index=False, lineterminator="\n")
+    summary.round(4).to_csv(out / "summary.csv", index=False, lineterminator="\n")
+    drawn = draw_figures(inputs.runs, out / "figures")
+    (out / "tables.md").write_text(markdown(inputs, t3, t4, metrics, summary, report_notes, drawn, out))
+    (out / "report.json").write_text(json.dumps({
+        "source": inputs.source, "runs": [r.name for r in sorted_runs(inputs.runs)], "missing": inputs.missing,
+        "notes": report_notes, "split_notes": inputs.split_notes, "bootstrap_replicates": replicates,
+        "bootstrap_seed": seed, "bootstrap_unit": inputs.patient_unit}, indent=2) + "\n")
+    return Report(out, t3, t4, metrics, report_notes, inputs.missing, drawn)
+
+
+def draw_figures(runs: list[RunResult], folder: Path) -> dict[str, Path]:
+    """Confusion matrix and training curves per run; per network the summed confusion matrix and
+    the ROC curves of every class (folds and their mean)."""
+    drawn = {}
+    for run in sorted_runs(runs):
+        title = f"fold {run.fold}, {run.network}"
+        drawn[f"confusion/{run.name}"] = figures.confusion_matrix_figure(
+            _matrix(run), CLASSES, title, _path(folder / "confusion" / f"{run.name}.png"))
+        if run.history is not None and len(run.history):
+            drawn[f"curves/{run.name}"] = figures.training_curves_figure(
+                run.history, title, _path(folder / "curves" / f"{run.name}.png"))
+    for network in NETWORK_NAMES:
+        mine = [r for r in sorted_runs(runs) if r.network == network]
+        if not mine:
+            continue
+        folds = ", ".join(str(r.fold) for r in mine)
+        drawn[f"confusion/{network}"] = figures.confusion_matrix_figure(
+            sum(_matrix(r) for r in mine), CLASSES, f"{network}, summed over folds {folds}",
+            _path(folder / "confusion" / f"{network}-summed.png"))
+        drawn[f"roc/{network}"] = figures.roc_figure(
+            {r.fold: r.predictions for r in mine}, CLASSES, network, _path(folder / "roc" / f"{network}.png"))
+    return drawn
+
+
+def _path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def markdown(inputs: ReportInputs, t3: pd.DataFrame, t4: pd.DataFrame, metrics: pd.DataFrame,
+             summary: pd.DataFrame, report_notes: list[str], drawn: dict[str, Path], out: Path) -> str:
+    found = len(inputs.runs)
+    lines = [f"# Report: {inputs.source}", "",
+             f"{found} of {inputs.folds * len(NETWORK_NAMES)} runs "
+             f"({inputs.folds} folds x {len(NETWORK_NAMES)} networks)."
+             + (f" Missing: {', '.join(inputs.missing)}." if inputs.missing else ""), "", "## Notes", ""]
+    lines += [f"- {note}" for note in report_notes]
+    lines += [f"- From the splits: {note}" for note in inputs.split_notes]
+    lines += ["", "## Table 3: correct detected (TP), not detected (FN), wrong detected (FP)", "",
+              _md_table(t3), "", "## Table 4: the paper's metrics (percent)", "",
+              "Rows `average` are the mean of the folds, as in the paper; rows `std` their sample "
+              "standard deviation.", "", _md_table(t4), "",
+              "## Table 5: per class, beyond the paper (mean ± std over folds, percent; AUC 0-1)", "",
+              _md_table(_summary_cells(summary)), "",
+              "## Table 6: every run, with 95% intervals (Wilson; F1 and AUC: bootstrap over "
+              f"{inputs.patient_unit})", "", _md_table(_interval_cells(metrics)), "", "## Figures", ""]
+    lines += [f"![{key}]({path.relative_to(out).as_posix()})" for key, path in drawn.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.2f}"
+    return str(value)
+
+
+def _fmt(metric: str, value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.3f}" if metric == "AUC" else f"{value:.2f}"
+
+
+def _summary_cells(summary: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (network, name), group in summary[summary["class"] != "all"].groupby(["network", "class"], sort=False):
+        by = group.set_index("metric")
+        row = {"network": network, "class": name, "positives (fewest)": int(by.loc["recall", "n_min"])}
+        for metric in EXTRA_METRICS:
+            mean, std = by.loc[metric, "mean"], by.loc[metric, "std"]
+            row[metric] = _fmt(metric, mean) + ("" if math.isnan(std) else f" ± {_fmt(metric, std)}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _interval_cells(metrics: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (network, fold, name), group in metrics[metrics["class"] != "all"].groupby(
+            ["network", "fold", "class"], sort=False):
+        by = group.set_index("metric")
+        row = {"network": network, "fold": fold, "class": name, "positives": int(by.loc["recall", "n"])}
+        for metric in EXTRA_METRICS:
+            r = by.loc[metric]
+            row[metric] = (f"{_fmt(metric, r['value'])} [{_fmt(metric, r['ci_low'])}, "
+                           f"{_fmt(metric, r['ci_high'])}]")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- MLflow
+
+def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:
+    """The report folder under `report/` of the parent run, the average rows of Table 4 as the
+    parent's metrics, and each run's own figures under `report/` of its run."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    client.log_artifacts(inputs.parent_run_id, str(report.out), "report")
+    averages = report.table4[(report.table4["fold"] == "average") & report.table4["network"].isin(NETWORK_NAMES)]
+    metrics = [Metric(f"average.{row['network']}.{column}", float(row[column]), 0, 0)
+               for _, row in averages.iterrows() for column in TABLE4_COLUMNS if not pd.isna(row[column])]
+    client.log_batch(inputs.parent_run_id, metrics=metrics)
+    for run in inputs.runs:  # each run already holds its confusion matrix (the trainer logs it)
+        curves = report.figures.get(f"curves/{run.name}")
+        if run.run_id and curves is not None:
+            client.log_artifact(run.run_id, str(curves), "report")
+
+
+# ---------------------------------------------------------------- the command
+
+def make_report(config: Config, run_id: str = "", predictions: Path | None = None, manifest: Path | None = None,
+                splits: Path | None = None, out: Path | None = None, replicates: int = 1000,
+                seed: int = 0) -> Report:
+    """`cxr report`: from the parent MLflow run `run_id` (default: the config's latest `cxr run`),
+    logging the report back to it; or from a `predictions` folder (nothing logged). The config
+    gives the tracking settings, the workdir and the number of folds."""
+    from data_pipeline.splits import split_hash
+    from orchestrator.tracking import tracking_uri
+
+    out = Path(out) if out is not None else config.paths.root / "report"
+    if predictions is not None:
+        runs, unit = attach_patients(from_folder(predictions), manifest)
+        flags, split_notes = split_context(splits)
+        inputs = ReportInputs(runs, config.splits.folds, f"prediction files in {predictions}", flags, split_notes,
+                              unit, selection_known=splits is not None)
+        return write_report(inputs, out, replicates, seed)
+    uri = tracking_uri(config.tracking)
+    run_id = run_id or latest_parent(uri, config.experiment_name, config.paths.root / "mlflow_parent.json")
+    found, tags = from_mlflow(uri, run_id)
+    runs, unit = attach_patients(found, manifest or config.paths.manifest)
+    splits = Path(splits or config.paths.splits)
+    used = {t.get("split_hash") for t in tags.values()}
+    flags, split_notes = split_context(splits)
+    if (splits / "SHA256SUMS").is_file() and split_hash(splits) not in used:
+        flags, split_notes = [], [f"the splits in {splits} are not the ones these runs used (hash differs); "
+                                  f"their notes are left out."]
+    test_pool = sorted(name for name, t in tags.items() if t.get("selection_on_test_pool") == "true")
+    inputs = ReportInputs(runs, config.splits.folds, f"MLflow run {run_id} (experiment {config.experiment_name})",
+                          flags, split_notes, unit, parent_run_id=run_id)
+    report = write_report(inputs, out, replicates, seed, test_pool)
+    log_report(uri, report, inputs)
+    return report
+
+
+def print_report(report: Report) -> None:
+    """What a terminal shows: the average rows of Table 4, the notes, and where the rest is."""
+    shown = ["network", "accuracy", *(f"{m}_{CLASSES[0]}" for m in PAPER_METRICS)]
+    averages = report.table4[report.table4["fold"] == "average"][shown]
+    print("\nTable 4, average over folds (percent):")
+    print(averages.to_string(index=False, na_rep=""))
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"report: {report.out / 'tables.md'} (tables, intervals, figures)")
