@@ -151,17 +151,22 @@ def check_tracking(config: Config) -> None:
 
 
 def parent_run(config: Config) -> str:
-    """The parent MLflow run of this `cxr run`: continued if an earlier one was cut short."""
+    """The parent MLflow run of the workdir's runs: created by its first `cxr run`, continued by
+    every later one (the finished runs it skips stay its children, so the report finds them)."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri(config.tracking))
     record = config.paths.root / "mlflow_parent.json"
     if record.is_file():
         run_id = json.loads(record.read_text())["run_id"]
-        if client.get_run(run_id).info.status != "FINISHED":
+        try:
             client.update_run(run_id, status="RUNNING")
-            log.info("continuing the parent MLflow run %s", run_id)
-            return run_id
+        except mlflow.exceptions.MlflowException as exc:
+            raise ConfigError(f"{record}: the workdir's parent MLflow run {run_id} is not in the tracking store "
+                              f"{tracking_uri(config.tracking)} ({exc.error_code}); use the tracking.uri it was "
+                              f"created with, or a fresh workdir.") from None
+        log.info("continuing the parent MLflow run %s", run_id)
+        return run_id
     experiment = client.get_experiment_by_name(config.experiment_name)
     run = client.create_run(experiment.experiment_id, run_name=f"{config.name or 'experiment'} "
                             f"({time.strftime('%Y-%m-%d %H:%M')})", tags={"protocol": config.splits.protocol, "cxr.role": "experiment"})

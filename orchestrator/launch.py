@@ -82,23 +82,30 @@ def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str) 
 
     The Tune trial only launches the Train run (the pattern current Ray recommends; a Trainer is
     no longer passed to a Tuner); the Train worker holds the device and runs the single-run
-    trainer. Returns {run name: "done" | error}.
+    trainer. Returns {run name: "done" | error} for the runs it launched.
     """
     from ray import tune
 
     connect(config.cluster.address or None)
-    networks = sorted(networks, key=lambda n: -NETWORK_COST.get(n, 0))  # longest first: no lone tail
+    # finished runs (done.json) are not launched again: a trial would start a TensorFlow worker
+    # only to find that out; longest networks first, so that no long run is left alone at the end
+    pending = [{"fold": f, "network": n} for n in sorted(networks, key=lambda n: -NETWORK_COST.get(n, 0))
+               for f in folds if not (config.paths.runs / f"fold{f}-{n}" / "done.json").is_file()]
+    if not pending:
+        log.info("all %d runs are complete", len(folds) * len(networks))
+        return {}
     gpus, cpus = _run_resources(config.cluster)
     slots = _concurrency(gpus, cpus)
-    log.info("%d runs, %s GPU and %s CPU each, %d at a time", len(folds) * len(networks), gpus, cpus, slots)
+    log.info("%d runs to go of %d, %s GPU and %s CPU each, %d at a time", len(pending),
+             len(folds) * len(networks), gpus, cpus, slots)
     storage = str(config.paths.ray_results.absolute())
     tuner = tune.Tuner(
         # the trial only drives its Train run: it reserves a little memory and no CPU, so that the
         # workers, which hold the devices, are what limits concurrency
         tune.with_resources(_drive_one_run, {"CPU": 0, "memory": 256 * 2**20}),
-        param_space={"fold": tune.grid_search(folds), "network": tune.grid_search(networks),
-                     "config": to_mapping(config), "parent_run_id": parent_run_id,
-                     "gpus": gpus, "cpus": cpus, "storage": storage, "max_failures": config.cluster.max_failures},
+        param_space={"run": tune.grid_search(pending), "config": to_mapping(config),
+                     "parent_run_id": parent_run_id, "gpus": gpus, "cpus": cpus, "storage": storage,
+                     "max_failures": config.cluster.max_failures},
         tune_config=tune.TuneConfig(max_concurrent_trials=slots),
         run_config=tune.RunConfig(name=f"{config.experiment_name}-grid", storage_path=storage, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=1)),
@@ -106,7 +113,7 @@ def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str) 
     results = tuner.fit()
     outcome = {}
     for result in results:
-        name = f"fold{result.config['fold']}-{result.config['network']}"
+        name = f"fold{result.config['run']['fold']}-{result.config['run']['network']}"
         outcome[name] = "done" if result.error is None else f"failed: {result.error}"
     return outcome
 
@@ -134,7 +141,7 @@ def _drive_one_run(params: dict) -> None:
     from ray.train.tensorflow import TensorflowTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    name = f"fold{params['fold']}-{params['network']}"
+    name = f"fold{params['run']['fold']}-{params['run']['network']}"
     resources = {"CPU": params["cpus"], **({"GPU": params["gpus"]} if params["gpus"] else {})}
     trainer = TensorflowTrainer(
         _train_worker, train_loop_config=params,
@@ -166,4 +173,5 @@ def _train_worker(params: dict) -> None:
     def report(phase: int, metrics: dict) -> None:
         train.report({"phase": phase, **metrics})
 
-    train_and_evaluate(config, params["fold"], params["network"], params["parent_run_id"], on_phase_end=report)
+    train_and_evaluate(config, params["run"]["fold"], params["run"]["network"], params["parent_run_id"],
+                       on_phase_end=report)
