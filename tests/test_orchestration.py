@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.experiment import check_tracking
+from orchestrator.experiment import check_tracking, parent_run
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -57,6 +57,23 @@ def test_an_unreachable_tracking_server_fails_at_once(tmp_path):
     with pytest.raises(ConfigError, match=r"tracking.uri: the MLflow tracking server at http://127.0.0.1:\d+ is not reachable"):
         check_tracking(config)
     assert time.monotonic() - start < 30
+
+
+def test_a_workdir_keeps_one_parent_run_across_cxr_runs(tmp_path):
+    """A later `cxr run` on a finished workdir continues its parent (the report reads the runs
+    it skipped from there); a parent the tracking store does not hold is a clear error."""
+    from mlflow.tracking import MlflowClient
+
+    config = load_config(ROOT / "configs/demo.yaml", [f"workdir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    check_tracking(config)
+    first = parent_run(config)
+    MlflowClient(config.tracking.uri).set_terminated(first, "FINISHED")
+    assert parent_run(config) == first
+    assert MlflowClient(config.tracking.uri).get_run(first).info.status == "RUNNING"
+    (tmp_path / "mlflow_parent.json").write_text('{"run_id": "0123456789abcdef0123456789abcdef"}')
+    with pytest.raises(ConfigError, match=r"mlflow_parent.json: the workdir's parent MLflow run 0123456789abcdef"
+                                          r"0123456789abcdef is not in the tracking store"):
+        parent_run(config)
 
 
 @pytest.fixture(scope="module")
