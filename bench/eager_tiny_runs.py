@@ -63,7 +63,7 @@ def main() -> None:
                                   "--batch", str(args.batch)], capture_output=True, text=True, env=env, check=True)
             seconds[mode] = float(out.stdout.strip().splitlines()[-1])
         print(f"{network:>13}: graph {seconds['graph']:.1f} s, eager {seconds['eager']:.1f} s, "
-              f"eager is {seconds['graph'] / seconds['eager']:.1f}x faster")
+              f"graph / eager time ratio {seconds['graph'] / seconds['eager']:.2f}")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from orchestrator.report import make_report, print_report
 
+    if args.run_id and args.predictions:
+        raise ConfigError("--run-id and --predictions: expected one source of runs, received both.")
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap: expected 0 (no F1/AUC intervals) or more replicates, received {args.bootstrap}.")
     config = load_config(args.config, args.set)
     print_report(make_report(config, run_id=args.run_id or "", predictions=args.predictions, manifest=args.manifest,
                              splits=args.splits, out=args.out, replicates=args.bootstrap, seed=args.seed))

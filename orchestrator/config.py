@@ -147,6 +147,11 @@ class WorkPaths:
         return self.root / "store"
 
     @property
+    def parent_record(self) -> Path:
+        """The id of the workdir's parent MLflow run (written by its first `cxr run`)."""
+        return self.root / "mlflow_parent.json"
+
+    @property
     def runs(self) -> Path:
         return self.storage / "runs"
 

@@ -67,6 +67,9 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
     try:
         if (results["status"] == "done").any():  # the tables of what finished; missing runs listed
             report = _timed(clock, "report", lambda: make_report(config, run_id=parent))
+    except Exception:  # the runs are done and in MLflow: a failed report must not hide them
+        log.exception("the report failed; the runs are complete. After fixing the cause: "
+                      "cxr report --config <config> --run-id %s", parent)
     finally:
         finish_parent(config, parent, results)
     print_summary(results, clock)
@@ -156,15 +159,21 @@ def parent_run(config: Config) -> str:
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri(config.tracking))
-    record = config.paths.root / "mlflow_parent.json"
+    record = config.paths.parent_record
     if record.is_file():
         run_id = json.loads(record.read_text())["run_id"]
         try:
-            client.update_run(run_id, status="RUNNING")
+            deleted = client.get_run(run_id).info.lifecycle_stage == "deleted"
         except mlflow.exceptions.MlflowException as exc:
-            raise ConfigError(f"{record}: the workdir's parent MLflow run {run_id} is not in the tracking store "
-                              f"{tracking_uri(config.tracking)} ({exc.error_code}); use the tracking.uri it was "
-                              f"created with, or a fresh workdir.") from None
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            deleted = None
+        if deleted is not False:
+            raise ConfigError(f"{record}: the workdir's parent MLflow run {run_id} is "
+                              f"{'deleted' if deleted else 'not'} in the tracking store "
+                              f"{tracking_uri(config.tracking)}; use the tracking.uri it was created with "
+                              f"(or restore the run), or a fresh workdir.")
+        client.update_run(run_id, status="RUNNING")
         log.info("continuing the parent MLflow run %s", run_id)
         return run_id
     experiment = client.get_experiment_by_name(config.experiment_name)

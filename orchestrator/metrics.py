@@ -11,6 +11,7 @@ All values are in percent (AUC: 0-1) and unrounded here; the report rounds them 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -51,16 +52,12 @@ def paper_metrics(matrix: np.ndarray) -> dict[str, float]:
     """Table 4's columns: overall accuracy (eq. 1), then per class recall (4), specificity (3),
     accuracy (2) and precision (5), in percent."""
     counts = class_counts(matrix)
-    row = {"accuracy": ratio(np.trace(matrix), matrix.sum())}
-    for metric in PAPER_METRICS:
-        for name, c in counts.items():
-            row[f"{metric}_{name}"] = {
-                "recall": lambda: ratio(c["TP"], c["TP"] + c["FN"]),
-                "specificity": lambda: ratio(c["TN"], c["TN"] + c["FP"]),
-                "accuracy": lambda: ratio(c["TP"] + c["TN"], sum(c.values())),
-                "precision": lambda: ratio(c["TP"], c["TP"] + c["FP"]),
-            }[metric]()
-    return row
+    per_class = {name: {"recall": ratio(c["TP"], c["TP"] + c["FN"]),
+                        "specificity": ratio(c["TN"], c["TN"] + c["FP"]),
+                        "accuracy": ratio(c["TP"] + c["TN"], sum(c.values())),
+                        "precision": ratio(c["TP"], c["TP"] + c["FP"])} for name, c in counts.items()}
+    return {"accuracy": ratio(np.trace(matrix), matrix.sum()),
+            **{f"{metric}_{name}": per_class[name][metric] for metric in PAPER_METRICS for name in CLASSES}}
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -98,9 +95,8 @@ def bootstrap_weights(groups: np.ndarray, strata: np.ndarray, replicates: int,
     number of positive patients (pROC's stratified bootstrap). `groups` holds each image's
     patient and `strata` its class; a patient takes the class of its first image.
     """
-    codes = np.unique(groups, return_inverse=True)[1].ravel()
-    first = np.zeros(codes.max() + 1, dtype=np.int64)
-    first[codes[::-1]] = np.arange(len(codes))[::-1]  # the last write wins: each patient's first image
+    _, first, codes = np.unique(groups, return_index=True, return_inverse=True)  # first: each patient's first image
+    codes = codes.ravel()
     patient_stratum = strata[first]
     draws = np.zeros((replicates, len(first)))
     for stratum in np.unique(patient_stratum):
@@ -143,8 +139,8 @@ def run_metrics(predictions: pd.DataFrame, groups: np.ndarray, replicates: int =
                  _proportion(name, "NPV", c["TN"], c["TN"] + c["FN"])]
         truth, called = labels == name, preds == name
         scores = predictions[f"p_{name}"].to_numpy(dtype=float)
-        statistics = {"F1": lambda w: _f1(w, truth, called),
-                      "AUC": lambda w: weighted_auc(scores, truth, w)}
+        statistics = {"F1": partial(_f1, truth=truth, called=called),
+                      "AUC": partial(weighted_auc, scores, truth)}
         for metric, statistic in statistics.items():
             value, low, high = _bootstrapped(statistic, weights, len(labels))
             rows.append({"class": name, "metric": metric, "value": value, "ci_low": low, "ci_high": high,

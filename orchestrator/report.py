@@ -16,7 +16,8 @@ import logging
 import math
 import re
 import tempfile
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from orchestrator.metrics import COUNTS, PAPER_METRICS, class_counts, confusion,
 
 log = logging.getLogger(__name__)
 PREDICTION_COLUMNS = ("image_id", "label", "pred", *(f"p_{c}" for c in CLASSES))
-FILE_NAME = re.compile(r"fold(\d+)-(" + "|".join(NETWORK_NAMES) + r")\.csv")
+FILE_NAME = re.compile(r"fold([1-9]\d*)-(" + "|".join(NETWORK_NAMES) + r")\.csv")
 TABLE4_COLUMNS = ["accuracy", *(f"{m}_{c}" for m in PAPER_METRICS for c in CLASSES)]
 BASELINE = "baseline (always normal)"
 FEW_POSITIVES = 50
@@ -74,12 +75,13 @@ class ReportInputs:
 
 def read_predictions(path: Path) -> pd.DataFrame:
     """A trainer's predictions.csv, checked: columns, class names, probabilities, unique ids."""
-    table = pd.read_csv(path, dtype={"image_id": str, "label": str, "pred": str, "patient_id": str},
-                        keep_default_na=False)
+    table = read_table(path, dtype={"image_id": str, "label": str, "pred": str, "patient_id": str})
     missing = [c for c in PREDICTION_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"{path}: expected the columns {list(PREDICTION_COLUMNS)}, missing {missing} "
                         f"(found {list(table.columns)}).")
+    if table.empty:
+        raise DataError(f"{path}: expected one row per test image, found none.")
     for column in ("label", "pred"):
         unknown = sorted(set(table[column]) - set(CLASSES))
         if unknown:
@@ -97,11 +99,27 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return table
 
 
+def read_table(path: Path, **options) -> pd.DataFrame:
+    """A CSV, or a DataError naming it when it is empty or not CSV."""
+    try:
+        return pd.read_csv(path, keep_default_na=False, **options)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: expected a CSV file with a header row, could not read it ({exc}).") from None
+
+
 def read_history(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.is_file() else None
+    """A trainer's history.csv (one row per epoch: step, phase, loss, accuracy, val_*), if any."""
+    if not path.is_file():
+        return None
+    table = read_table(path)
+    missing = [c for c in ("step", "phase", "loss", "accuracy") if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: expected a training history with the columns step, phase, loss, accuracy; "
+                        f"missing {missing} (found {list(table.columns)}).")
+    return table.apply(pd.to_numeric, errors="coerce")
 
 
-def from_folder(folder: Path) -> list[RunResult]:
+def from_folder(folder: Path, folds: int) -> list[RunResult]:
     """`fold{k}-{network}.csv` files (and optional `fold{k}-{network}.history.csv` beside them)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -114,6 +132,9 @@ def from_folder(folder: Path) -> list[RunResult]:
             if not path.name.endswith(".history.csv"):
                 ignored.append(path.name)
             continue
+        if int(match[1]) > folds:
+            raise DataError(f"{path}: fold {match[1]} is outside the config's {folds} folds (splits.folds); "
+                            f"give --set splits.folds={match[1]} or more.")
         history = read_history(path.with_name(f"{path.stem}.history.csv"))
         runs.append(RunResult(int(match[1]), match[2], read_predictions(path), history))
     if ignored:
@@ -128,32 +149,39 @@ def from_folder(folder: Path) -> list[RunResult]:
 def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str, dict[str, str]]]:
     """The finished child runs of a `cxr run` parent, with their predictions and histories
     downloaded from MLflow; and each run's tags (its split hash, its checkpoint selection)."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    parent = client.get_run(parent_run_id)
+    try:
+        parent = client.get_run(parent_run_id)
+    except MlflowException as exc:
+        raise DataError(f"--run-id {parent_run_id}: no such MLflow run at {uri} ({exc.error_code}).") from None
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                   order_by=["attributes.start_time ASC"], max_results=1000)
     runs, tags = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for child in children:
-            name = child.info.run_name
-            if child.info.status != "FINISHED" or FILE_NAME.fullmatch(f"{name}.csv") is None:
-                log.info("report: leaving out MLflow run %s (%s)", name, child.info.status)
+            name, run_id = child.info.run_name, child.info.run_id
+            match = FILE_NAME.fullmatch(f"{name}.csv")
+            if child.info.status != "FINISHED" or match is None:
+                log.info("report: leaving out MLflow run %s (%s, %s)", name, run_id, child.info.status)
                 continue
-            files = {a.path for a in client.list_artifacts(child.info.run_id)}
+            files = {a.path for a in client.list_artifacts(run_id)}
             if "predictions.csv" not in files:
-                log.warning("report: MLflow run %s (%s) has no predictions.csv; left out", name, child.info.run_id)
+                log.warning("report: MLflow run %s (%s) has no predictions.csv; left out", name, run_id)
                 continue
-            folder = Path(tmp) / child.info.run_id
+            if name in runs:
+                log.warning("report: two finished MLflow runs are named %s (%s, %s); the later one, %s, is used",
+                            name, runs[name].run_id, run_id, run_id)
+            folder = Path(tmp) / run_id
             folder.mkdir()
             for wanted in {"predictions.csv", "history.csv"} & files:  # not the model: it is large
-                client.download_artifacts(child.info.run_id, wanted, str(folder))
+                client.download_artifacts(run_id, wanted, str(folder))
             tags[name] = dict(child.data.tags)
-            match = FILE_NAME.fullmatch(f"{name}.csv")
             runs[name] = RunResult(int(match[1]), match[2], read_predictions(folder / "predictions.csv"),
-                                   read_history(folder / "history.csv"), child.info.run_id)
+                                   read_history(folder / "history.csv"), run_id)
     return list(runs.values()), tags
 
 
@@ -176,26 +204,37 @@ def latest_parent(uri: str, experiment: str, record: Path) -> str:
 
 def attach_patients(runs: list[RunResult], manifest: Path | None) -> tuple[list[RunResult], str]:
     """Give every prediction row its patient (for the patient bootstrap and the fold overlap):
-    the file's own patient_id column, else the manifest's. Without either, images stand for
-    patients, and the report says so."""
-    lookup = None
-    if manifest is not None and Path(manifest).is_file():
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False, usecols=["image_id", "patient_id"])
-        lookup = table.set_index("image_id")["patient_id"]
-    unit, out = "patients", []
+    the files' own patient_id column, else the manifest's. If some run has neither, images
+    stand for patients in every run (one unit for the whole report), and the report says so."""
+    lookup = read_patient_lookup(manifest) if manifest is not None and Path(manifest).is_file() else None
+    own = all("patient_id" in r.predictions.columns and (r.predictions["patient_id"] != "").all() for r in runs)
+    if not own and lookup is None:
+        return [replace(r, predictions=r.predictions.assign(patient_id=r.predictions["image_id"])) for r in runs], \
+            "images"
+    out = []
     for run in runs:
         p = run.predictions
-        if "patient_id" not in p.columns or (p["patient_id"] == "").any():
-            if lookup is None:
-                unit, p = "images", p.assign(patient_id=p["image_id"])
-            else:
-                ids = p["image_id"].map(lookup)
-                if ids.isna().any():
-                    raise DataError(f"{run.name}: {int(ids.isna().sum())} image_id(s) are not in the manifest "
-                                    f"{manifest}, e.g. {p['image_id'][ids.isna()].iloc[0]!r}.")
-                p = p.assign(patient_id=ids)
-        out.append(RunResult(run.fold, run.network, p, run.history, run.run_id))
-    return out, unit
+        if not own:
+            ids = p["image_id"].map(lookup)
+            if ids.isna().any():
+                raise DataError(f"{run.name}: {int(ids.isna().sum())} image_id(s) are not in the manifest "
+                                f"{manifest}, e.g. {p['image_id'][ids.isna()].iloc[0]!r}.")
+            p = p.assign(patient_id=ids)
+        out.append(replace(run, predictions=p))
+    return out, "patients"
+
+
+def read_patient_lookup(manifest: Path) -> pd.Series:
+    """image_id -> patient_id from a manifest."""
+    table = read_table(manifest, dtype=str)
+    missing = [c for c in ("image_id", "patient_id") if c not in table.columns]
+    if missing:
+        raise DataError(f"{manifest}: expected a manifest with the columns image_id and patient_id; missing {missing}.")
+    repeated = table["image_id"][table["image_id"].duplicated()]
+    if len(repeated):
+        raise DataError(f"{manifest}: expected one row per image_id, found {len(repeated)} repeated, "
+                        f"e.g. {repeated.iloc[0]!r}.")
+    return table.set_index("image_id")["patient_id"]
 
 
 def split_context(split_dir: Path | None) -> tuple[list[str], list[str]]:
@@ -269,16 +308,18 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per network, class and metric: the mean over folds, the std, the range, how many folds,
     and the fewest positives (or negatives, predicted positives) any fold's value rests on."""
     grouped = metrics.groupby(["network", "class", "metric"], sort=False)
-    table = grouped["value"].agg(mean="mean", std=lambda v: v.std(ddof=1), min="min", max="max", folds="count")
+    # like Table 4's averages: a fold without a value (0 / 0) leaves the mean empty
+    table = grouped["value"].agg(mean=lambda v: v.mean(skipna=False), std=lambda v: v.std(ddof=1, skipna=False),
+                                 min="min", max="max", folds="size")
     table["n_min"] = grouped["n"].min()
     return table.reset_index()
 
 
 # ---------------------------------------------------------------- notes
 
-def overlap_note(runs: list[RunResult]) -> str | None:
-    """COVID-19 patients that are tested in more than one fold: the folds are then not
-    independent samples, and their std understates the uncertainty."""
+def overlap_note(runs: list[RunResult], unit: str = "patients") -> str | None:
+    """COVID-19 patients (or images, without patient ids) tested in more than one fold: the folds
+    are then not independent samples, and their std understates the uncertainty."""
     per_fold = {}
     for run in runs:
         p = run.predictions
@@ -290,7 +331,7 @@ def overlap_note(runs: list[RunResult]) -> str | None:
     shared = sum(1 for n in seen.values() if n > 1)
     if not shared:
         return None
-    return (f"Folds overlap: {shared} of the {len(seen)} COVID-19 patients in the test sets are tested in more "
+    return (f"Folds overlap: {shared} of the {len(seen)} COVID-19 {unit} in the test sets are tested in more "
             f"than one fold (up to {max(seen.values())} times). The folds are not independent estimates; "
             f"the std across folds understates the uncertainty.")
 
@@ -323,7 +364,7 @@ def notes(inputs: ReportInputs, metrics: pd.DataFrame, table: pd.DataFrame, test
     if not inputs.selection_known:
         out.append("How checkpoints were selected is not known for these prediction files (give --splits to "
                    "carry the splits' flags); if on the test pool, every number below is optimistic.")
-    overlap = overlap_note(inputs.runs)
+    overlap = overlap_note(inputs.runs, inputs.patient_unit)
     if overlap:
         out.append(overlap)
     out += few_positives_notes(metrics)
@@ -351,6 +392,7 @@ class Report:
     notes: list[str]
     missing: list[str]
     figures: dict[str, Path]  # run name or network -> figure path
+    files: list[Path]         # everything this report wrote (the folder may hold older files)
 
 
 def write_report(inputs: ReportInputs, out: Path, replicates: int = 1000, seed: int = 0,
@@ -364,17 +406,17 @@ def write_report(inputs: ReportInputs, out: Path, replicates: int = 1000, seed: 
     metrics = metrics_table(inputs.runs, replicates, seed, inputs.patient_unit)
     summary = summary_table(metrics)
     report_notes = notes(inputs, metrics, t4, test_pool_runs or [])
-    t3.to_csv(out / "table3.csv", index=False, lineterminator="\n")
-    t4.to_csv(out / "table4.csv", index=False, lineterminator="\n")
-    metrics.round(4).to_csv(out / "metrics.csv", index=False, lineterminator="\n")
-    summary.round(4).to_csv(out / "summary.csv", index=False, lineterminator="\n")
+    tables = {"table3.csv": t3, "table4.csv": t4, "metrics.csv": metrics.round(4), "summary.csv": summary.round(4)}
+    for name, table in tables.items():
+        table.to_csv(out / name, index=False, lineterminator="\n")
     drawn = draw_figures(inputs.runs, out / "figures")
     (out / "tables.md").write_text(markdown(inputs, t3, t4, metrics, summary, report_notes, drawn, out))
     (out / "report.json").write_text(json.dumps({
         "source": inputs.source, "runs": [r.name for r in sorted_runs(inputs.runs)], "missing": inputs.missing,
         "notes": report_notes, "split_notes": inputs.split_notes, "bootstrap_replicates": replicates,
         "bootstrap_seed": seed, "bootstrap_unit": inputs.patient_unit}, indent=2) + "\n")
-    return Report(out, t3, t4, metrics, report_notes, inputs.missing, drawn)
+    written = [out / name for name in (*tables, "tables.md", "report.json")] + list(drawn.values())
+    return Report(out, t3, t4, metrics, report_notes, inputs.missing, drawn, written)
 
 
 def draw_figures(runs: list[RunResult], folder: Path) -> dict[str, Path]:
@@ -475,15 +517,20 @@ def _interval_cells(metrics: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- MLflow
 
 def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:
-    """The report folder under `report/` of the parent run, the average rows of Table 4 as the
-    parent's metrics, and each run's own figures under `report/` of its run."""
+    """The files of this report under `report/` of the parent run, the average rows of Table 4 as
+    the parent's metrics, and each run's training curves under `report/` of its run."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    client.log_artifacts(inputs.parent_run_id, str(report.out), "report")
+    for path in report.files:
+        folder = path.parent.relative_to(report.out).as_posix()
+        client.log_artifact(inputs.parent_run_id, str(path), "report" if folder == "." else f"report/{folder}")
     averages = report.table4[(report.table4["fold"] == "average") & report.table4["network"].isin(NETWORK_NAMES)]
-    metrics = [Metric(f"average.{row['network']}.{column}", float(row[column]), 0, 0)
+    # a later report (more runs done) must replace the values MLflow shows as latest: a fresh
+    # timestamp, and the number of runs as the step
+    now, step = int(time.time() * 1000), len(inputs.runs)
+    metrics = [Metric(f"average.{row['network']}.{column}", float(row[column]), now, step)
                for _, row in averages.iterrows() for column in TABLE4_COLUMNS if not pd.isna(row[column])]
     client.log_batch(inputs.parent_run_id, metrics=metrics)
     for run in inputs.runs:  # each run already holds its confusion matrix (the trainer logs it)
@@ -503,29 +550,42 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     from data_pipeline.splits import split_hash
     from orchestrator.tracking import tracking_uri
 
+    check_given(manifest, splits)
     out = Path(out) if out is not None else config.paths.root / "report"
     if predictions is not None:
-        runs, unit = attach_patients(from_folder(predictions), manifest)
+        runs, unit = attach_patients(from_folder(predictions, config.splits.folds), manifest)
         flags, split_notes = split_context(splits)
         inputs = ReportInputs(runs, config.splits.folds, f"prediction files in {predictions}", flags, split_notes,
                               unit, selection_known=splits is not None)
         return write_report(inputs, out, replicates, seed)
     uri = tracking_uri(config.tracking)
-    run_id = run_id or latest_parent(uri, config.experiment_name, config.paths.root / "mlflow_parent.json")
+    run_id = run_id or latest_parent(uri, config.experiment_name, config.paths.parent_record)
     found, tags = from_mlflow(uri, run_id)
     runs, unit = attach_patients(found, manifest or config.paths.manifest)
     splits = Path(splits or config.paths.splits)
-    used = {t.get("split_hash") for t in tags.values()}
     flags, split_notes = split_context(splits)
-    if (splits / "SHA256SUMS").is_file() and split_hash(splits) not in used:
+    if (splits / "SHA256SUMS").is_file() and split_hash(splits) not in {t.get("split_hash") for t in tags.values()}:
         flags, split_notes = [], [f"the splits in {splits} are not the ones these runs used (hash differs); "
                                   f"their notes are left out."]
+    # each run's tag says whether it selected on the test pool (selection `best` on s_test); with
+    # `last` the s_test set was only watched, so the splits' flag does not apply to these runs
+    flags = [flag for flag in flags if flag != TEST_POOL_FLAG]
     test_pool = sorted(name for name, t in tags.items() if t.get("selection_on_test_pool") == "true")
     inputs = ReportInputs(runs, config.splits.folds, f"MLflow run {run_id} (experiment {config.experiment_name})",
                           flags, split_notes, unit, parent_run_id=run_id)
     report = write_report(inputs, out, replicates, seed, test_pool)
     log_report(uri, report, inputs)
     return report
+
+
+def check_given(manifest: Path | None, splits: Path | None) -> None:
+    """A --manifest or --splits the user names must exist: left out silently, it would change
+    the intervals (patients) or drop the notes (selection) without a word."""
+    if manifest is not None and not Path(manifest).is_file():
+        raise DataError(f"--manifest {manifest}: expected the manifest CSV (image_id, patient_id); no such file.")
+    if splits is not None and not (Path(splits) / "splits.json").is_file():
+        raise DataError(f"--splits {splits}: expected a splits folder written by `cxr splits` (with splits.json); "
+                        f"found none there.")
 
 
 def print_report(report: Report) -> None:

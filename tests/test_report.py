@@ -173,7 +173,8 @@ def test_std_rows_and_intervals_beside_the_averages(paper_report):
     assert (row["value"], row["n"], row["ci_method"]) == (pytest.approx(100 * 26 / 31, abs=1e-3), 31, "wilson")
     assert row["ci_low"] == pytest.approx(wilson(26, 31)[0], abs=1e-3) and 60 < row["ci_low"] < 70
     assert set(metrics["metric"]) == {"accuracy", "recall", "specificity", "PPV", "NPV", "F1", "AUC"}
-    assert (metrics["ci_low"] <= metrics["value"] + 1e-9).all() and (metrics["value"] <= metrics["ci_high"] + 1e-9).all()
+    wilson_rows = metrics[metrics["ci_method"] == "wilson"]  # a Wilson interval always holds its point
+    assert ((wilson_rows["ci_low"] <= wilson_rows["value"]) & (wilson_rows["value"] <= wilson_rows["ci_high"])).all()
     auc = metrics[metrics["metric"] == "AUC"]
     assert (auc["ci_method"] == "bootstrap over patients").all() and auc["value"].between(0, 1).all()
 
@@ -250,6 +251,22 @@ def test_bad_prediction_files_are_named(paper_predictions, tmp_path):
     table.assign(label="Normal").to_csv(tmp_path / "fold1-xception.csv", index=False)
     with pytest.raises(DataError, match=r"fold1-xception.csv: column 'label' expected one of .* found \['Normal'\]"):
         make_report(load_config(None), predictions=tmp_path, out=tmp_path / "r")
+    table.head(0).to_csv(tmp_path / "fold1-xception.csv", index=False)
+    with pytest.raises(DataError, match=r"fold1-xception.csv: expected one row per test image, found none"):
+        make_report(load_config(None), predictions=tmp_path, out=tmp_path / "r")
+    (tmp_path / "fold1-xception.csv").write_text("")
+    with pytest.raises(DataError, match=r"fold1-xception.csv: expected a CSV file with a header row"):
+        make_report(load_config(None), predictions=tmp_path, out=tmp_path / "r")
+    table.to_csv(tmp_path / "fold1-xception.csv", index=False)
+    table.to_csv(tmp_path / "fold6-xception.csv", index=False)
+    with pytest.raises(DataError, match=r"fold6-xception.csv: fold 6 is outside the config's 5 folds"):
+        make_report(load_config(None), predictions=tmp_path, out=tmp_path / "r")
+    (tmp_path / "fold6-xception.csv").rename(tmp_path / "fold01-xception.csv")  # not a run name: ignored
+    with pytest.raises(DataError, match=r"--splits .*nowhere: expected a splits folder"):
+        make_report(load_config(None), predictions=tmp_path, splits=tmp_path / "nowhere", out=tmp_path / "r")
+    with pytest.raises(DataError, match=r"--manifest .*nowhere.csv: expected the manifest CSV"):
+        make_report(load_config(None), predictions=tmp_path, manifest=tmp_path / "nowhere.csv", out=tmp_path / "r")
+    assert make_report(load_config(None), predictions=tmp_path, out=tmp_path / "r", replicates=0).table3["fold"].tolist() == [1]
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "predictions.csv").write_text("image_id\n")
@@ -264,14 +281,15 @@ def test_weighted_auc_is_sklearns_auc_ties_included():
     scores = rng.integers(0, 20, 500) / 20  # many ties
     truth = rng.random(500) < 0.2
     assert weighted_auc(scores, truth, np.ones((1, 500)))[0] == pytest.approx(roc_auc_score(truth, scores))
-    weights = rng.integers(0, 3, 500).astype(float)
-    repeated = np.repeat(np.arange(500), weights.astype(int))  # integer weights = repeated images
-    assert weighted_auc(scores, truth, weights[None])[0] == pytest.approx(
-        roc_auc_score(truth[repeated], scores[repeated]))
+    weights = rng.integers(0, 3, (4, 500)).astype(float)  # four replicates at once
+    for row, value in zip(weights, weighted_auc(scores, truth, weights)):
+        repeated = np.repeat(np.arange(500), row.astype(int))  # integer weights = repeated images
+        assert value == pytest.approx(roc_auc_score(truth[repeated], scores[repeated]))
 
 
 def test_wilson_interval():
     assert wilson(0, 10) == pytest.approx((0.0, 100 * 3.8415 / 13.8415), abs=1e-3)
+    assert wilson(26, 31) == pytest.approx((67.37, 92.91), abs=0.01)  # not the normal interval's (71.0, 96.8)
     low, high = wilson(26, 31)
     assert (100 - high, 100 - low) == pytest.approx(wilson(5, 31))
     assert low < 100 * 26 / 31 < high
@@ -279,13 +297,25 @@ def test_wilson_interval():
 
 def test_the_bootstrap_moves_patients_whole_and_keeps_each_class():
     groups = np.array(["a", "a", "b", "c", "c", "c", "d", "e"])
-    strata = np.array(["COVID-19", "COVID-19", "COVID-19", "normal", "normal", "normal", "normal", "pneumonia"])
+    # c's last image is pneumonia: a patient is drawn in the class of its first image
+    strata = np.array(["COVID-19", "COVID-19", "COVID-19", "normal", "normal", "pneumonia", "normal", "pneumonia"])
     weights = bootstrap_weights(groups, strata, 300, np.random.default_rng(0))
     assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, 3] == weights[:, 5]).all()
     # each replicate draws 2 COVID-19 patients (a, b), 2 normal ones (c, d) and 1 pneumonia one (e)
     assert set(weights[:, 0]) == {0, 1, 2}
     assert (weights[:, 0] + weights[:, 2] == 2).all() and (weights[:, 3] + weights[:, 6] == 2).all()
     assert (weights[:, 7] == 1).all()
+
+
+def test_a_class_absent_from_a_test_set_leaves_its_cells_empty():
+    table = pd.DataFrame({"image_id": list("abcd"), "label": ["normal", "normal", "pneumonia", "pneumonia"],
+                          "pred": ["normal", "COVID-19", "pneumonia", "normal"],
+                          "p_COVID-19": [0.1, 0.5, 0.1, 0.2], "p_pneumonia": [0.2, 0.3, 0.8, 0.3],
+                          "p_normal": [0.7, 0.2, 0.1, 0.5]})
+    metrics = run_metrics(table, np.arange(4), replicates=20).set_index(["class", "metric"])
+    assert np.isnan(metrics.loc[("COVID-19", "recall"), "value"]) and np.isnan(metrics.loc[("COVID-19", "AUC"), "value"])
+    assert metrics.loc[("COVID-19", "specificity"), "value"] == 75.0
+    assert metrics.loc[("normal", "AUC"), "value"] == pytest.approx(roc_auc_score([1, 1, 0, 0], [0.7, 0.2, 0.1, 0.5]))
 
 
 def test_interval_widths_follow_the_number_of_positives():
@@ -308,7 +338,6 @@ def test_interval_widths_follow_the_number_of_positives():
 
 def test_the_report_reads_a_cxr_run_from_mlflow_and_logs_back(paper_predictions, tmp_path):
     """A parent run with three finished children and one failed one, in a real sqlite store."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking import ensure_experiment
@@ -329,8 +358,6 @@ def test_the_report_reads_a_cxr_run_from_mlflow_and_logs_back(paper_predictions,
         client.log_artifact(run.info.run_id, str(source))
         client.set_terminated(run.info.run_id, status)
         children[name] = run.info.run_id
-    mlflow.set_tracking_uri(uri)
-
     report = make_report(config, replicates=20)  # no --run-id: the newest `cxr run` of the experiment
     assert sorted(report.table3["network"] + report.table3["fold"].astype(str)) == \
         ["resnet50v21", "xception1", "xception2"]
