@@ -32,6 +32,11 @@ class ConfigError(ValueError):
 NETWORK_NAMES: tuple[str, ...] = ("xception", "resnet50v2", "concatenated")
 
 
+def run_name(fold: int, network: str) -> str:
+    """The name of one training run: its folder under runs/, its MLflow run, its report rows."""
+    return f"fold{fold}-{network}"
+
+
 @dataclass(frozen=True)
 class DataSpec:
     covid_root: str = ""      # folder with metadata.csv and images/
@@ -154,6 +159,9 @@ class WorkPaths:
     @property
     def runs(self) -> Path:
         return self.storage / "runs"
+
+    def run_dir(self, fold: int, network: str) -> Path:
+        return self.runs / run_name(fold, network)
 
     @property
     def ray_results(self) -> Path:

@@ -26,7 +26,7 @@ from data_pipeline.splits import make_splits, write_splits
 from data_pipeline.store import without_failures
 from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, write_synthetic
 from orchestrator import launch
-from orchestrator.config import NETWORK_NAMES, Config, ConfigError, resolved
+from orchestrator.config import NETWORK_NAMES, Config, ConfigError, resolved, run_name
 from orchestrator.report import make_report, print_report
 from orchestrator.tracking import ensure_experiment, tracking_uri
 
@@ -163,16 +163,15 @@ def parent_run(config: Config) -> str:
     if record.is_file():
         run_id = json.loads(record.read_text())["run_id"]
         try:
-            deleted = client.get_run(run_id).info.lifecycle_stage == "deleted"
+            stage = client.get_run(run_id).info.lifecycle_stage  # active | deleted
         except mlflow.exceptions.MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            deleted = None
-        if deleted is not False:
-            raise ConfigError(f"{record}: the workdir's parent MLflow run {run_id} is "
-                              f"{'deleted' if deleted else 'not'} in the tracking store "
-                              f"{tracking_uri(config.tracking)}; use the tracking.uri it was created with "
-                              f"(or restore the run), or a fresh workdir.")
+            stage = None
+        if stage != "active":
+            raise ConfigError(f"{record}: the workdir's parent MLflow run {run_id} is {stage or 'not'} in the "
+                              f"tracking store {tracking_uri(config.tracking)}; use the tracking.uri it was "
+                              f"created with (or restore the run), or a fresh workdir.")
         client.update_run(run_id, status="RUNNING")
         log.info("continuing the parent MLflow run %s", run_id)
         return run_id
@@ -203,8 +202,7 @@ def collect(config: Config, folds: list[int], networks: list[str], outcome: dict
     rows = []
     for fold in folds:
         for network in networks:
-            name = f"fold{fold}-{network}"
-            root = config.paths.runs / name
+            name, root = run_name(fold, network), config.paths.run_dir(fold, network)
             row = {"run": name, "status": "done" if (root / "done.json").is_file() else outcome.get(name, "missing")}
             if (root / "predictions.csv").is_file() and row["status"] == "done":
                 p = pd.read_csv(root / "predictions.csv")

@@ -11,7 +11,7 @@ import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from data_pipeline.store import StoreBuilder, StoreSpec, decode_chunk
-from orchestrator.config import ConfigError, to_mapping
+from orchestrator.config import ConfigError, run_name, to_mapping
 
 log = logging.getLogger(__name__)
 NETWORK_COST = {"concatenated": 2, "resnet50v2": 1, "xception": 1}  # relative time per run
@@ -90,7 +90,7 @@ def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str) 
     # finished runs (done.json) are not launched again: a trial would start a TensorFlow worker
     # only to find that out; longest networks first, so that no long run is left alone at the end
     pending = [{"fold": f, "network": n} for n in sorted(networks, key=lambda n: -NETWORK_COST.get(n, 0))
-               for f in folds if not (config.paths.runs / f"fold{f}-{n}" / "done.json").is_file()]
+               for f in folds if not (config.paths.run_dir(f, n) / "done.json").is_file()]
     if not pending:
         log.info("all %d runs are complete", len(folds) * len(networks))
         return {}
@@ -113,7 +113,7 @@ def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str) 
     results = tuner.fit()
     outcome = {}
     for result in results:
-        name = f"fold{result.config['run']['fold']}-{result.config['run']['network']}"
+        name = run_name(**result.config["run"])
         outcome[name] = "done" if result.error is None else f"failed: {result.error}"
     return outcome
 
@@ -141,7 +141,7 @@ def _drive_one_run(params: dict) -> None:
     from ray.train.tensorflow import TensorflowTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    name = f"fold{params['run']['fold']}-{params['run']['network']}"
+    name = run_name(**params["run"])
     resources = {"CPU": params["cpus"], **({"GPU": params["gpus"]} if params["gpus"] else {})}
     trainer = TensorflowTrainer(
         _train_worker, train_loop_config=params,

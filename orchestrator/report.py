@@ -26,7 +26,7 @@ import pandas as pd
 from data_pipeline.schema import CLASSES, DataError
 from data_pipeline.splits import TEST_POOL_FLAG
 from orchestrator import figures
-from orchestrator.config import NETWORK_NAMES, Config
+from orchestrator.config import NETWORK_NAMES, Config, run_name
 from orchestrator.metrics import COUNTS, PAPER_METRICS, class_counts, confusion, paper_metrics, run_metrics
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class RunResult:
 
     @property
     def name(self) -> str:
-        return f"fold{self.fold}-{self.network}"
+        return run_name(self.fold, self.network)
 
 
 @dataclass
@@ -67,8 +67,8 @@ class ReportInputs:
     @property
     def missing(self) -> list[str]:
         found = {r.name for r in self.runs}
-        return [f"fold{k}-{n}" for k in range(1, self.folds + 1) for n in NETWORK_NAMES
-                if f"fold{k}-{n}" not in found]
+        return [run_name(k, n) for k in range(1, self.folds + 1) for n in NETWORK_NAMES
+                if run_name(k, n) not in found]
 
 
 # ---------------------------------------------------------------- reading the runs

@@ -37,7 +37,7 @@ from data_pipeline.splits import read_split, split_hash
 from data_pipeline.store import ImageStore
 from data_pipeline.tfdata import eval_stream, training_stream
 from models.networks import NETWORKS, build
-from orchestrator.config import TrainSpec
+from orchestrator.config import TrainSpec, run_name
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"fold{self.fold}-{self.network}"
+        return run_name(self.fold, self.network)
 
     # ------------------------------------------------------------ training
 
@@ -337,10 +337,10 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
     Returns the run folder. A finished run (done.json) is not trained again.
     """
     from orchestrator.figures import confusion_matrix_figure
+    from orchestrator.metrics import confusion
     from orchestrator.tracking import RunTracker, flatten, package_versions
-    from sklearn.metrics import confusion_matrix
 
-    paths = RunPaths(config.paths.runs / f"fold{fold}-{network}")
+    paths = RunPaths(config.paths.run_dir(fold, network))
     if paths.done.is_file():
         log.info("fold%d-%s is complete (%s); skipping", fold, network, paths.done)
         return paths.root
@@ -351,13 +351,13 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
             "split_hash": split_hash(config.paths.splits), "validation": inputs.split_meta.get("validation", ""),
             "selection_on_test_pool": str(test_pool and config.train.selection == "best").lower(),
             **package_versions()}
-    tracker.open(f"fold{fold}-{network}", tags, {**flatten(config), "fold": str(fold), "network": network},
+    tracker.open(run_name(fold, network), tags, {**flatten(config), "fold": str(fold), "network": network},
                  parent_run_id)
     run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker,
               on_phase_end)
     try:
         predictions = pd.read_csv(run.train())
-        matrix = confusion_matrix(predictions["label"], predictions["pred"], labels=list(CLASSES))
+        matrix = confusion(predictions["label"], predictions["pred"])
         figure = confusion_matrix_figure(matrix, CLASSES, f"fold {fold}, {network}", paths.root / "confusion_matrix.png")
         tracker.log_metrics({"test_accuracy": float((predictions["label"] == predictions["pred"]).mean())})
         with run.timed("logging"):
