@@ -355,9 +355,14 @@ def summary(splits: Splits) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=["fold", "subset", "label", "count"])
 
 
+def split_file(split_dir: Path, fold: int, subset: str) -> Path:
+    """Where `write_splits` puts one subset of one fold (e.g. `phase3`, `val`, `test`)."""
+    return Path(split_dir) / f"fold{fold}" / f"{subset}.csv"
+
+
 def read_split(split_dir: Path, fold: int, subset: str) -> pd.DataFrame:
     """One subset of one fold (e.g. `phase3`, `val`, `test`) as written by `write_splits`."""
-    path = Path(split_dir) / f"fold{fold}" / f"{subset}.csv"
+    path = split_file(split_dir, fold, subset)
     if not path.is_file():
         raise DataError(f"{path}: no such split file; expected fold{fold}/{subset}.csv under {split_dir}.")
     return pd.read_csv(path, dtype=str, keep_default_na=False)

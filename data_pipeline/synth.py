@@ -8,8 +8,9 @@ so that every stage runs, unchanged, on a machine without the real data. Rows th
 must drop are there too (lateral views, CT rows, other findings, `No Lung Opacity / Not Normal`).
 
 Images carry a class-dependent pattern a network can learn: pneumonia is one dense opacity (in
-RSNA images, inside the labelled boxes), COVID-19 is bilateral, peripheral, lower-zone haze with a
-fine reticular texture, normal lungs are clear. Same seed, same bytes: every random draw comes
+RSNA images, inside the labelled boxes), COVID-19 is bilateral, multifocal haze with a reticular
+texture in both lungs, normal lungs are clear. No cue depends on where it sits, so all of them
+survive the paper's augmentations (rotations of 0-360 degrees, flips). Same seed, same bytes: every random draw comes
 from generators seeded by (seed, item), and nothing depends on time or the machine.
 """
 
@@ -68,6 +69,10 @@ class Scale:
 
 SCALES = {
     "tiny": Scale(30, 15, 10, 5, 60, 80, 10, 8, 128, (96, 160)),
+    # the demo's: small, with the classes of each training phase in the paper's proportions
+    # (COVID-19 about a quarter, pneumonia and normal over a third each) rather than tiny's
+    # half COVID-19
+    "demo": Scale(20, 10, 8, 4, 100, 130, 10, 8, 128, (96, 160)),
     "small": Scale(180, 118, 42, 25, 600, 885, 60, 30, 256, (200, 400)),
     # the paper's Table 1: 180 COVID-19 images of 118 patients, 42 pneumonia of 25, 6012 + 8851
     "paper": Scale(180, 118, 42, 25, 6012, 8851, 600, 80, 256, (200, 400)),
@@ -129,15 +134,22 @@ def chest_image(rng: np.random.Generator, size: tuple[int, int], pattern: str,
             side = rng.choice([-1.0, 1.0])
             boxes = [(0.5 + side * 0.19 - 0.1 + rng.uniform(-0.05, 0.05), rng.uniform(0.3, 0.55), 0.2, 0.25)]
         for bx, by, bw, bh in boxes:
+            # consolidation: dense and homogeneous, a flat-topped opacity filling its box, with a
+            # sharp edge (smooth and untextured, unlike COVID-19's ground glass)
             gx, gy = (bx + bw / 2) * 2 - 1, (by + bh / 2) * 2 - 1
-            img += 0.45 * np.exp(-(((x - gx) / (bw * 0.8)) ** 2 + ((y - gy) / (bh * 0.8)) ** 2))
+            img += 0.6 * np.exp(-((((x - gx) / bw) ** 2 + ((y - gy) / bh) ** 2) ** 2))
     elif pattern == "covid":
-        # bilateral, peripheral, lower-zone ground glass with a fine reticular texture
-        texture = 0.5 + 0.5 * np.sin(x * 55 + rng.uniform(0, 6.3)) * np.sin(y * 55 + rng.uniform(0, 6.3))
+        # bilateral, multifocal ground glass with a reticular texture, in both lungs from apex to
+        # base: a cue of texture and extent, not of position, so that it survives Table 2's
+        # rotations (0-360 degrees) and flips; the texture's period (about 6 pixels at 72x72)
+        # survives the store's downsizing
+        texture = 0.5 + 0.5 * np.sin(x * 38 + rng.uniform(0, 6.3)) * np.sin(y * 38 + rng.uniform(0, 6.3))
+        haze = np.zeros_like(img)
         for side in (-1.0, 1.0):
-            gx, gy = cx + side * rng.uniform(0.42, 0.5), cy + rng.uniform(0.2, 0.35)
-            haze = np.exp(-(((x - gx) / 0.2) ** 2 + ((y - gy) / 0.3) ** 2))
-            img += haze * (0.22 + 0.18 * texture)
+            for _ in range(4):
+                gx, gy = cx + side * rng.uniform(0.3, 0.46), cy + rng.uniform(-0.4, 0.5)
+                haze = np.maximum(haze, np.exp(-(((x - gx) / 0.2) ** 2 + ((y - gy) / 0.25) ** 2)))
+        img += haze * lungs * (0.1 + 0.5 * texture)
     elif pattern != "normal":
         raise ValueError(f"pattern must be normal, pneumonia or covid; received {pattern!r}.")
 

@@ -78,7 +78,11 @@ def training_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int, seed
         images = augment_batch(images, augment, pair)
         return _rgb(images, store.image_size), tf.gather(targets, batch)
 
+    per_epoch = -(-len(rows) // batch_size)
+    per_epoch = min(per_epoch, steps_per_epoch) if steps_per_epoch else per_epoch
     return (tf.data.Dataset.range(first_epoch, first_epoch + epochs).flat_map(one_epoch)
+            # flat_map hides the length; stated, Keras stops at the end instead of running into it
+            .apply(tf.data.experimental.assert_cardinality(epochs * per_epoch))
             .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
 

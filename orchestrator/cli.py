@@ -10,7 +10,9 @@ from pathlib import Path
 
 from data_pipeline.decode import DecodeError
 from data_pipeline.schema import DataError
+from data_pipeline.synth import SCALES
 from orchestrator.config import ConfigError, load_config
+from orchestrator.console import import_tensorflow_quietly, quiet_third_parties
 
 log = logging.getLogger("cxr")
 
@@ -82,6 +84,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train_one(args: argparse.Namespace) -> None:
+    if args.quiet:
+        import_tensorflow_quietly()
     from models.networks import WeightsError
     from orchestrator.trainer import train_and_evaluate
 
@@ -94,13 +98,15 @@ def cmd_train_one(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from orchestrator.config import resolved
     from orchestrator.experiment import run_experiment
+    from orchestrator.tracking import ui_hint
 
     overrides = list(args.set) + ([f"cluster.address={args.address}"] if args.address else [])
     config = load_config(args.config, overrides)
-    results = run_experiment(config, folds=args.folds, networks=args.networks, train_only=args.command == "train")
-    uri = config.tracking.uri or "sqlite:///mlflow.db"
-    print(f"\nMLflow UI on these runs: mlflow ui --backend-store-uri {uri}")
+    results = run_experiment(config, folds=args.folds, networks=args.networks, train_only=args.command == "train",
+                             verbose=args.verbose)
+    print(f"\n{ui_hint(resolved(config).tracking, config.experiment_name)}")
     if (results["status"] != "done").any():
         raise SystemExit(1)
 
@@ -119,12 +125,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, the Ray workers' output, TensorFlow's and Ray's own messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic datasets laid out like the real ones")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--scale", choices=["tiny", "small", "paper"], default="tiny")
+    p.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
@@ -200,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        quiet_third_parties()
+    args.quiet = not args.verbose
     try:
         args.func(args)
     except (DataError, DecodeError, ConfigError) as exc:

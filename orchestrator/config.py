@@ -10,6 +10,7 @@ with the key's dotted name; `--set section.key=value` overrides parse values as 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ import yaml
 from data_pipeline.augment import AugmentSpec
 from data_pipeline.splits import SplitSpec
 from data_pipeline.store import StoreSpec
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -67,7 +71,15 @@ class TrainSpec:
     selection: str = "last"         # last | best (on the split's val.csv)
     monitor: str = "val_accuracy"   # for `best`; higher is better
     validation_freq: int = 1        # evaluate val.csv every N epochs
+    # Batch-norm statistics for inference (validation, the phase weights, the test set): `precise`
+    # recomputes each layer's population statistics over training batches first (README, "Batch
+    # normalization"); `moving` keeps Keras' moving averages, which lag far behind in short runs.
+    batchnorm: str = "precise"
+    batchnorm_batches: int = 10     # training batches per recomputation, at most one epoch's
     checkpoint_every: int = 0       # epochs; 0: at phase ends only
+    # A due checkpoint is skipped when the previous one (or the run's start) is more recent than
+    # this: a run shorter than it restarts from scratch, one longer keeps its resume points.
+    checkpoint_min_seconds: float = 0.0
     keep_checkpoints: int = 2       # a concatenated checkpoint with optimizer state is ~0.5 GB
     eval_batch_size: int = 128
     mixed_precision: bool = False   # for GPUs; off on CPU
@@ -85,9 +97,13 @@ class TrainSpec:
         if self.log_checkpoints not in ("weights", "full", "none"):
             raise ValueError(f"train.log_checkpoints: expected 'weights', 'full' or 'none', "
                              f"received {self.log_checkpoints!r}.")
+        if self.batchnorm not in ("precise", "moving"):
+            raise ValueError(f"train.batchnorm: expected 'precise' or 'moving', received {self.batchnorm!r}.")
+        if self.checkpoint_min_seconds < 0:
+            raise ValueError(f"train.checkpoint_min_seconds: expected a value >= 0, received {self.checkpoint_min_seconds}.")
         if self.run_eagerly and self.xla:
             raise ValueError("train.run_eagerly and train.xla: expected at most one of them true, received both.")
-        for name in ("epochs", "validation_freq", "keep_checkpoints", "eval_batch_size"):
+        for name in ("epochs", "validation_freq", "keep_checkpoints", "eval_batch_size", "batchnorm_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: expected at least 1, received {getattr(self, name)}.")
 
@@ -226,6 +242,8 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str, prefix: str = "
 def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot in the mantissa) as a string
     origin = typing.get_origin(expected)
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(expected) or (Any,)

@@ -48,19 +48,20 @@ class Stopwatch:
 
 
 def run_experiment(config: Config, folds: list[int] | None = None, networks: list[str] | None = None,
-                   train_only: bool = False) -> pd.DataFrame:
-    """Run the stages; returns one row per training run (the report's input)."""
+                   train_only: bool = False, verbose: bool = False) -> pd.DataFrame:
+    """Run the stages; returns one row per training run (the report's input). `verbose` brings
+    the workers' output and Ray's own warnings to the console."""
     config = resolved(config)
     clock = Stopwatch()
     folds = folds or list(range(1, config.splits.folds + 1))
     networks = networks or list(NETWORK_NAMES)
     check_tracking(config)  # first: an unreachable server fails now, not in 15 workers later
-    _timed(clock, "Ray start", lambda: launch.connect(config.cluster.address or None))
+    _timed(clock, "Ray start", lambda: launch.connect(config.cluster.address or None, verbose=verbose))
     if not train_only:
         _timed(clock, "data stages", lambda: prepare_inputs(config))
     parent = parent_run(config)
     started = time.perf_counter()
-    outcome = launch.run_grid(config, folds, networks, parent)
+    outcome = launch.run_grid(config, folds, networks, parent, verbose=verbose)
     clock.stage("training runs", time.perf_counter() - started)
     results = collect(config, folds, networks, outcome)
     report = None

@@ -588,12 +588,23 @@ def check_given(manifest: Path | None, splits: Path | None) -> None:
                         f"found none there.")
 
 
+def against_baseline(averages: pd.DataFrame) -> str:
+    """One line: each network's average overall accuracy against the always-normal baseline's."""
+    accuracy = averages.set_index("network")["accuracy"]
+    baseline = accuracy[BASELINE]
+    gaps = ", ".join(f"{network} {value - baseline:+.2f}" for network, value in accuracy.drop(BASELINE).items())
+    verdict = "every network beats it" if (accuracy.drop(BASELINE) > baseline).all() else \
+        "NOT every network beats it"
+    return f"against the always-normal baseline ({baseline:.2f}%), in accuracy points: {gaps}; {verdict}"
+
+
 def print_report(report: Report) -> None:
     """What a terminal shows: the average rows of Table 4, the notes, and where the rest is."""
     shown = ["network", "accuracy", *(f"{m}_{CLASSES[0]}" for m in PAPER_METRICS)]
     averages = report.table4[report.table4["fold"] == "average"][shown]
     print("\nTable 4, average over folds (percent):")
     print(averages.to_string(index=False, na_rep=""))
+    print(against_baseline(averages))
     for note in report.notes:
         print(f"note: {note}")
     print(f"report: {report.out / 'tables.md'} (tables, intervals, figures)")

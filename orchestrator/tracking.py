@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
+import time
+import warnings
 from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +29,7 @@ from orchestrator.config import TrackingSpec
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PACKAGES = ("tensorflow", "keras", "ray", "mlflow", "pydicom", "numpy", "pandas")
 
 
@@ -67,7 +71,24 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None):
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:") and artifact_root is not None:
         mlflow.create_experiment(name, artifact_location=Path(artifact_root).absolute().as_uri())
-    return mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+        # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token
+        # usage); with it, on the runs, their metrics and datasets
+        MlflowClient(uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    return experiment
+
+
+def ui_hint(spec: TrackingSpec, experiment: str) -> str:
+    """Where to look at an experiment's runs in MLflow's UI. The page opens the UI's
+    model-training view: MLflow 3 opens experiments in its GenAI view (traces, token usage) unless
+    the address asks otherwise, and then keeps the choice in the browser."""
+    uri = tracking_uri(spec)
+    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    page = f"#/experiments/{found.experiment_id if found else ''}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI on these runs: {uri.rstrip('/')}/{page}"
+    return f"MLflow UI on these runs: mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{page}"
 
 
 class RunTracker:
@@ -80,14 +101,17 @@ class RunTracker:
         self.id_file = Path(run_dir) / "mlflow_run.json"
         self.client = MlflowClient(self.uri)
         self.run_id = ""
+        self.logged: set[tuple[str, int]] = set()  # (metric, step) pairs the run holds
 
-    def open(self, run_name: str, tags: dict[str, str], params: dict[str, str], parent_run_id: str = "") -> str:
-        """Start the run, or continue the one this run folder already started."""
+    def open(self, run_name: str, tags: dict[str, str], params: dict[str, str], parent_run_id: str = "") -> bool:
+        """Start the run, or continue the one this run folder already started; True if new."""
         experiment = ensure_experiment(self.uri, self.experiment, self.artifact_root)
         previous = json.loads(self.id_file.read_text())["run_id"] if self.id_file.is_file() else ""
         if previous:
             mlflow.start_run(run_id=previous)
             log.info("continuing MLflow run %s (%s)", run_name, previous)
+            self.logged = {(key, m.step) for key in mlflow.active_run().data.metrics
+                           for m in self.client.get_metric_history(previous, key)}
         else:
             if parent_run_id:
                 tags = {**tags, "mlflow.parentRunId": parent_run_id}
@@ -99,14 +123,33 @@ class RunTracker:
             for i in range(0, len(items), 100):
                 self.client.log_batch(mlflow.active_run().info.run_id, params=items[i:i + 100])
         self.run_id = mlflow.active_run().info.run_id
-        return self.run_id
+        return not previous
+
+    def log_datasets(self, datasets: list[tuple[str, str, Any, Path]], digest: str) -> None:
+        """The run's data as MLflow datasets: (name, context, table, file) each, all with the split
+        hash as digest, so that the UI's Dataset column says which split a run trained on."""
+        import mlflow.data
+
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice (schemes "" and "file") and warns that a
+            # path matches both; they are the same class
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            inputs = [mlflow.data.from_pandas(table, source=Path(path).absolute().as_uri(), name=name, digest=digest)
+                      for name, _, table, path in datasets]
+        mlflow.log_inputs(datasets=inputs, contexts=[context for _, context, _, _ in datasets],
+                          tags_list=[None] * len(inputs))
 
     def log_epochs(self, rows: list[dict[str, float]]) -> None:
-        """Per-epoch metrics; each row has a `step` (the global epoch across phases)."""
-        metrics = [Metric(key, float(value), 0, int(row["step"])) for row in rows
-                   for key, value in row.items() if key != "step"]
+        """Per-epoch metrics; each row has a `step` (the global epoch across phases) and a `phase`
+        (not logged: it is in history.csv). Each (metric, step) is logged once, whatever was
+        logged before a restart, so rows may be handed over again."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, int(row["step"])) for row in rows
+                   for key, value in row.items() if key not in ("step", "phase") and not math.isnan(float(value))
+                   and (key, int(row["step"])) not in self.logged]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+        self.logged.update((m.key, m.step) for m in metrics)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -115,7 +158,7 @@ class RunTracker:
         mlflow.log_artifact(str(path), artifact_path)
 
     def log_model(self, model: Any, sample_input: Any, sample_output: Any) -> str:
-        """The selected model as an MLflow Keras model; returns its URI.
+        """The selected model, without its optimizer, as an MLflow Keras model; returns its URI.
 
         The signature comes from a sample the run already predicted, and the requirements are
         stated, so MLflow neither runs the model again nor starts a process to guess them.
@@ -123,6 +166,9 @@ class RunTracker:
         import mlflow.keras
         from mlflow.models import infer_signature
 
+        from models.networks import without_optimizer
+
+        model = without_optimizer(model)
         signature = infer_signature(np.asarray(sample_input), np.asarray(sample_output, dtype=np.float32))
         requirements = [f"{name}=={metadata.version(name)}" for name in ("tensorflow", "keras")]
         info = mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)

@@ -33,9 +33,10 @@ from keras.src.saving import saving_lib
 
 from data_pipeline.files import new_build_dir, replace_dir
 from data_pipeline.schema import CLASSES, DataError
-from data_pipeline.splits import read_split, split_hash
+from data_pipeline.splits import read_split, split_file, split_hash
 from data_pipeline.store import ImageStore
-from data_pipeline.tfdata import eval_stream, training_stream
+from data_pipeline.tfdata import eval_stream, one_hot, training_stream
+from models.batchnorm import BatchNormStatistics
 from models.networks import NETWORKS, build
 from orchestrator.config import TrainSpec, run_name
 
@@ -113,6 +114,20 @@ def compile_model(model: keras.Model, spec: TrainSpec) -> keras.Model:
     model.compile(optimizer=keras.optimizers.Nadam(learning_rate=spec.learning_rate),
                   loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=spec.xla,
                   run_eagerly=spec.run_eagerly)
+    return build_state(model)
+
+
+def build_state(model: keras.Model) -> keras.Model:
+    """Create the optimizer's, loss's and metrics' variables now, before `fit` traces its step.
+
+    Without a distribution strategy Keras defers them to the first trace of the train step, and
+    TensorFlow then traces the step twice (once creating the variables, once more without):
+    40 s instead of 17 s for Xception at 72x72 on one CPU core (bench/first_step.py). The
+    method is Keras' own, the one `fit` calls under a strategy.
+    """
+    size = model.inputs[0].shape[1]
+    images = np.zeros((1, size, size, 3), np.float32)
+    model._symbolic_build(data_batch=(images, np.zeros((1, len(CLASSES)), np.float32), None))
     return model
 
 
@@ -133,16 +148,20 @@ class Run:
     """One fold x network run. `train()` does everything; it resumes where a checkpoint exists."""
 
     def __init__(self, network: str, fold: int, inputs: RunInputs, spec: TrainSpec, augment, paths: RunPaths,
-                 weights: str = "none", tracker=None, on_phase_end: Callable[[int, dict], None] | None = None):
+                 weights: str = "none", tracker=None, report: Callable[[dict], None] | None = None):
         if network not in NETWORKS:
             raise ValueError(f"network: expected one of {sorted(NETWORKS)}, received {network!r}.")
         if spec.selection == "best" and inputs.val is None:
             raise DataError(f"train.selection is 'best' but the splits have no val.csv for fold {fold}; "
                             f"use a protocol with a validation set, or selection 'last'.")
         self.network, self.fold, self.inputs, self.spec, self.augment = network, fold, inputs, spec, augment
-        self.paths, self.weights, self.tracker, self.on_phase_end = paths, weights, tracker, on_phase_end
+        self.paths, self.weights, self.tracker, self.report = paths, weights, tracker, report
         self.batch_size = getattr(spec.batch_size, network)
-        self.pending: list[dict] = []  # epoch metrics not yet behind a checkpoint
+        self.seed = spec.seed * 1000 + fold
+        self.pending: list[dict] = []  # epoch rows in history.csv not yet behind a checkpoint (MLflow gets them then)
+        self.last_checkpoint = time.monotonic()  # the run's start is its first resume point
+        self.statistics: BatchNormStatistics | None = None  # precise batch norm: built with the model
+        self.statistics_epoch = -1  # the epoch whose training batches gave the batch-norm statistics
         self.seconds: dict[str, float] = defaultdict(float)  # where this process's time went
 
     @contextmanager
@@ -166,7 +185,10 @@ class Run:
     def model_and_cursor(self) -> tuple[keras.Model, Cursor]:
         """Load the newest checkpoint, or build and compile a new model (once per run)."""
         with self.timed("build"):
-            return self._model_and_cursor()
+            model, cursor = self._model_and_cursor()
+            if self.spec.batchnorm == "precise":
+                self.statistics = BatchNormStatistics(model)
+            return model, cursor
 
     def _model_and_cursor(self) -> tuple[keras.Model, Cursor]:
         self.paths.root.mkdir(parents=True, exist_ok=True)
@@ -177,8 +199,8 @@ class Run:
             log.info("resuming %s from %s", self.name, checkpoint.name)
             model = keras.models.load_model(checkpoint / "model.keras", safe_mode=True)
             model.run_eagerly = self.spec.run_eagerly  # a setting of this process, not of the model
-            return model, Cursor.read(checkpoint / "cursor.json")
-        keras.utils.set_random_seed(self.spec.seed * 1000 + self.fold)
+            return build_state(model), Cursor.read(checkpoint / "cursor.json")
+        keras.utils.set_random_seed(self.seed)
         model = build(self.network, self.inputs.store.image_size, self.weights)
         return compile_model(model, self.spec), Cursor()
 
@@ -192,6 +214,9 @@ class Run:
         """Run every remaining phase, select, evaluate; returns the predictions file."""
         model, cursor = self.model_and_cursor()
         self._truncate_history(cursor.epoch)
+        if self.tracker is not None and self.paths.history.is_file():
+            # a kill between a checkpoint and MLflow's write leaves epochs only in history.csv
+            self.tracker.log_epochs(self._history_rows())
         epochs = self.spec.epochs
         for phase, rows in enumerate(self.inputs.phases, start=1):
             start, end = max(cursor.epoch, (phase - 1) * epochs), phase * epochs
@@ -200,40 +225,81 @@ class Run:
             log.info("%s: phase %d/%d, epochs %d-%d, %d images", self.name, phase, len(self.inputs.phases),
                      start + 1, end, len(rows))
             self._fit_phase(model, cursor, phase, rows, start, end)
-            self._end_phase(model, cursor, phase)
-        return self._evaluate(self._selected(model))
+            self._end_phase(model, cursor, phase, rows)
+        self._log_pending()  # the epochs after the last checkpoint: training is complete
+        return self._evaluate(self._selected(model, cursor))
+
+    def _steps(self, rows: pd.DataFrame) -> int:
+        return self.spec.steps_per_epoch or math.ceil(len(rows) / self.batch_size)
+
+    def _stream(self, rows: pd.DataFrame, first_epoch: int, epochs: int, steps: int):
+        return training_stream(self.inputs.store, rows, self.batch_size, seed=self.seed, augment=self.augment,
+                               first_epoch=first_epoch, epochs=epochs, steps_per_epoch=steps)
 
     def _fit_phase(self, model: keras.Model, cursor: Cursor, phase: int, rows: pd.DataFrame,
                    start: int, end: int) -> None:
-        steps = self.spec.steps_per_epoch or math.ceil(len(rows) / self.batch_size)
-        stream = training_stream(self.inputs.store, rows, self.batch_size, seed=self.spec.seed * 1000 + self.fold,
-                                 augment=self.augment, first_epoch=start, epochs=end - start, steps_per_epoch=steps)
-        val = (eval_stream(self.inputs.store, self.inputs.val, self.spec.eval_batch_size)
-               if self.inputs.val is not None else None)
-        callback = EpochEnd(self, cursor, phase, phase_start=(phase - 1) * self.spec.epochs, phase_end=end)
-        model.fit(stream, initial_epoch=start, epochs=end, steps_per_epoch=steps, validation_data=val,
-                  validation_freq=self.spec.validation_freq, callbacks=[callback], shuffle=False, verbose=2)
+        steps = self._steps(rows)
+        callback = EpochEnd(self, cursor, phase, rows, phase_start=(phase - 1) * self.spec.epochs, phase_end=end)
+        # validation is the callback's (after the batch-norm statistics), not fit's
+        model.fit(self._stream(rows, start, end - start, steps), initial_epoch=start, epochs=end,
+                  steps_per_epoch=steps, callbacks=[callback], shuffle=False, verbose=0)
 
-    def on_epoch_end(self, model: keras.Model, cursor: Cursor, phase: int, epoch: int, logs: dict,
-                     phase_start: int, phase_end: int) -> None:
-        """`epoch` counts completed epochs across phases (the global step)."""
+    def on_epoch_end(self, model: keras.Model, cursor: Cursor, phase: int, rows: pd.DataFrame, epoch: int,
+                     logs: dict, phase_start: int, phase_end: int) -> dict:
+        """`epoch` counts completed epochs across phases (the global step). Returns the epoch's row."""
         cursor.epoch = epoch
-        self.pending.append({"step": epoch, "phase": phase, **{k: float(v) for k, v in logs.items()}})
-        value = logs.get(self.spec.monitor)
+        if self.inputs.val is not None and epoch % self.spec.validation_freq == 0:
+            logs.update(self._validate(model, rows, epoch))
+        row = {"step": epoch, "phase": phase, **{k: float(logs[k]) for k in self._metric_columns() if k in logs}}
+        self._append_history(row)
+        value = row.get(self.spec.monitor)
         if self.spec.selection == "best" and value is not None and value > cursor.best_value:
             cursor.best_value, cursor.best_epoch = float(value), epoch
             tmp = save_weights_only(model, self.paths.root / "best.tmp.weights.h5")
             tmp.replace(self.paths.best_weights)
-        every = self.spec.checkpoint_every
-        if epoch == phase_end or (every and (epoch - phase_start) % every == 0):
+        if self._checkpoint_due(epoch, phase_start, phase_end):
             self.checkpoint(model, cursor)
+        if self.report is not None:
+            self.report(row)
         if self.spec.fail_at == f"{self.name}:{phase}" and not (self.paths.root / "failed-once").exists():
             (self.paths.root / "failed-once").touch()  # once: the restarted run goes on
             raise InjectedFailure(f"{self.name}: failure injected by train.fail_at in phase {phase}")
+        return row
+
+    def _checkpoint_due(self, epoch: int, phase_start: int, phase_end: int) -> bool:
+        every = self.spec.checkpoint_every
+        due = epoch == phase_end or bool(every and (epoch - phase_start) % every == 0)
+        return due and time.monotonic() - self.last_checkpoint >= self.spec.checkpoint_min_seconds
+
+    def _validate(self, model: keras.Model, rows: pd.DataFrame, epoch: int) -> dict[str, float]:
+        self._fresh_statistics(model, rows, epoch)
+        with self.timed("validation"):
+            probabilities = self.predict(model, self.inputs.val)
+        targets = one_hot(self.inputs.val["label"])
+        # Keras' categorical cross-entropy (probabilities clipped to [1e-7, 1 - 1e-7]) and accuracy
+        loss = -np.sum(targets * np.log(np.clip(probabilities, 1e-7, 1 - 1e-7)), axis=1).mean()
+        accuracy = (probabilities.argmax(axis=1) == targets.argmax(axis=1)).mean()
+        return {"val_loss": float(loss), "val_accuracy": float(accuracy)}
+
+    def predict(self, model: keras.Model, rows: pd.DataFrame) -> np.ndarray:
+        """Class probabilities of `rows`, in order, in inference mode: one compiled predict step per
+        batch, the same step for validation and the test set (one trace, no iterator per call)."""
+        stream = eval_stream(self.inputs.store, rows, self.spec.eval_batch_size)
+        return np.concatenate([model.predict_on_batch(images) for images, _ in stream])
+
+    def _fresh_statistics(self, model: keras.Model, rows: pd.DataFrame, epoch: int) -> None:
+        """Precise batch norm: the population statistics of the training batches of `epoch` (the
+        first `batchnorm_batches` of them, augmented as trained), before any use in inference mode."""
+        if self.statistics is None or self.statistics_epoch == epoch:
+            return
+        with self.timed("batchnorm"):
+            steps = min(self._steps(rows), self.spec.batchnorm_batches)
+            self.statistics.recompute(self._stream(rows, epoch - 1, 1, steps))
+        self.statistics_epoch = epoch
 
     def checkpoint(self, model: keras.Model, cursor: Cursor) -> Path:
         """Model + optimizer state + cursor, written aside and renamed in; then the epochs it
-        covers are handed to history.csv and MLflow (never before: a crash would repeat them)."""
+        covers go to MLflow (never before: after a crash they would be redone and logged again)."""
         target = self.paths.checkpoints / f"ckpt-{cursor.epoch:06d}"
         with self.timed("checkpoints"):
             tmp = new_build_dir(target)
@@ -242,18 +308,29 @@ class Run:
             replace_dir(tmp, target, marker="cursor.json")
             for old in sorted(self.paths.checkpoints.glob("ckpt-*"))[:-self.spec.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        with self.timed("logging"):
-            self._flush_history()
+        self.last_checkpoint = time.monotonic()
+        self._log_pending()
         return target
 
-    def _flush_history(self) -> None:
-        if not self.pending:
-            return
-        table = pd.DataFrame(self.pending)
+    def _metric_columns(self) -> list[str]:
+        """history.csv's columns after step and phase: one set for the whole run (validation
+        columns stay empty on epochs without validation)."""
+        return ["loss", "accuracy"] + (["val_loss", "val_accuracy"] if self.inputs.val is not None else [])
+
+    def _append_history(self, row: dict) -> None:
+        """Each epoch at once: rows past the checkpoint a run resumes from are dropped then."""
+        table = pd.DataFrame([row], columns=["step", "phase", *self._metric_columns()])
         table.to_csv(self.paths.history, mode="a", header=not self.paths.history.is_file(), index=False)
-        if self.tracker is not None:
-            self.tracker.log_epochs([{k: v for k, v in row.items() if k != "phase"} for row in self.pending])
+        self.pending.append(row)
+
+    def _log_pending(self) -> None:
+        if self.tracker is not None and self.pending:
+            with self.timed("logging"):
+                self.tracker.log_epochs(self.pending)
         self.pending = []
+
+    def _history_rows(self) -> list[dict]:
+        return pd.read_csv(self.paths.history).to_dict("records")
 
     def _truncate_history(self, epoch: int) -> None:
         """Drop history rows past the checkpoint we resume from (they will be redone)."""
@@ -261,11 +338,10 @@ class Run:
             table = pd.read_csv(self.paths.history)
             table[table["step"] <= epoch].to_csv(self.paths.history, index=False)
 
-    def _end_phase(self, model: keras.Model, cursor: Cursor, phase: int) -> None:
-        rows = [r for r in pd.read_csv(self.paths.history).to_dict("records") if r["phase"] == phase]
-        summary = {f"phase_{k}": v for k, v in rows[-1].items() if k not in ("step", "phase") and not pd.isna(v)}
-        if self.on_phase_end is not None:
-            self.on_phase_end(phase, summary)
+    def _end_phase(self, model: keras.Model, cursor: Cursor, phase: int, rows: pd.DataFrame) -> None:
+        self._fresh_statistics(model, rows, cursor.epoch)  # the phase's weights are usable as they are
+        last = [r for r in self._history_rows() if r["phase"] == phase][-1]
+        summary = {f"phase_{k}": v for k, v in last.items() if k not in ("step", "phase") and not pd.isna(v)}
         if self.tracker is not None:
             with self.timed("logging"):
                 self._log_phase(model, phase, summary)
@@ -281,16 +357,20 @@ class Run:
 
     # ------------------------------------------------------------ selection and evaluation
 
-    def _selected(self, model: keras.Model) -> keras.Model:
+    def _selected(self, model: keras.Model, cursor: Cursor) -> keras.Model:
         if self.spec.selection == "best" and self.paths.best_weights.is_file():
+            # the best epoch's weights with the batch-norm statistics it was validated with
             saving_lib.load_weights_only(model, str(self.paths.best_weights), objects_to_skip=[model.optimizer])
-            log.info("%s: selected the best weights on the validation set", self.name)
+            log.info("%s: selected the best weights on the validation set (epoch %d, %s %.4f)", self.name,
+                     cursor.best_epoch, self.spec.monitor, cursor.best_value)
+        else:
+            self._fresh_statistics(model, self.inputs.phases[-1], cursor.epoch)
         return model
 
     def _evaluate(self, model: keras.Model) -> Path:
         test = self.inputs.test
         with self.timed("evaluation"):
-            probabilities = model.predict(eval_stream(self.inputs.store, test, self.spec.eval_batch_size), verbose=0)
+            probabilities = self.predict(model, test)
         predictions = pd.DataFrame({"image_id": test["image_id"], "label": test["label"],
                                     "pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
         for i, name in enumerate(CLASSES):
@@ -302,19 +382,26 @@ class Run:
 
 
 class EpochEnd(keras.callbacks.Callback):
-    """Hands each finished epoch to the run (metrics, best weights, checkpoints)."""
+    """Hands each finished epoch to the run (validation, metrics, best weights, checkpoints)."""
 
-    def __init__(self, run: Run, cursor: Cursor, phase: int, phase_start: int, phase_end: int):
+    def __init__(self, run: Run, cursor: Cursor, phase: int, rows: pd.DataFrame, phase_start: int, phase_end: int):
         super().__init__()
-        self.run, self.cursor, self.phase = run, cursor, phase
+        self.run, self.cursor, self.phase, self.rows = run, cursor, phase, rows
         self.phase_start, self.phase_end = phase_start, phase_end
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.run.on_epoch_end(self.model, self.cursor, self.phase, epoch + 1, logs or {},
-                              self.phase_start, self.phase_end)
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.perf_counter()
 
-    # Where the time goes: training steps, the first step of a process (which traces the graph),
-    # and validation. The rest (build, checkpoints, logging, evaluation) is timed by the run.
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = self.run.on_epoch_end(self.model, self.cursor, self.phase, self.rows, epoch + 1, logs or {},
+                                    self.phase_start, self.phase_end)
+        metrics = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "phase") and not pd.isna(v))
+        log.info("%s: epoch %d (phase %d) %s (%.1f s)", self.run.name, epoch + 1, self.phase, metrics,
+                 time.perf_counter() - self._epoch_start)
+
+    # Where the time goes: training steps, and the first step of a process (which traces the
+    # graph). The rest (build, batch norm, validation, checkpoints, logging, evaluation) is
+    # timed by the run.
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_start = time.perf_counter()
 
@@ -323,15 +410,17 @@ class EpochEnd(keras.callbacks.Callback):
         first = "steps" not in self.run.seconds and "tracing" not in self.run.seconds
         self.run.seconds["tracing" if first else "steps"] += seconds
 
-    def on_test_begin(self, logs: dict | None = None) -> None:
-        self._test_start = time.perf_counter()
 
-    def on_test_end(self, logs: dict | None = None) -> None:
-        self.run.seconds["validation"] += time.perf_counter() - self._test_start
+def run_datasets(inputs: RunInputs, split_dir: Path, fold: int) -> list[tuple[str, str, pd.DataFrame, Path]]:
+    """(name, MLflow context, rows, file) of what the run trains on, selects on and is tested on."""
+    subsets = [(f"phase{n}", "training", rows) for n, rows in enumerate(inputs.phases, start=1)]
+    subsets += [("val", "validation", inputs.val)] if inputs.val is not None else []
+    subsets += [("test", "testing", inputs.test)]
+    return [(f"fold{fold}/{name}", context, rows, split_file(split_dir, fold, name)) for name, context, rows in subsets]
 
 
 def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
-                       on_phase_end: Callable[[int, dict], None] | None = None) -> Path:
+                       report: Callable[[dict], None] | None = None) -> Path:
     """Train and evaluate one run of `config` (an orchestrator.config.Config), tracked in MLflow.
 
     Returns the run folder. A finished run (done.json) is not trained again.
@@ -350,11 +439,11 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
     tags = {"fold": str(fold), "network": network, "protocol": inputs.split_meta["spec"]["protocol"],
             "split_hash": split_hash(config.paths.splits), "validation": inputs.split_meta.get("validation", ""),
             "selection_on_test_pool": str(test_pool and config.train.selection == "best").lower(),
-            **package_versions()}
-    tracker.open(run_name(fold, network), tags, {**flatten(config), "fold": str(fold), "network": network},
-                 parent_run_id)
-    run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker,
-              on_phase_end)
+            "mlflow.source.name": "cxr (orchestrator.trainer)", **package_versions()}
+    if tracker.open(run_name(fold, network), tags, {**flatten(config), "fold": str(fold), "network": network},
+                    parent_run_id):
+        tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=tags["split_hash"][:16])
+    run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker, report)
     try:
         predictions = pd.read_csv(run.train())
         matrix = confusion(predictions["label"], predictions["pred"])

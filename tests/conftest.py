@@ -101,3 +101,30 @@ def tiny_store(ray_local, tiny_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "store"
     assert build_store(tiny_manifest, out, StoreSpec(image_size=64, chunk_size=16), show_progress=False)
     return ImageStore.open(out)
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory):
+    """One run of the single-run trainer that learns: Xception, fold 1, the demo's data, splits
+    and settings (72x72, the paper's augmentations, random weights, 8 phases x 2 epochs, precise
+    batch norm, best-on-validation selection). Trained once per session (about three minutes);
+    every test that needs a trained model uses it."""
+    import time
+    from types import SimpleNamespace
+
+    from data_pipeline.manifest import build_manifest
+    from data_pipeline.splits import make_splits, write_splits
+    from data_pipeline.store import build_serial
+    from data_pipeline.synth import COVID_DIR, RSNA_DIR, write_synthetic
+    from orchestrator.config import load_config
+    from orchestrator.trainer import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("learned")
+    config = load_config(ROOT / "configs" / "demo.yaml", [f"workdir={root}", f"tracking.uri=sqlite:///{root}/mlflow.db"])
+    write_synthetic(config.paths.data, config.data.synthetic, config.data.synthetic_seed)
+    manifest = build_manifest(config.paths.data / COVID_DIR, config.paths.data / RSNA_DIR).manifest
+    build_serial(manifest, config.paths.store, config.store)
+    write_splits(make_splits(manifest, config.splits), config.paths.splits)
+    start = time.monotonic()
+    run_dir = train_and_evaluate(config, 1, "xception")
+    return SimpleNamespace(config=config, run_dir=run_dir, seconds=time.monotonic() - start)

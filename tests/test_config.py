@@ -48,6 +48,8 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("splits: 3\n", r"splits: expected a mapping"),
     ("splits:\n  protocol: clever\n", r"splits.protocol: expected one of \['paper', 'import', 'sound'\], received 'clever'"),
     ("train:\n  run_eagerly: true\n  xla: true\n", r"train.run_eagerly and train.xla: expected at most one"),
+    ("train:\n  batchnorm: frozen\n", r"train.batchnorm: expected 'precise' or 'moving', received 'frozen'"),
+    ("train:\n  learning_rate: 1e-4x\n", r"train.learning_rate: expected float, received str '1e-4x'"),
 ])
 def test_wrong_types_and_values_fail_with_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -59,6 +61,8 @@ def test_overrides_and_ints_for_floats(tmp_path):
                          ["splits.seed=7", "store.image_size=96", "augment.fill_mode=reflect"])
     assert config.splits.seed == 7 and config.store.image_size == 96
     assert config.augment.rotation == 90.0 and isinstance(config.augment.rotation, float)
+    # YAML 1.1 reads 3e-4 as a string; a float field takes it as the number it is
+    assert load_config(None, ["train.learning_rate=3e-4"]).train.learning_rate == 3e-4
     with pytest.raises(ConfigError, match=r"--set 'seed': expected key=value"):
         load_config(None, ["seed"])
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['splits.sed'\]"):

@@ -15,7 +15,7 @@ from data_pipeline.schema import CLASSES, DataError
 from orchestrator.cli import main
 from orchestrator.config import NETWORK_NAMES, load_config
 from orchestrator.metrics import bootstrap_weights, run_metrics, weighted_auc, wilson
-from orchestrator.report import RunResult, make_report, overlap_note
+from orchestrator.report import BASELINE, RunResult, against_baseline, make_report, overlap_note
 from tests.conftest import FIXTURES, ROOT
 
 NETWORK_TITLES = {"Xception": "xception", "ResNet50V2": "resnet50v2", "Concatenated": "concatenated"}
@@ -159,6 +159,14 @@ def test_the_baseline_row_shows_what_prevalence_alone_gives(paper_report):
     assert pd.isna(baseline["precision_COVID-19"])  # 0 / 0: an empty cell, not an error
     assert baseline["accuracy"] == pytest.approx(100 * np.mean(6851 / n), abs=0.005)
     assert "99.73% COVID-19 accuracy" in (paper_report / "tables.md").read_text()
+
+
+def test_the_summary_line_sets_each_network_against_the_baseline(paper_report):
+    table4 = pd.read_csv(paper_report / "table4.csv", dtype={"fold": str})
+    line = against_baseline(table4[table4["fold"] == "average"])
+    assert line.endswith("every network beats it") and "xception +" in line
+    worse = pd.DataFrame({"network": ["xception", BASELINE], "accuracy": [40.0, 60.62]})
+    assert against_baseline(worse).endswith("(60.62%), in accuracy points: xception -20.62; NOT every network beats it")
 
 
 def test_std_rows_and_intervals_beside_the_averages(paper_report):

@@ -110,6 +110,8 @@ def test_changing_phase_neither_rebuilds_nor_retraces(workdir, tmp_path):
     model, cursor = run.model_and_cursor()
     run._fit_phase(model, cursor, 1, inputs.phases[0], 0, 2)
     after_phase_1 = tracing_counts(model.train_function)
+    # traced once: the optimizer's and metrics' variables exist before the first trace
+    assert after_phase_1 and set(after_phase_1.values()) == {1}, after_phase_1
     run._fit_phase(model, cursor, 2, inputs.phases[1], 2, 4)
     assert tracing_counts(model.train_function) == after_phase_1  # the same graphs serve phase 2
     assert int(model.optimizer.iterations) == 4  # 2 phases x 2 epochs x 1 step, one optimizer
