@@ -72,6 +72,8 @@ class BatchNormStatistics:
         the statistics before and after."""
         if self.probe is None:
             return []
+        # read before the probe: it runs the layers in training mode, which moves their averages
+        before = [(_channel_mean(layer.moving_mean), _channel_mean(layer.moving_variance)) for layer in self.layers]
         # one compiled call per batch: no iterator set up per recomputation, as `predict` would
         per_batch = [self.probe.predict_on_batch(b[0] if isinstance(b, (tuple, list)) else b) for b in batches]
         if not per_batch:
@@ -87,9 +89,7 @@ class BatchNormStatistics:
             # batch means (each batch weighed by its size; no E[x^2] - E[x]^2 cancellation)
             mean = (weights * means).sum(axis=0)
             variance = (weights * (variances + (means - mean) ** 2)).sum(axis=0)
-            report.append(LayerStatistics(layer.name, _channel_mean(layer.moving_mean),
-                                          _channel_mean(layer.moving_variance), float(mean.mean()),
-                                          float(variance.mean())))
+            report.append(LayerStatistics(layer.name, *before[k], float(mean.mean()), float(variance.mean())))
             layer.moving_mean.assign(mean.astype(np.float32))
             layer.moving_variance.assign(variance.astype(np.float32))
         return report

@@ -73,8 +73,8 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None):
         mlflow.create_experiment(name, artifact_location=Path(artifact_root).absolute().as_uri())
     experiment = mlflow.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
-        # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token
-        # usage); with it, on the runs, their metrics and datasets
+        # says what the experiment is (model training, not GenAI); MLflow 3.17's UI still takes
+        # its view from the address, which ui_hint gives
         MlflowClient(uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return experiment
 

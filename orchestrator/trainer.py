@@ -162,6 +162,7 @@ class Run:
         self.last_checkpoint = time.monotonic()  # the run's start is its first resume point
         self.statistics: BatchNormStatistics | None = None  # precise batch norm: built with the model
         self.statistics_epoch = -1  # the epoch whose training batches gave the batch-norm statistics
+        self.val_stream = None  # the validation set's tf.data pipeline, made at its first use
         self.seconds: dict[str, float] = defaultdict(float)  # where this process's time went
 
     @contextmanager
@@ -274,7 +275,9 @@ class Run:
     def _validate(self, model: keras.Model, rows: pd.DataFrame, epoch: int) -> dict[str, float]:
         self._fresh_statistics(model, rows, epoch)
         with self.timed("validation"):
-            probabilities = self.predict(model, self.inputs.val)
+            if self.val_stream is None:  # made once: each new tf.data pipeline traces its functions again
+                self.val_stream = eval_stream(self.inputs.store, self.inputs.val, self.spec.eval_batch_size)
+            probabilities = predict_stream(model, self.val_stream)
         targets = one_hot(self.inputs.val["label"])
         # Keras' categorical cross-entropy (probabilities clipped to [1e-7, 1 - 1e-7]) and accuracy
         loss = -np.sum(targets * np.log(np.clip(probabilities, 1e-7, 1 - 1e-7)), axis=1).mean()
@@ -282,10 +285,8 @@ class Run:
         return {"val_loss": float(loss), "val_accuracy": float(accuracy)}
 
     def predict(self, model: keras.Model, rows: pd.DataFrame) -> np.ndarray:
-        """Class probabilities of `rows`, in order, in inference mode: one compiled predict step per
-        batch, the same step for validation and the test set (one trace, no iterator per call)."""
-        stream = eval_stream(self.inputs.store, rows, self.spec.eval_batch_size)
-        return np.concatenate([model.predict_on_batch(images) for images, _ in stream])
+        """Class probabilities of `rows`, in order, in inference mode."""
+        return predict_stream(model, eval_stream(self.inputs.store, rows, self.spec.eval_batch_size))
 
     def _fresh_statistics(self, model: keras.Model, rows: pd.DataFrame, epoch: int) -> None:
         """Precise batch norm: the population statistics of the training batches of `epoch` (the
@@ -379,6 +380,13 @@ class Run:
         predictions.to_csv(self.paths.predictions, index=False, lineterminator="\n")
         self.model = model
         return self.paths.predictions
+
+
+def predict_stream(model: keras.Model, stream) -> np.ndarray:
+    """Class probabilities of a stream of (images, targets) batches, in order, in inference mode:
+    one compiled predict step per batch, the same step for validation and the test set (one
+    trace, no iterator set up per call as `model.predict` does)."""
+    return np.concatenate([model.predict_on_batch(images) for images, _ in stream])
 
 
 class EpochEnd(keras.callbacks.Callback):

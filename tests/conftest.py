@@ -30,6 +30,11 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
+# `cxr` arguments for the demo config on the tiny synthetic data: the demo's phases hold more
+# images than the tiny data has
+TINY_PHASES = ["--set", "splits.phase_normal=8", "--set", "splits.phase_pneumonia=6"]
+
+
 @pytest.fixture(scope="session")
 def synthetic_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synthetic lookalike datasets (seed 0), written once per test session."""

@@ -15,7 +15,7 @@ import pytest
 from data_pipeline.schema import DataError
 from data_pipeline.splits import (SplitSpec, check_no_leakage, hold_out_patients, make_splits, patient_keys,
                                   read_split, write_splits)
-from tests.conftest import ROOT, fixture_path
+from tests.conftest import ROOT, TINY_PHASES, fixture_path
 
 PHASES = [f"phase{n}" for n in range(1, 9)]
 
@@ -182,7 +182,7 @@ def test_cli_writes_splits_with_config_counts(tmp_path, synthetic_tiny):
                           "--rsna-root", str(synthetic_tiny / "rsna-pneumonia-detection-challenge"),
                           "--out", str(manifest)], check=True, capture_output=True)
     done = subprocess.run(cxr + ["splits", "--manifest", str(manifest), "--config", str(ROOT / "configs/demo.yaml"),
-                                 "--seed", "3", "--out", str(tmp_path / "splits")],
+                                 "--seed", "3", "--out", str(tmp_path / "splits"), *TINY_PHASES],
                           check=True, capture_output=True, text=True)
     assert "per image, not per person" in done.stdout and "test-set selection" in done.stdout
     test = read_split(tmp_path / "splits", 2, "test")

@@ -19,6 +19,7 @@ from PIL import Image
 from data_pipeline.store import (ImageStore, StoreBuilder, StoreError, StoreSpec, build_serial, decode_chunk,
                                  decode_resized)
 from orchestrator.launch import build_store
+from tests.conftest import TINY_PHASES
 
 
 def test_store_holds_the_decoders_output_resized(tiny_store, tiny_manifest):
@@ -156,7 +157,8 @@ def test_failed_images_are_excluded_only_with_the_flag(ray_local, broken_manifes
     manifest_csv = tmp_path / "manifest.csv"
     broken_manifest.to_csv(manifest_csv, index=False)
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "splits", "--manifest", str(manifest_csv),
-                           "--config", "configs/demo.yaml", "--store", str(out), "--out", str(tmp_path / "splits")],
+                           "--config", "configs/demo.yaml", "--store", str(out), "--out", str(tmp_path / "splits"),
+                           *TINY_PHASES],
                           capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert "leaving 2 image(s)" in done.stderr
     split_ids = pd.concat(pd.read_csv(p) for p in (tmp_path / "splits").rglob("fold*/*.csv"))["image_id"]
