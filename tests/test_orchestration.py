@@ -108,11 +108,11 @@ def experiment(tmp_path_factory):
         workdir = tmp / "work"
         command = [sys.executable, "-m", "orchestrator.cli", "run", "--config", "configs/demo.yaml",
                    "--set", f"workdir={workdir}", "--set", f"tracking.uri={uri}",
-                   # 2 phases of 2 steps instead of the demo's 8 of 22, eager Keras (4 steps a run
+                   # 2 phases of 1 step instead of the demo's 8 of 22, eager Keras (2 steps a run
                    # cost less than tracing them) and Keras' own batch-norm averages (no statistics
                    # to recompute) keep the suite short; phases, graph mode, precise batch norm and
                    # learning are tested in test_trainer.py, test_batchnorm.py and test_learning.py
-                   "--set", "splits.phases=2", "--set", "train.steps_per_epoch=2", "--set", "train.epochs=1",
+                   "--set", "splits.phases=2", "--set", "train.steps_per_epoch=1", "--set", "train.epochs=1",
                    "--set", "train.run_eagerly=true", "--set", "train.batchnorm=moving",
                    # the tiny synthetic data (180 images) instead of the demo's 258
                    "--set", "data.synthetic=tiny", *TINY_PHASES,
