@@ -84,7 +84,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train_one(args: argparse.Namespace) -> None:
-    if args.quiet:
+    if not args.verbose:
         import_tensorflow_quietly()
     from models.networks import WeightsError
     from orchestrator.trainer import train_and_evaluate
@@ -209,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not args.verbose:
         quiet_third_parties()
-    args.quiet = not args.verbose
     try:
         args.func(args)
     except (DataError, DecodeError, ConfigError) as exc:

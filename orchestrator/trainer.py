@@ -103,7 +103,7 @@ class RunInputs:
     @classmethod
     def load(cls, store_dir: Path, split_dir: Path, fold: int, n_phases: int) -> "RunInputs":
         meta = json.loads((split_dir / "splits.json").read_text())
-        has_val = (split_dir / f"fold{fold}" / "val.csv").is_file()
+        has_val = split_file(split_dir, fold, "val").is_file()
         return cls(store=ImageStore.open(store_dir),
                    phases=[read_split(split_dir, fold, f"phase{n}") for n in range(1, n_phases + 1)],
                    val=read_split(split_dir, fold, "val") if has_val else None,
@@ -163,6 +163,7 @@ class Run:
         self.statistics: BatchNormStatistics | None = None  # precise batch norm: built with the model
         self.statistics_epoch = -1  # the epoch whose training batches gave the batch-norm statistics
         self.val_stream = None  # the validation set's tf.data pipeline, made at its first use
+        self.last_row: dict = {}  # the newest epoch's history row
         self.seconds: dict[str, float] = defaultdict(float)  # where this process's time went
 
     @contextmanager
@@ -253,6 +254,7 @@ class Run:
             logs.update(self._validate(model, rows, epoch))
         row = {"step": epoch, "phase": phase, **{k: float(logs[k]) for k in self._metric_columns() if k in logs}}
         self._append_history(row)
+        self.last_row = row  # the phase summary's, at the phase's end
         value = row.get(self.spec.monitor)
         if self.spec.selection == "best" and value is not None and value > cursor.best_value:
             cursor.best_value, cursor.best_epoch = float(value), epoch
@@ -341,8 +343,8 @@ class Run:
 
     def _end_phase(self, model: keras.Model, cursor: Cursor, phase: int, rows: pd.DataFrame) -> None:
         self._fresh_statistics(model, rows, cursor.epoch)  # the phase's weights are usable as they are
-        last = [r for r in self._history_rows() if r["phase"] == phase][-1]
-        summary = {f"phase_{k}": v for k, v in last.items() if k not in ("step", "phase") and not pd.isna(v)}
+        summary = {f"phase_{k}": v for k, v in self.last_row.items()
+                   if k not in ("step", "phase") and not pd.isna(v)}
         if self.tracker is not None:
             with self.timed("logging"):
                 self._log_phase(model, phase, summary)
