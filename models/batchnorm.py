@@ -6,7 +6,7 @@ and keeps an exponential moving average (momentum 0.99 in Keras) of them for inf
 average forgets its initial value (mean 0, variance 1) only after several hundred steps, and it
 lags behind weights that move fast. Where it is off, every layer scales its signal by the wrong
 factor in inference mode, deep layers' outputs stop depending on the input, and the network
-predicts a constant (README, "Batch normalization": measured on a 240-step run).
+predicts a constant (README, "Batch normalization": measured on a 176-step run).
 
 `BatchNormStatistics(model).recompute(batches)` replaces each layer's moving mean and variance
 by the population statistics of its inputs over the given training batches, computed in training
