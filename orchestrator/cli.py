@@ -106,9 +106,17 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = load_config(args.config, overrides)
     results = run_experiment(config, folds=args.folds, networks=args.networks, train_only=args.command == "train",
                              verbose=args.verbose)
-    print(f"\n{ui_hint(resolved(config).tracking, config.experiment_name)}")
+    print(f"\n{ui_hint(resolved(config).tracking_uri, config.experiment_name)}")
     if (results["status"] != "done").any():
         raise SystemExit(1)
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from orchestrator.doctor import doctor
+
+    overrides = list(args.set) + ([f"cluster.address={args.address}"] if args.address else [])
+    if code := doctor(load_config(args.config, overrides)):
+        raise SystemExit(code)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -179,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--folds", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,3")
         p.add_argument("--networks", type=lambda s: s.split(","), help="e.g. xception,concatenated")
         p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("doctor", help="check every node of the cluster before a run: packages, GPUs, paths, MLflow, disk")
+    add_config_arguments(p)
+    p.add_argument("--address", help="Ray cluster to check ('auto', host:port); default RAY_ADDRESS or local")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("report", help="the paper's Tables 3 and 4, the metrics it lacked, and the figures")
     add_config_arguments(p)

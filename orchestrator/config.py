@@ -10,6 +10,7 @@ with the key's dotted name; `--set section.key=value` overrides parse values as 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -48,6 +49,9 @@ class DataSpec:
     synthetic: str = ""       # tiny | small | paper: generate lookalike data under workdir/data instead
     synthetic_seed: int = 0
     skip_missing: bool = False
+
+
+NAMED_WEIGHTS = ("imagenet", "none")  # models.networks' names; any other model.weights is a path
 
 
 @dataclass(frozen=True)
@@ -108,19 +112,44 @@ class TrainSpec:
                 raise ValueError(f"train.{name}: expected at least 1, received {getattr(self, name)}.")
 
 
+def is_server_uri(uri: str) -> bool:
+    """An MLflow tracking server (as opposed to a database file every process opens itself)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (four slashes: absolute), else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 @dataclass(frozen=True)
 class TrackingSpec:
-    uri: str = ""          # "" -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    uri: str = ""          # "" -> $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
     experiment: str = ""   # "" -> the config file's name (cxr-<stem>)
+    # A sqlite file is one machine's: on a cluster of several nodes a `sqlite:` URI is refused
+    # unless its path is on storage every node mounts at the same path (then set this true).
+    shared_storage: bool = False
+
+    def resolved_uri(self, workdir: str = "") -> str:
+        """The URI every process of a run uses: the config's, else the environment's, else a
+        sqlite file in the workdir (not in the current folder: a job's is a temporary copy)."""
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir) / 'mlflow.db'}"
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
     address: str = ""           # "": a local Ray started in-process; "auto" or host:port: join a cluster
-    gpus_per_run: float = -1.0  # -1: one GPU per run when the cluster has GPUs, else none; 0.5 packs two
+    # GPUs per run, asked of Ray whatever the cluster holds now: runs wait for an autoscaler to
+    # bring GPU nodes. 0.5 packs two runs on a GPU. -1: one if the Ray it runs on has GPUs now, else
+    # none; refused on a cluster without GPUs yet (an autoscaler may add them: say which you want).
+    gpus_per_run: float = -1.0
     cpus_per_run: float = 1.0   # CPUs reserved per run (its TensorFlow thread count follows)
     storage_path: str = ""      # shared storage for run folders (checkpoints) and Ray results; "": workdir
     max_failures: int = 2       # restarts of a run whose worker died (Ray Train FailureConfig)
+    # A run that asked for a GPU fails when TensorFlow sees none (a CUDA/cuDNN mismatch would
+    # otherwise train on the CPU for days); true lets it go on, for clusters of logical GPUs (tests).
+    allow_cpu_fallback: bool = False
+    min_free_gb: float = 5.0    # `cxr doctor`: free disk space each node needs for checkpoints
 
 
 @dataclass(frozen=True)
@@ -139,6 +168,11 @@ class Config:
     @property
     def paths(self) -> "WorkPaths":
         return WorkPaths(Path(self.workdir), Path(self.cluster.storage_path or self.workdir))
+
+    @property
+    def tracking_uri(self) -> str:
+        """The tracking URI of this config's runs (TrackingSpec.resolved_uri, in its workdir)."""
+        return self.tracking.resolved_uri(self.workdir)
 
     @property
     def experiment_name(self) -> str:
@@ -268,18 +302,21 @@ def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
 
 def resolved(config: Config, base: Path | None = None) -> Config:
     """The config with every relative path made absolute against `base` (default: the current
-    folder). Ray workers run in other folders (and on other nodes), so the driver resolves paths
-    once and hands the workers the result; on a cluster, give absolute paths on shared storage."""
+    folder), and the tracking URI fixed (config, else $MLFLOW_TRACKING_URI, else the default).
+    Ray workers run in other folders (and on other nodes), so the driver resolves paths and the
+    URI once and hands the workers the result; on a cluster, give absolute paths on shared storage."""
     base = Path(base or Path.cwd())
 
     def absolute(path: str) -> str:
         return str(base / path) if path and not Path(path).is_absolute() else path
 
-    uri = config.tracking.uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + absolute(uri[len("sqlite:///"):])
+    uri = config.tracking_uri  # fixed here: workers see neither this folder nor this environment
+    if (database := sqlite_file(uri)) is not None:
+        uri = "sqlite:///" + absolute(str(database))
+    weights = config.model.weights
     return dataclasses.replace(
         config, workdir=absolute(config.workdir),
+        model=dataclasses.replace(config.model, weights=weights if weights in NAMED_WEIGHTS else absolute(weights)),
         data=dataclasses.replace(config.data, covid_root=absolute(config.data.covid_root),
                                  rsna_root=absolute(config.data.rsna_root)),
         splits=dataclasses.replace(config.splits, import_dir=absolute(config.splits.import_dir)),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,9 +25,10 @@ from data_pipeline.splits import make_splits, write_splits
 from data_pipeline.store import without_failures
 from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, write_synthetic
 from orchestrator import launch
-from orchestrator.config import NETWORK_NAMES, Config, ConfigError, resolved, run_name
+from orchestrator.config import NETWORK_NAMES, Config, ConfigError, resolved, run_name, sqlite_file
+from orchestrator.doctor import preflight
 from orchestrator.report import make_report, print_report
-from orchestrator.tracking import ensure_experiment, tracking_uri
+from orchestrator.tracking import check_tracking
 
 log = logging.getLogger(__name__)
 LABEL_FILES = ("metadata.csv", "stage_2_train_labels.csv", "stage_2_detailed_class_info.csv")
@@ -57,13 +57,23 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
     networks = networks or list(NETWORK_NAMES)
     check_tracking(config)  # first: an unreachable server fails now, not in 15 workers later
     _timed(clock, "Ray start", lambda: launch.connect(config.cluster.address or None, verbose=verbose))
+    launch.run_gpus(config.cluster)  # a request this Ray can never hold fails now, not after the data stages
+    check_tracking_reach(config)
+    _timed(clock, "preflight", lambda: preflight(config))
     if not train_only:
         _timed(clock, "data stages", lambda: prepare_inputs(config))
     parent = parent_run(config)
     started = time.perf_counter()
-    outcome = launch.run_grid(config, folds, networks, parent, verbose=verbose)
+    try:
+        outcome = launch.run_grid(config, folds, networks, parent, verbose=verbose)
+    except BaseException:  # an error or Ctrl-C in the driver: no run, and not the parent, left RUNNING
+        results = collect(config, folds, networks, {})
+        end_unfinished(config, folds, networks, results)
+        finish_parent(config, parent, results)
+        raise
     clock.stage("training runs", time.perf_counter() - started)
     results = collect(config, folds, networks, outcome)
+    end_unfinished(config, folds, networks, results)
     report = None
     try:
         if (results["status"] == "done").any():  # the tables of what finished; missing runs listed
@@ -139,19 +149,16 @@ def ensure_splits(config: Config) -> None:
 
 # ---------------------------------------------------------------- MLflow
 
-def check_tracking(config: Config) -> None:
-    """Create the sqlite database here, before any worker starts (concurrent creation races),
-    or check that the tracking server answers; fail at once with a clear message if not."""
-    uri = tracking_uri(config.tracking)
-    if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    try:
-        ensure_experiment(uri, config.experiment_name, config.paths.root / "mlruns")
-    except Exception as exc:  # MLflow raises several types for a server that is down
-        raise ConfigError(f"tracking.uri: the MLflow tracking server at {uri} is not reachable "
-                          f"({type(exc).__name__}: {str(exc)[:300]}). Start it, or point tracking.uri "
-                          f"(or MLFLOW_TRACKING_URI) at one that runs.") from None
+def check_tracking_reach(config: Config) -> None:
+    """A sqlite file is one machine's: refused, before any worker starts, when the runs may run on
+    other nodes, unless the config says its path is on shared storage."""
+    uri = config.tracking_uri
+    if sqlite_file(uri) is not None and not config.tracking.shared_storage and launch.spans_nodes(config.cluster):
+        raise ConfigError(f"tracking.uri: {uri} is a sqlite file on the driver's machine, and the runs may run "
+                          f"on other nodes of this cluster, whose runs would land in databases of their own. "
+                          f"Expected a tracking server (`mlflow server --serve-artifacts`; tracking.uri or "
+                          f"MLFLOW_TRACKING_URI), or tracking.shared_storage: true if that path is on storage "
+                          f"every node mounts at the same path.")
 
 
 def parent_run(config: Config) -> str:
@@ -159,7 +166,7 @@ def parent_run(config: Config) -> str:
     every later one (the finished runs it skips stay its children, so the report finds them)."""
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri(config.tracking))
+    client = mlflow.tracking.MlflowClient(config.tracking_uri)
     record = config.paths.parent_record
     if record.is_file():
         run_id = json.loads(record.read_text())["run_id"]
@@ -171,7 +178,7 @@ def parent_run(config: Config) -> str:
             stage = None
         if stage != "active":
             raise ConfigError(f"{record}: the workdir's parent MLflow run {run_id} is {stage or 'not'} in the "
-                              f"tracking store {tracking_uri(config.tracking)}; use the tracking.uri it was "
+                              f"tracking store {config.tracking_uri}; use the tracking.uri it was "
                               f"created with (or restore the run), or a fresh workdir.")
         client.update_run(run_id, status="RUNNING")
         log.info("continuing the parent MLflow run %s", run_id)
@@ -187,7 +194,7 @@ def parent_run(config: Config) -> str:
 def finish_parent(config: Config, parent: str, results: pd.DataFrame) -> None:
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri(config.tracking))
+    client = mlflow.tracking.MlflowClient(config.tracking_uri)
     table = config.paths.root / "runs.csv"
     results.to_csv(table, index=False)
     client.log_artifact(parent, str(table))
@@ -214,6 +221,18 @@ def collect(config: Config, folds: list[int], networks: list[str], outcome: dict
                 row.update({f"s_{k}": v for k, v in json.loads((root / "timing.json").read_text()).items()})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def end_unfinished(config: Config, folds: list[int], networks: list[str], results: pd.DataFrame) -> None:
+    """The MLflow runs of the runs that did not finish, FAILED where still RUNNING: a trial process
+    killed with its worker (SIGKILL, the OOM killer, a lost node) could not end its run itself."""
+    from orchestrator.tracking import RunTracker
+
+    done = set(results.loc[results["status"] == "done", "run"])
+    for fold in folds:
+        for network in networks:
+            if run_name(fold, network) not in done:
+                RunTracker(config.tracking_uri, config.experiment_name, config.paths.run_dir(fold, network)).mark("FAILED")
 
 
 def print_summary(results: pd.DataFrame, clock: Stopwatch) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pandas as pd
 import ray
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from data_pipeline.store import StoreBuilder, StoreSpec, decode_chunk
-from orchestrator.config import ConfigError, run_name, to_mapping
+from orchestrator.config import ClusterSpec, ConfigError, run_name, to_mapping
 
 log = logging.getLogger(__name__)
 NETWORK_COST = {"concatenated": 2, "resnet50v2": 1, "xception": 1}  # relative time per run
@@ -29,13 +30,51 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     """
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if address:
         ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
     log.info("Ray: %s CPUs, %s GPUs", ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster to join (the config's, else RAY_ADDRESS, which `ray job submit` sets); None: a
+    local Ray, which cannot grow."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def spans_nodes(cluster: ClusterSpec) -> bool:
+    """Whether the runs may run on another node than the driver's: the cluster has several, or
+    they ask for GPUs it does not have yet (an autoscaler will bring nodes for them)."""
+    if len([node for node in ray.nodes() if node["Alive"]]) > 1:
+        return True
+    return run_gpus(cluster) > ray.cluster_resources().get("GPU", 0)
+
+
+def on_every_node(function: Callable[..., Any], *args: Any, timeout: float = 600.0) -> dict[str, Any]:
+    """`function(node, *args)` once on each alive node, where `node` is {"ip", "id", "gpus"}.
+
+    It reserves no CPU, so that it runs beside runs that hold them all; a node that does not
+    answer within `timeout` gives a TimeoutError instead of a result.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_cpus=0, max_retries=0)(function)
+    pending = {}
+    for node in (n for n in ray.nodes() if n["Alive"]):
+        info = {"ip": node["NodeManagerAddress"], "id": node["NodeID"], "gpus": node["Resources"].get("GPU", 0.0)}
+        strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        pending[f"{info['ip']} ({info['id'][:8]})"] = remote.options(scheduling_strategy=strategy).remote(info, *args)
+    ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=timeout)
+    results = {}
+    for label, ref in pending.items():
+        try:
+            results[label] = ray.get(ref) if ref in ready else TimeoutError(f"no answer in {timeout:.0f} s")
+        except Exception as exc:  # the node's error, reported as its check's result
+            results[label] = exc
+    return results
 
 
 def build_store(manifest: pd.DataFrame, out: Path, spec: StoreSpec, address: str | None = None,
@@ -102,9 +141,9 @@ def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str,
     if not pending:
         log.info("all %d runs are complete", len(folds) * len(networks))
         return {}
-    gpus, cpus = _run_resources(config.cluster)
-    slots = _concurrency(gpus, cpus)
-    log.info("%d runs to go of %d, %s GPU and %s CPU each, %d at a time", len(pending),
+    gpus, cpus = run_gpus(config.cluster), config.cluster.cpus_per_run
+    slots = _concurrency(config.cluster, gpus, cpus, len(pending))
+    log.info("%d runs to go of %d, %s GPU and %s CPU each, at most %d at a time", len(pending),
              len(folds) * len(networks), gpus, cpus, slots)
     storage = str(config.paths.ray_results.absolute())
     settings = {"config": to_mapping(config), "parent_run_id": parent_run_id, "gpus": gpus, "cpus": cpus,
@@ -195,17 +234,31 @@ class RunTable(tune.Callback):
         return table
 
 
-def _run_resources(cluster) -> tuple[float, float]:
+def run_gpus(cluster: ClusterSpec) -> float:
+    """GPUs per run: the config's, asked of Ray whatever the cluster holds now (runs wait for an
+    autoscaler to bring GPU nodes). A local Ray cannot grow, so there a request it cannot hold is
+    an error rather than a wait without end. -1 takes one when this Ray has GPUs; on a cluster
+    without any yet it is refused: an autoscaler may add some, and only the config can say."""
     available = ray.cluster_resources().get("GPU", 0)
+    local = cluster_address(cluster.address or None) is None
+    if cluster.gpus_per_run < 0 and not available and not local:
+        raise ConfigError("cluster.gpus_per_run: -1 (one if the cluster has GPUs) on a cluster with no GPU node "
+                          "up; expected 1 (or 0.5) for GPU runs, which wait for the autoscaler to add GPU nodes, "
+                          "or 0 for CPU runs.")
     gpus = cluster.gpus_per_run if cluster.gpus_per_run >= 0 else (1.0 if available else 0.0)
-    if gpus > available:
-        raise ConfigError(f"cluster.gpus_per_run: expected at most the {available} GPU(s) the cluster has, "
-                          f"received {gpus}.")
-    return gpus, cluster.cpus_per_run
+    if gpus > available and local:
+        raise ConfigError(f"cluster.gpus_per_run: {gpus:g} GPU per run, but this machine's local Ray has "
+                          f"{available:g} and cannot grow. Set cluster.gpus_per_run=0 to train on the CPU, "
+                          f"or submit to a cluster (cluster.address, or `ray job submit`).")
+    return gpus
 
 
-def _concurrency(gpus: float, cpus: float) -> int:
-    """Runs at once: as many as the devices hold (one per GPU, two per GPU at 0.5, ...), else CPUs."""
+def _concurrency(cluster: ClusterSpec, gpus: float, cpus: float, pending: int) -> int:
+    """Runs at once. On a cluster, all of them: Ray queues the runs it cannot place yet, and an
+    autoscaler sees them waiting and adds nodes. A local Ray launches only what its devices hold
+    (one per GPU, two per GPU at 0.5, ... else per CPU), in the order given (longest first)."""
+    if cluster_address(cluster.address or None) is not None:
+        return pending
     resources = ray.cluster_resources()
     if gpus:
         return max(1, int(resources.get("GPU", 0) / gpus))
@@ -235,7 +288,27 @@ def _drive_one_run(params: dict, settings: dict) -> None:
                                    storage_path=settings["storage"], callbacks=[TuneReportCallback()],
                                    failure_config=train.FailureConfig(max_failures=settings["max_failures"])),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException:
+        # a worker killed by SIGKILL, the OOM killer or the loss of its node ended nothing, and Ray
+        # Train's restarts are spent: FAILED, not RUNNING (a retry of the trial continues the run)
+        _mark_failed(settings["config"], params["run"])
+        raise
+
+
+def _mark_failed(config_mapping: dict, run: dict) -> None:
+    from orchestrator.config import Config, from_mapping
+    from orchestrator.tracking import RunTracker
+
+    config = from_mapping(Config, config_mapping, where="the driver's config")
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run_dir(**run))
+    try:
+        status = tracker.mark("FAILED")
+    except Exception:  # the run's own error is the one to see; the driver tries again at its end
+        log.exception("%s: could not mark its MLflow run FAILED", run_name(**run))
+        return
+    log.warning("%s: Ray Train's restarts are spent; its MLflow run is %s", run_name(**run), status or "not opened")
 
 
 def _train_worker(params: dict) -> None:
@@ -246,17 +319,32 @@ def _train_worker(params: dict) -> None:
         quiet_third_parties()
         import_tensorflow_quietly()
         logging.getLogger("orchestrator").setLevel(logging.WARNING)
-    import tensorflow as tf
     from ray import train
 
     from orchestrator.config import Config, from_mapping
     from orchestrator.trainer import train_and_evaluate
 
-    threads = max(1, int(params["cpus"]))
+    config = from_mapping(Config, params["config"], where="the driver's config")
+    placement = _claim_devices(params["gpus"], max(1, int(params["cpus"])), config.cluster.allow_cpu_fallback)
+    train_and_evaluate(config, params["run"]["fold"], params["run"]["network"], params["parent_run_id"],
+                       report=train.report, placement=placement)
+
+
+def _claim_devices(gpus: float, threads: int, allow_cpu_fallback: bool) -> dict[str, str]:
+    """Pin TensorFlow to this worker's share and check it sees the GPU Ray reserved (else fail now,
+    naming the node, rather than train on the CPU); returns the run's placement tags."""
+    import tensorflow as tf
+
+    from orchestrator.devices import check_gpu, tensorflow_devices
+    from orchestrator.tracking import placement_tags
+
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     for gpu in tf.config.list_physical_devices("GPU"):  # a fraction of a GPU must not grab all of it
         tf.config.experimental.set_memory_growth(gpu, True)
-    config = from_mapping(Config, params["config"], where="the driver's config")
-    train_and_evaluate(config, params["run"]["fold"], params["run"]["network"], params["parent_run_id"],
-                       report=train.report)
+    context = ray.get_runtime_context()
+    node_ip, node_id = ray.util.get_node_ip_address(), context.get_node_id()
+    gpu_ids = [str(i) for i in context.get_accelerator_ids().get("GPU", [])]
+    devices = tensorflow_devices()
+    check_gpu(devices, gpus, f"{node_ip} (Ray node {node_id[:12]})", gpu_ids, allow_cpu_fallback)
+    return placement_tags(node_ip, node_id, gpu_ids, devices["tf_gpus"], devices["cuda"], devices["cudnn"])

@@ -548,7 +548,6 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     logging the report back to it; or from a `predictions` folder (nothing logged). The config
     gives the tracking settings, the workdir and the number of folds."""
     from data_pipeline.splits import split_hash
-    from orchestrator.tracking import tracking_uri
 
     check_given(manifest, splits)
     out = Path(out) if out is not None else config.paths.root / "report"
@@ -558,7 +557,7 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
         inputs = ReportInputs(runs, config.splits.folds, f"prediction files in {predictions}", flags, split_notes,
                               unit, selection_known=splits is not None)
         return write_report(inputs, out, replicates, seed)
-    uri = tracking_uri(config.tracking)
+    uri = config.tracking_uri
     run_id = run_id or latest_parent(uri, config.experiment_name, config.paths.parent_record)
     found, tags = from_mlflow(uri, run_id)
     runs, unit = attach_patients(found, manifest or config.paths.manifest)

@@ -8,6 +8,7 @@ that epochs redone after a crash are never logged twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,23 +19,20 @@ import warnings
 from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import TrackingSpec
+from orchestrator.config import Config, ConfigError, is_server_uri, sqlite_file
+
 
 log = logging.getLogger(__name__)
-DEFAULT_URI = "sqlite:///mlflow.db"
+SERVED_ARTIFACTS = "mlflow-artifacts:"  # the location of artifacts a server stores for its clients
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PACKAGES = ("tensorflow", "keras", "ray", "mlflow", "pydicom", "numpy", "pandas")
-
-
-def tracking_uri(spec: TrackingSpec) -> str:
-    return spec.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -66,10 +64,10 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None):
     than to ./mlruns of whatever folder the process happens to run in; a tracking server keeps
     its own artifact store.
     """
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if (database := sqlite_file(uri)) is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:") and artifact_root is not None:
+    if mlflow.get_experiment_by_name(name) is None and database is not None and artifact_root is not None:
         mlflow.create_experiment(name, artifact_location=Path(artifact_root).absolute().as_uri())
     experiment = mlflow.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
@@ -79,25 +77,65 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None):
     return experiment
 
 
-def ui_hint(spec: TrackingSpec, experiment: str) -> str:
+def ui_hint(uri: str, experiment: str) -> str:
     """Where to look at an experiment's runs in MLflow's UI. The page opens the UI's
     model-training view: MLflow 3 opens experiments in its GenAI view (traces, token usage) unless
     the address asks otherwise, and then keeps the choice in the browser."""
-    uri = tracking_uri(spec)
     found = MlflowClient(uri).get_experiment_by_name(experiment)
     page = f"#/experiments/{found.experiment_id if found else ''}/runs?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
+    if is_server_uri(uri):
         return f"MLflow UI on these runs: {uri.rstrip('/')}/{page}"
     return f"MLflow UI on these runs: mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{page}"
+
+
+def check_tracking(config: Config) -> None:
+    """Create the sqlite database here, before any worker starts (concurrent creation races),
+    or check that the tracking server answers and serves the artifacts; fail at once with a clear
+    message if not."""
+    uri = config.tracking_uri
+    try:
+        with probing(uri):
+            experiment = ensure_experiment(uri, config.experiment_name, config.paths.root / "mlruns")
+    except Exception as exc:  # MLflow raises several types for a server that is down
+        raise ConfigError(f"tracking.uri: the MLflow tracking server at {uri} is not reachable "
+                          f"({type(exc).__name__}: {str(exc)[:300]}). Start it, or point tracking.uri "
+                          f"(or MLFLOW_TRACKING_URI) at one that runs.") from None
+    location = experiment.artifact_location
+    if is_server_uri(uri) and not location.startswith(SERVED_ARTIFACTS):
+        raise ConfigError(f"tracking.uri: the MLflow server at {uri} keeps experiment {config.experiment_name!r}'s "
+                          f"artifacts at {location}, where every worker would write them itself. Expected a "
+                          f"server that serves them ({SERVED_ARTIFACTS}/...): `mlflow server --serve-artifacts "
+                          f"--artifacts-destination <folder or bucket>`, and an experiment created on it.")
+
+
+@contextlib.contextmanager
+def probing(uri: str) -> Iterator[None]:
+    """Short retries and timeout for MLflow requests while the driver probes a server, and only
+    then: the workers, started later, upload hundreds of megabytes and keep MLflow's patient
+    defaults."""
+    if not is_server_uri(uri):
+        yield
+        return
+    short = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {key: os.environ.get(key) for key in short}
+    os.environ.update(short)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class RunTracker:
     """The MLflow run of one fold x network training run."""
 
-    def __init__(self, spec: TrackingSpec, experiment: str, run_dir: Path, artifact_root: Path | None = None):
-        self.uri = tracking_uri(spec)
+    def __init__(self, uri: str, experiment: str, run_dir: Path, artifact_root: Path | None = None):
+        self.uri = uri
         self.artifact_root = artifact_root
-        self.experiment = spec.experiment or experiment
+        self.experiment = experiment
         self.id_file = Path(run_dir) / "mlflow_run.json"
         self.client = MlflowClient(self.uri)
         self.run_id = ""
@@ -151,6 +189,10 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
         self.logged.update((m.key, m.step) for m in metrics)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
@@ -178,8 +220,28 @@ class RunTracker:
         if mlflow.active_run() is not None:
             mlflow.end_run(status=status)
 
-    def mark(self, status: str) -> None:
-        """Set the status of this run folder's MLflow run from outside it (e.g. FAILED)."""
-        if self.id_file.is_file():
-            run_id = json.loads(self.id_file.read_text())["run_id"]
-            self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+    def mark(self, status: str) -> str:
+        """End this run folder's MLflow run as `status` (e.g. FAILED) from outside the run, if it is
+        still RUNNING: a worker killed by SIGKILL, the kernel's OOM killer or the loss of its node
+        could not end it itself. Returns the status the run has afterwards ("" if none was opened)."""
+        if not self.id_file.is_file():
+            return ""
+        run_id = json.loads(self.id_file.read_text())["run_id"]
+        current = self.client.get_run(run_id).info.status
+        if current != "RUNNING":
+            return current
+        self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+        return status
+
+
+# Where a run ran, as tags of its MLflow run (names owned here; orchestrator.devices measures them)
+NODE_IP, NODE_ID, RAY_GPU_IDS, TF_GPUS = "cxr.node_ip", "cxr.node_id", "cxr.gpu_ids", "cxr.tf_gpus"
+CUDA_BUILD, CUDNN_BUILD = "cxr.tf_cuda_version", "cxr.tf_cudnn_version"
+
+
+def placement_tags(node_ip: str, node_id: str, gpu_ids: list[str], tf_gpus: list[str], cuda: str,
+                   cudnn: str) -> dict[str, str]:
+    """The tags saying what a run really got: its node, the GPU ids Ray assigned, the GPUs
+    TensorFlow sees there, and the CUDA and cuDNN versions TensorFlow was built with."""
+    return {NODE_IP: node_ip, NODE_ID: node_id, RAY_GPU_IDS: ",".join(gpu_ids), TF_GPUS: ",".join(tf_gpus),
+            CUDA_BUILD: cuda or "none", CUDNN_BUILD: cudnn or "none"}

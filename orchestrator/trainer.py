@@ -430,9 +430,10 @@ def run_datasets(inputs: RunInputs, split_dir: Path, fold: int) -> list[tuple[st
 
 
 def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
-                       report: Callable[[dict], None] | None = None) -> Path:
+                       report: Callable[[dict], None] | None = None, placement: dict[str, str] | None = None) -> Path:
     """Train and evaluate one run of `config` (an orchestrator.config.Config), tracked in MLflow.
 
+    `placement`: tags saying where this attempt runs (node, GPUs), set again by a resumed run.
     Returns the run folder. A finished run (done.json) is not trained again.
     """
     from orchestrator.figures import confusion_matrix_figure
@@ -444,7 +445,7 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
         log.info("fold%d-%s is complete (%s); skipping", fold, network, paths.done)
         return paths.root
     inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases)
-    tracker = RunTracker(config.tracking, config.experiment_name, paths.root, config.paths.root / "mlruns")
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root, config.paths.root / "mlruns")
     test_pool = inputs.split_meta.get("validation") == "test_pool"
     tags = {"fold": str(fold), "network": network, "protocol": inputs.split_meta["spec"]["protocol"],
             "split_hash": split_hash(config.paths.splits), "validation": inputs.split_meta.get("validation", ""),
@@ -453,6 +454,7 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
     if tracker.open(run_name(fold, network), tags, {**flatten(config), "fold": str(fold), "network": network},
                     parent_run_id):
         tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=tags["split_hash"][:16])
+    tracker.set_tags(placement or {})
     run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker, report)
     try:
         predictions = pd.read_csv(run.train())

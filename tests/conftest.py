@@ -35,6 +35,23 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 TINY_PHASES = ["--set", "splits.phase_normal=8", "--set", "splits.phase_pneumonia=6"]
 
 
+# `cxr` arguments that shrink configs/paper.yaml to the tiny synthetic data and a few steps, for the
+# orchestration tests: only sizes and steps change, plus what this machine cannot do as the paper did
+# (its datasets and ImageNet weights are not here; no GPU: its GPUs are logical, or none).
+# 1 phase of 1 step, eager Keras (2 steps cost less than tracing them) and Keras' own batch-norm
+# averages (no statistics to recompute) keep the suite short; phases, graph mode, precise batch
+# norm and learning are tested in test_trainer.py, test_batchnorm.py and test_learning.py.
+PAPER_SHRINK = [f"--set={item}" for item in (
+    "data.synthetic=tiny", "model.weights=none", "store.image_size=72",
+    "splits.phases=1", "splits.test_covid=6", "splits.test_covid_pneumonia=2", "splits.phase_normal=8",
+    "splits.phase_pneumonia=6", "splits.s_test_normal=5", "splits.s_test_pneumonia=5",
+    "train.epochs=1", "train.steps_per_epoch=1", "train.eval_batch_size=64", "train.log_checkpoints=none",
+    "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}", "train.batchnorm_batches=1",
+    "train.run_eagerly=true", "train.batchnorm=moving",
+    # runs of a minute restart from scratch rather than write checkpoints (test_trainer resumes them)
+    "train.checkpoint_min_seconds=600")]
+
+
 @pytest.fixture(scope="session")
 def synthetic_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synthetic lookalike datasets (seed 0), written once per test session."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.splits import SplitSpec
-from orchestrator.config import Config, ConfigError, load_config
+from orchestrator.config import Config, ConfigError, load_config, resolved
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -67,3 +67,18 @@ def test_overrides_and_ints_for_floats(tmp_path):
         load_config(None, ["seed"])
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['splits.sed'\]"):
         load_config(None, ["splits.sed=1"])
+
+
+def test_resolved_fixes_the_tracking_uri_and_model_weights_for_the_workers(tmp_path, monkeypatch):
+    """Workers run in other folders and other environments: the driver hands them absolute paths
+    and the URI it uses (config, else MLFLOW_TRACKING_URI, else sqlite in the driver's folder)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = resolved(load_config(ROOT / "configs/paper.yaml"), base=tmp_path)
+    assert config.tracking.uri == f"sqlite:///{tmp_path}/work/paper/mlflow.db"  # the workdir's
+    assert config.model.weights == "imagenet" and config.cluster.gpus_per_run == 1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    config = resolved(load_config(ROOT / "configs/paper.yaml", ["model.weights=keras-weights"]), base=tmp_path)
+    assert config.tracking.uri == "http://127.0.0.1:5999"
+    assert config.model.weights == str(tmp_path / "keras-weights")
+    given = resolved(load_config(ROOT / "configs/demo.yaml"), base=tmp_path)  # the config's own wins
+    assert given.tracking.uri == f"sqlite:///{tmp_path}/work/demo/mlflow.db" and given.model.weights == "none"
