@@ -67,13 +67,10 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
     try:
         outcome = launch.run_grid(config, folds, networks, parent, verbose=verbose)
     except BaseException:  # an error or Ctrl-C in the driver: no run, and not the parent, left RUNNING
-        results = collect(config, folds, networks, {})
-        end_unfinished(config, folds, networks, results)
-        finish_parent(config, parent, results)
+        finish_parent(config, parent, grid_results(config, folds, networks, {}))
         raise
     clock.stage("training runs", time.perf_counter() - started)
-    results = collect(config, folds, networks, outcome)
-    end_unfinished(config, folds, networks, results)
+    results = grid_results(config, folds, networks, outcome)
     report = None
     try:
         if (results["status"] == "done").any():  # the tables of what finished; missing runs listed
@@ -223,16 +220,19 @@ def collect(config: Config, folds: list[int], networks: list[str], outcome: dict
     return pd.DataFrame(rows)
 
 
-def end_unfinished(config: Config, folds: list[int], networks: list[str], results: pd.DataFrame) -> None:
-    """The MLflow runs of the runs that did not finish, FAILED where still RUNNING: a trial process
-    killed with its worker (SIGKILL, the OOM killer, a lost node) could not end its run itself."""
+def grid_results(config: Config, folds: list[int], networks: list[str], outcome: dict[str, str]) -> pd.DataFrame:
+    """The runs' rows (`collect`), with the MLflow runs of those that did not finish FAILED where
+    still RUNNING: a trial process killed with its worker (SIGKILL, the OOM killer, a lost node)
+    could not end its run itself."""
     from orchestrator.tracking import RunTracker
 
+    results = collect(config, folds, networks, outcome)
     done = set(results.loc[results["status"] == "done", "run"])
     for fold in folds:
         for network in networks:
             if run_name(fold, network) not in done:
                 RunTracker(config.tracking_uri, config.experiment_name, config.paths.run_dir(fold, network)).mark("FAILED")
+    return results
 
 
 def print_summary(results: pd.DataFrame, clock: Stopwatch) -> None:
