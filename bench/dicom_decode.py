@@ -9,7 +9,6 @@ in one process; it prints both rates and the ratio. Needs the `jpeg` extra (pyli
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.pixels import pixel_array
 
-from data_pipeline.synth import chest_image, write_rsna_dicom
+from data_pipeline.synth import RsnaImage, chest_image, write_rsna_dicom
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +31,8 @@ def default_files() -> list[Path]:
     files = []
     for i in range(4):
         path = out / f"{i}.dcm"
-        write_rsna_dicom(path, chest_image(np.random.default_rng(i), (1024, 1024), "normal"), str(i), random.Random(i), 0)
+        item = RsnaImage(i, str(i), "normal", (), "PA", "M", "50")
+        write_rsna_dicom(path, chest_image(np.random.default_rng(i), (1024, 1024), "normal"), item, 0)
         files.append(path)
     return files
 

@@ -261,23 +261,16 @@ def _read_authors_file(path: Path, by_name: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- sound
 
 def _sound_folds(manifest: pd.DataFrame, spec: SplitSpec) -> tuple[dict[int, Fold], list[str]]:
-    from sklearn.model_selection import StratifiedGroupKFold
-
     groups = (manifest["source"] + ":" + manifest["patient_id"]).to_numpy()
     strata = (manifest["source"] + ":" + manifest["label"]).to_numpy()
-    fold_of = np.zeros(len(manifest), dtype=int)
-    outer = StratifiedGroupKFold(n_splits=spec.folds, shuffle=True, random_state=spec.seed)
-    for k, (_, test_idx) in enumerate(outer.split(np.zeros(len(manifest)), strata, groups), start=1):
-        fold_of[test_idx] = k
+    fold_of = group_stratified_folds(strata, groups, spec.folds, seed=spec.seed) + 1
 
     folds, notes = {}, []
     for k in range(1, spec.folds + 1):
         pool = manifest[fold_of != k]
-        inner = StratifiedGroupKFold(n_splits=spec.val_folds, shuffle=True,
-                                     random_state=spec.seed * 1000 + k)
-        _, val_idx = next(inner.split(np.zeros(len(pool)), strata[fold_of != k], groups[fold_of != k]))
-        val = pool.iloc[val_idx]
-        rest = pool.drop(pool.index[val_idx])
+        inner = group_stratified_folds(strata[fold_of != k], groups[fold_of != k], spec.val_folds,
+                                       seed=spec.seed * 1000 + k)
+        val, rest = pool[inner == 0], pool[inner != 0]
         rsna = rest[rest["source"] == RSNA_SOURCE]
         per_phase = {}
         for label, wanted in (("normal", spec.phase_normal), ("pneumonia", spec.phase_pneumonia)):
@@ -294,6 +287,64 @@ def _sound_folds(manifest: pd.DataFrame, spec: SplitSpec) -> tuple[dict[int, Fol
         fold["test"] = manifest[fold_of == k]
         folds[k] = fold
     return folds, notes
+
+
+def group_stratified_folds(strata: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """The fold (0 .. n_splits-1) of each row: every group whole in one fold, every stratum spread
+    as evenly as the groups allow.
+
+    The criterion is sklearn's `StratifiedGroupKFold` (each group, largest first, goes where the
+    spread of the strata's per-fold shares grows least), but sklearn walks every group in Python:
+    about 15 s per call on RSNA's 14,863 one-image persons, 91 of the sound splits' 95 s. A
+    one-image group holds one stratum, so those are dealt per stratum, each to the fold holding the
+    fewest of it; only the multi-image groups take the greedy walk (1 s for the whole split).
+    """
+    rng = np.random.default_rng(seed)
+    group_names, group_of = np.unique(groups, return_inverse=True)
+    strata_names, stratum_of = np.unique(strata, return_inverse=True)
+    per_group = np.zeros((len(group_names), len(strata_names)), dtype=np.int64)
+    np.add.at(per_group, (group_of, stratum_of), 1)
+    sizes = per_group.sum(axis=1)
+    if len(group_names) < n_splits:
+        raise DataError(f"splits: {n_splits} folds need at least {n_splits} patients; found {len(group_names)}.")
+    counts = np.zeros((n_splits, len(strata_names)), dtype=np.int64)
+    fold_of_group = np.empty(len(group_names), dtype=np.int64)
+
+    multi = rng.permutation(np.flatnonzero(sizes > 1))
+    for g in multi[np.argsort(-sizes[multi], kind="stable")]:
+        fold = _least_spread_fold(counts, per_group[g], per_group.sum(axis=0))
+        fold_of_group[g] = fold
+        counts[fold] += per_group[g]
+
+    singles = np.flatnonzero(sizes == 1)
+    for s in range(len(strata_names)):
+        members = rng.permutation(singles[per_group[singles, s] == 1])
+        fold_of_group[members] = _deal(counts[:, s], counts.sum(axis=1), len(members))
+        np.add.at(counts[:, s], fold_of_group[members], 1)
+    return fold_of_group[group_of]
+
+
+def _least_spread_fold(counts: np.ndarray, group: np.ndarray, totals: np.ndarray) -> int:
+    """The fold whose taking `group` leaves the strata's per-fold shares least spread; ties go to
+    the smallest fold."""
+    n_splits = len(counts)
+    trial = np.repeat(counts[None].astype(float), n_splits, axis=0)  # trial[f]: counts if f takes it
+    trial[np.arange(n_splits), np.arange(n_splits)] += group
+    spread = (trial / np.maximum(totals, 1)).std(axis=1).mean(axis=1)
+    tied = np.flatnonzero(np.isclose(spread, spread.min()))
+    return int(tied[np.argmin(counts.sum(axis=1)[tied])])
+
+
+def _deal(stratum: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
+    """The folds of `n` one-image groups of one stratum, each to the fold holding the fewest of it
+    so far (ties to the smallest fold)."""
+    stratum, sizes, out = stratum.copy(), sizes.copy(), np.empty(n, dtype=np.int64)
+    for i in range(n):
+        fold = min(range(len(stratum)), key=lambda f: (stratum[f], sizes[f]))
+        out[i] = fold
+        stratum[fold] += 1
+        sizes[fold] += 1
+    return out
 
 
 # ---------------------------------------------------------------- files

@@ -40,7 +40,10 @@ BIN = Path(sys.executable).parent
 PAPER = str(ROOT / "configs" / "paper.yaml")
 RUNS = [f"fold{k}-{n}" for k in range(1, 6) for n in ("xception", "resnet50v2", "concatenated")]
 TAGS = ("cxr.node_id", "cxr.gpu_ids")
-PATH_ENV = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+# what the nodes and the local Ray start with: this venv's `cxr` on the PATH, and no preemption
+# watcher (Ray Train starts one more actor process per run to watch for node drains; nothing
+# drains these nodes, and a process fewer per run is 3 s of CPU of the 2 cores the runs share)
+NODE_ENV = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def start_server(folder: Path, *flags: str) -> tuple[subprocess.Popen, str]:
@@ -76,7 +79,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gpu_cluster():
     """Two nodes (the head one of them) of 2 CPUs and 2 logical GPUs each."""
-    with FixedCluster(nodes=2, gpus_per_node=2, cpus_per_node=2, env=PATH_ENV) as cluster:
+    with FixedCluster(nodes=2, gpus_per_node=2, cpus_per_node=2, env=NODE_ENV) as cluster:
         yield cluster
     assert not cluster.leftovers
 
@@ -210,7 +213,7 @@ def test_doctor_names_the_node_and_the_check_that_fails(gpu_cluster, mlflow_serv
 # ---------------------------------------------------------------- an autoscaling cluster
 
 def test_runs_wait_for_the_gpu_nodes_an_autoscaler_starts(mlflow_server, tmp_path):
-    with AutoscalingCluster(head_cpus=2, worker_resources={"CPU": 1, "GPU": 1}, max_workers=2, env=PATH_ENV) as cluster:
+    with AutoscalingCluster(head_cpus=2, worker_resources={"CPU": 1, "GPU": 1}, max_workers=2, env=NODE_ENV) as cluster:
         assert len(cluster.alive_nodes()) == 1  # the CPU-only head: no GPU to run on yet
         run = cxr("run", "--config", PAPER, "--address", cluster.address, *PAPER_SHRINK,
                   f"--set=workdir={tmp_path / 'work'}", f"--set=tracking.uri={mlflow_server['uri']}",
@@ -265,7 +268,7 @@ def paper_local(tmp_path_factory):
     here = tmp_path_factory.mktemp("paper")
     temp = short_temp_dir()  # the local Ray's own temp folder
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env.update(RAY_TMPDIR=temp, **PATH_ENV)
+    env.update(RAY_TMPDIR=temp, **NODE_ENV)
     command = [str(BIN / "cxr"), "run", "--config", PAPER, *PAPER_SHRINK, "--set=cluster.gpus_per_run=0"]
     runs = here / "work" / "paper" / "runs"
     first = subprocess.Popen(command, cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

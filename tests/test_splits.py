@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from data_pipeline.schema import DataError
-from data_pipeline.splits import (SplitSpec, check_no_leakage, hold_out_patients, make_splits, patient_keys,
-                                  read_split, write_splits)
+from data_pipeline.splits import (SplitSpec, check_no_leakage, group_stratified_folds, hold_out_patients,
+                                  make_splits, patient_keys, read_split, write_splits)
 from tests.conftest import ROOT, TINY_PHASES, fixture_path
 
 PHASES = [f"phase{n}" for n in range(1, 9)]
@@ -116,6 +116,18 @@ def test_sound_protocol_tests_every_image_once_without_leakage(real_manifest):
         covid_test = fold["test"][fold["test"]["label"] == "COVID-19"]
         assert 25 <= len(covid_test) <= 45  # stratified: about a fifth of 180
     assert any("per image, not per person" in note for note in splits.notes)
+
+
+def test_patient_groups_stay_whole_and_strata_even():
+    rng = np.random.default_rng(5)
+    groups = np.array([f"r{i}" for i in range(3000)] + [f"c{i // 4}" for i in range(400)])  # 100 of 4 images
+    strata = np.concatenate([rng.choice(["r:normal", "r:pneumonia"], 3000), rng.choice(["c:covid", "c:other"], 400)])
+    folds = group_stratified_folds(strata, groups, 5, seed=1)
+    assert (pd.Series(folds).groupby(groups).nunique() == 1).all()  # no patient in two folds
+    per_fold = pd.crosstab(strata, folds)
+    assert (per_fold.max(axis=1) - per_fold.min(axis=1)).max() <= 4  # at most one patient's images apart
+    assert (group_stratified_folds(strata, groups, 5, seed=1) == folds).all()
+    assert (group_stratified_folds(strata, groups, 5, seed=2) != folds).any()
 
 
 def test_sound_protocol_shrinks_phases_with_a_message_when_the_pool_is_small(tiny_manifest):

@@ -13,6 +13,7 @@ from PIL import Image
 
 from data_pipeline.decode import decode_image
 from data_pipeline.manifest import build_manifest
+from data_pipeline import synth
 from data_pipeline.synth import COVID_DIR, RSNA_DIR, SCALES, write_synthetic
 from tests.conftest import fixture_path
 
@@ -28,6 +29,14 @@ def test_same_seed_same_bytes_other_seed_other_bytes(synthetic_tiny, tmp_path):
     first = tree_digest(synthetic_tiny)
     assert tree_digest(tmp_path / "again") == first
     assert tree_digest(tmp_path / "other") != first
+
+
+def test_files_written_by_worker_processes_are_the_same_bytes(synthetic_tiny, tmp_path, monkeypatch):
+    """The paper scale's RSNA files are written by several processes: the same bytes as one."""
+    monkeypatch.setattr(synth, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(synth.os, "cpu_count", lambda: 2)
+    write_synthetic(tmp_path, "tiny", seed=0)
+    assert tree_digest(tmp_path) == tree_digest(synthetic_tiny)
 
 
 def test_paper_scale_reads_back_with_the_papers_counts(tmp_path):
