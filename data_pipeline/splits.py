@@ -304,7 +304,7 @@ def group_stratified_folds(strata: np.ndarray, groups: np.ndarray, n_splits: int
     strata_names, stratum_of = np.unique(strata, return_inverse=True)
     per_group = np.zeros((len(group_names), len(strata_names)), dtype=np.int64)
     np.add.at(per_group, (group_of, stratum_of), 1)
-    sizes = per_group.sum(axis=1)
+    sizes, totals = per_group.sum(axis=1), per_group.sum(axis=0)
     if len(group_names) < n_splits:
         raise DataError(f"splits: {n_splits} folds need at least {n_splits} patients; found {len(group_names)}.")
     counts = np.zeros((n_splits, len(strata_names)), dtype=np.int64)
@@ -312,7 +312,7 @@ def group_stratified_folds(strata: np.ndarray, groups: np.ndarray, n_splits: int
 
     multi = rng.permutation(np.flatnonzero(sizes > 1))
     for g in multi[np.argsort(-sizes[multi], kind="stable")]:
-        fold = _least_spread_fold(counts, per_group[g], per_group.sum(axis=0))
+        fold = _least_spread_fold(counts, per_group[g], totals)
         fold_of_group[g] = fold
         counts[fold] += per_group[g]
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+from unittest import mock
 
 import mlflow
 import numpy as np
@@ -116,17 +117,8 @@ def probing(uri: str) -> Iterator[None]:
     if not is_server_uri(uri):
         yield
         return
-    short = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {key: os.environ.get(key) for key in short}
-    os.environ.update(short)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}):
+        yield  # the environment as it was afterwards, whatever the probe raised
 
 
 class RunTracker:
