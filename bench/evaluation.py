@@ -27,6 +27,7 @@ from bench.input_pipeline import write_pngs  # noqa: E402
 from data_pipeline.store import ImageStore, StoreSpec, build_serial  # noqa: E402
 from data_pipeline.tfdata import eval_stream  # noqa: E402
 from models.networks import build  # noqa: E402
+from orchestrator.layout import NETWORK_NAMES  # noqa: E402
 
 
 def rate_ours(model: keras.Model, store: ImageStore, rows, batch: int) -> tuple[float, np.ndarray]:
@@ -50,7 +51,7 @@ def rate_authors(model: keras.Model, rows, size: int) -> tuple[float, np.ndarray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--network", default="xception", choices=["xception", "resnet50v2", "concatenated"])
+    parser.add_argument("--network", default="xception", choices=NETWORK_NAMES)
     parser.add_argument("--size", type=int, default=300)
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--batch", type=int, default=128)

@@ -34,7 +34,8 @@ from data_pipeline.synth import COVID_DIR, RSNA_DIR, write_synthetic  # noqa: E4
 from data_pipeline.tfdata import eval_stream, one_hot, training_stream  # noqa: E402
 from models.batchnorm import BatchNormStatistics  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.trainer import Run, RunInputs, RunPaths  # noqa: E402
+from orchestrator.layout import NETWORK_NAMES, RunPaths  # noqa: E402
+from orchestrator.trainer import Run, RunInputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def scores(run: Run, model, rows: pd.DataFrame) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--network", default="xception", choices=["xception", "resnet50v2", "concatenated"])
+    parser.add_argument("--network", default="xception", choices=NETWORK_NAMES)
     parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()

@@ -35,6 +35,7 @@ from data_pipeline.schema import CLASSES, DataError
 log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ["image_id", "label", "patient_id", "source"]
+META_FILE, SUMS_FILE = "splits.json", "SHA256SUMS"  # the split settings and flags; every file's hash
 PROTOCOLS = ("paper", "import", "sound")
 COVID_SOURCE, RSNA_SOURCE = "covid-chestxray", "rsna"
 TEST_POOL_FLAG = ("checkpoint selection on a validation set drawn from the test pool (the paper's "
@@ -370,15 +371,15 @@ def write_splits(splits: Splits, out: Path, manifest_path: Path | None = None) -
                 "validation": _validation_kind(splits.spec), "flags": list(splits.flags)}
         if manifest_path is not None:
             meta["manifest_sha256"] = sha256_bytes(Path(manifest_path).read_bytes())
-        files["splits.json"] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        files[META_FILE] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
         sums = []
         for name, text in sorted(files.items()):
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
             sums.append(f"{sha256_bytes(text.encode())}  {name}\n")
-        (tmp / "SHA256SUMS").write_text("".join(sums), encoding="utf-8")
-        replace_dir(tmp, out, marker="SHA256SUMS")
+        (tmp / SUMS_FILE).write_text("".join(sums), encoding="utf-8")
+        replace_dir(tmp, out, marker=SUMS_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return split_hash(out)
@@ -386,7 +387,7 @@ def write_splits(splits: Splits, out: Path, manifest_path: Path | None = None) -
 
 def split_hash(split_dir: Path) -> str:
     """One hash naming the whole split: the hash of its SHA256SUMS file."""
-    return sha256_bytes((Path(split_dir) / "SHA256SUMS").read_bytes())
+    return sha256_bytes((Path(split_dir) / SUMS_FILE).read_bytes())
 
 
 def _validation_kind(spec: SplitSpec) -> str:

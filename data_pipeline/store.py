@@ -108,8 +108,13 @@ class StoreBuilder:
 
     def is_current(self) -> bool:
         """True when a complete store of the same inputs is already at `out`: nothing to do."""
-        meta = self.out / "store.json"
-        return meta.is_file() and json.loads(meta.read_text()).get("key") == self.key
+        return self.written_key(self.out) == self.key
+
+    @staticmethod
+    def written_key(out: Path) -> str:
+        """The key of the complete store at `out` ("" if there is none): what its images came from."""
+        meta = Path(out) / "store.json"
+        return json.loads(meta.read_text()).get("key", "") if meta.is_file() else ""
 
     def chunks(self) -> list[list[tuple[int, str, str]]]:
         items = list(zip(range(len(self.manifest)), self.manifest["path"], self.manifest["view"]))

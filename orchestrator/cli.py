@@ -13,6 +13,7 @@ from data_pipeline.schema import DataError
 from data_pipeline.synth import SCALES
 from orchestrator.config import ConfigError, load_config
 from orchestrator.console import import_tensorflow_quietly, quiet_third_parties
+from orchestrator.layout import NETWORK_NAMES, run_name
 
 log = logging.getLogger("cxr")
 
@@ -91,10 +92,11 @@ def cmd_train_one(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set)
     try:
-        root = train_and_evaluate(config, args.fold, args.network)
+        train_and_evaluate(config, args.fold, args.network)
     except WeightsError as exc:  # a model.weights setting the machine cannot honour
         raise ConfigError(str(exc)) from None
-    print(f"fold{args.fold}-{args.network}: predictions -> {root / 'predictions.csv'}")
+    predictions = config.paths.run(args.fold, args.network).predictions
+    print(f"{run_name(args.fold, args.network)}: predictions -> {predictions}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -105,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     overrides = list(args.set) + ([f"cluster.address={args.address}"] if args.address else [])
     config = load_config(args.config, overrides)
     results = run_experiment(config, folds=args.folds, networks=args.networks, train_only=args.command == "train",
-                             verbose=args.verbose)
+                             verbose=args.verbose, restart_stale=args.restart_stale)
     print(f"\n{ui_hint(resolved(config).tracking_uri, config.experiment_name)}")
     if (results["status"] != "done").any():
         raise SystemExit(1)
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-one", help="train and evaluate one fold x network run in this process (no Ray)")
     p.add_argument("--fold", type=int, required=True)
-    p.add_argument("--network", choices=["xception", "resnet50v2", "concatenated"], required=True)
+    p.add_argument("--network", choices=NETWORK_NAMES, required=True)
     add_config_arguments(p)
     p.set_defaults(func=cmd_train_one)
 
@@ -185,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_arguments(p)
         p.add_argument("--address", help="Ray cluster to join ('auto', host:port); default RAY_ADDRESS or local")
         p.add_argument("--folds", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,3")
-        p.add_argument("--networks", type=lambda s: s.split(","), help="e.g. xception,concatenated")
+        p.add_argument("--networks", type=networks_list, help="e.g. xception,concatenated")
+        p.add_argument("--restart-stale", action="store_true",
+                       help="move runs trained with other settings (another fingerprint) to runs/.stale/<time>/, "
+                            "end their MLflow runs KILLED, and train them anew; without it such runs stop the command")
         p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("doctor", help="check every node of the cluster before a run: packages, GPUs, paths, MLflow, disk")
@@ -208,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def networks_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in NETWORK_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected networks of {list(NETWORK_NAMES)}, received {unknown}")
+    return names
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ import yaml
 from data_pipeline.augment import AugmentSpec
 from data_pipeline.splits import SplitSpec
 from data_pipeline.store import StoreSpec
+from orchestrator.layout import EPOCH_METRICS, NETWORKS, WorkPaths
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -30,16 +31,6 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 class ConfigError(ValueError):
     """A config file or override does not match the schema; the message names the key."""
-
-
-# The paper's three networks, in its tables' order. models.networks.NETWORKS holds their
-# builders; the names live here too so that the driver and the report need no TensorFlow.
-NETWORK_NAMES: tuple[str, ...] = ("xception", "resnet50v2", "concatenated")
-
-
-def run_name(fold: int, network: str) -> str:
-    """The name of one training run: its folder under runs/, its MLflow run, its report rows."""
-    return f"fold{fold}-{network}"
 
 
 @dataclass(frozen=True)
@@ -56,24 +47,25 @@ NAMED_WEIGHTS = ("imagenet", "none")  # models.networks' names; any other model.
 
 @dataclass(frozen=True)
 class ModelSpec:
-    weights: str = "none"  # imagenet | none | folder with Keras' no-top files | whole-network .weights.h5
+    weights: str = "imagenet"  # imagenet | none | folder with Keras' no-top files | whole-network .weights.h5
 
 
-@dataclass(frozen=True)
-class BatchSizes:
-    xception: int = 30
-    resnet50v2: int = 30
-    concatenated: int = 20
+# One batch size per network (layout.NETWORKS), the paper's by default: `train.batch_size.xception`.
+BatchSizes = dataclasses.make_dataclass("BatchSizes", [(n.name, int, n.batch_size) for n in NETWORKS], frozen=True)
+BatchSizes.__module__ = __name__  # where pickle finds it
 
 
+# Every default is the paper's (Table 2 and section 3), so that a config trains as the paper
+# unless it says otherwise; the settings the paper does not fix are marked.
 @dataclass(frozen=True)
 class TrainSpec:
     epochs: int = 100               # per phase
     learning_rate: float = 1e-4     # Nadam
     batch_size: BatchSizes = field(default_factory=BatchSizes)
     steps_per_epoch: int = 0        # 0: one pass over the phase; >0 caps an epoch (tests, demo)
-    selection: str = "last"         # last | best (on the split's val.csv)
-    monitor: str = "val_accuracy"   # for `best`; higher is better
+    selection: str = "last"         # last | best (on the split's val.csv); the paper names none
+    monitor: str = "val_accuracy"   # for `best`: a history.csv column
+    monitor_mode: str = "max"       # max: higher is better (accuracy); min: lower is (loss)
     validation_freq: int = 1        # evaluate val.csv every N epochs
     # Batch-norm statistics for inference (validation, the phase weights, the test set): `precise`
     # recomputes each layer's population statistics over training batches first (README, "Batch
@@ -98,6 +90,11 @@ class TrainSpec:
     def __post_init__(self) -> None:
         if self.selection not in ("last", "best"):
             raise ValueError(f"train.selection: expected 'last' or 'best', received {self.selection!r}.")
+        if self.monitor not in EPOCH_METRICS:
+            raise ValueError(f"train.monitor: expected one of {list(EPOCH_METRICS)}, received {self.monitor!r}.")
+        if self.monitor_mode not in ("max", "min"):
+            raise ValueError(f"train.monitor_mode: expected 'max' (higher is better) or 'min', "
+                             f"received {self.monitor_mode!r}.")
         if self.log_checkpoints not in ("weights", "full", "none"):
             raise ValueError(f"train.log_checkpoints: expected 'weights', 'full' or 'none', "
                              f"received {self.log_checkpoints!r}.")
@@ -133,7 +130,7 @@ class TrackingSpec:
     def resolved_uri(self, workdir: str = "") -> str:
         """The URI every process of a run uses: the config's, else the environment's, else a
         sqlite file in the workdir (not in the current folder: a job's is a temporary copy)."""
-        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir) / 'mlflow.db'}"
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{WorkPaths(Path(workdir)).database}"
 
 
 @dataclass(frozen=True)
@@ -179,62 +176,50 @@ class Config:
         return self.tracking.experiment or f"cxr-{self.name or 'default'}"
 
 
-@dataclass(frozen=True)
-class WorkPaths:
-    """Where each stage leaves its output: the workdir, and shared storage for the runs."""
-    root: Path
-    storage: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.csv"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits"
-
-    @property
-    def store(self) -> Path:
-        return self.root / "store"
-
-    @property
-    def parent_record(self) -> Path:
-        """The id of the workdir's parent MLflow run (written by its first `cxr run`)."""
-        return self.root / "mlflow_parent.json"
-
-    @property
-    def runs(self) -> Path:
-        return self.storage / "runs"
-
-    def run_dir(self, fold: int, network: str) -> Path:
-        return self.runs / run_name(fold, network)
-
-    @property
-    def ray_results(self) -> Path:
-        return self.storage / "ray"
+BASE = "base"  # a config's key naming the config it is an overlay on (a path relative to it)
 
 
 def load_config(path: Path | str | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read the config ({exc}).") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(data).__name__}.")
+    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides.
+
+    A config with `base: paper.yaml` is an overlay: its values replace the base's, key by key
+    (sections merge), so that it holds only what differs (big_vision's `runlocal`)."""
+    data: dict[str, Any] = _read_config(Path(path)) if path is not None else {}
     for item in overrides:
         _apply_override(data, item)
     config = from_mapping(Config, data, where=str(path or "defaults"))
     if path is not None and not config.name:
         config = dataclasses.replace(config, name=Path(path).stem)
     return config
+
+
+def _read_config(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, merged over its base's (and that base's, ...)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        where = f" (the base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}{where}: cannot read the config ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(data).__name__}.")
+    base = data.pop(BASE, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE}: expected the path of the config this one overlays, received {base!r}.")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise ConfigError(f"{path}: {BASE}: {base} leads back to a config already in the chain "
+                          f"{[str(p) for p in (*chain, path)]}; expected a chain that ends.")
+    return _merged(_read_config(base_path, (*chain, path.resolve())), data)
+
+
+def _merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overlay.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -322,6 +307,19 @@ def resolved(config: Config, base: Path | None = None) -> Config:
         splits=dataclasses.replace(config.splits, import_dir=absolute(config.splits.import_dir)),
         tracking=dataclasses.replace(config.tracking, uri=uri),
         cluster=dataclasses.replace(config.cluster, storage_path=absolute(config.cluster.storage_path)))
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """A config dataclass (or mapping) as dotted strings, the form of MLflow params:
+    {'splits.seed': '0', ...}."""
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
 
 
 def to_mapping(config: Config) -> dict[str, Any]:

@@ -5,7 +5,9 @@
      logged to the parent MLflow run
 
 Re-running on the same workdir after the driver died skips finished runs, resumes unfinished
-ones from their checkpoints, and continues the same parent MLflow run.
+ones from their checkpoints, and continues the same parent MLflow run. Runs of other settings
+(another fingerprint, orchestrator.identity) are neither: the command stops and names them, or
+with `restart_stale` moves them aside and trains them anew.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from data_pipeline.schema import CLASSES
 from data_pipeline.splits import make_splits, write_splits
 from data_pipeline.store import without_failures
 from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, write_synthetic
-from orchestrator import launch
-from orchestrator.config import NETWORK_NAMES, Config, ConfigError, resolved, run_name, sqlite_file
+from orchestrator import launch, layout
+from orchestrator.config import Config, ConfigError, resolved, sqlite_file
 from orchestrator.doctor import preflight
+from orchestrator.identity import Identity, find_stale, move_stale, refuse
+from orchestrator.layout import NETWORK_NAMES, SplitMeta, run_name
 from orchestrator.report import make_report, print_report
 from orchestrator.tracking import check_tracking
 
@@ -48,9 +52,10 @@ class Stopwatch:
 
 
 def run_experiment(config: Config, folds: list[int] | None = None, networks: list[str] | None = None,
-                   train_only: bool = False, verbose: bool = False) -> pd.DataFrame:
+                   train_only: bool = False, verbose: bool = False, restart_stale: bool = False) -> pd.DataFrame:
     """Run the stages; returns one row per training run (the report's input). `verbose` brings
-    the workers' output and Ray's own warnings to the console."""
+    the workers' output and Ray's own warnings to the console; `restart_stale` moves runs of
+    other settings aside instead of stopping (orchestrator.identity)."""
     config = resolved(config)
     clock = Stopwatch()
     folds = folds or list(range(1, config.splits.folds + 1))
@@ -62,6 +67,7 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
     _timed(clock, "preflight", lambda: preflight(config))
     if not train_only:
         _timed(clock, "data stages", lambda: prepare_inputs(config))
+    set_aside_stale(config, restart_stale)
     parent = parent_run(config)
     started = time.perf_counter()
     try:
@@ -134,14 +140,24 @@ def ensure_splits(config: Config) -> None:
     """Rewritten when the split settings or the manifest changed."""
     out = config.paths.splits
     manifest_hash = sha256_bytes(config.paths.manifest.read_bytes())
-    meta = out / "splits.json"
-    if meta.is_file():
-        written = json.loads(meta.read_text())
-        if written.get("spec") == asdict(config.splits) and written.get("manifest_sha256") == manifest_hash:
-            log.info("splits %s are up to date", out)
-            return
+    written = SplitMeta.read_if_any(out)
+    if written is not None and written.spec == asdict(config.splits) and written.manifest_sha256 == manifest_hash:
+        log.info("splits %s are up to date", out)
+        return
     manifest = without_failures(read_manifest(config.paths.manifest), config.paths.store)
     write_splits(make_splits(manifest, config.splits), out, manifest_path=config.paths.manifest)
+
+
+def set_aside_stale(config: Config, restart: bool) -> None:
+    """Stop on run folders of other settings than the config's (naming them and what changed),
+    or, when `restart`, move them to runs/.stale/<time>/ with their MLflow runs KILLED."""
+    stale = find_stale(config, Identity.of(config))
+    if not stale:
+        return
+    if not restart:
+        raise refuse(stale)
+    where = move_stale(config, stale)
+    log.warning("moved %d run(s) of other settings to %s; they are trained anew", len(stale), where)
 
 
 # ---------------------------------------------------------------- MLflow
@@ -182,7 +198,8 @@ def parent_run(config: Config) -> str:
         return run_id
     experiment = client.get_experiment_by_name(config.experiment_name)
     run = client.create_run(experiment.experiment_id, run_name=f"{config.name or 'experiment'} "
-                            f"({time.strftime('%Y-%m-%d %H:%M')})", tags={"protocol": config.splits.protocol, "cxr.role": "experiment"})
+                            f"({time.strftime('%Y-%m-%d %H:%M')})", tags={layout.PROTOCOL: config.splits.protocol,
+                                                                         layout.ROLE: layout.EXPERIMENT_ROLE})
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
     return run.info.run_id
@@ -192,7 +209,7 @@ def finish_parent(config: Config, parent: str, results: pd.DataFrame) -> None:
     import mlflow
 
     client = mlflow.tracking.MlflowClient(config.tracking_uri)
-    table = config.paths.root / "runs.csv"
+    table = config.paths.results
     results.to_csv(table, index=False)
     client.log_artifact(parent, str(table))
     client.log_metric(parent, "runs_complete", int((results["status"] == "done").sum()))
@@ -207,15 +224,15 @@ def collect(config: Config, folds: list[int], networks: list[str], outcome: dict
     rows = []
     for fold in folds:
         for network in networks:
-            name, root = run_name(fold, network), config.paths.run_dir(fold, network)
-            row = {"run": name, "status": "done" if (root / "done.json").is_file() else outcome.get(name, "missing")}
-            if (root / "predictions.csv").is_file() and row["status"] == "done":
-                p = pd.read_csv(root / "predictions.csv")
+            name, paths = run_name(fold, network), config.paths.run(fold, network)
+            row = {"run": name, "status": "done" if paths.done.is_file() else outcome.get(name, "missing")}
+            if paths.predictions.is_file() and row["status"] == "done":
+                p = pd.read_csv(paths.predictions)
                 covid = p[p["label"] == CLASSES[0]]
                 row.update(test_images=len(p), accuracy=round(100 * (p["label"] == p["pred"]).mean(), 2),
                            covid_recall=f"{(covid['pred'] == CLASSES[0]).sum()}/{len(covid)}")
-            if (root / "timing.json").is_file():
-                row.update({f"s_{k}": v for k, v in json.loads((root / "timing.json").read_text()).items()})
+            if paths.timing.is_file():
+                row.update({f"s_{k}": v for k, v in json.loads(paths.timing.read_text()).items()})
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -15,10 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from data_pipeline.store import StoreBuilder, StoreSpec, decode_chunk
-from orchestrator.config import ClusterSpec, ConfigError, run_name, to_mapping
+from orchestrator.config import ClusterSpec, ConfigError, to_mapping
+from orchestrator.layout import NETWORK_COST, run_name
 
 log = logging.getLogger(__name__)
-NETWORK_COST = {"concatenated": 2, "resnet50v2": 1, "xception": 1}  # relative time per run
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
@@ -134,10 +134,11 @@ def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str,
     trainer. Returns {run name: "done" | error} for the runs it launched.
     """
     connect(config.cluster.address or None, verbose=verbose)
-    # finished runs (done.json) are not launched again: a trial would start a TensorFlow worker
-    # only to find that out; longest networks first, so that no long run is left alone at the end
-    pending = [{"fold": f, "network": n} for n in sorted(networks, key=lambda n: -NETWORK_COST.get(n, 0))
-               for f in folds if not (config.paths.run_dir(f, n) / "done.json").is_file()]
+    # finished runs are not launched again (a trial would start a TensorFlow worker only to find
+    # that out; the driver has refused stale ones); longest networks first, so that no long run
+    # is left alone at the end
+    pending = [{"fold": f, "network": n} for n in sorted(networks, key=lambda n: -NETWORK_COST[n])
+               for f in folds if not config.paths.run(f, n).done.is_file()]
     if not pending:
         log.info("all %d runs are complete", len(folds) * len(networks))
         return {}

@@ -25,12 +25,13 @@ import pandas as pd
 
 from data_pipeline.schema import CLASSES, DataError
 from data_pipeline.splits import TEST_POOL_FLAG
-from orchestrator import figures
-from orchestrator.config import NETWORK_NAMES, Config, run_name
+from orchestrator import figures, layout
+from orchestrator.config import Config
+from orchestrator.layout import (HISTORY_FILE, NETWORK_NAMES, PREDICTION_REQUIRED, PREDICTIONS_FILE, SplitMeta,
+                                 run_name)
 from orchestrator.metrics import COUNTS, PAPER_METRICS, class_counts, confusion, paper_metrics, run_metrics
 
 log = logging.getLogger(__name__)
-PREDICTION_COLUMNS = ("image_id", "label", "pred", *(f"p_{c}" for c in CLASSES))
 FILE_NAME = re.compile(r"fold([1-9]\d*)-(" + "|".join(NETWORK_NAMES) + r")\.csv")
 TABLE4_COLUMNS = ["accuracy", *(f"{m}_{c}" for m in PAPER_METRICS for c in CLASSES)]
 BASELINE = "baseline (always normal)"
@@ -76,9 +77,9 @@ class ReportInputs:
 def read_predictions(path: Path) -> pd.DataFrame:
     """A trainer's predictions.csv, checked: columns, class names, probabilities, unique ids."""
     table = read_table(path, dtype={"image_id": str, "label": str, "pred": str, "patient_id": str})
-    missing = [c for c in PREDICTION_COLUMNS if c not in table.columns]
+    missing = [c for c in PREDICTION_REQUIRED if c not in table.columns]
     if missing:
-        raise DataError(f"{path}: expected the columns {list(PREDICTION_COLUMNS)}, missing {missing} "
+        raise DataError(f"{path}: expected the columns {list(PREDICTION_REQUIRED)}, missing {missing} "
                         f"(found {list(table.columns)}).")
     if table.empty:
         raise DataError(f"{path}: expected one row per test image, found none.")
@@ -146,9 +147,11 @@ def from_folder(folder: Path, folds: int) -> list[RunResult]:
     return runs
 
 
-def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str, dict[str, str]]]:
+def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str, dict[str, str]],
+                                                      dict[str, dict[str, str]]]:
     """The finished child runs of a `cxr run` parent, with their predictions and histories
-    downloaded from MLflow; and each run's tags (its split hash, its checkpoint selection)."""
+    downloaded from MLflow; each run's tags (its fingerprint, split hash, checkpoint selection)
+    and params (its settings)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -158,9 +161,9 @@ def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str
     except MlflowException as exc:
         raise DataError(f"--run-id {parent_run_id}: no such MLflow run at {uri} ({exc.error_code}).") from None
     children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  filter_string=f"tags.`{layout.PARENT_RUN}` = '{parent_run_id}'",
                                   order_by=["attributes.start_time ASC"], max_results=1000)
-    runs, tags = {}, {}
+    runs, tags, params = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for child in children:
             name, run_id = child.info.run_name, child.info.run_id
@@ -169,20 +172,20 @@ def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str
                 log.info("report: leaving out MLflow run %s (%s, %s)", name, run_id, child.info.status)
                 continue
             files = {a.path for a in client.list_artifacts(run_id)}
-            if "predictions.csv" not in files:
-                log.warning("report: MLflow run %s (%s) has no predictions.csv; left out", name, run_id)
+            if PREDICTIONS_FILE not in files:
+                log.warning("report: MLflow run %s (%s) has no %s; left out", name, run_id, PREDICTIONS_FILE)
                 continue
             if name in runs:
                 log.warning("report: two finished MLflow runs are named %s (%s, %s); the later one, %s, is used",
                             name, runs[name].run_id, run_id, run_id)
             folder = Path(tmp) / run_id
             folder.mkdir()
-            for wanted in {"predictions.csv", "history.csv"} & files:  # not the model: it is large
+            for wanted in {PREDICTIONS_FILE, HISTORY_FILE} & files:  # not the model: it is large
                 client.download_artifacts(run_id, wanted, str(folder))
-            tags[name] = dict(child.data.tags)
-            runs[name] = RunResult(int(match[1]), match[2], read_predictions(folder / "predictions.csv"),
-                                   read_history(folder / "history.csv"), run_id)
-    return list(runs.values()), tags
+            tags[name], params[name] = dict(child.data.tags), dict(child.data.params)
+            runs[name] = RunResult(int(match[1]), match[2], read_predictions(folder / PREDICTIONS_FILE),
+                                   read_history(folder / HISTORY_FILE), run_id)
+    return list(runs.values()), tags, params
 
 
 def latest_parent(uri: str, experiment: str, record: Path) -> str:
@@ -194,7 +197,8 @@ def latest_parent(uri: str, experiment: str, record: Path) -> str:
         return json.loads(record.read_text())["run_id"]
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], filter_string="tags.`cxr.role` = 'experiment'",
+    runs = client.search_runs([found.experiment_id],
+                              filter_string=f"tags.`{layout.ROLE}` = '{layout.EXPERIMENT_ROLE}'",
                               order_by=["attributes.start_time DESC"], max_results=1) if found else []
     if not runs:
         raise DataError(f"no `cxr run` found in MLflow experiment {experiment!r} at {uri} (and no {record}); "
@@ -238,11 +242,9 @@ def read_patient_lookup(manifest: Path) -> pd.Series:
 
 
 def split_context(split_dir: Path | None) -> tuple[list[str], list[str]]:
-    """The flags and notes the splits were written with (splits.json), if the folder is known."""
-    if split_dir is None or not (Path(split_dir) / "splits.json").is_file():
-        return [], []
-    meta = json.loads((Path(split_dir) / "splits.json").read_text())
-    return list(meta.get("flags", [])), list(meta.get("notes", []))
+    """The flags and notes the splits were written with, if the folder is known."""
+    meta = SplitMeta.read_if_any(split_dir)
+    return (meta.flags, meta.notes) if meta is not None else ([], [])
 
 
 # ---------------------------------------------------------------- tables
@@ -547,10 +549,11 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     """`cxr report`: from the parent MLflow run `run_id` (default: the config's latest `cxr run`),
     logging the report back to it; or from a `predictions` folder (nothing logged). The config
     gives the tracking settings, the workdir and the number of folds."""
-    from data_pipeline.splits import split_hash
+    from data_pipeline.splits import SUMS_FILE, split_hash
+    from orchestrator.identity import Identity
 
     check_given(manifest, splits)
-    out = Path(out) if out is not None else config.paths.root / "report"
+    out = Path(out) if out is not None else config.paths.report
     if predictions is not None:
         runs, unit = attach_patients(from_folder(predictions, config.splits.folds), manifest)
         flags, split_notes = split_context(splits)
@@ -559,17 +562,18 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
         return write_report(inputs, out, replicates, seed)
     uri = config.tracking_uri
     run_id = run_id or latest_parent(uri, config.experiment_name, config.paths.parent_record)
-    found, tags = from_mlflow(uri, run_id)
+    found, tags, params = from_mlflow(uri, run_id)
+    check_fingerprints(tags, params, Identity.of(config) if Identity.workdir_ready(config) else None)
     runs, unit = attach_patients(found, manifest or config.paths.manifest)
     splits = Path(splits or config.paths.splits)
     flags, split_notes = split_context(splits)
-    if (splits / "SHA256SUMS").is_file() and split_hash(splits) not in {t.get("split_hash") for t in tags.values()}:
+    if (splits / SUMS_FILE).is_file() and split_hash(splits) not in {t.get(layout.SPLIT_HASH) for t in tags.values()}:
         flags, split_notes = [], [f"the splits in {splits} are not the ones these runs used (hash differs); "
                                   f"their notes are left out."]
     # each run's tag says whether it selected on the test pool (selection `best` on s_test); with
     # `last` the s_test set was only watched, so the splits' flag does not apply to these runs
     flags = [flag for flag in flags if flag != TEST_POOL_FLAG]
-    test_pool = sorted(name for name, t in tags.items() if t.get("selection_on_test_pool") == "true")
+    test_pool = sorted(name for name, t in tags.items() if t.get(layout.SELECTION_ON_TEST_POOL) == "true")
     inputs = ReportInputs(runs, config.splits.folds, f"MLflow run {run_id} (experiment {config.experiment_name})",
                           flags, split_notes, unit, parent_run_id=run_id)
     report = write_report(inputs, out, replicates, seed, test_pool)
@@ -577,14 +581,42 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     return report
 
 
+def check_fingerprints(tags: dict[str, dict[str, str]], params: dict[str, dict[str, str]], expected) -> None:
+    """Refuse runs of different settings in one report: the runs' fingerprints must agree, and
+    match the config's (`expected`, an orchestrator.identity.Identity) where its workdir holds the
+    split and store to compute it. The error names the runs of each fingerprint and what differs."""
+    from orchestrator.identity import differences, recorded_settings
+
+    groups: dict[str, list[str]] = {}
+    for name in sorted(tags):
+        groups.setdefault(tags[name].get(layout.FINGERPRINT, ""), []).append(name)
+    wanted = expected.fingerprint if expected is not None else next(iter(groups), "")
+    if set(groups) <= {wanted}:
+        return
+    first = groups.get(wanted, [""])[0]
+    reference = expected.settings if expected is not None else recorded_settings(tags[first], params[first])
+    lines = []
+    for fingerprint, names in groups.items():
+        if fingerprint != wanted:
+            changed = differences(recorded_settings(tags[names[0]], params[names[0]]), reference)
+            lines.append(f"  fingerprint {fingerprint[:12] or 'none (written before fingerprints)'}: "
+                         f"{', '.join(names)}; " + ("; ".join(changed) or "the same covered settings"))
+    against = "this config's (with its workdir's split and store)" if expected is not None else \
+        f"that of {', '.join(groups[wanted])}"
+    raise DataError(f"the runs to report differ from {against} in what decides their results; a table of them "
+                    f"would mix runs of different settings:\n" + "\n".join(lines) +
+                    "\nExpected runs of one fingerprint: rerun the stale ones (`cxr run --restart-stale`), or "
+                    "report another parent run (--run-id).")
+
+
 def check_given(manifest: Path | None, splits: Path | None) -> None:
     """A --manifest or --splits the user names must exist: left out silently, it would change
     the intervals (patients) or drop the notes (selection) without a word."""
     if manifest is not None and not Path(manifest).is_file():
         raise DataError(f"--manifest {manifest}: expected the manifest CSV (image_id, patient_id); no such file.")
-    if splits is not None and not (Path(splits) / "splits.json").is_file():
-        raise DataError(f"--splits {splits}: expected a splits folder written by `cxr splits` (with splits.json); "
-                        f"found none there.")
+    if splits is not None and SplitMeta.read_if_any(splits) is None:
+        raise DataError(f"--splits {splits}: expected a splits folder written by `cxr splits` (with its "
+                        f"metadata); found none there.")
 
 
 def against_baseline(averages: pd.DataFrame) -> str:

@@ -16,7 +16,6 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,24 +27,14 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import Config, ConfigError, is_server_uri, sqlite_file
+from orchestrator.layout import (CUDA_BUILD, CUDNN_BUILD, NODE_ID, NODE_IP, PARENT_RUN, RAY_GPU_IDS, STALE, TF_GPUS,
+                                 RunPaths)
 
 
 log = logging.getLogger(__name__)
 SERVED_ARTIFACTS = "mlflow-artifacts:"  # the location of artifacts a server stores for its clients
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PACKAGES = ("tensorflow", "keras", "ray", "mlflow", "pydicom", "numpy", "pandas")
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
-    """A config dataclass as dotted MLflow params (`splits.seed` -> '0')."""
-    data = asdict(obj) if is_dataclass(obj) else obj
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
 
 
 def package_versions() -> dict[str, str]:
@@ -96,7 +85,7 @@ def check_tracking(config: Config) -> None:
     uri = config.tracking_uri
     try:
         with probing(uri):
-            experiment = ensure_experiment(uri, config.experiment_name, config.paths.root / "mlruns")
+            experiment = ensure_experiment(uri, config.experiment_name, config.paths.mlruns)
     except Exception as exc:  # MLflow raises several types for a server that is down
         raise ConfigError(f"tracking.uri: the MLflow tracking server at {uri} is not reachable "
                           f"({type(exc).__name__}: {str(exc)[:300]}). Start it, or point tracking.uri "
@@ -128,7 +117,7 @@ class RunTracker:
         self.uri = uri
         self.artifact_root = artifact_root
         self.experiment = experiment
-        self.id_file = Path(run_dir) / "mlflow_run.json"
+        self.id_file = RunPaths(Path(run_dir)).mlflow_run
         self.client = MlflowClient(self.uri)
         self.run_id = ""
         self.logged: set[tuple[str, int]] = set()  # (metric, step) pairs the run holds
@@ -144,7 +133,7 @@ class RunTracker:
                            for m in self.client.get_metric_history(previous, key)}
         else:
             if parent_run_id:
-                tags = {**tags, "mlflow.parentRunId": parent_run_id}
+                tags = {**tags, PARENT_RUN: parent_run_id}
             mlflow.start_run(experiment_id=experiment.experiment_id, run_name=run_name, tags=tags)
             self.id_file.parent.mkdir(parents=True, exist_ok=True)
             self.id_file.write_text(json.dumps({"run_id": mlflow.active_run().info.run_id}) + "\n")
@@ -186,7 +175,13 @@ class RunTracker:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        """Metrics of one step; with a step, those this run already holds at it are not logged
+        again (a phase's summary redone after a restart)."""
+        if step is not None:
+            metrics = {k: v for k, v in metrics.items() if (k, step) not in self.logged}
+            self.logged.update((k, step) for k in metrics)
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
@@ -225,10 +220,15 @@ class RunTracker:
         self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
         return status
 
-
-# Where a run ran, as tags of its MLflow run (names owned here; orchestrator.devices measures them)
-NODE_IP, NODE_ID, RAY_GPU_IDS, TF_GPUS = "cxr.node_ip", "cxr.node_id", "cxr.gpu_ids", "cxr.tf_gpus"
-CUDA_BUILD, CUDNN_BUILD = "cxr.tf_cuda_version", "cxr.tf_cudnn_version"
+    def end_stale(self, moved_to: str) -> str:
+        """End this run folder's MLflow run KILLED, whatever its status (a FINISHED run of other
+        settings must not reach a report either), tagged with where its folder went."""
+        if not self.id_file.is_file():
+            return ""
+        run_id = json.loads(self.id_file.read_text())["run_id"]
+        self.client.set_tag(run_id, STALE, moved_to)
+        self.client.set_terminated(run_id, status="KILLED")
+        return "KILLED"
 
 
 def placement_tags(node_ip: str, node_id: str, gpu_ids: list[str], tf_gpus: list[str], cuda: str,

@@ -6,14 +6,17 @@
   predictions.csv, confusion matrix, MLflow.
 
 Checkpoints (`runs/fold{k}-{network}/checkpoints/ckpt-<global epoch>/`: the native `.keras` model
-with its optimizer state, plus a cursor) are written every `checkpoint_every` epochs and at each
-phase end; the same command restarts from the newest one. The input streams are stateless
+with its optimizer state, the best weights so far, and a cursor) are written every
+`checkpoint_every` epochs and at each phase end; the same command restarts from the newest one,
+if its fingerprint is the config's (orchestrator.identity). The input streams are stateless
 functions of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one and
-ends with the same number of epochs.
+ends with the same number of epochs; what it had logged is not logged twice, and what it had
+not (a phase's end) is logged then.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,43 +36,16 @@ from keras.src.saving import saving_lib
 
 from data_pipeline.files import new_build_dir, replace_dir
 from data_pipeline.schema import CLASSES, DataError
-from data_pipeline.splits import read_split, split_file, split_hash
+from data_pipeline.splits import read_split, split_file
 from data_pipeline.store import ImageStore
 from data_pipeline.tfdata import eval_stream, one_hot, training_stream
 from models.batchnorm import BatchNormStatistics
 from models.networks import NETWORKS, build
-from orchestrator.config import TrainSpec, run_name
+from orchestrator.config import TrainSpec
+from orchestrator.layout import (BEST_WEIGHTS, CHECKPOINT_MODEL, CURSOR, EPOCH_METRICS, HISTORY_COLUMNS,
+                                 PROBABILITY_COLUMNS, RunPaths, SplitMeta, run_name)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def best_weights(self) -> Path:
-        return self.root / "best.weights.h5"
-
-    @property
-    def history(self) -> Path:
-        return self.root / "history.csv"
-
-    @property
-    def predictions(self) -> Path:
-        return self.root / "predictions.csv"
-
-    @property
-    def done(self) -> Path:
-        return self.root / "done.json"
-
-    @property
-    def timing(self) -> Path:
-        return self.root / "timing.json"
 
 
 class InjectedFailure(RuntimeError):
@@ -78,17 +54,31 @@ class InjectedFailure(RuntimeError):
 
 @dataclass
 class Cursor:
-    """Where a run stands: epochs completed (global, across phases) and the best so far."""
+    """Where a run stands, saved in each checkpoint: epochs completed (global, across phases),
+    the phases whose end is logged, the best validation value so far and its epoch (its weights
+    are saved beside the cursor), and the run's fingerprint (orchestrator.identity)."""
     epoch: int = 0
-    best_value: float = -math.inf
+    phases_logged: int = 0
+    best_value: float | None = None
     best_epoch: int = 0
+    fingerprint: str = ""
 
     @classmethod
     def read(cls, path: Path) -> "Cursor":
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.__dict__) + "\n")
+        """Written aside and renamed in: a cursor is complete or absent."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self)) + "\n")
+        tmp.replace(path)
+
+    def improves(self, value: float, mode: str) -> bool:
+        if self.best_value is None:
+            return True
+        return value > self.best_value if mode == "max" else value < self.best_value
 
 
 @dataclass(frozen=True)
@@ -98,11 +88,11 @@ class RunInputs:
     phases: list[pd.DataFrame]
     val: pd.DataFrame | None
     test: pd.DataFrame
-    split_meta: dict
+    split_meta: SplitMeta
 
     @classmethod
     def load(cls, store_dir: Path, split_dir: Path, fold: int, n_phases: int) -> "RunInputs":
-        meta = json.loads((split_dir / "splits.json").read_text())
+        meta = SplitMeta.read(split_dir)
         has_val = split_file(split_dir, fold, "val").is_file()
         return cls(store=ImageStore.open(store_dir),
                    phases=[read_split(split_dir, fold, f"phase{n}") for n in range(1, n_phases + 1)],
@@ -140,7 +130,7 @@ def save_weights_only(model: keras.Model, path: Path) -> Path:
 
 def latest_checkpoint(paths: RunPaths) -> Path | None:
     """The newest complete checkpoint (its cursor is written last)."""
-    done = sorted(p for p in paths.checkpoints.glob("ckpt-*") if (p / "cursor.json").is_file())
+    done = paths.checkpoint_list()
     return done[-1] if done else None
 
 
@@ -148,7 +138,8 @@ class Run:
     """One fold x network run. `train()` does everything; it resumes where a checkpoint exists."""
 
     def __init__(self, network: str, fold: int, inputs: RunInputs, spec: TrainSpec, augment, paths: RunPaths,
-                 weights: str = "none", tracker=None, report: Callable[[dict], None] | None = None):
+                 weights: str = "none", tracker=None, report: Callable[[dict], None] | None = None,
+                 fingerprint: str = ""):
         if network not in NETWORKS:
             raise ValueError(f"network: expected one of {sorted(NETWORKS)}, received {network!r}.")
         if spec.selection == "best" and inputs.val is None:
@@ -156,6 +147,7 @@ class Run:
                             f"use a protocol with a validation set, or selection 'last'.")
         self.network, self.fold, self.inputs, self.spec, self.augment = network, fold, inputs, spec, augment
         self.paths, self.weights, self.tracker, self.report = paths, weights, tracker, report
+        self.fingerprint = fingerprint  # orchestrator.identity's: kept in every cursor
         self.batch_size = getattr(spec.batch_size, network)
         self.seed = spec.seed * 1000 + fold
         self.pending: list[dict] = []  # epoch rows in history.csv not yet behind a checkpoint (MLflow gets them then)
@@ -198,13 +190,27 @@ class Run:
             keras.mixed_precision.set_global_policy("mixed_float16")
         checkpoint = latest_checkpoint(self.paths)
         if checkpoint is not None:
+            cursor = Cursor.read(checkpoint / CURSOR)
+            if cursor.fingerprint != self.fingerprint:  # orchestrator.identity stops this before; a last guard
+                raise DataError(f"{checkpoint}: a checkpoint of fingerprint {cursor.fingerprint[:12] or 'none'}, "
+                                f"expected {self.fingerprint[:12] or 'none'} (this config's); it is not resumed.")
             log.info("resuming %s from %s", self.name, checkpoint.name)
-            model = keras.models.load_model(checkpoint / "model.keras", safe_mode=True)
+            model = keras.models.load_model(checkpoint / CHECKPOINT_MODEL, safe_mode=True)
             model.run_eagerly = self.spec.run_eagerly  # a setting of this process, not of the model
-            return build_state(model), Cursor.read(checkpoint / "cursor.json")
+            self._restore_best(checkpoint)
+            return build_state(model), cursor
+        self.paths.best_weights.unlink(missing_ok=True)  # a best of epochs that will be redone
         keras.utils.set_random_seed(self.seed)
         model = build(self.network, self.inputs.store.image_size, self.weights)
-        return compile_model(model, self.spec), Cursor()
+        return compile_model(model, self.spec), Cursor(fingerprint=self.fingerprint)
+
+    def _restore_best(self, checkpoint: Path) -> None:
+        """The best weights as of the checkpoint: a later best came from epochs that will be redone."""
+        saved = checkpoint / BEST_WEIGHTS
+        if saved.is_file():
+            shutil.copyfile(saved, self.paths.best_weights)
+        else:
+            self.paths.best_weights.unlink(missing_ok=True)
 
     @property
     def name(self) -> str:
@@ -222,12 +228,13 @@ class Run:
         epochs = self.spec.epochs
         for phase, rows in enumerate(self.inputs.phases, start=1):
             start, end = max(cursor.epoch, (phase - 1) * epochs), phase * epochs
-            if start >= end:
-                continue
-            log.info("%s: phase %d/%d, epochs %d-%d, %d images", self.name, phase, len(self.inputs.phases),
-                     start + 1, end, len(rows))
-            self._fit_phase(model, cursor, phase, rows, start, end)
-            self._end_phase(model, cursor, phase, rows)
+            if start < end:
+                log.info("%s: phase %d/%d, epochs %d-%d, %d images", self.name, phase, len(self.inputs.phases),
+                         start + 1, end, len(rows))
+                self._fit_phase(model, cursor, phase, rows, start, end)
+            # also when resumed from the phase's last checkpoint before its end was logged
+            if cursor.phases_logged < phase and cursor.epoch == end:
+                self._end_phase(model, cursor, phase, rows)
         self._log_pending()  # the epochs after the last checkpoint: training is complete
         return self._evaluate(self._selected(model, cursor))
 
@@ -252,22 +259,25 @@ class Run:
         cursor.epoch = epoch
         if self.inputs.val is not None and epoch % self.spec.validation_freq == 0:
             logs.update(self._validate(model, rows, epoch))
-        row = {"step": epoch, "phase": phase, **{k: float(logs[k]) for k in self._metric_columns() if k in logs}}
+        row = {"step": epoch, "phase": phase, **{k: float(logs[k]) for k in EPOCH_METRICS if k in logs}}
         self._append_history(row)
         self.last_row = row  # the phase summary's, at the phase's end
         value = row.get(self.spec.monitor)
-        if self.spec.selection == "best" and value is not None and value > cursor.best_value:
+        if self.spec.selection == "best" and value is not None and cursor.improves(value, self.spec.monitor_mode):
             cursor.best_value, cursor.best_epoch = float(value), epoch
-            tmp = save_weights_only(model, self.paths.root / "best.tmp.weights.h5")
-            tmp.replace(self.paths.best_weights)
+            save_weights_only(model, self.paths.best_weights_tmp).replace(self.paths.best_weights)
         if self._checkpoint_due(epoch, phase_start, phase_end):
             self.checkpoint(model, cursor)
         if self.report is not None:
             self.report(row)
-        if self.spec.fail_at == f"{self.name}:{phase}" and not (self.paths.root / "failed-once").exists():
-            (self.paths.root / "failed-once").touch()  # once: the restarted run goes on
-            raise InjectedFailure(f"{self.name}: failure injected by train.fail_at in phase {phase}")
+        self._inject_failure(phase)
         return row
+
+    def _inject_failure(self, phase: int) -> None:
+        """train.fail_at (tests): fail once, at the end of the phase's first epoch (after its checkpoint, if due)."""
+        if self.spec.fail_at == f"{self.name}:{phase}" and not self.paths.failed_once.exists():
+            self.paths.failed_once.touch()  # once: the restarted run goes on
+            raise InjectedFailure(f"{self.name}: failure injected by train.fail_at in phase {phase}")
 
     def _checkpoint_due(self, epoch: int, phase_start: int, phase_end: int) -> bool:
         every = self.spec.checkpoint_every
@@ -303,26 +313,24 @@ class Run:
     def checkpoint(self, model: keras.Model, cursor: Cursor) -> Path:
         """Model + optimizer state + cursor, written aside and renamed in; then the epochs it
         covers go to MLflow (never before: after a crash they would be redone and logged again)."""
-        target = self.paths.checkpoints / f"ckpt-{cursor.epoch:06d}"
+        target = self.paths.checkpoint(cursor.epoch)
         with self.timed("checkpoints"):
             tmp = new_build_dir(target)
-            model.save(tmp / "model.keras")
-            cursor.write(tmp / "cursor.json")
-            replace_dir(tmp, target, marker="cursor.json")
-            for old in sorted(self.paths.checkpoints.glob("ckpt-*"))[:-self.spec.keep_checkpoints]:
+            model.save(tmp / CHECKPOINT_MODEL)
+            if cursor.best_epoch and self.paths.best_weights.is_file():  # the best as of this state
+                shutil.copyfile(self.paths.best_weights, tmp / BEST_WEIGHTS)
+            cursor.write(tmp / CURSOR)
+            replace_dir(tmp, target, marker=CURSOR)
+            for old in self.paths.checkpoint_list()[:-self.spec.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.last_checkpoint = time.monotonic()
         self._log_pending()
         return target
 
-    def _metric_columns(self) -> list[str]:
-        """history.csv's columns after step and phase: one set for the whole run (validation
-        columns stay empty on epochs without validation)."""
-        return ["loss", "accuracy"] + (["val_loss", "val_accuracy"] if self.inputs.val is not None else [])
-
     def _append_history(self, row: dict) -> None:
-        """Each epoch at once: rows past the checkpoint a run resumes from are dropped then."""
-        table = pd.DataFrame([row], columns=["step", "phase", *self._metric_columns()])
+        """Each epoch at once: rows past the checkpoint a run resumes from are dropped then. One
+        column set for the whole run (validation cells stay empty on epochs without validation)."""
+        table = pd.DataFrame([row], columns=list(HISTORY_COLUMNS))
         table.to_csv(self.paths.history, mode="a", header=not self.paths.history.is_file(), index=False)
         self.pending.append(row)
 
@@ -339,24 +347,36 @@ class Run:
         """Drop history rows past the checkpoint we resume from (they will be redone)."""
         if self.paths.history.is_file():
             table = pd.read_csv(self.paths.history)
-            table[table["step"] <= epoch].to_csv(self.paths.history, index=False)
+            kept = table[table["step"] <= epoch].reindex(columns=list(HISTORY_COLUMNS))
+            kept.to_csv(self.paths.history, index=False)
 
     def _end_phase(self, model: keras.Model, cursor: Cursor, phase: int, rows: pd.DataFrame) -> None:
+        """The phase's summary metrics and weights to MLflow, then recorded as logged in the cursor
+        (and in the phase's checkpoint, so that a restart from it does not log them again)."""
         self._fresh_statistics(model, rows, cursor.epoch)  # the phase's weights are usable as they are
-        summary = {f"phase_{k}": v for k, v in self.last_row.items()
-                   if k not in ("step", "phase") and not pd.isna(v)}
+        last = self.last_row if self.last_row.get("step") == cursor.epoch else self._history_row(cursor.epoch)
+        summary = {f"phase_{k}": v for k, v in last.items() if k not in ("step", "phase") and not pd.isna(v)}
         if self.tracker is not None:
             with self.timed("logging"):
                 self._log_phase(model, phase, summary)
+        cursor.phases_logged = phase
+        checkpoint = self.paths.checkpoint(cursor.epoch)
+        if (checkpoint / CURSOR).is_file():
+            cursor.write(checkpoint / CURSOR)
+
+    def _history_row(self, step: int) -> dict:
+        """The history row of `step` (a resumed run's phase summary)."""
+        rows = [row for row in self._history_rows() if row["step"] == step]
+        return rows[-1] if rows else {}
 
     def _log_phase(self, model: keras.Model, phase: int, summary: dict) -> None:
         self.tracker.log_metrics(summary, step=phase)
         if self.spec.log_checkpoints == "weights":
-            weights = save_weights_only(model, self.paths.root / f"phase{phase}.weights.h5")
+            weights = save_weights_only(model, self.paths.phase_weights(phase))
             self.tracker.log_artifact(weights, "checkpoints")
             weights.unlink()
         elif self.spec.log_checkpoints == "full":
-            self.tracker.log_artifact(latest_checkpoint(self.paths) / "model.keras", f"checkpoints/phase{phase}")
+            self.tracker.log_artifact(latest_checkpoint(self.paths) / CHECKPOINT_MODEL, f"checkpoints/phase{phase}")
 
     # ------------------------------------------------------------ selection and evaluation
 
@@ -376,8 +396,8 @@ class Run:
             probabilities = self.predict(model, test)
         predictions = pd.DataFrame({"image_id": test["image_id"], "label": test["label"],
                                     "pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
-        for i, name in enumerate(CLASSES):
-            predictions[f"p_{name}"] = probabilities[:, i].round(6)
+        for i, column in enumerate(PROBABILITY_COLUMNS):
+            predictions[column] = probabilities[:, i].round(6)
         predictions["patient_id"] = test["patient_id"]  # the report's patient bootstrap and fold overlap
         predictions.to_csv(self.paths.predictions, index=False, lineterminator="\n")
         self.model = model
@@ -434,51 +454,67 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
     """Train and evaluate one run of `config` (an orchestrator.config.Config), tracked in MLflow.
 
     `placement`: tags saying where this attempt runs (node, GPUs), set again by a resumed run.
-    Returns the run folder. A finished run (done.json) is not trained again.
+    Returns the run folder. A finished run (done.json) of the same fingerprint is not trained
+    again; a run folder of another fingerprint is refused (orchestrator.identity.StaleRun).
     """
-    from orchestrator.figures import confusion_matrix_figure
-    from orchestrator.metrics import confusion
-    from orchestrator.tracking import RunTracker, flatten, package_versions
+    from orchestrator import layout
+    from orchestrator.config import flatten
+    from orchestrator.identity import Identity, check_run
+    from orchestrator.tracking import RunTracker, package_versions
 
-    paths = RunPaths(config.paths.run_dir(fold, network))
+    paths = config.paths.run(fold, network)
+    identity = Identity.of(config)
+    check_run(paths, identity)
     if paths.done.is_file():
-        log.info("fold%d-%s is complete (%s); skipping", fold, network, paths.done)
+        log.info("%s is complete (%s); skipping", run_name(fold, network), paths.done)
         return paths.root
     inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases)
-    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root, config.paths.root / "mlruns")
-    test_pool = inputs.split_meta.get("validation") == "test_pool"
-    tags = {"fold": str(fold), "network": network, "protocol": inputs.split_meta["spec"]["protocol"],
-            "split_hash": split_hash(config.paths.splits), "validation": inputs.split_meta.get("validation", ""),
-            "selection_on_test_pool": str(test_pool and config.train.selection == "best").lower(),
-            "mlflow.source.name": "cxr (orchestrator.trainer)", **package_versions()}
-    if tracker.open(run_name(fold, network), tags, {**flatten(config), "fold": str(fold), "network": network},
-                    parent_run_id):
-        tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=tags["split_hash"][:16])
-    tracker.set_tags(placement or {})
-    run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker, report)
-    try:
+    if not paths.identity.is_file():
+        identity.write(paths.identity)  # first, so that nothing in the folder predates it
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root, config.paths.mlruns)
+    tags = {layout.FOLD: str(fold), layout.NETWORK: network, layout.PROTOCOL: inputs.split_meta.protocol,
+            layout.VALIDATION: inputs.split_meta.validation, layout.SOURCE_NAME: "cxr (orchestrator.trainer)",
+            layout.SELECTION_ON_TEST_POOL: str(inputs.split_meta.validation == "test_pool"
+                                               and config.train.selection == "best").lower(),
+            **package_versions()}
+    # set on every attempt, like the placement: what the run is, and where this attempt runs
+    identity_tags = {layout.FINGERPRINT: identity.fingerprint, layout.SPLIT_HASH: identity.split_hash,
+                     layout.STORE_KEY: identity.store_key, **(placement or {})}
+    run = None
+    try:  # from the run's opening on, any error ends it FAILED (Ctrl-C: KILLED), never RUNNING
+        params = {**flatten(config), "fold": str(fold), "network": network}
+        if tracker.open(run_name(fold, network), tags, params, parent_run_id):
+            tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=identity.split_hash[:16])
+        tracker.set_tags(identity_tags)
+        run = Run(network, fold, inputs, config.train, config.augment, paths, config.model.weights, tracker, report,
+                  fingerprint=identity.fingerprint)
         predictions = pd.read_csv(run.train())
-        matrix = confusion(predictions["label"], predictions["pred"])
-        figure = confusion_matrix_figure(matrix, CLASSES, f"fold {fold}, {network}", paths.root / "confusion_matrix.png")
-        tracker.log_metrics({"test_accuracy": float((predictions["label"] == predictions["pred"]).mean())})
-        with run.timed("logging"):
-            for artifact in (paths.predictions, figure, paths.history):
-                tracker.log_artifact(artifact)
-            sample = next(iter(eval_stream(inputs.store, inputs.test.head(2), 2)))[0]
-            tracker.log_model(run.model, sample, predictions.iloc[:2][[f"p_{c}" for c in CLASSES]].to_numpy())
-    except KeyboardInterrupt:
-        run.save_timing()
-        tracker.close("KILLED")
-        raise
-    except BaseException:
-        run.save_timing()
-        tracker.close("FAILED")  # never left RUNNING
+        log_results(run, tracker, predictions, f"fold {fold}, {network}")
+    except BaseException as exc:
+        if run is not None:
+            run.save_timing()
+        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.log_metrics({f"seconds_{k}": v for k, v in run.save_timing().items()})
-    paths.done.write_text(json.dumps({"run_id": tracker.run_id}) + "\n")
+    paths.done.write_text(json.dumps({"run_id": tracker.run_id, "fingerprint": identity.fingerprint}) + "\n")
     tracker.close("FINISHED")
     # The selected model and the per-phase weights are in MLflow now; checkpoints only served
     # resuming (and a concatenated one is ~0.5 GB), so a finished run keeps none.
     shutil.rmtree(paths.checkpoints, ignore_errors=True)
     paths.best_weights.unlink(missing_ok=True)
     return paths.root
+
+
+def log_results(run: Run, tracker, predictions: pd.DataFrame, title: str) -> None:
+    """The test accuracy, predictions, confusion matrix, history and the selected model."""
+    from orchestrator.figures import confusion_matrix_figure
+    from orchestrator.metrics import confusion
+
+    matrix = confusion(predictions["label"], predictions["pred"])
+    figure = confusion_matrix_figure(matrix, CLASSES, title, run.paths.confusion_matrix)
+    tracker.log_metrics({"test_accuracy": float((predictions["label"] == predictions["pred"]).mean())})
+    with run.timed("logging"):
+        for artifact in (run.paths.predictions, figure, run.paths.history):
+            tracker.log_artifact(artifact)
+        sample = next(iter(eval_stream(run.inputs.store, run.inputs.test.head(2), 2)))[0]
+        tracker.log_model(run.model, sample, predictions.iloc[:2][list(PROBABILITY_COLUMNS)].to_numpy())

@@ -80,10 +80,3 @@ def test_local_imagenet_folder_and_whole_network_weights(tmp_path):
     model.save_weights(whole)
     again = build("xception", 96, str(whole))
     assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights()))
-
-
-def test_the_driver_knows_the_registrys_networks():
-    """The report and the driver name the networks without importing TensorFlow."""
-    from orchestrator.config import NETWORK_NAMES
-
-    assert tuple(NETWORKS) == NETWORK_NAMES

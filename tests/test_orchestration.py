@@ -8,7 +8,8 @@
 - Ray's fake multi-node autoscaler: the runs wait, GPU nodes come, the runs finish on them;
 - configs/paper.yaml shrunk by `--set` on a local Ray with no tracking URI: the 15 children land
   in the driver's store, a worker killed with SIGKILL resumes its MLflow run, and the same command
-  on the finished workdir trains nothing and keeps the parent.
+  on the finished workdir trains nothing and keeps the parent; with another split seed it stops,
+  naming the 15 stale runs, and with --restart-stale moves them aside and trains anew.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -283,7 +283,19 @@ def paper_local(tmp_path_factory):
     again = subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=600)
     shutil.rmtree(temp, ignore_errors=True)
     yield {"here": here, "workdir": here / "work" / "paper", "log": out, "rc": first.returncode, "again": again,
-           "killed": killed, "done": done, "worker_dbs": worker_dbs, "leftovers": leftovers}
+           "killed": killed, "done": done, "worker_dbs": worker_dbs, "leftovers": leftovers, "command": command,
+           "env": env}
+
+
+def in_own_group(command: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`subprocess.run` in a process group of its own, ended (with whatever it left) afterwards."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        end_group(process)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def kill_a_running_worker(runs: Path, driver: int) -> dict:
@@ -334,3 +346,44 @@ def test_a_worker_killed_with_sigkill_resumes_its_mlflow_run_to_finished(paper_l
     client = MlflowClient(f"sqlite:///{paper_local['workdir']}/mlflow.db")
     assert client.get_run(killed["run_id"]).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(killed["run_id"], "loss")] == [1]  # its epoch, once
+
+
+def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_local):
+    """The issue's case: the same command with another split seed rewrites the splits. It must
+    neither skip the finished runs nor report them: it stops, naming them and what changed; with
+    --restart-stale it moves them aside, ends their MLflow runs KILLED and trains anew. Last in
+    this module: it changes the workdir the tests above read."""
+    workdir, temp = paper_local["workdir"], short_temp_dir()
+    env = {**paper_local["env"], "RAY_TMPDIR": temp}
+    command = [*paper_local["command"], "--set=splits.seed=3"]
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    before = children(uri, "cxr-paper")
+    try:
+        stopped = in_own_group(command, cwd=paper_local["here"], env=env)
+        assert stopped.returncode == 2, stopped.stderr[-3000:]
+        assert "15 run folder(s) hold runs of other settings" in stopped.stderr
+        assert all(f"{name} (done)" in stopped.stderr for name in RUNS)
+        assert re.search(r"changed: split_hash: [0-9a-f]{12} -> [0-9a-f]{12}", stopped.stderr), stopped.stderr[-2000:]
+        assert not (workdir / "runs" / ".stale").exists()
+        assert all(r.info.status == "FINISHED" for r in children(uri, "cxr-paper").values())
+
+        restarted = in_own_group([*command, "--restart-stale", "--folds=1", "--networks=xception"],
+                                 cwd=paper_local["here"], env=env)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+        deadline = time.monotonic() + 30  # Ray's processes end a moment after the driver's exit
+        while processes_of(temp) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not processes_of(temp)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    (moved,) = (workdir / "runs" / ".stale").iterdir()  # runs/.stale/<time>/
+    assert sorted(p.name for p in moved.iterdir()) == sorted(RUNS)
+    client = MlflowClient(uri)
+    for name, run in before.items():
+        after = client.get_run(run.info.run_id)
+        assert after.info.status == "KILLED" and after.data.tags["cxr.stale"] == str(moved / name)
+    new = json.loads((workdir / "runs" / "fold1-xception" / "done.json").read_text())
+    assert new["run_id"] not in {r.info.run_id for r in before.values()}
+    assert new["fingerprint"] != before["fold1-xception"].data.tags["cxr.fingerprint"]
+    table3 = pd.read_csv(workdir / "report" / "table3.csv")  # the new run only: no stale run reported
+    assert table3[["fold", "network"]].values.tolist() == [[1, "xception"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from data_pipeline.schema import CLASSES, DataError
 from orchestrator.cli import main
-from orchestrator.config import NETWORK_NAMES, load_config
+from orchestrator.config import load_config
+from orchestrator.layout import NETWORK_NAMES
 from orchestrator.metrics import bootstrap_weights, run_metrics, weighted_auc, wilson
 from orchestrator.report import BASELINE, RunResult, against_baseline, make_report, overlap_note
 from tests.conftest import FIXTURES, ROOT
@@ -88,7 +90,7 @@ def predictions_for(matrix: np.ndarray, rng: np.random.Generator, fold: int) -> 
 
 
 @pytest.fixture(scope="module")
-def paper_predictions(tmp_path_factory) -> "Path":
+def paper_predictions(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("paper-predictions")
     rng = np.random.default_rng(0)
     for fold, rows in TABLE3.items():
@@ -376,3 +378,14 @@ def test_the_report_reads_a_cxr_run_from_mlflow_and_logs_back(paper_predictions,
     metrics = client.get_run(parent).data.metrics
     assert metrics["average.xception.accuracy"] == pytest.approx(
         report.table4[(report.table4["fold"] == "average") & (report.table4["network"] == "xception")]["accuracy"].iloc[0])
+
+    # one child of other settings: the report refuses to mix it with the others, naming it and
+    # what differs (runs of one fingerprint agree on everything that decides their results)
+    for name in ("fold1-xception", "fold1-resnet50v2"):
+        client.set_tag(children[name], "cxr.fingerprint", "a" * 64)
+        client.log_param(children[name], "train.learning_rate", "0.0003")
+    client.set_tag(children["fold2-xception"], "cxr.fingerprint", "b" * 64)
+    client.log_param(children["fold2-xception"], "train.learning_rate", "0.001")
+    with pytest.raises(DataError, match=r"(?s)differ from that of fold1-resnet50v2, fold1-xception.*"
+                                        r"fingerprint bbbbbbbbbbbb: fold2-xception; train.learning_rate: 0.001 -> 0.0003"):
+        make_report(config, replicates=20)

@@ -16,8 +16,7 @@ import pytest
 
 from PIL import Image
 
-from data_pipeline.store import (ImageStore, StoreBuilder, StoreError, StoreSpec, build_serial, decode_chunk,
-                                 decode_resized)
+from data_pipeline.store import (ImageStore, StoreBuilder, StoreError, StoreSpec, build_serial, decode_resized)
 from orchestrator.launch import build_store
 from tests.conftest import TINY_PHASES
 

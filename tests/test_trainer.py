@@ -3,6 +3,7 @@ checkpoints, resume after a kill, batched evaluation, and what reaches MLflow.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,13 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_pipeline.schema import DataError
 from data_pipeline.splits import SplitSpec, make_splits, write_splits
 from data_pipeline.store import StoreSpec, build_serial
 from orchestrator.config import load_config
-from orchestrator.trainer import Run, RunInputs, RunPaths, train_and_evaluate
+from orchestrator.identity import StaleRun
+from orchestrator.layout import FINGERPRINT, HISTORY_COLUMNS, RunPaths
+from orchestrator.trainer import InjectedFailure, Run, RunInputs, train_and_evaluate
 from tests.conftest import ROOT
 
-SETTINGS = ["splits.phases=2", "store.image_size=72", "train.epochs=2", "train.steps_per_epoch=1",
+SETTINGS = ["model.weights=none", "splits.phases=2", "store.image_size=72", "train.epochs=2", "train.steps_per_epoch=1",
             "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}", "train.selection=best",
             "train.eval_batch_size=32", "train.keep_checkpoints=1"]
 
@@ -88,6 +92,14 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
 
     assert train_and_evaluate(config, 1, "xception") == root  # finished: skipped, no second run
     assert len(runs_of(config)) == 1
+    fingerprint = json.loads((root / "done.json").read_text())["fingerprint"]
+    assert run.data.tags[FINGERPRINT] == fingerprint and len(fingerprint) == 64
+    # the same folder under other settings is neither skipped nor retrained in place
+    changed = config_for(workdir, "full", "train.log_checkpoints=weights", "train.run_eagerly=true",
+                         "train.learning_rate=1e-3")
+    with pytest.raises(StaleRun, match=r"(?s)fold1-xception \(done\).*train.learning_rate: 0.0001 -> 0.001"):
+        train_and_evaluate(changed, 1, "xception")
+    assert len(runs_of(config)) == 1
 
 
 def tracing_counts(function) -> dict[str, int]:
@@ -107,7 +119,7 @@ def tracing_counts(function) -> dict[str, int]:
 
 
 def test_changing_phase_neither_rebuilds_nor_retraces(workdir, tmp_path):
-    config = config_for(workdir, "trace")
+    config = config_for(workdir, "trace", "train.validation_freq=2")
     inputs = RunInputs.load(workdir / "store", workdir / "splits", 2, 2)
     run = Run("xception", 2, inputs, config.train, config.augment, RunPaths(tmp_path / "run"))
     model, cursor = run.model_and_cursor()
@@ -120,6 +132,48 @@ def test_changing_phase_neither_rebuilds_nor_retraces(workdir, tmp_path):
     assert int(model.optimizer.iterations) == 4  # 2 phases x 2 epochs x 1 step, one optimizer
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert history["step"].tolist() == [1, 2, 3, 4] and history["phase"].tolist() == [1, 1, 2, 2]
+    # one column set, although only every second epoch was validated (validation_freq 2)
+    assert tuple(history.columns) == HISTORY_COLUMNS
+    assert history["val_accuracy"].notna().tolist() == [False, True, False, True]
+
+
+def test_a_data_error_after_the_run_opens_ends_it_failed(workdir, tiny_manifest, tmp_path):
+    """Best-on-validation selection on splits without a validation set: refused, and the MLflow
+    run it had opened ends FAILED, not RUNNING."""
+    (tmp_path / "store").symlink_to(workdir / "store")
+    spec = SplitSpec(test_covid=6, test_covid_pneumonia=2, phase_normal=35, phase_pneumonia=26, phases=2)
+    write_splits(make_splits(tiny_manifest, spec), tmp_path / "splits")  # validation: none
+    config = load_config(None, [f"workdir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                                "tracking.experiment=no-val", *SETTINGS])
+    with pytest.raises(DataError, match="train.selection is 'best' but the splits have no val.csv for fold 1"):
+        train_and_evaluate(config, 1, "xception")
+    (run,) = runs_of(config)
+    assert run.info.status == "FAILED"
+
+
+def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(workdir):
+    """One epoch per phase: the failure comes right after phase 1's checkpoint, before its end is
+    logged. The resumed run logs phase 1's summary and weights, and selects among the best weights
+    saved with the checkpoint, not one written after it (whose epoch the crash lost)."""
+    config = config_for(workdir, "phase-end", "train.epochs=1", "train.run_eagerly=true", "train.batchnorm=moving",
+                        "train.log_checkpoints=weights", "train.fail_at=fold5-xception:1")
+    with pytest.raises(InjectedFailure):
+        train_and_evaluate(config, 5, "xception")
+    paths = config.paths.run(5, "xception")
+    (checkpoint,) = paths.checkpoint_list()
+    cursor = json.loads((checkpoint / "cursor.json").read_text())
+    assert (cursor["epoch"], cursor["phases_logged"], cursor["best_epoch"]) == (1, 0, 1)
+    assert (checkpoint / "best.weights.h5").read_bytes() == paths.best_weights.read_bytes()
+    paths.best_weights.write_bytes(b"the best weights of an epoch after the checkpoint, lost with the crash")
+
+    train_and_evaluate(config, 5, "xception")
+    (run,) = runs_of(config)
+    client = mlflow.tracking.MlflowClient(config.tracking.uri)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "phase_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
+        "checkpoints/phase1.weights.h5", "checkpoints/phase2.weights.h5"}
 
 
 def test_a_crash_marks_the_run_failed(workdir, monkeypatch):

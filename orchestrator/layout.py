@@ -1,0 +1,240 @@
+"""Every name the orchestrator stores, in one place: the workdir's and each run's files, the
+networks, the columns of the files a run writes, the split metadata as the runs read it, and the
+MLflow tag names. The trainer, the driver and the report ask here and never spell a name.
+
+It imports neither TensorFlow nor MLflow: the driver, which never imports TensorFlow, and the
+Ray workers read the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.schema import CLASSES, DataError
+from data_pipeline.splits import META_FILE
+
+
+# ---------------------------------------------------------------- networks
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    batch_size: int  # the paper's (Table 2)
+    cost: int        # relative time per run: the longest runs are launched first
+
+
+# The paper's three networks, in its tables' order. models.networks holds their builders under
+# the same names (a test holds the two together); the CLI's choices, the config's batch sizes,
+# the launch order and the report's rows all come from here.
+NETWORKS: tuple[Network, ...] = (Network("xception", 30, 1), Network("resnet50v2", 30, 1),
+                                 Network("concatenated", 20, 2))
+NETWORK_NAMES: tuple[str, ...] = tuple(n.name for n in NETWORKS)
+NETWORK_COST: dict[str, int] = {n.name: n.cost for n in NETWORKS}
+
+
+def run_name(fold: int, network: str) -> str:
+    """The name of one training run: its folder under runs/, its MLflow run, its report rows."""
+    return f"fold{fold}-{network}"
+
+
+# ---------------------------------------------------------------- columns
+
+# predictions.csv: one row per test image, in the test split's order
+PROBABILITY_COLUMNS: tuple[str, ...] = tuple(f"p_{c}" for c in CLASSES)
+PREDICTION_COLUMNS: tuple[str, ...] = ("image_id", "label", "pred", *PROBABILITY_COLUMNS, "patient_id")
+PREDICTION_REQUIRED: tuple[str, ...] = PREDICTION_COLUMNS[:-1]  # patient_id may come from a manifest
+# history.csv: one row per epoch, the same columns whatever was measured that epoch (validation
+# every `validation_freq` epochs, or never: those cells stay empty)
+EPOCH_METRICS: tuple[str, ...] = ("loss", "accuracy", "val_loss", "val_accuracy")
+HISTORY_COLUMNS: tuple[str, ...] = ("step", "phase", *EPOCH_METRICS)
+
+
+# ---------------------------------------------------------------- MLflow tags
+
+FOLD, NETWORK, PROTOCOL, VALIDATION = "fold", "network", "protocol", "validation"
+SPLIT_HASH, SELECTION_ON_TEST_POOL = "split_hash", "selection_on_test_pool"
+FINGERPRINT, STORE_KEY = "cxr.fingerprint", "cxr.store_key"
+ROLE, EXPERIMENT_ROLE = "cxr.role", "experiment"  # the parent run of a `cxr run`
+STALE = "cxr.stale"  # on a run moved aside by --restart-stale
+PARENT_RUN = "mlflow.parentRunId"
+SOURCE_NAME = "mlflow.source.name"
+# where a run ran (orchestrator.devices measures them)
+NODE_IP, NODE_ID, RAY_GPU_IDS, TF_GPUS = "cxr.node_ip", "cxr.node_id", "cxr.gpu_ids", "cxr.tf_gpus"
+CUDA_BUILD, CUDNN_BUILD = "cxr.tf_cuda_version", "cxr.tf_cudnn_version"
+
+
+# ---------------------------------------------------------------- files
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one fold x network run, under runs/fold{k}-{network}/."""
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"ckpt-{epoch:06d}"
+
+    def checkpoint_list(self) -> list[Path]:
+        """The complete checkpoints, oldest first (a checkpoint's cursor is written last)."""
+        return sorted(p for p in self.checkpoints.glob("ckpt-*") if (p / CURSOR).is_file())
+
+    @property
+    def best_weights(self) -> Path:
+        return self.root / BEST_WEIGHTS
+
+    @property
+    def best_weights_tmp(self) -> Path:
+        """Where the best weights are written before they replace the previous best."""
+        return self.root / "best.tmp.weights.h5"
+
+    @property
+    def history(self) -> Path:
+        return self.root / HISTORY_FILE
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / PREDICTIONS_FILE
+
+    @property
+    def confusion_matrix(self) -> Path:
+        return self.root / "confusion_matrix.png"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "done.json"
+
+    @property
+    def timing(self) -> Path:
+        return self.root / "timing.json"
+
+    @property
+    def identity(self) -> Path:
+        """The fingerprint and the settings it covers, written when the run first opens."""
+        return self.root / "identity.json"
+
+    @property
+    def mlflow_run(self) -> Path:
+        """The id of the run's MLflow run: a restarted run continues it."""
+        return self.root / "mlflow_run.json"
+
+    def phase_weights(self, phase: int) -> Path:
+        return self.root / f"phase{phase}.weights.h5"
+
+    @property
+    def failed_once(self) -> Path:
+        """train.fail_at's marker: the failure is injected once."""
+        return self.root / "failed-once"
+
+    def read_done(self) -> dict:
+        return json.loads(self.done.read_text()) if self.done.is_file() else {}
+
+
+PREDICTIONS_FILE, HISTORY_FILE = "predictions.csv", "history.csv"  # also the MLflow artifacts' names
+CURSOR = "cursor.json"           # in each checkpoint: where the run stands
+BEST_WEIGHTS = "best.weights.h5"  # in the run folder and, as of each checkpoint, in the checkpoint
+CHECKPOINT_MODEL = "model.keras"
+
+
+@dataclass(frozen=True)
+class WorkPaths:
+    """Where each stage leaves its output: the workdir, and shared storage for the runs."""
+    root: Path
+    storage: Path | None = None
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def database(self) -> Path:
+        """The default MLflow tracking database (sqlite) of the workdir."""
+        return self.root / "mlflow.db"
+
+    @property
+    def mlruns(self) -> Path:
+        """The artifacts of a sqlite-tracked workdir."""
+        return self.root / "mlruns"
+
+    @property
+    def parent_record(self) -> Path:
+        """The id of the workdir's parent MLflow run (written by its first `cxr run`)."""
+        return self.root / "mlflow_parent.json"
+
+    @property
+    def results(self) -> Path:
+        """One row per run of the last `cxr run`."""
+        return self.root / "runs.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def runs(self) -> Path:
+        return (self.storage or self.root) / "runs"
+
+    @property
+    def stale(self) -> Path:
+        """Where --restart-stale moves runs of other settings, one folder per restart."""
+        return self.runs / ".stale"
+
+    def run_dir(self, fold: int, network: str) -> Path:
+        return self.runs / run_name(fold, network)
+
+    def run(self, fold: int, network: str) -> RunPaths:
+        return RunPaths(self.run_dir(fold, network))
+
+    @property
+    def ray_results(self) -> Path:
+        return (self.storage or self.root) / "ray"
+
+
+# ---------------------------------------------------------------- split metadata
+
+@dataclass(frozen=True)
+class SplitMeta:
+    """What `write_splits` records beside the split files (data_pipeline.splits owns the file)."""
+    spec: dict
+    validation: str = ""            # test_pool | training_pool | none
+    flags: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    manifest_sha256: str = ""
+
+    @property
+    def protocol(self) -> str:
+        return self.spec.get("protocol", "")
+
+    @classmethod
+    def read(cls, split_dir: Path) -> "SplitMeta":
+        path = Path(split_dir) / META_FILE
+        if not path.is_file():
+            raise DataError(f"{path}: no such file; expected the metadata of a splits folder written by "
+                            f"`cxr splits` (or `cxr run`).")
+        data = json.loads(path.read_text())
+        if not isinstance(data.get("spec"), dict):
+            raise DataError(f"{path}: expected a 'spec' mapping (the split settings), found {data.get('spec')!r}.")
+        return cls(spec=data["spec"], validation=data.get("validation", ""), flags=list(data.get("flags", [])),
+                   notes=list(data.get("notes", [])), manifest_sha256=data.get("manifest_sha256", ""))
+
+    @classmethod
+    def read_if_any(cls, split_dir: Path | None) -> "SplitMeta | None":
+        if split_dir is None or not (Path(split_dir) / META_FILE).is_file():
+            return None
+        return cls.read(split_dir)
