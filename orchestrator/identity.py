@@ -22,10 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.schema import DataError
 from data_pipeline.splits import SUMS_FILE, split_hash
 from data_pipeline.store import StoreBuilder
 from orchestrator.config import Config, ConfigError, flatten, resolved
-from orchestrator.layout import CURSOR, NETWORK_NAMES, SPLIT_HASH, STORE_KEY, RunPaths
+from orchestrator.layout import CURSOR, FINGERPRINT, NETWORK_NAMES, SPLIT_HASH, STORE_KEY, RunPaths
 
 log = logging.getLogger(__name__)
 SPLIT, STORE = "split_hash", "store_key"
@@ -176,6 +177,34 @@ def refuse(stale: list[Stale]) -> StaleRun:
                     f"Expected runs of this config. Go back to the settings they were trained with, use a "
                     f"fresh workdir, or give --restart-stale to move them to runs/.stale/ (their MLflow runs "
                     f"end KILLED) and train them anew.")
+
+
+def check_one_fingerprint(tags: dict[str, dict[str, str]], params: dict[str, dict[str, str]],
+                          expected: Identity | None) -> None:
+    """For a report: the MLflow runs (their tags and params, by run name) must share one
+    fingerprint, and `expected`'s where it is known (the config's, when its workdir holds the split
+    and store to compute it); else a DataError naming the runs of each fingerprint and what differs."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(tags):
+        groups.setdefault(tags[name].get(FINGERPRINT, ""), []).append(name)
+    wanted = expected.fingerprint if expected is not None else next(iter(groups), "")
+    if set(groups) <= {wanted}:
+        return
+    if expected is not None:
+        reference, against = expected.settings, "this config's (with its workdir's split and store)"
+    else:
+        first = groups[wanted][0]
+        reference, against = recorded_settings(tags[first], params[first]), f"that of {', '.join(groups[wanted])}"
+    lines = []
+    for fingerprint, names in groups.items():
+        if fingerprint != wanted:
+            changed = differences(recorded_settings(tags[names[0]], params[names[0]]), reference)
+            lines.append(f"  fingerprint {fingerprint[:12] or 'none (written before fingerprints)'}: "
+                         f"{', '.join(names)}; " + ("; ".join(changed) or "the same covered settings"))
+    raise DataError(f"the runs to report differ from {against} in what decides their results; a table of them "
+                    f"would mix runs of different settings:\n" + "\n".join(lines) +
+                    "\nExpected runs of one fingerprint: rerun the stale ones (`cxr run --restart-stale`), or "
+                    "report another parent run (--run-id).")
 
 
 def check_run(paths: RunPaths, current: Identity) -> None:

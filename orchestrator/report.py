@@ -550,7 +550,7 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     logging the report back to it; or from a `predictions` folder (nothing logged). The config
     gives the tracking settings, the workdir and the number of folds."""
     from data_pipeline.splits import SUMS_FILE, split_hash
-    from orchestrator.identity import Identity
+    from orchestrator.identity import Identity, check_one_fingerprint
 
     check_given(manifest, splits)
     out = Path(out) if out is not None else config.paths.report
@@ -563,7 +563,7 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     uri = config.tracking_uri
     run_id = run_id or latest_parent(uri, config.experiment_name, config.paths.parent_record)
     found, tags, params = from_mlflow(uri, run_id)
-    check_fingerprints(tags, params, Identity.of(config) if Identity.workdir_ready(config) else None)
+    check_one_fingerprint(tags, params, Identity.of(config) if Identity.workdir_ready(config) else None)
     runs, unit = attach_patients(found, manifest or config.paths.manifest)
     splits = Path(splits or config.paths.splits)
     flags, split_notes = split_context(splits)
@@ -579,34 +579,6 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     report = write_report(inputs, out, replicates, seed, test_pool)
     log_report(uri, report, inputs)
     return report
-
-
-def check_fingerprints(tags: dict[str, dict[str, str]], params: dict[str, dict[str, str]], expected) -> None:
-    """Refuse runs of different settings in one report: the runs' fingerprints must agree, and
-    match the config's (`expected`, an orchestrator.identity.Identity) where its workdir holds the
-    split and store to compute it. The error names the runs of each fingerprint and what differs."""
-    from orchestrator.identity import differences, recorded_settings
-
-    groups: dict[str, list[str]] = {}
-    for name in sorted(tags):
-        groups.setdefault(tags[name].get(layout.FINGERPRINT, ""), []).append(name)
-    wanted = expected.fingerprint if expected is not None else next(iter(groups), "")
-    if set(groups) <= {wanted}:
-        return
-    first = groups.get(wanted, [""])[0]
-    reference = expected.settings if expected is not None else recorded_settings(tags[first], params[first])
-    lines = []
-    for fingerprint, names in groups.items():
-        if fingerprint != wanted:
-            changed = differences(recorded_settings(tags[names[0]], params[names[0]]), reference)
-            lines.append(f"  fingerprint {fingerprint[:12] or 'none (written before fingerprints)'}: "
-                         f"{', '.join(names)}; " + ("; ".join(changed) or "the same covered settings"))
-    against = "this config's (with its workdir's split and store)" if expected is not None else \
-        f"that of {', '.join(groups[wanted])}"
-    raise DataError(f"the runs to report differ from {against} in what decides their results; a table of them "
-                    f"would mix runs of different settings:\n" + "\n".join(lines) +
-                    "\nExpected runs of one fingerprint: rerun the stale ones (`cxr run --restart-stale`), or "
-                    "report another parent run (--run-id).")
 
 
 def check_given(manifest: Path | None, splits: Path | None) -> None:

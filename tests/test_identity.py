@@ -189,3 +189,22 @@ def test_run_folders_of_other_settings_are_found_and_named_with_what_changed(tmp
     mixed.checkpoint(1).mkdir(parents=True)
     (mixed.checkpoint(1) / layout.CURSOR).write_text(json.dumps({"epoch": 1, "fingerprint": old.fingerprint}))
     assert "fold5-concatenated" in {s.name for s in find_stale(new_config, Identity.of(new_config))}
+
+
+def test_a_report_refuses_runs_of_another_fingerprint_than_the_configs(tmp_path):
+    from data_pipeline.schema import DataError
+    from orchestrator.config import flatten, resolved
+    from orchestrator.identity import check_one_fingerprint
+
+    config = config_in(workdir_with(tmp_path))
+    current = Identity.of(config)
+    changed = config_in(tmp_path, "train.learning_rate=1e-3")
+    tags = {"fold1-xception": {layout.FINGERPRINT: current.fingerprint},
+            "fold2-xception": {layout.FINGERPRINT: Identity.of(changed).fingerprint}}
+    for run in tags.values():
+        run.update({layout.SPLIT_HASH: current.split_hash, layout.STORE_KEY: current.store_key})
+    params = {"fold1-xception": flatten(resolved(config)), "fold2-xception": flatten(resolved(changed))}
+    check_one_fingerprint({"fold1-xception": tags["fold1-xception"]}, params, current)
+    with pytest.raises(DataError, match=r"(?s)differ from this config's.*fingerprint [0-9a-f]{12}: fold2-xception; "
+                                        r"train.learning_rate: 0.001 -> 0.0003\n"):
+        check_one_fingerprint(tags, params, current)

@@ -8,8 +8,8 @@
 - Ray's fake multi-node autoscaler: the runs wait, GPU nodes come, the runs finish on them;
 - configs/paper.yaml shrunk by `--set` on a local Ray with no tracking URI: the 15 children land
   in the driver's store, a worker killed with SIGKILL resumes its MLflow run, and the same command
-  on the finished workdir trains nothing and keeps the parent; with another split seed it stops,
-  naming the 15 stale runs, and with --restart-stale moves them aside and trains anew.
+  on the finished workdir trains nothing and keeps the parent; with another split seed the driver
+  stops, naming the 15 stale runs, and `cxr run --restart-stale` moves them aside and trains anew.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import ConfigError, load_config
-from orchestrator.experiment import parent_run
+from orchestrator.config import ConfigError, load_config, resolved
+from orchestrator.experiment import ensure_splits, parent_run, set_aside_stale
+from orchestrator.identity import StaleRun
 from orchestrator.tracking import check_tracking
 from tests.conftest import PAPER_SHRINK, ROOT
 from tests.ray_clusters import AutoscalingCluster, FixedCluster, free_port, processes_of, short_temp_dir, wait_for_url
@@ -350,25 +351,29 @@ def test_a_worker_killed_with_sigkill_resumes_its_mlflow_run_to_finished(paper_l
 
 def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_local):
     """The issue's case: the same command with another split seed rewrites the splits. It must
-    neither skip the finished runs nor report them: it stops, naming them and what changed; with
-    --restart-stale it moves them aside, ends their MLflow runs KILLED and trains anew. Last in
-    this module: it changes the workdir the tests above read."""
+    neither skip the finished runs nor report them: the driver stops before training, naming them
+    and what changed (checked in this process: the same stages `cxr run` runs, without starting a
+    Ray for a command that trains nothing); `cxr run --restart-stale` moves them aside, ends their
+    MLflow runs KILLED and trains anew. Last in this module: it changes the workdir read above."""
     workdir, temp = paper_local["workdir"], short_temp_dir()
-    env = {**paper_local["env"], "RAY_TMPDIR": temp}
-    command = [*paper_local["command"], "--set=splits.seed=3"]
     uri = f"sqlite:///{workdir}/mlflow.db"
     before = children(uri, "cxr-paper")
-    try:
-        stopped = in_own_group(command, cwd=paper_local["here"], env=env)
-        assert stopped.returncode == 2, stopped.stderr[-3000:]
-        assert "15 run folder(s) hold runs of other settings" in stopped.stderr
-        assert all(f"{name} (done)" in stopped.stderr for name in RUNS)
-        assert re.search(r"changed: split_hash: [0-9a-f]{12} -> [0-9a-f]{12}", stopped.stderr), stopped.stderr[-2000:]
-        assert not (workdir / "runs" / ".stale").exists()
-        assert all(r.info.status == "FINISHED" for r in children(uri, "cxr-paper").values())
+    overrides = [a.removeprefix("--set=") for a in PAPER_SHRINK] + ["splits.seed=3", f"workdir={workdir}"]
+    config = resolved(load_config(PAPER, overrides))
+    ensure_splits(config)  # as `cxr run` does first: the seed changes the split files, hence their hash
+    with pytest.raises(StaleRun) as stopped:
+        set_aside_stale(config, restart=False)
+    message = str(stopped.value)
+    assert "15 run folder(s) hold runs of other settings" in message and "--restart-stale" in message
+    assert all(f"{name} (done)" in message for name in RUNS)
+    assert re.search(r"changed: split_hash: [0-9a-f]{12} -> [0-9a-f]{12}$", message, re.M), message
+    assert not (workdir / "runs" / ".stale").exists()
+    assert all(r.info.status == "FINISHED" for r in children(uri, "cxr-paper").values())
 
-        restarted = in_own_group([*command, "--restart-stale", "--folds=1", "--networks=xception"],
-                                 cwd=paper_local["here"], env=env)
+    env = {**paper_local["env"], "RAY_TMPDIR": temp}
+    command = [*paper_local["command"], "--set=splits.seed=3", "--restart-stale", "--folds=1", "--networks=xception"]
+    try:
+        restarted = in_own_group(command, cwd=paper_local["here"], env=env)
         assert restarted.returncode == 0, restarted.stderr[-3000:]
         deadline = time.monotonic() + 30  # Ray's processes end a moment after the driver's exit
         while processes_of(temp) and time.monotonic() < deadline:

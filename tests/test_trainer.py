@@ -159,6 +159,7 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
                         "train.log_checkpoints=weights", "train.fail_at=fold5-xception:1")
     with pytest.raises(InjectedFailure):
         train_and_evaluate(config, 5, "xception")
+    assert runs_of(config)[0].info.status == "FAILED"  # a crash ends the run FAILED, never RUNNING
     paths = config.paths.run(5, "xception")
     (checkpoint,) = paths.checkpoint_list()
     cursor = json.loads((checkpoint / "cursor.json").read_text())
@@ -176,22 +177,9 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
         "checkpoints/phase1.weights.h5", "checkpoints/phase2.weights.h5"}
 
 
-def test_a_crash_marks_the_run_failed(workdir, monkeypatch):
-    config = config_for(workdir, "crash", "train.run_eagerly=true")  # 2 steps: cheaper than tracing them
-
-    def broken(self, *args):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(Run, "_end_phase", broken)  # after the first phase's training
-    with pytest.raises(RuntimeError, match="disk full"):
-        train_and_evaluate(config, 3, "xception")
-    (run,) = runs_of(config)
-    assert run.info.status == "FAILED"
-
-
 def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, tmp_path):
-    # 6 steps in 2 processes; Keras' moving batch-norm averages: no statistics recomputed per phase
-    settings = ["train.epochs=3", "train.checkpoint_every=1", "train.run_eagerly=true", "train.batchnorm=moving"]
+    # 4 steps in 2 processes; Keras' moving batch-norm averages: no statistics recomputed per phase
+    settings = ["train.epochs=2", "train.checkpoint_every=1", "train.run_eagerly=true", "train.batchnorm=moving"]
     config = config_for(workdir, "resume", *settings)
     command = [sys.executable, "-m", "orchestrator.cli", "train-one", "--fold", "4", "--network", "xception",
                "--set", f"workdir={workdir}", "--set", f"tracking.uri={config.tracking.uri}",
@@ -199,7 +187,7 @@ def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, t
     run_dir = workdir / "runs" / "fold4-xception"
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "ckpt-000004" / "cursor.json").exists():  # phase 2, epoch 1 done
+    while not (run_dir / "checkpoints" / "ckpt-000003" / "cursor.json").exists():  # phase 2, epoch 1 done
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
@@ -210,8 +198,8 @@ def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, t
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "resuming fold4-xception from ckpt-00000" in finished.stderr
     history = pd.read_csv(run_dir / "history.csv")
-    assert history["step"].tolist() == [1, 2, 3, 4, 5, 6]  # as many epochs as an uninterrupted run
+    assert history["step"].tolist() == [1, 2, 3, 4]  # as many epochs as an uninterrupted run
     (run,) = runs_of(config)  # the same MLflow run, continued
     client = mlflow.tracking.MlflowClient(config.tracking.uri)
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
