@@ -162,13 +162,10 @@ def find_stale(config: Config, current: Identity) -> list[Stale]:
 
 def describe(stale: list[Stale]) -> str:
     """The stale runs, and the settings that changed (once when every run shares them)."""
-    lines = [f"  {s.name} ({s.state})" for s in stale]
     changes = {tuple(s.changes) for s in stale}
     if len(changes) == 1:
-        lines.append("  changed: " + "; ".join(next(iter(changes))))
-    else:
-        lines = [f"  {s.name} ({s.state}): changed " + "; ".join(s.changes) for s in stale]
-    return "\n".join(lines)
+        return "\n".join([f"  {s.name} ({s.state})" for s in stale] + ["  changed: " + "; ".join(changes.pop())])
+    return "\n".join(f"  {s.name} ({s.state}): changed " + "; ".join(s.changes) for s in stale)
 
 
 def refuse(stale: list[Stale]) -> StaleRun:
