@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q
+	# two workers, a test file each at a time, longest first (tests/conftest.py): 2 cores, some
+	# tests using one; `pytest` alone runs the same tests one after another
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: install
 	# the whole protocol (5 folds x 3 networks x 8 phases) on the tiny synthetic data, local Ray,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -52,6 +54,19 @@ PAPER_SHRINK = [f"--set={item}" for item in (
     "train.run_eagerly=true", "train.batchnorm=moving",
     # runs of a minute restart from scratch rather than write checkpoints (test_trainer resumes them)
     "train.checkpoint_min_seconds=600")]
+
+
+# `make test` runs the suite on two pytest workers, one file at a time each (pytest-xdist's
+# loadfile): a Ray run keeps both cores busy, a test training in its own process about one. The
+# files with the longest fixtures go first, so that no worker starts one while the other idles
+# at the end. Within a file the order is as written.
+LONGEST_FIRST = ("test_paper_local.py", "test_orchestration.py", "test_learning.py", "test_trainer.py",
+                 "test_synth.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
 @pytest.fixture(scope="session")
@@ -104,26 +119,41 @@ def tiny_manifest(synthetic_tiny):
                           synthetic_tiny / "rsna-pneumonia-detection-challenge").manifest
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance (2 CPUs, no dashboard) for the whole session."""
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """A local Ray (2 CPUs, no dashboard) for what runs inside, unless one is up already. Its
+    processes cost about 8% of a core while idle, so none is kept for the rest of the session."""
     import ray
 
     from orchestrator.launch import connect
 
+    if ray.is_initialized():
+        yield
+        return
     connect(num_cpus=2)
-    yield ray
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for the tests of one module (tests/test_store.py)."""
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="session")
-def tiny_store(ray_local, tiny_manifest, tmp_path_factory):
-    """The tiny synthetic dataset decoded into a 64x64 store with real Ray tasks."""
+def tiny_store(tiny_manifest, tmp_path_factory):
+    """The tiny synthetic dataset decoded into a 64x64 store with real Ray tasks (a Ray of its
+    own, ended once the store is written)."""
     from data_pipeline.store import ImageStore, StoreSpec
     from orchestrator.launch import build_store
 
     out = tmp_path_factory.mktemp("store") / "store"
-    assert build_store(tiny_manifest, out, StoreSpec(image_size=64, chunk_size=16), show_progress=False)
+    with local_ray():
+        assert build_store(tiny_manifest, out, StoreSpec(image_size=64, chunk_size=16), show_progress=False)
     return ImageStore.open(out)
 
 

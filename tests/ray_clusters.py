@@ -411,12 +411,19 @@ def _serve_fixed(spec: dict[str, Any]) -> None:
                             dashboard_port=spec["dashboard_port"], temp_dir=spec["temp_dir"],
                             # the default, 52365, is taken as soon as a second cluster runs here
                             dashboard_agent_listen_port=spec["agent_port"])
-    for i in range(1, spec["nodes"]):
-        # a temp dir per node, as on separate machines: nodes sharing one would share the runtime
-        # env folder too, and one node's agent unpacking a job's working_dir replaces the folder
-        # another node's job driver runs in (its cwd vanishes: os.getcwd() fails in Tune)
-        cluster.add_node(**node_args, temp_dir=os.path.join(spec["temp_dir"], f"node{i}"))
+    # a temp dir per node, as on separate machines: nodes sharing one would share the runtime env
+    # folder too, and one node's agent unpacking a job's working_dir replaces the folder another
+    # node's job driver runs in (its cwd vanishes: os.getcwd() fails in Tune)
+    node_dirs = [spec["temp_dir"]] + [os.path.join(spec["temp_dir"], f"node{i}") for i in range(1, spec["nodes"])]
+    for node_dir in node_dirs[1:]:
+        cluster.add_node(**node_args, temp_dir=node_dir)
     cluster.wait_for_nodes(timeout=60)
+    # A job's supervisor hands its driver the address in `<node temp dir>/ray_current_cluster`,
+    # which `ray start` writes and Cluster does not; without it, it takes any GCS running on this
+    # machine, which is another Ray's as soon as one runs beside this cluster (a second pytest
+    # worker's): the driver then fails to connect
+    for node_dir in node_dirs:
+        Path(node_dir, "ray_current_cluster").write_text(head.gcs_address)
     dashboard = f"http://127.0.0.1:{spec['dashboard_port']}"
     wait_for_url(f"{dashboard}/api/version", 60)
 

@@ -1,0 +1,189 @@
+"""configs/paper.yaml, shrunk by `--set`, on a local Ray with no tracking URI anywhere: the 15
+children land in the driver's store, a worker killed with SIGKILL resumes its MLflow run, and the
+same command on the finished workdir trains nothing and keeps the parent; with another split seed
+the driver stops, naming the 15 stale runs, and `cxr run --restart-stale` moves them aside and
+trains anew. Every process it starts is ended by its process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import load_config, resolved
+from orchestrator.experiment import ensure_splits, set_aside_stale
+from orchestrator.identity import StaleRun
+from tests.conftest import PAPER_SHRINK
+from tests.ray_clusters import processes_of, short_temp_dir
+from tests.test_orchestration import BIN, NODE_ENV, PAPER, RUNS, children, end_group
+
+
+def worker_of(run: str, driver: int) -> int | None:
+    """The Ray Train worker process of `run` among the driver's descendants (its working folder is
+    the run's Ray Train folder, named after the run)."""
+    for pid in descendants(driver):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if b"RayTrainWorker" in cmdline and f"/{run}-" in cwd:
+            return pid
+    return None
+
+
+def descendants(root: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+@pytest.fixture(scope="module")
+def paper_local(tmp_path_factory):
+    """`cxr run --config configs/paper.yaml`, shrunk, no tracking URI anywhere, CPU runs on a local
+    Ray, one worker SIGKILLed mid-run; then the same command again on the finished workdir."""
+    here = tmp_path_factory.mktemp("paper")
+    temp = short_temp_dir()  # the local Ray's own temp folder
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(RAY_TMPDIR=temp, **NODE_ENV)
+    command = [str(BIN / "cxr"), "run", "--config", PAPER, *PAPER_SHRINK, "--set=cluster.gpus_per_run=0"]
+    runs = here / "work" / "paper" / "runs"
+    first = subprocess.Popen(command, cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        killed = kill_a_running_worker(runs, first.pid)
+        out, _ = first.communicate(timeout=1500)
+    finally:
+        end_group(first)
+    leftovers, worker_dbs = processes_of(temp), list(Path(temp).rglob("*.db"))
+    done = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/done.json")}
+    again = subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=600)
+    shutil.rmtree(temp, ignore_errors=True)
+    yield {"here": here, "workdir": here / "work" / "paper", "log": out, "rc": first.returncode, "again": again,
+           "killed": killed, "done": done, "worker_dbs": worker_dbs, "leftovers": leftovers, "command": command,
+           "env": env}
+
+
+def in_own_group(command: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`subprocess.run` in a process group of its own, ended (with whatever it left) afterwards."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        end_group(process)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def kill_a_running_worker(runs: Path, driver: int) -> dict:
+    """SIGKILL the worker of the first run that has opened its MLflow run, while it trains (a
+    worker killed while Ray Train starts it is a start-up failure, another path)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        for record in sorted(runs.glob("*/mlflow_run.json")):
+            name = record.parent.name
+            if (record.parent / "done.json").exists():
+                continue
+            pid = worker_of(name, driver)
+            if pid is not None and not (record.parent / "done.json").exists():
+                os.kill(pid, signal.SIGKILL)
+                return {"run": name, "pid": pid, "at": time.time(),
+                        "run_id": json.loads(record.read_text())["run_id"]}
+        time.sleep(0.5)
+    raise AssertionError("no running worker to kill in 10 minutes")
+
+
+def test_paper_config_lands_its_15_children_in_the_drivers_store(paper_local):
+    assert paper_local["rc"] == 0, paper_local["log"][-4000:]
+    store = f"sqlite:///{paper_local['workdir']}/mlflow.db"  # the default: the driver's, in its workdir
+    runs = children(store, "cxr-paper")
+    assert sorted(runs) == sorted(RUNS) and all(r.info.status == "FINISHED" for r in runs.values())
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs.values()}) == 1
+    assert not paper_local["worker_dbs"]  # no child landed in a database of a worker's folder
+    assert not paper_local["leftovers"]
+    table3 = pd.read_csv(paper_local["workdir"] / "report" / "table3.csv")
+    assert len(table3) == 15 and "Table 4, average over folds" in paper_local["log"]
+
+
+def test_the_same_command_on_a_finished_workdir_trains_nothing_and_keeps_its_parent(paper_local):
+    again = paper_local["again"]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "all 15 runs are complete" in again.stderr
+    for name, mtime in paper_local["done"].items():
+        assert (paper_local["workdir"] / "runs" / name / "done.json").stat().st_mtime_ns == mtime
+    runs = children(f"sqlite:///{paper_local['workdir']}/mlflow.db", "cxr-paper")
+    assert len(runs) == 15 and len({r.data.tags["mlflow.parentRunId"] for r in runs.values()}) == 1
+
+
+def test_a_worker_killed_with_sigkill_resumes_its_mlflow_run_to_finished(paper_local):
+    killed = paper_local["killed"]
+    run_dir = paper_local["workdir"] / "runs" / killed["run"]
+    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == killed["run_id"]  # the same run
+    assert (run_dir / "done.json").stat().st_mtime > killed["at"]  # finished by a new worker
+    client = MlflowClient(f"sqlite:///{paper_local['workdir']}/mlflow.db")
+    assert client.get_run(killed["run_id"]).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(killed["run_id"], "loss")] == [1]  # its epoch, once
+
+
+def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_local):
+    """The issue's case: the same command with another split seed rewrites the splits. It must
+    neither skip the finished runs nor report them: the driver stops before training, naming them
+    and what changed (checked in this process: the same stages `cxr run` runs, without starting a
+    Ray for a command that trains nothing); `cxr run --restart-stale` moves them aside, ends their
+    MLflow runs KILLED and trains anew. Last in this module: it changes the workdir read above."""
+    workdir, temp = paper_local["workdir"], short_temp_dir()
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    before = children(uri, "cxr-paper")
+    overrides = [a.removeprefix("--set=") for a in PAPER_SHRINK] + ["splits.seed=3", f"workdir={workdir}"]
+    config = resolved(load_config(PAPER, overrides))
+    ensure_splits(config)  # as `cxr run` does first: the seed changes the split files, hence their hash
+    with pytest.raises(StaleRun) as stopped:
+        set_aside_stale(config, restart=False)
+    message = str(stopped.value)
+    assert "15 run folder(s) hold runs of other settings" in message and "--restart-stale" in message
+    assert all(f"{name} (done)" in message for name in RUNS)
+    assert re.search(r"changed: split_hash: [0-9a-f]{12} -> [0-9a-f]{12}$", message, re.M), message
+    assert not (workdir / "runs" / ".stale").exists()
+    assert all(r.info.status == "FINISHED" for r in children(uri, "cxr-paper").values())
+
+    env = {**paper_local["env"], "RAY_TMPDIR": temp}
+    command = [*paper_local["command"], "--set=splits.seed=3", "--restart-stale", "--folds=1", "--networks=xception"]
+    try:
+        restarted = in_own_group(command, cwd=paper_local["here"], env=env)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+        deadline = time.monotonic() + 30  # Ray's processes end a moment after the driver's exit
+        while processes_of(temp) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not processes_of(temp)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    (moved,) = (workdir / "runs" / ".stale").iterdir()  # runs/.stale/<time>/
+    assert sorted(p.name for p in moved.iterdir()) == sorted(RUNS)
+    client = MlflowClient(uri)
+    for name, run in before.items():
+        after = client.get_run(run.info.run_id)
+        assert after.info.status == "KILLED" and after.data.tags["cxr.stale"] == str(moved / name)
+    new = json.loads((workdir / "runs" / "fold1-xception" / "done.json").read_text())
+    assert new["run_id"] not in {r.info.run_id for r in before.values()}
+    assert new["fingerprint"] != before["fold1-xception"].data.tags["cxr.fingerprint"]
+    table3 = pd.read_csv(workdir / "report" / "table3.csv")  # the new run only: no stale run reported
+    assert table3[["fold", "network"]].values.tolist() == [[1, "xception"]]
