@@ -9,17 +9,21 @@ inference.
   papers carry an opaque alpha channel); colour converted to luma with Pillow's ITU-R 601-2
   weights; 16-bit grayscale stretched min-max to 8 bits.
 
+A file is given by its path, or by its bytes (an image posted to a served model).
+
 Only pixels leave this module, plus the view position on request (`dicom_view_position`): no
 other header value (names, dates, ages) is returned, logged or written.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import JPEGBaseline8Bit
 
@@ -28,6 +32,8 @@ from pydicom.uid import JPEGBaseline8Bit
 # taking whichever plugin happens to be installed first. Other transfer syntaxes (12-bit JPEG,
 # which Pillow cannot read, JPEG 2000, RLE, ...) use pydicom's default choice.
 PLUGIN_BY_TRANSFER_SYNTAX = {JPEGBaseline8Bit: "pillow"}
+Source = Union[Path, str, bytes]  # a file's path, or its contents
+IN_MEMORY = "<bytes>"  # how errors name a file given by its contents
 
 
 class DecodeError(ValueError):
@@ -38,57 +44,75 @@ class DecodeError(ValueError):
         self.path, self.reason = str(path), reason
 
 
-def decode_image(path: Path | str) -> np.ndarray:
-    """Decode any supported chest X-ray file into a 2-D uint8 array (rows, columns)."""
-    path = Path(path)
+def decode_image(source: Source) -> np.ndarray:
+    """Decode any supported chest X-ray file (its path, or its bytes) into a 2-D uint8 array."""
+    name = _name(source)
     try:
-        with path.open("rb") as f:
-            head = f.read(132)
+        head = _head(source)
     except OSError as exc:
-        raise DecodeError(path, f"cannot read the file ({exc.strerror or exc})") from None
+        raise DecodeError(name, f"cannot read the file ({exc.strerror or exc})") from None
     if not head:
-        raise DecodeError(path, "the file is empty")
+        raise DecodeError(name, "the file is empty")
     try:
-        image = _decode_dicom(path) if _is_dicom(head, path) else _decode_pillow(path)
+        with _open(source) as f:
+            image = _decode_dicom(f, name) if _is_dicom(head, source) else _decode_pillow(f)
     except DecodeError:
         raise
+    except UnidentifiedImageError:  # its message names a file object, not the file
+        raise DecodeError(name, "neither a DICOM file nor an image format Pillow reads (PNG, JPEG, ...)") from None
     except Exception as exc:  # decoders raise many unrelated types; re-raise naming the file
-        raise DecodeError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise DecodeError(name, f"{type(exc).__name__}: {exc}") from exc
     if image.ndim != 2 or image.size == 0:
-        raise DecodeError(path, f"expected a 2-D image, decoded shape {image.shape}")
+        raise DecodeError(name, f"expected a 2-D image, decoded shape {image.shape}")
     return image
 
 
-def dicom_view_position(path: Path | str) -> str:
+def dicom_view_position(source: Source) -> str:
     """The DICOM ViewPosition (e.g. 'PA'), read without pixels; '' when absent."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"])
+        with _open(source) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["ViewPosition"])
     except Exception as exc:  # same contract as decode_image: name the file
-        raise DecodeError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise DecodeError(_name(source), f"{type(exc).__name__}: {exc}") from exc
     return str(ds.get("ViewPosition", "")).strip()
 
 
-def is_dicom(path: Path | str) -> bool:
+def is_dicom(source: Source) -> bool:
     """A DICOM file by its magic (or, for files without the preamble, its extension)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
+        return _is_dicom(_head(source), source)
     except OSError:
         return False
-    return _is_dicom(head, Path(path))
 
 
-def _is_dicom(head: bytes, path: Path) -> bool:
-    return head[128:132] == b"DICM" or path.suffix.lower() in {".dcm", ".dicom"}
+def _name(source: Source) -> str:
+    return IN_MEMORY if isinstance(source, bytes) else str(source)
 
 
-def _decode_dicom(path: Path) -> np.ndarray:
-    ds = pydicom.dcmread(path)
+def _head(source: Source) -> bytes:
+    if isinstance(source, bytes):
+        return source[:132]
+    with open(source, "rb") as f:
+        return f.read(132)
+
+
+def _open(source: Source) -> BinaryIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
+
+def _is_dicom(head: bytes, source: Source) -> bool:
+    if head[128:132] == b"DICM":
+        return True
+    return not isinstance(source, bytes) and Path(source).suffix.lower() in {".dcm", ".dicom"}
+
+
+def _decode_dicom(f: BinaryIO, name: str) -> np.ndarray:
+    ds = pydicom.dcmread(f)
     if "PixelData" not in ds:
-        raise DecodeError(path, "the DICOM file has no Pixel Data element")
+        raise DecodeError(name, "the DICOM file has no Pixel Data element")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
-        raise DecodeError(path, f"expected a single-frame radiograph, found {frames} frames")
+        raise DecodeError(name, f"expected a single-frame radiograph, found {frames} frames")
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
     plugin = PLUGIN_BY_TRANSFER_SYNTAX.get(syntax, "")
     raw = pixel_array(ds, decoding_plugin=plugin) if plugin else ds.pixel_array
@@ -136,8 +160,8 @@ def _stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _decode_pillow(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
+def _decode_pillow(f: BinaryIO) -> np.ndarray:
+    with Image.open(f) as img:
         img.load()  # decode now: a truncated file fails here, inside our error handling
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -8,6 +8,8 @@ import pandas as pd
 
 # The paper's three class names, in the order of the network's softmax outputs.
 CLASSES: tuple[str, ...] = ("COVID-19", "pneumonia", "normal")
+# A network's outputs as columns (predictions.csv, `cxr predict`, the published models' answers)
+PROBABILITY_COLUMNS: tuple[str, ...] = tuple(f"p_{c}" for c in CLASSES)
 
 # Every reader yields exactly these columns. `view` is empty for RSNA rows: it lives in the
 # DICOM header, which is read when the image store is built, not when the manifest is.

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data_pipeline.decode import DecodeError, decode_image, dicom_view_position, is_dicom
+from data_pipeline.decode import DecodeError, Source, decode_image, dicom_view_position, is_dicom
 from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
 from data_pipeline.schema import DataError
 
@@ -51,11 +51,11 @@ class StoreError(DataError):
     """The store could not be built or read; the message says which images or files and why."""
 
 
-def decode_resized(path: str, size: int) -> np.ndarray:
-    """Decode with the readers' decoder, then resize to size x size (the paper squashes, it does
+def decode_resized(source: Source, size: int) -> np.ndarray:
+    """Decode (a path, or a file's bytes) with the readers' decoder, then resize to size x size (the paper squashes, it does
     not pad: aspect ratio is not kept). Pillow's bilinear filter widens with the reduction
     factor, so large radiographs are area-averaged rather than aliased."""
-    image = Image.fromarray(decode_image(path))
+    image = Image.fromarray(decode_image(source))
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 

@@ -41,9 +41,22 @@ def _gather(store: ImageStore):
     return load
 
 
+def _rescale(images: tf.Tensor) -> tf.Tensor:
+    return tf.cast(images, tf.float32) * (1.0 / 255.0)
+
+
 def _rgb(images: tf.Tensor, size: int) -> tf.Tensor:
     """Gray to 3 channels, with the static shape stated (Keras then traces one step function)."""
     return tf.ensure_shape(tf.image.grayscale_to_rgb(images), [None, size, size, 3])
+
+
+def network_input(images) -> tf.Tensor:
+    """uint8 store images, (n, size, size) or (n, size, size, 1), as the networks take them in
+    evaluation and inference: 1/255, gray to 3 channels (training augments in between)."""
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank == 3:
+        images = images[..., None]
+    return _rgb(_rescale(images), int(images.shape[1]))
 
 
 def _rows_and_targets(store: ImageStore, rows: pd.DataFrame) -> tf.data.Dataset:
@@ -74,8 +87,7 @@ def training_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int, seed
             lambda i, batch: (batch, tf.stack([tf.constant(seed, tf.int64), (epoch + 1) * 2**31 + i])))
 
     def prepare(batch: tf.Tensor, pair: tf.Tensor):
-        images = tf.cast(load(tf.gather(ids, batch)), tf.float32) * (1.0 / 255.0)
-        images = augment_batch(images, augment, pair)
+        images = augment_batch(_rescale(load(tf.gather(ids, batch))), augment, pair)
         return _rgb(images, store.image_size), tf.gather(targets, batch)
 
     per_epoch = -(-len(rows) // batch_size)
@@ -92,8 +104,7 @@ def eval_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int) -> tf.da
     load = _gather(store)
 
     def prepare(ids: tf.Tensor, targets: tf.Tensor):
-        images = tf.cast(load(ids), tf.float32) * (1.0 / 255.0)
-        return _rgb(images, store.image_size), targets
+        return network_input(load(ids)), targets
 
     return (_rows_and_targets(store, rows).batch(batch_size)
             .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

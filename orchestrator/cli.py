@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from data_pipeline.decode import DecodeError
@@ -133,6 +134,55 @@ def cmd_report(args: argparse.Namespace) -> None:
                              splits=args.splits, out=args.out, replicates=args.bootstrap, seed=args.seed))
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    if not args.verbose:
+        import_tensorflow_quietly()
+    from models.inference import Classifier
+    from orchestrator.predict import image_files, model_folder, network_files, predict_files, write_predictions
+
+    if args.batch < 1:
+        raise ConfigError(f"--batch: expected 1 or more images per batch, received {args.batch}.")
+    use_tracking(args)
+    files = image_files(args.inputs)
+    if not files:
+        raise DataError(f"INPUT {' '.join(args.inputs)}: no image files (.dcm, .dicom, .png, .jpg, .jpeg) found.")
+    with tempfile.TemporaryDirectory(prefix="cxr-model-") as cache:  # a downloaded model lives while it is used
+        classifier = Classifier.load(network_files(model_folder(args.model, Path(cache))))
+    predictions = predict_files(classifier, files, batch=args.batch, gradcam_dir=args.gradcam,
+                                gradcam_class=args.gradcam_class, show_progress=sys.stderr.isatty())
+    failed = write_predictions(predictions, args.out)
+    print(f"{len(predictions.table)} of {len(files)} image(s) predicted ({classifier.network}, "
+          f"{len(classifier.members)} network(s), {classifier.image_size}x{classifier.image_size}) -> {args.out}")
+    if args.gradcam is not None:
+        print(f"Grad-CAM overlays -> {args.gradcam}")
+    if failed is not None:
+        log.error("%d image(s) could not be decoded; each with its reason in %s", len(predictions.failures), failed)
+        raise SystemExit(1)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from orchestrator.registry import model_table
+
+    uri = use_tracking(args)
+    table = model_table(uri)
+    if table.empty:
+        print(f"no cxr-* models are registered in {uri} (`cxr run` registers its runs at its end)")
+        return
+    print(table.to_string(index=False))
+
+
+def use_tracking(args: argparse.Namespace) -> str:
+    """The tracking (and registry) URI of --config (its tracking.uri, else MLFLOW_TRACKING_URI,
+    else its workdir's database) or, without it, MLflow's own (MLFLOW_TRACKING_URI)."""
+    import mlflow
+
+    if args.config is not None or args.set:
+        from orchestrator.config import resolved
+
+        mlflow.set_tracking_uri(resolved(load_config(args.config, args.set)).tracking_uri)
+    return mlflow.get_tracking_uri()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -212,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the F1 and AUC intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="apply a trained model to DICOM, PNG or JPEG files; Grad-CAM on request")
+    p.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/<run id>/model "
+                                                  "or a local model folder")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders of them (searched recursively) or CSVs with a 'path' column")
+    p.add_argument("--out", type=Path, required=True, help="the predictions CSV (failures go beside it)")
+    p.add_argument("--gradcam", type=Path, metavar="DIR", help="write Grad-CAM overlays (PNG) here")
+    p.add_argument("--gradcam-class", default="predicted",
+                   help="the class each overlay explains: predicted (default), all, or a class name")
+    p.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
+    add_config_arguments(p, "the tracking store of models:/ and runs:/ URIs (default MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list the registered models (`cxr run` registers its runs and fold ensembles)")
+    add_config_arguments(p, "the tracking store to list (default MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
@@ -223,8 +290,8 @@ def networks_list(text: str) -> list[str]:
     return names
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML config; its sections give the counts and settings")
+def add_config_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--config", type=Path, help=f"YAML config; {what or 'its sections give the counts and settings'}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set splits.test_covid=6 (repeatable)")
 

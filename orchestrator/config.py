@@ -126,6 +126,9 @@ class TrackingSpec:
     # A sqlite file is one machine's: on a cluster of several nodes a `sqlite:` URI is refused
     # unless its path is on storage every node mounts at the same path (then set this true).
     shared_storage: bool = False
+    # At its end `cxr run` registers each finished run's model, and each network's fold
+    # ensemble, in the MLflow Model Registry (orchestrator.registry; `cxr models` lists them)
+    register: bool = True
 
     def resolved_uri(self, workdir: str = "") -> str:
         """The URI every process of a run uses: the config's, else the environment's, else a

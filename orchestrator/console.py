@@ -40,3 +40,12 @@ def import_tensorflow_quietly() -> None:
     with stderr_silenced():
         import keras  # noqa: F401
         import tensorflow  # noqa: F401
+
+
+def progress_bar(enabled: bool = True):
+    """The one progress bar of the CLI's long loops (decoding the store, predicting):
+    description, bar, done/total, time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)

@@ -77,19 +77,44 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
         raise
     clock.stage("training runs", time.perf_counter() - started)
     results = grid_results(config, folds, networks, outcome)
-    report = None
     try:
-        if (results["status"] == "done").any():  # the tables of what finished; missing runs listed
-            report = _timed(clock, "report", lambda: make_report(config, run_id=parent))
-    except Exception:  # the runs are done and in MLflow: a failed report must not hide them
-        log.exception("the report failed; the runs are complete. After fixing the cause: "
-                      "cxr report --config <config> --run-id %s", parent)
+        report = _finish_stages(config, parent, results, clock)
     finally:
         finish_parent(config, parent, results)
     print_summary(results, clock)
     if report is not None:
         print_report(report)
     return results
+
+
+def _finish_stages(config: Config, parent: str, results: pd.DataFrame, clock: Stopwatch):
+    """The report, then the Model Registry, of what finished. The runs are done and in MLflow:
+    neither may hide them by failing."""
+    if not (results["status"] == "done").any():
+        return None
+    report = None
+    try:  # the tables of what finished; missing runs listed
+        report = _timed(clock, "report", lambda: make_report(config, run_id=parent))
+    except Exception:
+        log.exception("the report failed; the runs are complete. After fixing the cause: "
+                      "cxr report --config <config> --run-id %s", parent)
+    if config.tracking.register:
+        try:
+            _timed(clock, "model registry", lambda: publish(config, parent))
+        except Exception:
+            log.exception("registering the models failed; the runs are complete. After fixing the cause, "
+                          "the same `cxr run` trains nothing and registers them")
+    return report
+
+
+def publish(config: Config, parent: str) -> None:
+    """The finished runs' models, and the fold ensembles, in the Model Registry (`cxr models`)."""
+    from orchestrator.registry import register_models
+
+    registered = register_models(config, parent)
+    new = [r for r in registered if r.new]
+    log.info("model registry: %d model version(s) for these runs, %d new%s", len(registered), len(new),
+             "".join(f"\n  {r.uri}" for r in new))
 
 
 def _timed(clock: Stopwatch, name: str, work):

@@ -99,3 +99,25 @@ def roc_figure(predictions: dict, classes: Sequence[str], title: str, path: Path
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def gradcam_figure(image: np.ndarray, maps: dict[str, np.ndarray], probabilities: np.ndarray,
+                   classes: Sequence[str], explained: str, title: str, path: Path) -> Path:
+    """The image beside one overlay per Grad-CAM map (a concatenated network has three: each
+    backbone's and their combination's), captioned with the class probabilities."""
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 3.1), dpi=110)
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("image", fontsize=9)
+    for ax, (name, cam) in zip(axes[1:], maps.items()):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(f"Grad-CAM {explained}\n({name})", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    caption = "   ".join(f"{c}: {p:.3f}" for c, p in zip(classes, probabilities))
+    fig.suptitle(title, fontsize=9)
+    fig.text(0.5, 0.02, caption, ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

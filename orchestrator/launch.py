@@ -11,11 +11,11 @@ import pandas as pd
 import ray
 from ray import tune
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from data_pipeline.store import StoreBuilder, StoreSpec, decode_chunk
 from orchestrator.config import ClusterSpec, ConfigError, to_mapping
+from orchestrator.console import progress_bar
 from orchestrator.layout import NETWORK_COST, run_name
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def build_store(manifest: pd.DataFrame, out: Path, spec: StoreSpec, address: str
     window = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))  # bound results held in memory
     builder.start()
     try:
-        with _progress(show_progress) as progress:
+        with progress_bar(show_progress) as progress:
             bar = progress.add_task(f"decoding to {spec.image_size}x{spec.image_size}", total=len(manifest))
             pending, queued = [], iter(chunks)
             for chunk in queued:
@@ -110,17 +110,12 @@ def build_store(manifest: pd.DataFrame, out: Path, spec: StoreSpec, address: str
     return True
 
 
-def _collect_one(pending: list, builder: StoreBuilder, progress: Progress, bar) -> list:
+def _collect_one(pending: list, builder: StoreBuilder, progress, bar) -> list:
     done, pending = ray.wait(pending, num_returns=1)
     result = ray.get(done[0])
     builder.add(result)
     progress.advance(bar, len(result.positions) + len(result.failures))
     return pending
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
 # ---------------------------------------------------------------- the 15 training runs

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.schema import CLASSES, DataError
+from data_pipeline.schema import PROBABILITY_COLUMNS, DataError
 from data_pipeline.splits import META_FILE
 
 
@@ -41,14 +41,45 @@ def run_name(fold: int, network: str) -> str:
 
 # ---------------------------------------------------------------- columns
 
-# predictions.csv: one row per test image, in the test split's order
-PROBABILITY_COLUMNS: tuple[str, ...] = tuple(f"p_{c}" for c in CLASSES)
+# predictions.csv: one row per test image, in the test split's order (the probability columns
+# are data_pipeline.schema's, which the published models answer with too)
 PREDICTION_COLUMNS: tuple[str, ...] = ("image_id", "label", "pred", *PROBABILITY_COLUMNS, "patient_id")
 PREDICTION_REQUIRED: tuple[str, ...] = PREDICTION_COLUMNS[:-1]  # patient_id may come from a manifest
 # history.csv: one row per epoch, the same columns whatever was measured that epoch (validation
 # every `validation_freq` epochs, or never: those cells stay empty)
 EPOCH_METRICS: tuple[str, ...] = ("loss", "accuracy", "val_loss", "val_accuracy")
 HISTORY_COLUMNS: tuple[str, ...] = ("step", "phase", *EPOCH_METRICS)
+# `cxr predict`: preds.csv, one row per decoded file, and beside it the files that failed
+PREDICT_COLUMNS: tuple[str, ...] = ("path", "pred", *PROBABILITY_COLUMNS, "view")
+FAILURE_COLUMNS: tuple[str, ...] = ("path", "reason")
+
+
+def failures_file(predictions: Path) -> Path:
+    """preds.csv -> preds.failures.csv"""
+    return predictions.with_name(f"{predictions.stem}.failures.csv")
+
+
+# ---------------------------------------------------------------- MLflow metrics and registry
+
+TEST_ACCURACY, TEST_AUC = "test_accuracy", "test_auc"  # a run's, on its fold's test set
+MODEL_ARTIFACT = "model"  # a run's published model (models.serving), what its registry version points to
+# registry version tags (with FOLD, NETWORK, FINGERPRINT, SPLIT_HASH and the test metrics)
+RUN_ID, MEMBER_RUNS, FOLDS, MEMBERS_MEAN = "run_id", "member_runs", "folds", "members_mean_"
+
+
+def ensemble_artifact(network: str) -> str:
+    """Where the parent run of `cxr run` holds `network`'s fold ensemble."""
+    return f"ensemble-{network}"
+
+
+def registered_model_name(config_name: str, network: str) -> str:
+    """The registered model whose versions are a config's runs of `network`, one per fold."""
+    return f"cxr-{config_name or 'default'}-{network}"
+
+
+def ensemble_model_name(config_name: str, network: str) -> str:
+    """The registered fold ensemble of a config's `network`."""
+    return f"{registered_model_name(config_name, network)}-ensemble"
 
 
 # ---------------------------------------------------------------- MLflow tags
@@ -131,7 +162,13 @@ class RunPaths:
         return self.root / "failed-once"
 
     def read_done(self) -> dict:
+        """{run_id, fingerprint, model_uri} of a finished run ({} if unfinished; a run finished
+        before models were published has no model_uri)."""
         return json.loads(self.done.read_text()) if self.done.is_file() else {}
+
+    def write_done(self, run_id: str, fingerprint: str, model_uri: str) -> None:
+        """The run is finished: its MLflow run, its fingerprint and its published model."""
+        self.done.write_text(json.dumps({"run_id": run_id, "fingerprint": fingerprint, "model_uri": model_uri}) + "\n")
 
 
 PREDICTIONS_FILE, HISTORY_FILE = "predictions.csv", "history.csv"  # also the MLflow artifacts' names

@@ -88,6 +88,15 @@ def weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) 
         return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
 
 
+def macro_auc(labels: pd.Series, probabilities: np.ndarray) -> float:
+    """The mean over classes of the one-vs-rest ROC AUC (columns of `probabilities` in the order
+    of CLASSES), over the classes that have both positives and negatives; NaN if none has."""
+    labels = np.asarray(labels)
+    values = [weighted_auc(probabilities[:, i], labels == c, np.ones((1, len(labels))))[0]
+              for i, c in enumerate(CLASSES) if 0 < (labels == c).sum() < len(labels)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def bootstrap_weights(groups: np.ndarray, strata: np.ndarray, replicates: int,
                       rng: np.random.Generator) -> np.ndarray:
     """Image weights (replicates x images) of a bootstrap that draws whole patients with

@@ -22,13 +22,12 @@ from typing import Any, Iterator
 from unittest import mock
 
 import mlflow
-import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import Config, ConfigError, is_server_uri, sqlite_file
-from orchestrator.layout import (CUDA_BUILD, CUDNN_BUILD, NODE_ID, NODE_IP, PARENT_RUN, RAY_GPU_IDS, STALE, TF_GPUS,
-                                 RunPaths)
+from orchestrator.layout import (CUDA_BUILD, CUDNN_BUILD, MODEL_ARTIFACT, NODE_ID, NODE_IP, PARENT_RUN, RAY_GPU_IDS,
+                                 STALE, TF_GPUS, RunPaths)
 
 
 log = logging.getLogger(__name__)
@@ -186,21 +185,20 @@ class RunTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
-    def log_model(self, model: Any, sample_input: Any, sample_output: Any) -> str:
-        """The selected model, without its optimizer, as an MLflow Keras model; returns its URI.
-
-        The signature comes from a sample the run already predicted, and the requirements are
-        stated, so MLflow neither runs the model again nor starts a process to guess them.
-        """
-        import mlflow.keras
-        from mlflow.models import infer_signature
-
+    def log_model(self, model: Any, scratch: Path) -> str:
+        """The selected network, without its optimizer, published as the run's `model`: an
+        MLflow pyfunc model of models.serving (image files in, class probabilities out), whose
+        signature and requirements are stated, so that MLflow neither runs the model nor starts a
+        process to guess them. `scratch`: a folder for the network's file meanwhile. Returns its URI."""
         from models.networks import without_optimizer
+        from models.serving import MEMBER_FILE, log_classifier
 
-        model = without_optimizer(model)
-        signature = infer_signature(np.asarray(sample_input), np.asarray(sample_output, dtype=np.float32))
-        requirements = [f"{name}=={metadata.version(name)}" for name in ("tensorflow", "keras")]
-        info = mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+        path = Path(scratch) / MEMBER_FILE
+        without_optimizer(model).save(path)
+        try:
+            info = log_classifier(MODEL_ARTIFACT, [str(path)])
+        finally:
+            path.unlink(missing_ok=True)
         return info.model_uri
 
     def close(self, status: str = "FINISHED") -> None:
@@ -222,12 +220,15 @@ class RunTracker:
 
     def end_stale(self, moved_to: str) -> str:
         """End this run folder's MLflow run KILLED, whatever its status (a FINISHED run of other
-        settings must not reach a report either), tagged with where its folder went."""
+        settings must not reach a report either), tagged with where its folder went, as are its
+        registered model versions."""
         if not self.id_file.is_file():
             return ""
         run_id = json.loads(self.id_file.read_text())["run_id"]
         self.client.set_tag(run_id, STALE, moved_to)
         self.client.set_terminated(run_id, status="KILLED")
+        for version in self.client.search_model_versions(f"run_id = '{run_id}'"):  # its published model too
+            self.client.set_model_version_tag(version.name, version.version, STALE, moved_to)
         return "KILLED"
 
 

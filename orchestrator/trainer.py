@@ -43,7 +43,7 @@ from models.batchnorm import BatchNormStatistics
 from models.networks import NETWORKS, build
 from orchestrator.config import TrainSpec
 from orchestrator.layout import (BEST_WEIGHTS, CHECKPOINT_MODEL, CURSOR, EPOCH_METRICS, HISTORY_COLUMNS,
-                                 PROBABILITY_COLUMNS, RunPaths, SplitMeta, run_name)
+                                 PROBABILITY_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths, SplitMeta, run_name)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class Run:
         self.val_stream = None  # the validation set's tf.data pipeline, made at its first use
         self.last_row: dict = {}  # the newest epoch's history row
         self.seconds: dict[str, float] = defaultdict(float)  # where this process's time went
+        self.model_uri = ""  # the published model's, once logged
 
     @contextmanager
     def timed(self, what: str) -> Iterator[None]:
@@ -496,7 +497,7 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
         tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.log_metrics({f"seconds_{k}": v for k, v in run.save_timing().items()})
-    paths.done.write_text(json.dumps({"run_id": tracker.run_id, "fingerprint": identity.fingerprint}) + "\n")
+    paths.write_done(tracker.run_id, identity.fingerprint, run.model_uri)
     tracker.close("FINISHED")
     # The selected model and the per-phase weights are in MLflow now; checkpoints only served
     # resuming (and a concatenated one is ~0.5 GB), so a finished run keeps none.
@@ -506,15 +507,16 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
 
 
 def log_results(run: Run, tracker, predictions: pd.DataFrame, title: str) -> None:
-    """The test accuracy, predictions, confusion matrix, history and the selected model."""
+    """The test accuracy and AUC, predictions, confusion matrix, history and the selected model."""
     from orchestrator.figures import confusion_matrix_figure
-    from orchestrator.metrics import confusion
+    from orchestrator.metrics import confusion, macro_auc
 
     matrix = confusion(predictions["label"], predictions["pred"])
     figure = confusion_matrix_figure(matrix, CLASSES, title, run.paths.confusion_matrix)
-    tracker.log_metrics({"test_accuracy": float((predictions["label"] == predictions["pred"]).mean())})
+    auc = macro_auc(predictions["label"], predictions[list(PROBABILITY_COLUMNS)].to_numpy())
+    tracker.log_metrics({TEST_ACCURACY: float((predictions["label"] == predictions["pred"]).mean()),
+                         **({TEST_AUC: auc} if not math.isnan(auc) else {})})
     with run.timed("logging"):
         for artifact in (run.paths.predictions, figure, run.paths.history):
             tracker.log_artifact(artifact)
-        sample = next(iter(eval_stream(run.inputs.store, run.inputs.test.head(2), 2)))[0]
-        tracker.log_model(run.model, sample, predictions.iloc[:2][list(PROBABILITY_COLUMNS)].to_numpy())
+        run.model_uri = tracker.log_model(run.model, run.paths.root)

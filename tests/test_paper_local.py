@@ -20,12 +20,19 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from data_pipeline.schema import PROBABILITY_COLUMNS
 from orchestrator.config import load_config, resolved
 from orchestrator.experiment import ensure_splits, set_aside_stale
 from orchestrator.identity import StaleRun
-from tests.conftest import PAPER_SHRINK
-from tests.ray_clusters import processes_of, short_temp_dir
+from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, RUN_ID, SPLIT_HASH, TEST_ACCURACY, TEST_AUC,
+                                 ensemble_model_name, registered_model_name)
+from tests.conftest import PAPER_SHRINK, fixture_path
+from tests.ray_clusters import free_port, processes_of, short_temp_dir, wait_for_url
 from tests.test_orchestration import BIN, NODE_ENV, PAPER, RUNS, children, end_group
+
+
+DICOM = "dicom/rsna_uao/008c19e8-a820-403a-930a-bc74a4053664.dcm"  # real files for the served model
+PNG = "images/torchxrayvision/00000001_000.png"
 
 
 def worker_of(run: str, driver: int) -> int | None:
@@ -144,6 +151,92 @@ def test_a_worker_killed_with_sigkill_resumes_its_mlflow_run_to_finished(paper_l
     assert [m.step for m in client.get_metric_history(killed["run_id"], "loss")] == [1]  # its epoch, once
 
 
+# ---------------------------------------------------------------- the published models
+
+def test_cxr_run_registers_each_run_and_a_fold_ensemble_per_network(paper_local):
+    """Each of the 15 runs once (the second `cxr run` registered nothing new), tagged; one fold
+    ensemble per network; `cxr models` lists them."""
+    uri = f"sqlite:///{paper_local['workdir']}/mlflow.db"
+    listed = subprocess.run([str(BIN / "cxr"), "models", "--config", PAPER, f"--set=workdir={paper_local['workdir']}"],
+                            cwd=paper_local["here"], capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = children(uri, "cxr-paper")
+    for network in ("xception", "resnet50v2", "concatenated"):
+        name = registered_model_name("paper", network)
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert sorted(int(v.tags[FOLD]) for v in versions) == [1, 2, 3, 4, 5]
+        for version in versions:
+            run = runs[f"fold{version.tags[FOLD]}-{network}"]
+            assert version.tags[RUN_ID] == version.run_id == run.info.run_id
+            assert version.tags[FINGERPRINT] == run.data.tags[FINGERPRINT]
+            assert version.tags[SPLIT_HASH] == run.data.tags[SPLIT_HASH]
+            assert float(version.tags[TEST_ACCURACY]) == pytest.approx(run.data.metrics[TEST_ACCURACY], abs=1e-6)
+            assert 0 <= float(version.tags[TEST_AUC]) <= 1
+        (ensemble,) = client.search_model_versions(f"name = '{ensemble_model_name('paper', network)}'")
+        assert ensemble.tags[FOLDS] == "1,2,3,4,5"
+        assert set(ensemble.tags[MEMBER_RUNS].split(",")) == {v.run_id for v in versions}
+        assert f"models:/{ensemble_model_name('paper', network)}/1" in listed.stdout
+        assert f"models:/{name}/5" in listed.stdout
+
+
+def test_the_ensemble_predicts_the_mean_of_its_five_folds(paper_local, tmp_path):
+    import mlflow
+    import numpy as np
+
+    from models.inference import Classifier, decode_batch
+    from orchestrator.predict import model_folder, network_files
+
+    mlflow.set_tracking_uri(f"sqlite:///{paper_local['workdir']}/mlflow.db")
+    ensemble = Classifier.load(network_files(model_folder(f"models:/{ensemble_model_name('paper', 'resnet50v2')}/1",
+                                                          tmp_path / "ensemble")))
+    images = decode_batch([fixture_path(DICOM)], ensemble.image_size).images
+    folds = [Classifier.load(network_files(model_folder(f"models:/{registered_model_name('paper', 'resnet50v2')}/{v}",
+                                                        tmp_path / f"v{v}"))).predict(images) for v in range(1, 6)]
+    assert len(ensemble.members) == 5
+    assert np.allclose(ensemble.predict(images), np.mean(folds, axis=0), atol=1e-6)
+
+
+def test_the_served_model_answers_as_cxr_predict_does(paper_local, tmp_path):
+    """`mlflow models serve` of a registered model on 127.0.0.1, posted a real DICOM and a real
+    PNG as base64: the probabilities `cxr predict` writes, to 1e-5; a corrupt file gets a client
+    error that names the problem."""
+    import base64
+
+    import requests
+
+    model = f"models:/{registered_model_name('paper', 'xception')}/1"
+    files = [fixture_path(DICOM), fixture_path(PNG)]
+    env = {**paper_local["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{paper_local['workdir']}/mlflow.db"}
+    predicted = subprocess.run([str(BIN / "cxr"), "predict", "--model", model, *map(str, files),
+                                "--out", str(tmp_path / "preds.csv")], env=env, capture_output=True, text=True,
+                               timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    expected = pd.read_csv(tmp_path / "preds.csv")[list(PROBABILITY_COLUMNS)].to_numpy()
+
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_url(f"http://127.0.0.1:{port}/ping", 240, alive=server)
+
+        def post(*contents: bytes) -> requests.Response:
+            rows = [[base64.b64encode(c).decode("ascii")] for c in contents]
+            return requests.post(f"http://127.0.0.1:{port}/invocations", timeout=120,
+                                 json={"dataframe_split": {"columns": ["image"], "data": rows}})
+
+        answer = post(*(f.read_bytes() for f in files))
+        assert answer.status_code == 200, answer.text[-2000:]
+        served = pd.DataFrame(answer.json()["predictions"])[list(PROBABILITY_COLUMNS)].to_numpy()
+        assert abs(served - expected).max() < 1e-5
+        corrupt = post(files[1].read_bytes()[:300])  # a PNG cut short
+        assert 400 <= corrupt.status_code < 500, (corrupt.status_code, corrupt.text[-2000:])
+        assert "1 of 1 image(s) could not be decoded: row 0:" in corrupt.json()["message"]
+    finally:
+        end_group(server)
+
+
 def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_local):
     """The issue's case: the same command with another split seed rewrites the splits. It must
     neither skip the finished runs nor report them: the driver stops before training, naming them
@@ -182,6 +275,8 @@ def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_l
     for name, run in before.items():
         after = client.get_run(run.info.run_id)
         assert after.info.status == "KILLED" and after.data.tags["cxr.stale"] == str(moved / name)
+        (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")  # its published model
+        assert version.tags["cxr.stale"] == str(moved / name)
     new = json.loads((workdir / "runs" / "fold1-xception" / "done.json").read_text())
     assert new["run_id"] not in {r.info.run_id for r in before.values()}
     assert new["fingerprint"] != before["fold1-xception"].data.tags["cxr.fingerprint"]

@@ -21,7 +21,7 @@ from data_pipeline.splits import SplitSpec, make_splits, write_splits
 from data_pipeline.store import StoreSpec, build_serial
 from orchestrator.config import load_config
 from orchestrator.identity import StaleRun
-from orchestrator.layout import FINGERPRINT, HISTORY_COLUMNS, RunPaths
+from orchestrator.layout import FINGERPRINT, HISTORY_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths
 from orchestrator.trainer import InjectedFailure, Run, RunInputs, train_and_evaluate
 from tests.conftest import ROOT
 
@@ -83,12 +83,16 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
     assert {"predictions.csv", "confusion_matrix.png", "history.csv", "checkpoints"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
         "checkpoints/phase1.weights.h5", "checkpoints/phase2.weights.h5"}
-    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")  # the selected model, back
-    store_batch = RunInputs.load(workdir / "store", workdir / "splits", 1, 2)
-    from data_pipeline.tfdata import eval_stream
+    # the selected model, back from MLflow as `cxr predict` loads it, predicts the test images as the run did
+    from models.inference import Classifier
+    from orchestrator.predict import model_folder, network_files
 
-    x = next(iter(eval_stream(store_batch.store, test.head(4), 4)))[0]
-    assert np.allclose(model.predict(x, verbose=0), predictions.iloc[:4, 3:6].to_numpy(), atol=1e-4)
+    classifier = Classifier.load(network_files(model_folder(f"runs:/{run.info.run_id}/model", workdir / "model")))
+    store = RunInputs.load(workdir / "store", workdir / "splits", 1, 2).store
+    images = store.images[store.rows(test["image_id"].head(4))]
+    assert np.allclose(classifier.predict(images), predictions.iloc[:4, 3:6].to_numpy(), atol=1e-4)
+    accuracy = (predictions["label"] == predictions["pred"]).mean()
+    assert TEST_AUC in run.data.metrics and run.data.metrics[TEST_ACCURACY] == pytest.approx(accuracy)
 
     assert train_and_evaluate(config, 1, "xception") == root  # finished: skipped, no second run
     assert len(runs_of(config)) == 1
