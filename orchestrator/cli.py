@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from data_pipeline.decode import DecodeError
-from data_pipeline.schema import DataError
+from data_pipeline.schema import CLASSES, DataError
 from data_pipeline.synth import SCALES
 from orchestrator.config import ConfigError, load_config
 from orchestrator.console import import_tensorflow_quietly, quiet_third_parties
@@ -138,14 +138,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if not args.verbose:
         import_tensorflow_quietly()
     from models.inference import Classifier
-    from orchestrator.predict import image_files, model_folder, network_files, predict_files, write_predictions
+    from orchestrator.predict import (IMAGE_SUFFIXES, image_files, model_folder, network_files, predict_files,
+                                      write_predictions)
 
     if args.batch < 1:
         raise ConfigError(f"--batch: expected 1 or more images per batch, received {args.batch}.")
     use_tracking(args)
     files = image_files(args.inputs)
     if not files:
-        raise DataError(f"INPUT {' '.join(args.inputs)}: no image files (.dcm, .dicom, .png, .jpg, .jpeg) found.")
+        raise DataError(f"INPUT {' '.join(args.inputs)}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
     with tempfile.TemporaryDirectory(prefix="cxr-model-") as cache:  # a downloaded model lives while it is used
         classifier = Classifier.load(network_files(model_folder(args.model, Path(cache))))
     predictions = predict_files(classifier, files, batch=args.batch, gradcam_dir=args.gradcam,
@@ -270,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files, folders of them (searched recursively) or CSVs with a 'path' column")
     p.add_argument("--out", type=Path, required=True, help="the predictions CSV (failures go beside it)")
     p.add_argument("--gradcam", type=Path, metavar="DIR", help="write Grad-CAM overlays (PNG) here")
-    p.add_argument("--gradcam-class", default="predicted",
-                   help="the class each overlay explains: predicted (default), all, or a class name")
+    p.add_argument("--gradcam-class", default="predicted", choices=["predicted", "all", *CLASSES],
+                   help="the class each overlay explains: predicted (default), all, or a class")
     p.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
     add_config_arguments(p, "the tracking store of models:/ and runs:/ URIs (default MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_predict)
