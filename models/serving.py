@@ -46,9 +46,16 @@ def member_key(index: int) -> str:
 
 
 def member_files(artifacts: dict[str, str]) -> list[str]:
-    """A published model's network files, in member order."""
+    """A published model's network files, in member order, from {artifact key: path}."""
     keys = sorted((k for k in artifacts if k.startswith(f"{MEMBER}-")), key=lambda k: int(k.rsplit("-", 1)[1]))
     return [artifacts[k] for k in keys]
+
+
+def network_paths(mlmodel: Any) -> list[str]:
+    """The network files of a published model, relative to its folder, from its MLmodel
+    (an mlflow.models.Model)."""
+    artifacts = mlmodel.flavors.get("python_function", {}).get("artifacts", {})
+    return member_files({key: value["path"] for key, value in artifacts.items()})
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):

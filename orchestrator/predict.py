@@ -53,14 +53,13 @@ def network_files(folder: Path) -> list[Path]:
     """The `.keras` networks of a published model folder (models.serving.log_classifier's)."""
     from mlflow.models import Model
 
-    from models.serving import member_files
+    from models.serving import network_paths
 
     mlmodel = folder / "MLmodel"
     if not mlmodel.is_file():
         raise ModelNotFound(f"{folder}: no MLmodel file; expected a model published by `cxr run` (its runs' "
                             f"`model` artifact, or a registered cxr-* model).")
-    artifacts = Model.load(str(mlmodel)).flavors.get("python_function", {}).get("artifacts", {})
-    files = [folder / path for path in member_files({k: v["path"] for k, v in artifacts.items()})]
+    files = [folder / path for path in network_paths(Model.load(str(mlmodel)))]
     if not files:
         raise ModelNotFound(f"{folder}: its MLmodel names no network file; expected a model published by `cxr run`.")
     return files
@@ -115,11 +114,16 @@ def predict_files(classifier, files: list[Path], batch: int = 32, gradcam_dir: P
 
 
 def _rows(paths: list[Path], probabilities: np.ndarray, views: list[str]) -> pd.DataFrame:
-    table = pd.DataFrame({"path": [str(p) for p in paths],
-                          "pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
+    return pd.concat([pd.DataFrame({"path": [str(p) for p in paths]}), called(probabilities),
+                      pd.DataFrame({"view": views})], axis=1)
+
+
+def called(probabilities: np.ndarray) -> pd.DataFrame:
+    """`pred` (the most probable class) and the probability columns, rounded to 6 decimals: the
+    prediction cells of predictions.csv and of `cxr predict`'s preds.csv."""
+    table = pd.DataFrame({"pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
     for i, column in enumerate(PROBABILITY_COLUMNS):
         table[column] = probabilities[:, i].round(6)
-    table["view"] = views
     return table
 
 

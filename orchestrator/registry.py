@@ -116,11 +116,10 @@ def register_ensemble(client: MlflowClient, config_name: str, network: str, runs
 
 def member_file_uri(run_id: str) -> str:
     """The artifact URI of the network file inside a run's published model."""
-    from models.serving import member_files
+    from models.serving import network_paths
 
     uri = f"runs:/{run_id}/{MODEL_ARTIFACT}"
-    artifacts = Model.load(uri).flavors["python_function"]["artifacts"]
-    (path,) = member_files({key: value["path"] for key, value in artifacts.items()})
+    (path,) = network_paths(Model.load(uri))
     return f"{uri}/{path}"
 
 

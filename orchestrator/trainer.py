@@ -42,6 +42,7 @@ from data_pipeline.tfdata import eval_stream, one_hot, training_stream
 from models.batchnorm import BatchNormStatistics
 from models.networks import NETWORKS, build
 from orchestrator.config import TrainSpec
+from orchestrator.predict import called
 from orchestrator.layout import (BEST_WEIGHTS, CHECKPOINT_MODEL, CURSOR, EPOCH_METRICS, HISTORY_COLUMNS,
                                  PROBABILITY_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths, SplitMeta, run_name)
 
@@ -395,11 +396,9 @@ class Run:
         test = self.inputs.test
         with self.timed("evaluation"):
             probabilities = self.predict(model, test)
-        predictions = pd.DataFrame({"image_id": test["image_id"], "label": test["label"],
-                                    "pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
-        for i, column in enumerate(PROBABILITY_COLUMNS):
-            predictions[column] = probabilities[:, i].round(6)
-        predictions["patient_id"] = test["patient_id"]  # the report's patient bootstrap and fold overlap
+        predictions = pd.concat([pd.DataFrame({"image_id": test["image_id"].to_numpy(),
+                                               "label": test["label"].to_numpy()}), called(probabilities)], axis=1)
+        predictions["patient_id"] = test["patient_id"].to_numpy()  # the report's patient bootstrap and fold overlap
         predictions.to_csv(self.paths.predictions, index=False, lineterminator="\n")
         self.model = model
         return self.paths.predictions
