@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,9 +143,12 @@ def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str,
     log.info("%d runs to go of %d, %s GPU and %s CPU each, at most %d at a time", len(pending),
              len(folds) * len(networks), gpus, cpus, slots)
     storage = str(config.paths.ray_results.absolute())
+    board = Progress.remote()
     settings = {"config": to_mapping(config), "parent_run_id": parent_run_id, "gpus": gpus, "cpus": cpus,
-                "storage": storage, "max_failures": config.cluster.max_failures, "verbose": verbose}
-    table = RunTable([run_name(**run) for run in pending], epochs=config.splits.phases * config.train.epochs)
+                "storage": storage, "max_failures": config.cluster.max_failures, "verbose": verbose,
+                "progress": board}
+    table = RunTable([run_name(**run) for run in pending], epochs=config.splits.phases * config.train.epochs,
+                     progress=board)
     if not verbose:  # Tune's own output engine prints a configuration box even at verbose=0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
@@ -160,7 +164,10 @@ def run_grid(config, folds: list[int], networks: list[str], parent_run_id: str,
                                   verbose=2 if verbose else 0, callbacks=[table],
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        ray.kill(board)
     outcome = {}
     for result in results:
         name = run_name(**result.config["run"])
@@ -172,17 +179,37 @@ def _trial_name(trial) -> str:
     return run_name(**trial.config["run"])
 
 
+@ray.remote(num_cpus=0)
+class Progress:
+    """The runs' epoch rows on their way to the driver's table, for all runs of a `cxr run`.
+
+    Ray Tune's own channel from a Train run to its trial (TuneReportCallback) starts a queue
+    actor per run: one more Python process of 3-5 CPU-seconds each time, for a few rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, dict]] = []
+
+    def put(self, name: str, row: dict) -> None:
+        self.rows.append((name, row))
+
+    def take(self) -> list[tuple[str, dict]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
 class RunTable(tune.Callback):
     """The progress table of the runs, redrawn in place on a terminal (one line per finished run,
     and the table at the end, elsewhere): run, status, phase, epoch, loss, accuracy, val_accuracy.
-    A Ray Tune callback; it lives in the driver."""
+    A Ray Tune callback; it lives in the driver and reads the epochs from `progress`."""
 
     METRICS = ("loss", "accuracy", "val_accuracy")
+    POLL_SECONDS = 1.0
 
-    def __init__(self, names: list[str], epochs: int):
-        self.epochs = epochs
+    def __init__(self, names: list[str], epochs: int, progress):
+        self.epochs, self.progress = epochs, progress
         self.rows = {name: {"status": "pending"} for name in names}
         self.live: Live | None = None  # made in setup(): Tune pickles its callbacks before
+        self.polled = 0.0
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "live": None}
@@ -194,11 +221,18 @@ class RunTable(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._update(trial, status="running")
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._update(trial, phase=result.get("phase"), epoch=result.get("step"),
-                     **{k: result.get(k) for k in self.METRICS})
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.monotonic() - self.polled >= self.POLL_SECONDS:
+            self._read_progress()
+
+    def _read_progress(self) -> None:
+        self.polled = time.monotonic()
+        for name, row in ray.get(self.progress.take.remote()):
+            self._update_row(name, phase=row.get("phase"), epoch=row.get("step"),
+                             **{k: row.get(k) for k in self.METRICS})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._read_progress()  # its last epochs first
         self._update(trial, status="done")
         self.live.console.print(f"{_trial_name(trial)}: done")
 
@@ -210,13 +244,17 @@ class RunTable(tune.Callback):
         self.live.console.print(f"{_trial_name(trial)}: failed; its log: {trial.local_path}")
 
     def on_experiment_end(self, trials, **info) -> None:
+        self._read_progress()
         self.live.update(self._render())
         self.live.stop()
         if not self.live.console.is_terminal:  # the final table was drawn without its line end
             self.live.console.line()
 
     def _update(self, trial, **values) -> None:
-        self.rows.setdefault(_trial_name(trial), {}).update({k: v for k, v in values.items() if v is not None})
+        self._update_row(_trial_name(trial), **values)
+
+    def _update_row(self, name: str, **values) -> None:
+        self.rows.setdefault(name, {}).update({k: v for k, v in values.items() if v is not None})
         self.live.update(self._render())
 
     def _render(self) -> Table:
@@ -270,27 +308,45 @@ def _drive_one_run(params: dict, settings: dict) -> None:
     strategies, which a run on one worker does not use. Only the worker imports TensorFlow.
     """
     from ray import train
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     name = run_name(**params["run"])
     gpus = settings["gpus"]
     resources = {"CPU": settings["cpus"], **({"GPU": gpus} if gpus else {})}
-    trainer = DataParallelTrainer(
+    trainer = _trainer_class()(
         _train_worker, train_loop_config={**settings, "run": params["run"]},
         scaling_config=train.ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources),
         # the name stays the same across restarts, so Ray resumes this run rather than starting anew
         run_config=train.RunConfig(name=f"{name}-{tune.get_context().get_trial_id()}",
-                                   storage_path=settings["storage"], callbacks=[TuneReportCallback()],
+                                   storage_path=settings["storage"],
                                    failure_config=train.FailureConfig(max_failures=settings["max_failures"])),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except BaseException:
         # a worker killed by SIGKILL, the OOM killer or the loss of its node ended nothing, and Ray
         # Train's restarts are spent: FAILED, not RUNNING (a retry of the trial continues the run)
         _mark_failed(settings["config"], params["run"])
         raise
+    # the trial's one result (the epochs reach the driver through Progress): where its Train run
+    # is; without one, Tune's console prints an empty "Last result" line per trial
+    tune.report({"train_run": result.path})
+
+
+def _trainer_class() -> type:
+    """DataParallelTrainer without Ray Data's dataset manager: Ray Train V2 starts that actor for
+    every run, datasets or not (a Python process of about 3 CPU-seconds per run); the runs read
+    the image store through tf.data, not Ray Data."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    class Trainer(DataParallelTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
 
 
 def _mark_failed(config_mapping: dict, run: dict) -> None:
@@ -315,15 +371,14 @@ def _train_worker(params: dict) -> None:
         quiet_third_parties()
         import_tensorflow_quietly()
         logging.getLogger("orchestrator").setLevel(logging.WARNING)
-    from ray import train
-
     from orchestrator.config import Config, from_mapping
     from orchestrator.trainer import train_and_evaluate
 
     config = from_mapping(Config, params["config"], where="the driver's config")
     placement = _claim_devices(params["gpus"], max(1, int(params["cpus"])), config.cluster.allow_cpu_fallback)
+    name, board = run_name(**params["run"]), params["progress"]
     train_and_evaluate(config, params["run"]["fold"], params["run"]["network"], params["parent_run_id"],
-                       report=train.report, placement=placement)
+                       report=lambda row: board.put.remote(name, row), placement=placement)
 
 
 def _claim_devices(gpus: float, threads: int, allow_cpu_fallback: bool) -> dict[str, str]:
