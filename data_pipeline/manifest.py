@@ -14,6 +14,8 @@ import pandas as pd
 
 from data_pipeline.schema import CLASSES, MANIFEST_COLUMNS, DataError, read_source_csv
 from data_pipeline.sources.covid_chestxray import read_covid_chestxray
+from data_pipeline.sources.rsna_persons import read_mapping, read_nih_entries, rsna_person_ids
+from data_pipeline.sources.rsna_pneumonia import SOURCE as RSNA_SOURCE
 from data_pipeline.sources.rsna_pneumonia import read_rsna_pneumonia
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,20 @@ class ManifestResult:
 
 
 def build_manifest(covid_root: Path, rsna_root: Path, *, skip_missing: bool = False,
-                   skip_unknown_findings: bool = False) -> ManifestResult:
-    """Read both datasets into one manifest; a missing image file is an error unless skipped."""
+                   skip_unknown_findings: bool = False,
+                   rsna_persons: tuple[Path, Path] | None = None) -> ManifestResult:
+    """Read both datasets into one manifest; a missing image file is an error unless skipped.
+
+    `rsna_persons`, RSNA's mapping to NIH images and NIH's Data_Entry CSV, make the RSNA
+    images' patient_id their NIH person (data_pipeline.sources.rsna_persons)."""
     covid, skipped_covid = read_covid_chestxray(Path(covid_root).absolute(), skip_unknown_findings)
     rsna = read_rsna_pneumonia(Path(rsna_root).absolute())
+    if rsna_persons is not None:
+        mapping_path, entries_path = rsna_persons
+        persons, mapped = rsna_person_ids(rsna["image_id"], read_mapping(mapping_path), read_nih_entries(entries_path))
+        rsna = rsna.assign(patient_id=persons)
+        log.info("RSNA persons: %d of %d images mapped to %d NIH persons (%s)", mapped, len(rsna),
+                 rsna.loc[persons != rsna["image_id"], "patient_id"].nunique(), mapping_path)
     manifest = pd.concat([covid, rsna], ignore_index=True)
     clash = manifest["image_id"][manifest["image_id"].duplicated()]
     if not clash.empty:
@@ -72,6 +84,12 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if bad.any():
         raise DataError(f"{path}: column 'label' must be one of {list(CLASSES)}; found {sorted(set(table.loc[bad, 'label']))}.")
     return table
+
+
+def rsna_grouped_by_person(manifest: pd.DataFrame) -> bool:
+    """Whether the RSNA rows' patient_id are persons (mapped), not their own image ids."""
+    rsna = manifest[manifest["source"] == RSNA_SOURCE]
+    return bool(len(rsna)) and bool((rsna["patient_id"] != rsna["image_id"]).any())
 
 
 def class_counts(manifest: pd.DataFrame) -> pd.DataFrame:

@@ -30,14 +30,16 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
+from data_pipeline.manifest import rsna_grouped_by_person
 from data_pipeline.schema import CLASSES, DataError
+from data_pipeline.sources.covid_chestxray import SOURCE as COVID_SOURCE
+from data_pipeline.sources.rsna_pneumonia import SOURCE as RSNA_SOURCE
 
 log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ["image_id", "label", "patient_id", "source"]
 META_FILE, SUMS_FILE = "splits.json", "SHA256SUMS"  # the split settings and flags; every file's hash
 PROTOCOLS = ("paper", "import", "sound")
-COVID_SOURCE, RSNA_SOURCE = "covid-chestxray", "rsna"
 TEST_POOL_FLAG = ("checkpoint selection on a validation set drawn from the test pool (the paper's "
                   "s_test): test-set selection, results are optimistic")
 
@@ -87,8 +89,14 @@ class Splits:
 def make_splits(manifest: pd.DataFrame, spec: SplitSpec) -> Splits:
     """Build every fold of the chosen protocol and check it for patient leakage."""
     manifest = manifest.sort_values(["source", "image_id"], kind="stable").reset_index(drop=True)
-    notes = ["RSNA ids are per image, not per person: the challenge published no person id, so "
-             "RSNA images are grouped by image, and one person's images could sit on both sides."]
+    if rsna_grouped_by_person(manifest):
+        rsna = manifest[manifest["source"] == RSNA_SOURCE]
+        notes = [f"RSNA images are grouped by person: {rsna['patient_id'].nunique()} persons for {len(rsna)} "
+                 f"images, from RSNA's mapping to NIH ChestX-ray14 and NIH's patient ids."]
+    else:
+        notes = ["RSNA ids are per image, not per person: without RSNA's mapping to NIH ChestX-ray14 "
+                 "(data.rsna_mapping, data.nih_entries) RSNA images are grouped by image, and one person's "
+                 "images could sit on both sides."]
     if spec.protocol == "paper":
         folds = {k: _paper_fold(manifest, spec, k) for k in range(1, spec.folds + 1)}
         notes.append("Folds are drawn independently, as in the paper: a patient may be tested in "
@@ -397,14 +405,16 @@ def _validation_kind(spec: SplitSpec) -> str:
 
 
 def summary(splits: Splits) -> pd.DataFrame:
-    """fold, subset, label, count for every subset (phases, val, test) and class."""
+    """fold, subset, label, count (images) and patients (people, as the manifest groups them) for
+    every subset (phases, val, test) and class."""
     records = []
     for k, fold in splits.folds.items():
         for name, rows in fold.items():
             counts = rows["label"].value_counts()
-            records.extend({"fold": k, "subset": name, "label": label, "count": int(counts.get(label, 0))}
-                           for label in CLASSES)
-    return pd.DataFrame.from_records(records, columns=["fold", "subset", "label", "count"])
+            people = rows.groupby("label")["patient_id"].nunique()
+            records.extend({"fold": k, "subset": name, "label": label, "count": int(counts.get(label, 0)),
+                            "patients": int(people.get(label, 0))} for label in CLASSES)
+    return pd.DataFrame.from_records(records, columns=["fold", "subset", "label", "count", "patients"])
 
 
 def split_file(split_dir: Path, fold: int, subset: str) -> Path:

@@ -82,10 +82,13 @@ SCALES = {
 }
 
 
-def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0, image_size: int = 0) -> dict[str, int]:
+def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0, image_size: int = 0,
+                    source_marker: bool = False) -> dict[str, int]:
     """Write both synthetic datasets under `out`; returns images written per selected class.
 
     `image_size` > 0 overrides the scale's image sides (tests write the paper's counts small).
+    `source_marker` burns a marker into every covid-chestxray-dataset image (burn_marker): a
+    shortcut that `cxr audit`'s probe must find.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}; received {scale!r}.")
@@ -94,10 +97,15 @@ def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0, image_size: i
         s = dataclasses.replace(s, rsna_size=image_size, covid_size=(image_size, image_size))
     out = Path(out)
     _clear_previous(out)
-    covid = _write_covid(out / COVID_DIR, s, seed)
+    covid = _write_covid(out / COVID_DIR, s, seed, source_marker)
     rsna = _write_rsna(out / RSNA_DIR, s, seed)
-    (out / MARKER).write_text(f"synthetic lookalike datasets: scale {scale}, seed {seed}\n")
+    (out / MARKER).write_text(stamp(scale, seed, source_marker))
     return {**covid, **rsna}
+
+
+def stamp(scale: str, seed: int, source_marker: bool = False) -> str:
+    """What the MARKER file of a synthetic output holds: what was written (its up-to-date check)."""
+    return f"synthetic lookalike datasets: scale {scale}, seed {seed}" + (", source marker" if source_marker else "") + "\n"
 
 
 def _clear_previous(out: Path) -> None:
@@ -161,6 +169,15 @@ def chest_image(rng: np.random.Generator, size: tuple[int, int], pattern: str,
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
 
+def burn_marker(gray: np.ndarray) -> np.ndarray:
+    """A source shortcut, as real ones look: a bright, hard-edged block in the top left corner,
+    like a radiographer's side marker or a burned-in label, within the outer 10% of the image."""
+    h, w = gray.shape
+    marked = gray.copy()
+    marked[int(0.02 * h):int(0.09 * h), int(0.02 * w):int(0.14 * w)] = 250
+    return marked
+
+
 def _ellipse(x: np.ndarray, y: np.ndarray, rx: float, ry: float, soft: float) -> np.ndarray:
     r = np.sqrt((x / rx) ** 2 + (y / ry) ** 2)
     return np.clip((1 - r) / soft + 0.5, 0, 1)
@@ -176,7 +193,7 @@ def _split_counts(total: int, groups: int, rng: random.Random) -> list[int]:
     return counts
 
 
-def _write_covid(root: Path, s: Scale, seed: int) -> dict[str, int]:
+def _write_covid(root: Path, s: Scale, seed: int, source_marker: bool = False) -> dict[str, int]:
     rng = random.Random(f"{seed}-covid")
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
@@ -186,7 +203,7 @@ def _write_covid(root: Path, s: Scale, seed: int) -> dict[str, int]:
         fmt = rng.choice(["jpeg", "jpg", "png"])
         name = f"synth-{pid:04d}-{finding.split(',')[0].lower().replace('.', '')}-{k}.{fmt}"
         rows.append(_covid_row(rng, pid, finding, view, modality, name, offset=3 * k))
-        _write_picture(root / "images" / name, fmt, s, pattern, seed, len(rows), rng)
+        _write_picture(root / "images" / name, fmt, s, pattern, seed, len(rows), rng, source_marker)
 
     for finding_class, n_images, n_patients in (("covid", s.covid_images, s.covid_patients),
                                                  ("pneumonia", s.pneumonia_images, s.pneumonia_patients)):
@@ -224,10 +241,12 @@ def _covid_row(rng: random.Random, pid: int, finding: str, view: str, modality: 
 
 
 def _write_picture(path: Path, fmt: str, s: Scale, pattern: str, seed: int, index: int,
-                   rng: random.Random) -> None:
+                   rng: random.Random, source_marker: bool = False) -> None:
     side = rng.randint(*s.covid_size)
     size = (side, int(side * rng.uniform(0.85, 1.15)))
     gray = chest_image(np.random.default_rng([seed, 1, index]), size, pattern)
+    if source_marker:
+        gray = burn_marker(gray)
     mode = rng.choice(["L", "RGB", "RGBA"] if fmt == "png" else ["L", "RGB"])
     img = Image.fromarray(gray).convert(mode)
     if fmt == "png":

@@ -30,7 +30,7 @@ def override(spec, **flags):
 def cmd_synth(args: argparse.Namespace) -> None:
     from data_pipeline.synth import write_synthetic
 
-    counts = write_synthetic(args.out, scale=args.scale, seed=args.seed)
+    counts = write_synthetic(args.out, scale=args.scale, seed=args.seed, source_marker=args.source_marker)
     log.info("wrote the %s synthetic datasets under %s", args.scale, args.out)
     for name, n in counts.items():
         print(f"{name:>24}: {n}")
@@ -39,8 +39,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_manifest(args: argparse.Namespace) -> None:
     from data_pipeline.manifest import build_manifest, class_counts, write_manifest
 
+    if bool(args.rsna_mapping) != bool(args.nih_entries):
+        raise ConfigError("--rsna-mapping and --nih-entries: expected both files or neither.")
     result = build_manifest(args.covid_root, args.rsna_root, skip_missing=args.skip_missing,
-                            skip_unknown_findings=args.skip_unknown_findings)
+                            skip_unknown_findings=args.skip_unknown_findings,
+                            rsna_persons=(args.rsna_mapping, args.nih_entries) if args.rsna_mapping else None)
     skipped_path = write_manifest(result, args.out)
     print(class_counts(result.manifest).to_string(index=False))
     print(f"{len(result.manifest)} images -> {args.out}")
@@ -134,6 +137,40 @@ def cmd_report(args: argparse.Namespace) -> None:
                              splits=args.splits, out=args.out, replicates=args.bootstrap, seed=args.seed))
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    from orchestrator.audit import log_audit, run_audit
+    from orchestrator.config import resolved
+    from orchestrator.report import latest_parent
+
+    config = resolved(load_config(args.config, args.set))
+    audit = run_audit(config)
+    for name, result in audit["probes"].items():
+        print(f"source probe, {name}: AUC {result['auc']:.3f} (95% interval {result['ci_low']:.3f}-"
+              f"{result['ci_high']:.3f}, {result['images']} images)")
+    for name, test in audit["view_tests"].items():
+        print(f"{name}: chi2 {test['chi2']:.2f}, dof {test['dof']}, p {test['p']:.3g}")
+    print(f"audit: {config.paths.audit} and the section of {config.paths.report / 'tables.md'}")
+    try:
+        parent = latest_parent(config.tracking_uri, config.experiment_name, config.paths.parent_record)
+    except DataError as exc:  # no `cxr run` yet: the files stand alone
+        log.warning("not logged to MLflow: %s", exc)
+        return
+    log_audit(config, parent)
+    print(f"logged to the parent MLflow run {parent}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from orchestrator.compare import write_comparison
+
+    if len(args.config) < 2:
+        raise ConfigError(f"--config: expected two configs or more to compare, received {len(args.config)}.")
+    configs = [load_config(path, args.set) for path in args.config]
+    table, markdown = write_comparison(configs, args.out)
+    shown = table[["config", "network", "accuracy", "accuracy_std", "recall_COVID-19", "pooled_accuracy"]]
+    print(shown.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.2f}"))
+    print(f"comparison: {markdown} (with compare.csv and compare.png)")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     if not args.verbose:
         import_tensorflow_quietly()
@@ -194,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source-marker", action="store_true",
+                   help="burn a marker into every covid-chestxray-dataset image: a source shortcut for `cxr audit`")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("manifest", help="read both raw datasets into one manifest CSV")
@@ -204,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out rows whose image file is missing (listed in <out>.skipped.csv)")
     p.add_argument("--skip-unknown-findings", action="store_true",
                    help="leave out covid-dataset rows with findings the reader does not know (listed)")
+    p.add_argument("--rsna-mapping", type=Path, metavar="JSON",
+                   help="RSNA's pneumonia-challenge-dataset-mappings_2018.json: with --nih-entries, RSNA images "
+                        "are grouped by their NIH person")
+    p.add_argument("--nih-entries", type=Path, metavar="CSV", help="NIH's Data_Entry_2017_v2020.csv")
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("splits", help="write every fold's phase, validation and test sets")
@@ -263,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the F1 and AUC intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("audit", help="can the source dataset be told from outside the lungs? (a linear probe)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("compare", help="protocols side by side: each config's latest `cxr run`, from MLflow")
+    p.add_argument("--config", type=Path, action="append", default=[], required=True,
+                   help="a config whose latest run to compare (repeat: --config A --config B)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value in every config, e.g. --set tracking.uri=... (repeatable)")
+    p.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default: compare/)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="apply a trained model to DICOM, PNG or JPEG files; Grad-CAM on request")
     p.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/<run id>/model "

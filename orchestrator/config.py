@@ -39,7 +39,21 @@ class DataSpec:
     rsna_root: str = ""       # folder with the stage_2 CSVs and stage_2_train_images/
     synthetic: str = ""       # tiny | small | paper: generate lookalike data under workdir/data instead
     synthetic_seed: int = 0
+    synthetic_marker: bool = False  # burn a marker into the synthetic covid-chestxray images (`cxr audit` must find it)
     skip_missing: bool = False
+    # RSNA's pneumonia-challenge-dataset-mappings_2018.json and NIH's Data_Entry_2017_v2020.csv:
+    # with both, RSNA images are grouped by their NIH person (data_pipeline.sources.rsna_persons)
+    rsna_mapping: str = ""
+    nih_entries: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.rsna_mapping) != bool(self.nih_entries):
+            raise ConfigError(f"data.rsna_mapping and data.nih_entries: expected both files or neither; received "
+                              f"rsna_mapping={self.rsna_mapping!r}, nih_entries={self.nih_entries!r}.")
+
+    @property
+    def rsna_persons(self) -> tuple[Path, Path] | None:
+        return (Path(self.rsna_mapping), Path(self.nih_entries)) if self.rsna_mapping else None
 
 
 NAMED_WEIGHTS = ("imagenet", "none")  # models.networks' names; any other model.weights is a path
@@ -153,6 +167,16 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class AuditSpec:
+    """`cxr audit`'s source probe (orchestrator.audit)."""
+    border: float = 0.1          # the frame the probe sees, a fraction of the side; the lungs inside are masked out
+    folds: int = 5               # cross-validation folds, whole patients in one
+    bootstrap: int = 1000        # replicates of the AUC's interval, drawn over patients
+    regularization: float = 1.0  # the logistic regression's C
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     workdir: str = "work/default"
     data: DataSpec = field(default_factory=DataSpec)
@@ -163,6 +187,7 @@ class Config:
     train: TrainSpec = field(default_factory=TrainSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    audit: AuditSpec = field(default_factory=AuditSpec)
     name: str = ""  # set from the config file's name; names the MLflow experiment
 
     @property

@@ -25,7 +25,7 @@ from data_pipeline.manifest import build_manifest, read_manifest, write_manifest
 from data_pipeline.schema import CLASSES
 from data_pipeline.splits import make_splits, write_splits
 from data_pipeline.store import without_failures
-from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, write_synthetic
+from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, stamp, write_synthetic
 from orchestrator import launch, layout
 from orchestrator.config import Config, ConfigError, resolved, sqlite_file
 from orchestrator.doctor import preflight
@@ -143,11 +143,11 @@ def ensure_data(config: Config) -> tuple[Path, Path]:
                               "or data.synthetic to tiny|small|paper.")
         return Path(data.covid_root), Path(data.rsna_root)
     root = config.paths.data
-    stamp = f"synthetic lookalike datasets: scale {data.synthetic}, seed {data.synthetic_seed}\n"
-    if (root / MARKER).is_file() and (root / MARKER).read_text() == stamp:
+    wanted = stamp(data.synthetic, data.synthetic_seed, data.synthetic_marker)
+    if (root / MARKER).is_file() and (root / MARKER).read_text() == wanted:
         log.info("synthetic data in %s is up to date", root)
     else:
-        write_synthetic(root, data.synthetic, data.synthetic_seed)
+        write_synthetic(root, data.synthetic, data.synthetic_seed, source_marker=data.synthetic_marker)
     return root / COVID_DIR, root / RSNA_DIR
 
 
@@ -155,10 +155,12 @@ def ensure_manifest(config: Config, covid_root: Path, rsna_root: Path) -> None:
     """Rebuilt when missing or older than any of the label CSVs it reads."""
     out = config.paths.manifest
     inputs = [p for root in (covid_root, rsna_root) for p in (root / name for name in LABEL_FILES) if p.is_file()]
+    inputs += list(config.data.rsna_persons or ())
     if out.is_file() and all(p.stat().st_mtime <= out.stat().st_mtime for p in inputs):
         log.info("manifest %s is up to date", out)
         return
-    write_manifest(build_manifest(covid_root, rsna_root, skip_missing=config.data.skip_missing), out)
+    write_manifest(build_manifest(covid_root, rsna_root, skip_missing=config.data.skip_missing,
+                                  rsna_persons=config.data.rsna_persons), out)
 
 
 def ensure_splits(config: Config) -> None:

@@ -121,3 +121,31 @@ def gradcam_figure(image: np.ndarray, maps: dict[str, np.ndarray], probabilities
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def comparison_figure(table, baseline: str, path: Path) -> Path:
+    """`cxr compare`: per network, each config's accuracy (mean over folds, std as the error bar;
+    the pooled figure as a dot where there is one), the always-normal baseline as a line per config."""
+    configs = list(dict.fromkeys(table["config"]))
+    networks = [n for n in dict.fromkeys(table["network"]) if n != baseline]
+    width = 0.8 / max(1, len(configs))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(networks), 3.6), dpi=120)
+    for i, config in enumerate(configs):
+        mine = table[table["config"] == config].set_index("network")
+        x = np.arange(len(networks)) + (i - (len(configs) - 1) / 2) * width
+        means = [mine.loc[n, "accuracy"] if n in mine.index else np.nan for n in networks]
+        stds = [mine.loc[n, "accuracy_std"] if n in mine.index else np.nan for n in networks]
+        bars = ax.bar(x, means, width * 0.9, yerr=np.nan_to_num(stds), capsize=3, label=config)
+        pooled = [mine.loc[n, "pooled_accuracy"] if n in mine.index else np.nan for n in networks]
+        ax.plot(x, pooled, "o", color="black", markersize=4, label="pooled" if i == 0 else None)
+        if baseline in mine.index:
+            ax.axhline(mine.loc[baseline, "accuracy"], color=bars.patches[0].get_facecolor(), linestyle="--",
+                       linewidth=1)
+    ax.set_xticks(np.arange(len(networks)), networks)
+    ax.set_ylabel("accuracy (%); dashed: always normal")
+    ax.set_title("protocols side by side", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import pandas as pd
 import ray
 from ray import tune
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
@@ -20,6 +21,7 @@ from orchestrator.console import progress_bar
 from orchestrator.layout import NETWORK_COST, run_name
 
 log = logging.getLogger(__name__)
+LOG_WIDTH = 120  # the progress table's width where the output is not a terminal
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
@@ -215,7 +217,10 @@ class RunTable(tune.Callback):
         return {**self.__dict__, "live": None}
 
     def setup(self, **info) -> None:
-        self.live = Live(self._render(), refresh_per_second=2, transient=False)
+        console = Console()
+        if not console.is_terminal:  # a log file or a job's log: 80 columns would cut the run names short
+            console = Console(width=LOG_WIDTH)
+        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
         self.live.start()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:

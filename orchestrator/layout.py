@@ -43,8 +43,9 @@ def run_name(fold: int, network: str) -> str:
 
 # predictions.csv: one row per test image, in the test split's order (the probability columns
 # are data_pipeline.schema's, which the published models answer with too)
-PREDICTION_COLUMNS: tuple[str, ...] = ("image_id", "label", "pred", *PROBABILITY_COLUMNS, "patient_id")
-PREDICTION_REQUIRED: tuple[str, ...] = PREDICTION_COLUMNS[:-1]  # patient_id may come from a manifest
+PATIENT_COLUMN, SOURCE_COLUMN = "patient_id", "source"  # the manifest's too: older files lack them
+PREDICTION_REQUIRED: tuple[str, ...] = ("image_id", "label", "pred", *PROBABILITY_COLUMNS)
+PREDICTION_COLUMNS: tuple[str, ...] = (*PREDICTION_REQUIRED, PATIENT_COLUMN, SOURCE_COLUMN)
 # history.csv: one row per epoch, the same columns whatever was measured that epoch (validation
 # every `validation_freq` epochs, or never: those cells stay empty)
 EPOCH_METRICS: tuple[str, ...] = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -171,6 +172,7 @@ class RunPaths:
         self.done.write_text(json.dumps({"run_id": run_id, "fingerprint": fingerprint, "model_uri": model_uri}) + "\n")
 
 
+AUDIT_FILE = "audit.json"  # `cxr audit`'s, in the report folder
 PREDICTIONS_FILE, HISTORY_FILE = "predictions.csv", "history.csv"  # also the MLflow artifacts' names
 CURSOR = "cursor.json"           # in each checkpoint: where the run stands
 BEST_WEIGHTS = "best.weights.h5"  # in the run folder and, as of each checkpoint, in the checkpoint
@@ -222,6 +224,11 @@ class WorkPaths:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def audit(self) -> Path:
+        """`cxr audit`'s results (its section of the report's tables.md beside them)."""
+        return self.report / AUDIT_FILE
 
     @property
     def runs(self) -> Path:

@@ -25,10 +25,10 @@ import pandas as pd
 
 from data_pipeline.schema import CLASSES, DataError
 from data_pipeline.splits import TEST_POOL_FLAG
-from orchestrator import figures, layout
+from orchestrator import by_source, figures, layout, pooling
 from orchestrator.config import Config
-from orchestrator.layout import (HISTORY_FILE, NETWORK_NAMES, PREDICTION_REQUIRED, PREDICTIONS_FILE, SplitMeta,
-                                 run_name)
+from orchestrator.layout import (AUDIT_FILE, HISTORY_FILE, NETWORK_NAMES, PATIENT_COLUMN, PREDICTION_REQUIRED, PREDICTIONS_FILE,
+                                 SOURCE_COLUMN, SplitMeta, run_name)
 from orchestrator.metrics import COUNTS, PAPER_METRICS, class_counts, confusion, paper_metrics, run_metrics
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class ReportInputs:
 
 def read_predictions(path: Path) -> pd.DataFrame:
     """A trainer's predictions.csv, checked: columns, class names, probabilities, unique ids."""
-    table = read_table(path, dtype={"image_id": str, "label": str, "pred": str, "patient_id": str})
+    table = read_table(path, dtype={"image_id": str, "label": str, "pred": str, PATIENT_COLUMN: str, SOURCE_COLUMN: str})
     missing = [c for c in PREDICTION_REQUIRED if c not in table.columns]
     if missing:
         raise DataError(f"{path}: expected the columns {list(PREDICTION_REQUIRED)}, missing {missing} "
@@ -228,17 +228,34 @@ def attach_patients(runs: list[RunResult], manifest: Path | None) -> tuple[list[
     return out, "patients"
 
 
-def read_patient_lookup(manifest: Path) -> pd.Series:
-    """image_id -> patient_id from a manifest."""
+def read_patient_lookup(manifest: Path, column: str = PATIENT_COLUMN) -> pd.Series:
+    """image_id -> patient_id (or another manifest column) from a manifest."""
     table = read_table(manifest, dtype=str)
-    missing = [c for c in ("image_id", "patient_id") if c not in table.columns]
+    missing = [c for c in ("image_id", column) if c not in table.columns]
     if missing:
-        raise DataError(f"{manifest}: expected a manifest with the columns image_id and patient_id; missing {missing}.")
+        raise DataError(f"{manifest}: expected a manifest with the columns image_id and {column}; missing {missing}.")
     repeated = table["image_id"][table["image_id"].duplicated()]
     if len(repeated):
         raise DataError(f"{manifest}: expected one row per image_id, found {len(repeated)} repeated, "
                         f"e.g. {repeated.iloc[0]!r}.")
-    return table.set_index("image_id")["patient_id"]
+    return table.set_index("image_id")[column]
+
+
+def attach_sources(runs: list[RunResult], manifest: Path | None) -> list[RunResult]:
+    """Give every prediction row its source dataset (the results by source): the files' own
+    column, else the manifest's; without either the report leaves that section out and says so."""
+    if by_source.has_sources(runs) or manifest is None or not Path(manifest).is_file():
+        return runs
+    if SOURCE_COLUMN not in read_table(manifest, nrows=0).columns:  # an image -> patient table only
+        return runs
+    lookup = read_patient_lookup(manifest, SOURCE_COLUMN)
+    out = []
+    for run in runs:
+        sources = run.predictions["image_id"].map(lookup)
+        if sources.isna().any():
+            return runs  # attach_patients has named images missing from the manifest; sources are optional
+        out.append(replace(run, predictions=run.predictions.assign(**{SOURCE_COLUMN: sources})))
+    return out
 
 
 def split_context(split_dir: Path | None) -> tuple[list[str], list[str]]:
@@ -408,17 +425,47 @@ def write_report(inputs: ReportInputs, out: Path, replicates: int = 1000, seed: 
     metrics = metrics_table(inputs.runs, replicates, seed, inputs.patient_unit)
     summary = summary_table(metrics)
     report_notes = notes(inputs, metrics, t4, test_pool_runs or [])
-    tables = {"table3.csv": t3, "table4.csv": t4, "metrics.csv": metrics.round(4), "summary.csv": summary.round(4)}
+    per_source = source_tables(inputs.runs)
+    report_notes += source_notes(inputs, per_source)
+    pooled, pooled_notes = pooling.pooled_table(inputs.runs, inputs.folds, replicates, seed)
+    report_notes += pooled_notes
+    extra = {**per_source, **({"pooled.csv": pooled} if len(pooled) else {})}
+    tables = {"table3.csv": t3, "table4.csv": t4, "metrics.csv": metrics.round(4), "summary.csv": summary.round(4),
+              **{name: table.round(4) for name, table in extra.items()}}
     for name, table in tables.items():
         table.to_csv(out / name, index=False, lineterminator="\n")
     drawn = draw_figures(inputs.runs, out / "figures")
-    (out / "tables.md").write_text(markdown(inputs, t3, t4, metrics, summary, report_notes, drawn, out))
+    text = markdown(inputs, t3, t4, metrics, summary, report_notes, drawn, out, per_source, pooled)
+    if (out / AUDIT_FILE).is_file():  # `cxr audit`'s section outlives a new report
+        from orchestrator.audit import audit_markdown, with_section
+
+        text = with_section(text, audit_markdown(json.loads((out / AUDIT_FILE).read_text())))
+    (out / "tables.md").write_text(text)
     (out / "report.json").write_text(json.dumps({
         "source": inputs.source, "runs": [r.name for r in sorted_runs(inputs.runs)], "missing": inputs.missing,
         "notes": report_notes, "split_notes": inputs.split_notes, "bootstrap_replicates": replicates,
         "bootstrap_seed": seed, "bootstrap_unit": inputs.patient_unit}, indent=2) + "\n")
     written = [out / name for name in (*tables, "tables.md", "report.json")] + list(drawn.values())
     return Report(out, t3, t4, metrics, report_notes, inputs.missing, drawn, written)
+
+
+SOURCE_TABLES = ("table4_by_source.csv", "confusion_by_source.csv", "telltale.csv")
+
+
+def source_tables(runs: list[RunResult]) -> dict[str, pd.DataFrame]:
+    """The results by source dataset (orchestrator.by_source), when the predictions carry it."""
+    if not by_source.has_sources(runs):
+        return {}
+    made = (by_source.table4_by_source(runs), by_source.confusion_by_source(runs), by_source.telltale(runs))
+    return dict(zip(SOURCE_TABLES, made))
+
+
+def source_notes(inputs: ReportInputs, per_source: dict[str, pd.DataFrame]) -> list[str]:
+    if not per_source:
+        return ["The predictions carry no source dataset (give --manifest): the results by source dataset, which "
+                "show whether a network recognises the dataset rather than the disease, are left out."]
+    overlap = overlap_note(inputs.runs, inputs.patient_unit) is not None
+    return by_source.telltale_notes(per_source["telltale.csv"], overlap)
 
 
 def draw_figures(runs: list[RunResult], folder: Path) -> dict[str, Path]:
@@ -451,7 +498,8 @@ def _path(path: Path) -> Path:
 
 
 def markdown(inputs: ReportInputs, t3: pd.DataFrame, t4: pd.DataFrame, metrics: pd.DataFrame,
-             summary: pd.DataFrame, report_notes: list[str], drawn: dict[str, Path], out: Path) -> str:
+             summary: pd.DataFrame, report_notes: list[str], drawn: dict[str, Path], out: Path,
+             per_source: dict[str, pd.DataFrame] | None = None, pooled: pd.DataFrame | None = None) -> str:
     found = len(inputs.runs)
     lines = [f"# Report: {inputs.source}", "",
              f"{found} of {inputs.folds * len(NETWORK_NAMES)} runs "
@@ -466,9 +514,34 @@ def markdown(inputs: ReportInputs, t3: pd.DataFrame, t4: pd.DataFrame, metrics: 
               "## Table 5: per class, beyond the paper (mean ± std over folds, percent; AUC 0-1)", "",
               _md_table(_summary_cells(summary)), "",
               "## Table 6: every run, with 95% intervals (Wilson; F1 and AUC: bootstrap over "
-              f"{inputs.patient_unit})", "", _md_table(_interval_cells(metrics)), "", "## Figures", ""]
+              f"{inputs.patient_unit})", "", _md_table(_interval_cells(metrics)), ""]
+    if pooled is not None and len(pooled):
+        lines += ["## Pooled: every image tested once (percent; AUC 0-1; 95% bootstrap over patients)", "",
+                  _md_table(_pooled_cells(pooled)), ""]
+    if per_source:
+        lines += source_markdown(per_source)
+    lines += ["## Figures", ""]
     lines += [f"![{key}]({path.relative_to(out).as_posix()})" for key, path in drawn.items()]
     return "\n".join(lines) + "\n"
+
+
+def source_markdown(per_source: dict[str, pd.DataFrame]) -> list[str]:
+    table4, confusion_table, telltale = (per_source[name] for name in SOURCE_TABLES)
+    return ["## By source dataset", "",
+            "Every COVID-19 image comes from one dataset and every normal one from another: a network can "
+            "score by recognising the dataset. Table 7: Table 4's accuracy and recalls within each source "
+            "(mean ± std over folds, percent).", "", _md_table(table4.round(2)), "",
+            "Table 8: test images by source, true class and called class, summed over folds.", "",
+            _md_table(confusion_table), "",
+            "Table 9, the tell-tale: the share of each source's pneumonia images called COVID-19 (percent, "
+            "Wilson 95% interval, over all folds' predictions).", "", _md_table(telltale.round(2)), ""]
+
+
+def _pooled_cells(pooled: pd.DataFrame) -> pd.DataFrame:
+    cells = pooled.assign(value=[f"{v:.3f}" if m == "AUC" else f"{v:.2f}" for v, m in zip(pooled["value"], pooled["metric"])],
+                          interval=[f"{lo:.3f}-{hi:.3f}" if m == "AUC" else f"{lo:.2f}-{hi:.2f}"
+                                    for lo, hi, m in zip(pooled["ci_low"], pooled["ci_high"], pooled["metric"])])
+    return cells[["network", "class", "metric", "value", "interval", "n"]]
 
 
 def _md_table(table: pd.DataFrame) -> str:
@@ -556,6 +629,7 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     out = Path(out) if out is not None else config.paths.report
     if predictions is not None:
         runs, unit = attach_patients(from_folder(predictions, config.splits.folds), manifest)
+        runs = attach_sources(runs, manifest)
         flags, split_notes = split_context(splits)
         inputs = ReportInputs(runs, config.splits.folds, f"prediction files in {predictions}", flags, split_notes,
                               unit, selection_known=splits is not None)
@@ -565,6 +639,7 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     found, tags, params = from_mlflow(uri, run_id)
     check_one_fingerprint(tags, params, Identity.of(config) if Identity.workdir_ready(config) else None)
     runs, unit = attach_patients(found, manifest or config.paths.manifest)
+    runs = attach_sources(runs, manifest or config.paths.manifest)
     splits = Path(splits or config.paths.splits)
     flags, split_notes = split_context(splits)
     if (splits / SUMS_FILE).is_file() and split_hash(splits) not in {t.get(layout.SPLIT_HASH) for t in tags.values()}:

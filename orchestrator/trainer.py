@@ -44,7 +44,8 @@ from models.networks import NETWORKS, build
 from orchestrator.config import TrainSpec
 from orchestrator.predict import called
 from orchestrator.layout import (BEST_WEIGHTS, CHECKPOINT_MODEL, CURSOR, EPOCH_METRICS, HISTORY_COLUMNS,
-                                 PROBABILITY_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths, SplitMeta, run_name)
+                                 PATIENT_COLUMN, PROBABILITY_COLUMNS, SOURCE_COLUMN, TEST_ACCURACY, TEST_AUC, RunPaths,
+                                 SplitMeta, run_name)
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +399,9 @@ class Run:
             probabilities = self.predict(model, test)
         predictions = pd.concat([pd.DataFrame({"image_id": test["image_id"].to_numpy(),
                                                "label": test["label"].to_numpy()}), called(probabilities)], axis=1)
-        predictions["patient_id"] = test["patient_id"].to_numpy()  # the report's patient bootstrap and fold overlap
+        # the report's patient bootstrap and fold overlap, and its results by source dataset
+        for column in (PATIENT_COLUMN, SOURCE_COLUMN):
+            predictions[column] = test[column].to_numpy()
         predictions.to_csv(self.paths.predictions, index=False, lineterminator="\n")
         self.model = model
         return self.paths.predictions

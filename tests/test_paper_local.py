@@ -246,6 +246,23 @@ def test_the_served_model_answers_as_cxr_predict_does(paper_local, tmp_path):
         end_group(server)
 
 
+def test_cxr_audit_writes_its_section_and_logs_to_the_parent_run(paper_local):
+    """`cxr audit` on the finished workdir: audit.json, its section of the report's tables.md
+    (beside the report's own tables), and the probes' AUCs on the parent MLflow run."""
+    workdir = paper_local["workdir"]
+    audited = in_own_group([str(BIN / "cxr"), "audit", "--config", PAPER, f"--set=workdir={workdir}",
+                            "--set=audit.bootstrap=200"], cwd=paper_local["here"], env=paper_local["env"], timeout=300)
+    assert audited.returncode == 0, audited.stderr[-3000:]
+    audit = json.loads((workdir / "report" / "audit.json").read_text())
+    assert set(audit["probes"]) == {"border", "intensity"} and audit["intensity_images"] == "pneumonia"
+    tables = (workdir / "report" / "tables.md").read_text()
+    assert "## Source audit" in tables and "## Table 3" in tables and "## By source dataset" in tables
+    parent = json.loads((workdir / "mlflow_parent.json").read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_run(parent)
+    assert run.data.metrics["audit_border_auc"] == pytest.approx(audit["probes"]["border"]["auc"])
+    assert f"logged to the parent MLflow run {parent}" in audited.stdout
+
+
 def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_local):
     """The issue's case: the same command with another split seed rewrites the splits. It must
     neither skip the finished runs nor report them: the driver stops before training, naming them
@@ -291,3 +308,4 @@ def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_l
     assert new["fingerprint"] != before["fold1-xception"].data.tags["cxr.fingerprint"]
     table3 = pd.read_csv(workdir / "report" / "table3.csv")  # the new run only: no stale run reported
     assert table3[["fold", "network"]].values.tolist() == [[1, "xception"]]
+    assert "## Source audit" in (workdir / "report" / "tables.md").read_text()  # the audit's section outlives it

@@ -389,3 +389,135 @@ def test_the_report_reads_a_cxr_run_from_mlflow_and_logs_back(paper_predictions,
     with pytest.raises(DataError, match=r"(?s)differ from that of fold1-resnet50v2, fold1-xception.*"
                                         r"fingerprint bbbbbbbbbbbb: fold2-xception; train.learning_rate: 0.001 -> 0.0003"):
         make_report(config, replicates=20)
+
+
+# ---------------------------------------------------------------- results by source dataset
+
+def source_predictions(fold: int, covid_pneumonia_called_covid: int) -> pd.DataFrame:
+    """A fold's test set shaped like the paper's: COVID-19 and 8 pneumonia images from
+    covid-chestxray-dataset, pneumonia and normal ones from RSNA; of the covid-source pneumonia
+    images, `covid_pneumonia_called_covid` are called COVID-19, and 1 in 20 RSNA pneumonia."""
+    rows = [("covid-chestxray", "COVID-19", "COVID-19")] * 6 + [("covid-chestxray", "COVID-19", "pneumonia")] * 2
+    rows += [("covid-chestxray", "pneumonia", "COVID-19")] * covid_pneumonia_called_covid
+    rows += [("covid-chestxray", "pneumonia", "pneumonia")] * (8 - covid_pneumonia_called_covid)
+    rows += [("rsna", "pneumonia", "COVID-19")] * 1 + [("rsna", "pneumonia", "pneumonia")] * 19
+    rows += [("rsna", "normal", "normal")] * 18 + [("rsna", "normal", "pneumonia")] * 2
+    table = pd.DataFrame(rows, columns=["source", "label", "pred"])
+    table.insert(0, "image_id", [f"img-{fold}-{i:03d}" for i in range(len(table))])
+    for name in CLASSES:
+        table[f"p_{name}"] = np.where(table["pred"] == name, 0.8, 0.1)
+    table["patient_id"] = [f"p{fold}-{i}" for i in range(len(table))]
+    return table
+
+
+def test_the_report_splits_its_results_by_source_and_flags_the_telltale(tmp_path):
+    """Networks that call most of covid-chestxray-dataset's pneumonia images COVID-19, and few of
+    RSNA's, get the note; one that calls them as it calls RSNA's does not."""
+    for fold in range(1, 6):
+        source_predictions(fold, 6).to_csv(tmp_path / f"fold{fold}-xception.csv", index=False)
+        source_predictions(fold, 0).to_csv(tmp_path / f"fold{fold}-resnet50v2.csv", index=False)
+    report = make_report(load_config(None), predictions=tmp_path, out=tmp_path / "r", replicates=10)
+
+    telltale = pd.read_csv(tmp_path / "r" / "telltale.csv").set_index("network")
+    assert telltale.loc["xception", ["covid_images", "covid_called_covid", "rsna_images", "rsna_called_covid"]].tolist() \
+        == [40, 30, 100, 5]
+    assert telltale.loc["xception", "covid_share"] == 75.0
+    assert (telltale.loc["xception", "covid_low"], telltale.loc["xception", "covid_high"]) == \
+        pytest.approx(wilson(30, 40), abs=1e-4)
+    assert telltale["far_above"].tolist() == [True, False]
+    flagged = [n for n in report.notes if "may recognise the source dataset" in n]
+    assert len(flagged) == 1 and flagged[0].startswith("xception: 75.0% of the covid-chestxray pneumonia images")
+
+    by_source = pd.read_csv(tmp_path / "r" / "table4_by_source.csv")
+    row = by_source[(by_source["network"] == "xception") & (by_source["source"] == "rsna")].iloc[0]
+    assert row["images_per_fold"] == 40 and row["accuracy"] == pytest.approx(100 * 37 / 40)
+    assert np.isnan(row["recall_COVID-19"]) and row["recall_pneumonia"] == 95.0 and row["recall_normal"] == 90.0
+    confusion_table = pd.read_csv(tmp_path / "r" / "confusion_by_source.csv")
+    cell = confusion_table[(confusion_table["network"] == "xception") & (confusion_table["source"] == "covid-chestxray")
+                           & (confusion_table["true"] == "pneumonia")].iloc[0]
+    assert (cell["called COVID-19"], cell["called pneumonia"], cell["called normal"]) == (30, 10, 0)
+    assert "## By source dataset" in (tmp_path / "r" / "tables.md").read_text()
+
+
+def test_without_sources_the_report_says_what_it_leaves_out(paper_report):
+    text = (paper_report / "tables.md").read_text()
+    assert "carry no source dataset" in text and "## By source dataset" not in text
+    assert not (paper_report / "telltale.csv").exists()
+
+
+def test_folds_that_partition_the_data_are_pooled_and_overlapping_ones_are_not(tmp_path):
+    """Disjoint test sets (each image tested once, as `sound` makes them): one pooled test set
+    per network, with bootstrap intervals over patients. The same images in every fold (the
+    paper's overlap, taken to its end): not pooled, and the note says why."""
+    disjoint, overlapping = tmp_path / "disjoint", tmp_path / "overlapping"
+    for folder in (disjoint, overlapping):
+        folder.mkdir()
+    for fold in range(1, 6):
+        table = source_predictions(fold, fold % 3)
+        table.to_csv(disjoint / f"fold{fold}-xception.csv", index=False)
+        table.assign(image_id=table["image_id"].str.replace(f"img-{fold}-", "img-"),
+                     patient_id=table["patient_id"].str.replace(f"p{fold}-", "p")).to_csv(
+            overlapping / f"fold{fold}-xception.csv", index=False)
+
+    report = make_report(load_config(None), predictions=disjoint, out=tmp_path / "r1", replicates=200)
+    pooled = pd.read_csv(tmp_path / "r1" / "pooled.csv")
+    everything = pd.concat([source_predictions(k, k % 3) for k in range(1, 6)])
+    accuracy = pooled[(pooled["metric"] == "accuracy")].iloc[0]
+    assert accuracy["value"] == pytest.approx(100 * (everything["label"] == everything["pred"]).mean(), abs=1e-3)
+    assert accuracy["ci_low"] < accuracy["value"] < accuracy["ci_high"] and accuracy["n"] == len(everything)
+    recall = pooled[(pooled["class"] == "COVID-19") & (pooled["metric"] == "recall")].iloc[0]
+    assert recall["value"] == 75.0 and recall["n"] == 40
+    assert any("partition 280 images, each tested once" in n for n in report.notes)
+    assert "## Pooled: every image tested once" in (tmp_path / "r1" / "tables.md").read_text()
+
+    report = make_report(load_config(None), predictions=overlapping, out=tmp_path / "r2", replicates=50)
+    assert not (tmp_path / "r2" / "pooled.csv").exists()
+    assert any("56 of the 56 test images are tested in more than one fold" in n for n in report.notes)
+
+
+def test_cxr_compare_sets_protocols_side_by_side_from_their_parent_runs(tmp_path, capsys):
+    """Two configs' `cxr run`s in one sqlite store: `paper` with overlapping folds, `sound` with
+    folds that partition the data. Each parent holds its logged report; `cxr compare` reads them
+    back: Table 4's averages and spread, the baseline, the tell-tale, the pooled figure where
+    there is one (and why not where not), the notes, one table and one figure."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = [f"workdir={tmp_path}/work", f"tracking.uri={uri}"]
+    client = MlflowClient(uri)
+    for name, shift in (("paper", False), ("sound", True)):
+        config = load_config(ROOT / "configs" / f"{name}.yaml", common)
+        experiment = ensure_experiment(uri, config.experiment_name, tmp_path / "mlruns")
+        parent = client.create_run(experiment.experiment_id, run_name=name, tags={"cxr.role": "experiment"})
+        for fold in range(1, 6):
+            run = client.create_run(experiment.experiment_id, run_name=f"fold{fold}-xception",
+                                    tags={"mlflow.parentRunId": parent.info.run_id})
+            table = source_predictions(fold, 6 if name == "paper" else 1)
+            if not shift:  # the paper's folds test the same images again
+                table = table.assign(image_id=table["image_id"].str.replace(f"img-{fold}-", "img-"),
+                                     patient_id=table["patient_id"].str.replace(f"p{fold}-", "p"))
+            source = tmp_path / name / f"fold{fold}" / "predictions.csv"
+            source.parent.mkdir(parents=True)
+            table.to_csv(source, index=False)
+            client.log_artifact(run.info.run_id, str(source))
+            client.set_terminated(run.info.run_id, "FINISHED")
+        make_report(config, replicates=50)
+
+    out = tmp_path / "compare"
+    assert main(["compare", "--config", str(ROOT / "configs/paper.yaml"), "--config", str(ROOT / "configs/sound.yaml"),
+                 *(f"--set={s}" for s in common), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "compare.csv", keep_default_na=False)
+    rows = {(r.config, r.network): r for r in table.itertuples()}
+    assert set(rows) == {(c, n) for c in ("paper", "sound") for n in ("xception", BASELINE)}
+    everything = pd.concat([source_predictions(k, 1) for k in range(1, 6)])
+    assert float(rows["sound", "xception"].pooled_accuracy) == pytest.approx(
+        100 * (everything["label"] == everything["pred"]).mean(), abs=0.01)
+    assert rows["paper", "xception"].pooled_interval == "not pooled"
+    assert rows["paper", "xception"].covid_pneumonia_called_covid.startswith("75.0% (")
+    assert float(rows["paper", "xception"].accuracy_std) == pytest.approx(0, abs=1e-9)  # the same test set 5 times
+    text = (out / "compare.md").read_text()
+    assert "## Notes: paper" in text and "## Notes: sound" in text and "may recognise the source dataset" in text
+    assert "cannot be pooled" in text and (out / "compare.png").stat().st_size > 0
+    assert "comparison:" in capsys.readouterr().out

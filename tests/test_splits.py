@@ -67,8 +67,9 @@ def test_same_manifest_and_seed_give_byte_identical_files(paper, real_manifest, 
     assert meta["validation"] == "test_pool" and "test-set selection" in meta["flags"][0]
     assert paper.flags == tuple(meta["flags"])
     summary = pd.read_csv(tmp_path / "a" / "summary.csv")
-    assert list(summary.columns) == ["fold", "subset", "label", "count"]
-    assert summary.query("fold == 2 and subset == 'test' and label == 'COVID-19'")["count"].item() == 31
+    assert list(summary.columns) == ["fold", "subset", "label", "count", "patients"]
+    covid_test = summary.query("fold == 2 and subset == 'test' and label == 'COVID-19'")
+    assert covid_test["count"].item() == 31 and 1 <= covid_test["patients"].item() < 31  # several images a patient
     check = subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=tmp_path / "a")
     assert check.returncode == 0
 

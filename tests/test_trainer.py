@@ -21,7 +21,7 @@ from data_pipeline.splits import SplitSpec, make_splits, write_splits
 from data_pipeline.store import StoreSpec, build_serial
 from orchestrator.config import load_config
 from orchestrator.identity import StaleRun
-from orchestrator.layout import FINGERPRINT, HISTORY_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths
+from orchestrator.layout import FINGERPRINT, HISTORY_COLUMNS, PREDICTION_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths
 from orchestrator.trainer import InjectedFailure, Run, RunInputs, train_and_evaluate
 from tests.conftest import ROOT
 
@@ -60,9 +60,10 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
 
     predictions = pd.read_csv(root / "predictions.csv")
     test = pd.read_csv(workdir / "splits" / "fold1" / "test.csv")
-    assert list(predictions.columns) == ["image_id", "label", "pred", "p_COVID-19", "p_pneumonia", "p_normal",
-                                         "patient_id"]
+    assert tuple(predictions.columns) == PREDICTION_COLUMNS == (
+        "image_id", "label", "pred", "p_COVID-19", "p_pneumonia", "p_normal", "patient_id", "source")
     assert predictions["patient_id"].astype(str).tolist() == test["patient_id"].astype(str).tolist()
+    assert predictions["source"].tolist() == test["source"].tolist()
     assert predictions["image_id"].tolist() == test["image_id"].tolist()
     assert np.allclose(predictions[["p_COVID-19", "p_pneumonia", "p_normal"]].sum(axis=1), 1, atol=1e-4)
     assert not (root / "checkpoints").exists()  # a finished run keeps its results, not its checkpoints
