@@ -30,6 +30,7 @@ import pandas as pd
 from data_pipeline.schema import DataError
 from data_pipeline.store import ImageStore
 from orchestrator.config import AuditSpec, Config
+from orchestrator.layout import REPORT_ARTIFACTS, TABLES_FILE
 from orchestrator.metrics import bootstrap_weights, percentile_interval, weighted_auc
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def write_audit(config: Config, audit: dict) -> Path:
     out = config.paths.audit
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(audit, indent=2) + "\n")
-    tables = config.paths.report / "tables.md"
+    tables = config.paths.report / TABLES_FILE
     kept = tables.read_text() if tables.is_file() else ""
     tables.write_text(with_section(kept, audit_markdown(audit)))
     return out
@@ -207,5 +208,5 @@ def log_audit(config: Config, parent_run_id: str) -> None:
     audit = json.loads(config.paths.audit.read_text())
     for name, result in audit["probes"].items():
         client.log_metric(parent_run_id, f"audit_{name}_auc", result["auc"])
-    client.log_artifact(parent_run_id, str(config.paths.audit), "audit")
-    client.log_artifact(parent_run_id, str(config.paths.report / "tables.md"), "report")
+    client.log_artifact(parent_run_id, str(config.paths.audit), REPORT_ARTIFACTS)
+    client.log_artifact(parent_run_id, str(config.paths.report / TABLES_FILE), REPORT_ARTIFACTS)

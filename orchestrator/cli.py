@@ -149,7 +149,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
               f"{result['ci_high']:.3f}, {result['images']} images)")
     for name, test in audit["view_tests"].items():
         print(f"{name}: chi2 {test['chi2']:.2f}, dof {test['dof']}, p {test['p']:.3g}")
-    print(f"audit: {config.paths.audit} and the section of {config.paths.report / 'tables.md'}")
+    print(f"audit: {config.paths.audit} and its section of the report's tables ({config.paths.report})")
     try:
         parent = latest_parent(config.tracking_uri, config.experiment_name, config.paths.parent_record)
     except DataError as exc:  # no `cxr run` yet: the files stand alone

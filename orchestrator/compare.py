@@ -18,9 +18,9 @@ import pandas as pd
 from data_pipeline.schema import DataError
 from orchestrator import figures
 from orchestrator.config import Config, resolved
+from orchestrator.layout import REPORT_ARTIFACTS
 from orchestrator.report import BASELINE, latest_parent, read_table
 
-REPORT_FOLDER = "report"  # where orchestrator.report.log_report puts the report on the parent run
 COLUMNS = ("config", "network", "accuracy", "accuracy_std", "recall_COVID-19", "recall_COVID-19_std",
            "covid_pneumonia_called_covid", "pooled_accuracy", "pooled_interval")
 
@@ -44,7 +44,7 @@ def load_protocol(config: Config) -> Protocol:
     with tempfile.TemporaryDirectory(prefix="cxr-compare-") as scratch:
         def fetch(name: str) -> Path | None:
             try:
-                return Path(download_artifacts(run_id=parent, artifact_path=f"{REPORT_FOLDER}/{name}",
+                return Path(download_artifacts(run_id=parent, artifact_path=f"{REPORT_ARTIFACTS}/{name}",
                                                dst_path=scratch, tracking_uri=config.tracking_uri))
             except Exception:  # MLflow raises several kinds for a missing artifact; a missing table is optional
                 return None
@@ -52,7 +52,7 @@ def load_protocol(config: Config) -> Protocol:
         table4, meta = fetch("table4.csv"), fetch("report.json")
         if table4 is None or meta is None:
             raise DataError(f"{config.name}: its parent run {parent} ({config.tracking_uri}) holds no report; "
-                            f"expected {REPORT_FOLDER}/table4.csv and report.json: run `cxr report --config` on it.")
+                            f"expected {REPORT_ARTIFACTS}/table4.csv and report.json: run `cxr report --config` on it.")
         telltale, pooled = fetch("telltale.csv"), fetch("pooled.csv")
         return Protocol(config.name, parent, read_table(table4), json.loads(meta.read_text())["notes"],
                         read_table(telltale) if telltale else None, read_table(pooled) if pooled else None)

@@ -173,6 +173,8 @@ class RunPaths:
 
 
 AUDIT_FILE = "audit.json"  # `cxr audit`'s, in the report folder
+TABLES_FILE = "tables.md"  # the report's Markdown (with `cxr audit`'s section)
+REPORT_ARTIFACTS = "report"  # the report's folder among a parent run's MLflow artifacts (and a run's curves)
 PREDICTIONS_FILE, HISTORY_FILE = "predictions.csv", "history.csv"  # also the MLflow artifacts' names
 CURSOR = "cursor.json"           # in each checkpoint: where the run stands
 BEST_WEIGHTS = "best.weights.h5"  # in the run folder and, as of each checkpoint, in the checkpoint

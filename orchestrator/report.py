@@ -28,7 +28,7 @@ from data_pipeline.splits import TEST_POOL_FLAG
 from orchestrator import by_source, figures, layout, pooling
 from orchestrator.config import Config
 from orchestrator.layout import (AUDIT_FILE, HISTORY_FILE, NETWORK_NAMES, PATIENT_COLUMN, PREDICTION_REQUIRED, PREDICTIONS_FILE,
-                                 SOURCE_COLUMN, SplitMeta, run_name)
+                                 REPORT_ARTIFACTS, SOURCE_COLUMN, TABLES_FILE, SplitMeta, run_name)
 from orchestrator.metrics import COUNTS, PAPER_METRICS, class_counts, confusion, paper_metrics, run_metrics
 
 log = logging.getLogger(__name__)
@@ -440,12 +440,12 @@ def write_report(inputs: ReportInputs, out: Path, replicates: int = 1000, seed: 
         from orchestrator.audit import audit_markdown, with_section
 
         text = with_section(text, audit_markdown(json.loads((out / AUDIT_FILE).read_text())))
-    (out / "tables.md").write_text(text)
+    (out / TABLES_FILE).write_text(text)
     (out / "report.json").write_text(json.dumps({
         "source": inputs.source, "runs": [r.name for r in sorted_runs(inputs.runs)], "missing": inputs.missing,
         "notes": report_notes, "split_notes": inputs.split_notes, "bootstrap_replicates": replicates,
         "bootstrap_seed": seed, "bootstrap_unit": inputs.patient_unit}, indent=2) + "\n")
-    written = [out / name for name in (*tables, "tables.md", "report.json")] + list(drawn.values())
+    written = [out / name for name in (*tables, TABLES_FILE, "report.json")] + list(drawn.values())
     return Report(out, t3, t4, metrics, report_notes, inputs.missing, drawn, written)
 
 
@@ -600,7 +600,8 @@ def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:
     client = MlflowClient(uri)
     for path in report.files:
         folder = path.parent.relative_to(report.out).as_posix()
-        client.log_artifact(inputs.parent_run_id, str(path), "report" if folder == "." else f"report/{folder}")
+        where = REPORT_ARTIFACTS if folder == "." else f"{REPORT_ARTIFACTS}/{folder}"
+        client.log_artifact(inputs.parent_run_id, str(path), where)
     averages = report.table4[(report.table4["fold"] == "average") & report.table4["network"].isin(NETWORK_NAMES)]
     # a later report (more runs done) must replace the values MLflow shows as latest: a fresh
     # timestamp, and the number of runs as the step
@@ -611,7 +612,7 @@ def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:
     for run in inputs.runs:  # each run already holds its confusion matrix (the trainer logs it)
         curves = report.figures.get(f"curves/{run.name}")
         if run.run_id and curves is not None:
-            client.log_artifact(run.run_id, str(curves), "report")
+            client.log_artifact(run.run_id, str(curves), REPORT_ARTIFACTS)
 
 
 # ---------------------------------------------------------------- the command
