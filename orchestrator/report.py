@@ -210,7 +210,7 @@ def attach_patients(runs: list[RunResult], manifest: Path | None) -> tuple[list[
     """Give every prediction row its patient (for the patient bootstrap and the fold overlap):
     the files' own patient_id column, else the manifest's. If some run has neither, images
     stand for patients in every run (one unit for the whole report), and the report says so."""
-    lookup = read_patient_lookup(manifest) if manifest is not None and Path(manifest).is_file() else None
+    lookup = manifest_lookup(manifest) if manifest is not None and Path(manifest).is_file() else None
     own = all("patient_id" in r.predictions.columns and (r.predictions["patient_id"] != "").all() for r in runs)
     if not own and lookup is None:
         return [replace(r, predictions=r.predictions.assign(patient_id=r.predictions["image_id"])) for r in runs], \
@@ -228,9 +228,9 @@ def attach_patients(runs: list[RunResult], manifest: Path | None) -> tuple[list[
     return out, "patients"
 
 
-def read_patient_lookup(manifest: Path, column: str = PATIENT_COLUMN) -> pd.Series:
-    """image_id -> patient_id (or another manifest column) from a manifest."""
-    table = read_table(manifest, dtype=str)
+def manifest_lookup(manifest: Path, column: str = PATIENT_COLUMN, table: pd.DataFrame | None = None) -> pd.Series:
+    """image_id -> patient_id (or another manifest column) from a manifest (or its table, read)."""
+    table = read_table(manifest, dtype=str) if table is None else table
     missing = [c for c in ("image_id", column) if c not in table.columns]
     if missing:
         raise DataError(f"{manifest}: expected a manifest with the columns image_id and {column}; missing {missing}.")
@@ -246,9 +246,10 @@ def attach_sources(runs: list[RunResult], manifest: Path | None) -> list[RunResu
     column, else the manifest's; without either the report leaves that section out and says so."""
     if by_source.has_sources(runs) or manifest is None or not Path(manifest).is_file():
         return runs
-    if SOURCE_COLUMN not in read_table(manifest, nrows=0).columns:  # an image -> patient table only
+    table = read_table(manifest, dtype=str)
+    if SOURCE_COLUMN not in table.columns:  # an image -> patient table only
         return runs
-    lookup = read_patient_lookup(manifest, SOURCE_COLUMN)
+    lookup = manifest_lookup(manifest, SOURCE_COLUMN, table)
     out = []
     for run in runs:
         sources = run.predictions["image_id"].map(lookup)
