@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from data_pipeline.decode import DecodeError, decode_image, dicom_view_position, is_dicom
@@ -171,11 +172,17 @@ def test_no_dicom_header_but_the_view_reaches_an_output(published, tmp_path):
     assert not (tmp_path / "preds.failures.csv").exists()
 
 
-def test_gradcam_gives_each_backbone_and_their_combination_a_map():
+@pytest.fixture(scope="module")
+def concatenated_maps():
+    """A random concatenated network at SIZE, two real images and their maps (class 0, class 2)."""
     keras.utils.set_random_seed(0)
     model = build("concatenated", SIZE)
     images = decode_batch([fixture_path(DICOM)] * 2, SIZE).images
-    maps = gradcam(model, images, np.array([0, 2]))
+    return model, images, np.array([0, 2]), gradcam(model, images, np.array([0, 2]))
+
+
+def test_gradcam_gives_each_backbone_and_their_combination_a_map(concatenated_maps):
+    _, _, _, maps = concatenated_maps
     assert set(maps) == set(LAYERS["concatenated"]) == {"xception", "resnet50v2", "combined"}
     for cam in maps.values():  # each image's map peaks at 1, or is 0 where no location speaks for the class
         peaks = cam.reshape(2, -1).max(axis=1)
@@ -184,3 +191,28 @@ def test_gradcam_gives_each_backbone_and_their_combination_a_map():
     mask = np.zeros((SIZE, SIZE), bool)
     mask[:, : SIZE // 2] = True
     assert 0 <= mass_inside(maps["combined"][0], mask) <= 1
+
+
+def test_gradcam_equals_its_closed_form_through_the_linear_head(concatenated_maps):
+    """After the backbones, the concatenated network is linear up to its logits (1x1 convolution,
+    flatten, dropout that inference skips, dense), so the gradient Grad-CAM averages has a closed
+    form in the weights: d logit_c / d concat_conv[i,j,m] = W[(i,j,m), c], and for the backbones'
+    features d logit_c / d x[i,j,k] = sum_m K[k,m] W[(i,j,m), c]. The maps built from it, without
+    autodiff, must equal gradcam's."""
+    model, images, classes, maps = concatenated_maps
+    names = LAYERS["concatenated"]
+    probe = keras.Model(model.inputs, [model.get_layer(n).output for n in names.values()])
+    features = dict(zip(names, (np.asarray(f, np.float64) for f in probe(network_input(images), training=False))))
+    side, mixer = features["combined"].shape[1], model.get_layer("concat_conv").kernel.numpy()[0, 0]
+    head = model.layers[-1].kernel.numpy().reshape(side, side, -1, 3)  # Flatten's order: row, column, channel
+    to_combined = head[..., classes].transpose(3, 0, 1, 2)  # (image, i, j, m)
+    to_backbones = np.einsum("km,nijm->nijk", mixer, to_combined)
+    width = features["xception"].shape[-1]
+    gradients = {"combined": to_combined, "xception": to_backbones[..., :width], "resnet50v2": to_backbones[..., width:]}
+    for name, gradient in gradients.items():
+        weights = gradient.mean(axis=(1, 2), keepdims=True)
+        cam = np.maximum((weights * features[name]).sum(axis=-1), 0)[..., None]
+        cam = tf.image.resize(cam, (SIZE, SIZE), method="bilinear")[..., 0].numpy()
+        peak = cam.reshape(len(cam), -1).max(axis=1)
+        expected = cam / np.where(peak > 0, peak, 1.0)[:, None, None]
+        assert np.abs(maps[name] - expected).max() < 1e-4, name
