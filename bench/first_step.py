@@ -5,7 +5,7 @@ Run: .venv/bin/python -m bench.first_step [--networks xception,resnet50v2,concat
 Without a distribution strategy Keras creates the optimizer's, loss's and metrics' variables
 inside the first trace of the train step; TensorFlow then traces the step a second time (a
 tf.function that creates variables is traced again without them). The trainer creates them
-first (`orchestrator.trainer.build_state`), so the step is traced once. Each measurement runs in
+first (`models.training.build_state`), so the step is traced once. Each measurement runs in
 a fresh process on one thread (a process's traces are cached), with the same model, batch and
 optimizer; it prints the seconds to the end of the first step and the ratio
 (tests/test_trainer.py checks that the step is traced once).
@@ -25,7 +25,7 @@ import numpy as np, keras, tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 from models.networks import build
-from orchestrator.trainer import build_state
+from models.training import build_state
 network, size, ours = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "ours"
 model = build(network, size)
 model.compile(optimizer=keras.optimizers.Nadam(1e-4), loss="categorical_crossentropy", metrics=["accuracy"])

@@ -56,9 +56,11 @@ class BatchNormStatistics:
                 return layer(*args, **kwargs)
             x = args[0]
             axes = [i for i in range(len(x.shape)) if i != layer.axis % len(x.shape)]
-            mean, variance = ops.moments(x, axes=axes)
+            # in float32 under mixed precision: 16-bit moments would lose the statistics' digits
+            exact = ops.cast(x, "float32")
+            mean, variance = ops.moments(exact, axes=axes)
             if not outputs:  # the batch's size, once: it weighs each batch's moments
-                outputs.append(ops.expand_dims(ops.sum(ops.ones_like(ops.mean(x, axis=axes[1:]))), 0))
+                outputs.append(ops.expand_dims(ops.sum(ops.ones_like(ops.mean(exact, axis=axes[1:]))), 0))
             outputs.extend([ops.expand_dims(mean, 0), ops.expand_dims(variance, 0)])
             self.layers.append(layer)
             return _TrainingMode(layer)(x)
@@ -100,7 +102,8 @@ class _TrainingMode(keras.layers.Layer):
     `predict` sets training=False on every layer that takes the argument, and this one does not."""
 
     def __init__(self, layer: keras.layers.BatchNormalization):
-        super().__init__(name=f"{layer.name}_training_mode")
+        # the layer's own precision: another would cast its input to and fro
+        super().__init__(name=f"{layer.name}_training_mode", dtype=layer.dtype_policy)
         self.layer = layer
 
     def call(self, x):

@@ -50,6 +50,7 @@ def gradcam(model: keras.Model, images: np.ndarray, classes: np.ndarray) -> dict
 
 
 def _map(features: tf.Tensor, gradients: tf.Tensor, size: int) -> np.ndarray:
+    features, gradients = tf.cast(features, tf.float32), tf.cast(gradients, tf.float32)  # 16-bit under mixed precision
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
     cam = tf.image.resize(cam, (size, size), method="bilinear")[..., 0].numpy()

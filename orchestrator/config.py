@@ -23,6 +23,7 @@ import yaml
 from data_pipeline.augment import AugmentSpec
 from data_pipeline.splits import SplitSpec
 from data_pipeline.store import StoreSpec
+from models.precisions import check_precision
 from orchestrator.layout import EPOCH_METRICS, NETWORKS, WorkPaths
 
 
@@ -92,7 +93,9 @@ class TrainSpec:
     checkpoint_min_seconds: float = 0.0
     keep_checkpoints: int = 2       # a concatenated checkpoint with optimizer state is ~0.5 GB
     eval_batch_size: int = 128
-    mixed_precision: bool = False   # for GPUs; off on CPU
+    # none | bfloat16 | float16 (models.precisions): bfloat16 on GPUs that have it
+    # (A100, H100, L4 and later), float16 on older ones (V100, T4), none on CPUs (README)
+    mixed_precision: str = "none"
     xla: bool = False
     # Keras eager mode: no graph tracing (20-45 s a run on CPU) but slower steps; pays off only
     # for runs of a handful of steps (the orchestration test). test_trainer covers graph mode.
@@ -116,6 +119,7 @@ class TrainSpec:
             raise ValueError(f"train.batchnorm: expected 'precise' or 'moving', received {self.batchnorm!r}.")
         if self.checkpoint_min_seconds < 0:
             raise ValueError(f"train.checkpoint_min_seconds: expected a value >= 0, received {self.checkpoint_min_seconds}.")
+        check_precision(self.mixed_precision)
         if self.run_eagerly and self.xla:
             raise ValueError("train.run_eagerly and train.xla: expected at most one of them true, received both.")
         for name in ("epochs", "validation_freq", "keep_checkpoints", "eval_batch_size", "batchnorm_batches"):

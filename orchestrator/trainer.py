@@ -41,6 +41,7 @@ from data_pipeline.store import ImageStore
 from data_pipeline.tfdata import eval_stream, one_hot, training_stream
 from models.batchnorm import BatchNormStatistics
 from models.networks import NETWORKS, build
+from models.training import build_state, compile_network, precision_policy
 from orchestrator.config import TrainSpec
 from orchestrator.predict import called
 from orchestrator.layout import (BEST_WEIGHTS, CHECKPOINT_MODEL, CURSOR, EPOCH_METRICS, HISTORY_COLUMNS,
@@ -103,24 +104,7 @@ class RunInputs:
 
 
 def compile_model(model: keras.Model, spec: TrainSpec) -> keras.Model:
-    model.compile(optimizer=keras.optimizers.Nadam(learning_rate=spec.learning_rate),
-                  loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=spec.xla,
-                  run_eagerly=spec.run_eagerly)
-    return build_state(model)
-
-
-def build_state(model: keras.Model) -> keras.Model:
-    """Create the optimizer's, loss's and metrics' variables now, before `fit` traces its step.
-
-    Without a distribution strategy Keras defers them to the first trace of the train step, and
-    TensorFlow then traces the step twice (once creating the variables, once more without):
-    40 s instead of 17 s for Xception at 72x72 on one CPU core (bench/first_step.py). The
-    method is Keras' own, the one `fit` calls under a strategy.
-    """
-    size = model.inputs[0].shape[1]
-    images = np.zeros((1, size, size, 3), np.float32)
-    model._symbolic_build(data_batch=(images, np.zeros((1, len(CLASSES)), np.float32), None))
-    return model
+    return compile_network(model, spec.learning_rate, jit_compile=spec.xla, run_eagerly=spec.run_eagerly)
 
 
 def save_weights_only(model: keras.Model, path: Path) -> Path:
@@ -189,8 +173,6 @@ class Run:
 
     def _model_and_cursor(self) -> tuple[keras.Model, Cursor]:
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        if self.spec.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
         checkpoint = latest_checkpoint(self.paths)
         if checkpoint is not None:
             cursor = Cursor.read(checkpoint / CURSOR)
@@ -198,13 +180,14 @@ class Run:
                 raise DataError(f"{checkpoint}: a checkpoint of fingerprint {cursor.fingerprint[:12] or 'none'}, "
                                 f"expected {self.fingerprint[:12] or 'none'} (this config's); it is not resumed.")
             log.info("resuming %s from %s", self.name, checkpoint.name)
-            model = keras.models.load_model(checkpoint / CHECKPOINT_MODEL, safe_mode=True)
+            model = keras.models.load_model(checkpoint / CHECKPOINT_MODEL, safe_mode=True)  # with its layers' precision
             model.run_eagerly = self.spec.run_eagerly  # a setting of this process, not of the model
             self._restore_best(checkpoint)
             return build_state(model), cursor
         self.paths.best_weights.unlink(missing_ok=True)  # a best of epochs that will be redone
         keras.utils.set_random_seed(self.seed)
-        model = build(self.network, self.inputs.store.image_size, self.weights)
+        with precision_policy(self.spec.mixed_precision):
+            model = build(self.network, self.inputs.store.image_size, self.weights)
         return compile_model(model, self.spec), Cursor(fingerprint=self.fingerprint)
 
     def _restore_best(self, checkpoint: Path) -> None:
