@@ -27,7 +27,7 @@ from orchestrator.metrics import ratio, wilson
 TELLTALE_CLASS, TELLTALE_CALL = "pneumonia", "COVID-19"
 
 
-class Run(Protocol):  # orchestrator.report.RunResult
+class Run(Protocol):  # orchestrator.report.inputs.RunResult
     fold: int
     network: str
     predictions: pd.DataFrame

@@ -126,7 +126,8 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from orchestrator.report import make_report, print_report
+    from orchestrator.report.build import make_report
+    from orchestrator.report.render import print_report
 
     if args.run_id and args.predictions:
         raise ConfigError("--run-id and --predictions: expected one source of runs, received both.")
@@ -140,7 +141,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> None:
     from orchestrator.audit import log_audit, run_audit
     from orchestrator.config import resolved
-    from orchestrator.report import latest_parent
+    from orchestrator.report.inputs import latest_parent
 
     config = resolved(load_config(args.config, args.set))
     audit = run_audit(config)

@@ -19,7 +19,8 @@ from data_pipeline.schema import DataError
 from orchestrator import figures
 from orchestrator.config import Config, resolved
 from orchestrator.layout import REPORT_ARTIFACTS
-from orchestrator.report import BASELINE, latest_parent, read_table
+from orchestrator.report.inputs import latest_parent, read_table
+from orchestrator.report.tables import BASELINE
 
 COLUMNS = ("config", "network", "accuracy", "accuracy_std", "recall_COVID-19", "recall_COVID-19_std",
            "covid_pneumonia_called_covid", "pooled_accuracy", "pooled_interval")

@@ -31,7 +31,8 @@ from orchestrator.config import Config, ConfigError, resolved, sqlite_file
 from orchestrator.doctor import preflight
 from orchestrator.identity import Identity, find_stale, move_stale, refuse
 from orchestrator.layout import NETWORK_NAMES, SplitMeta, run_name
-from orchestrator.report import make_report, print_report
+from orchestrator.report.build import make_report
+from orchestrator.report.render import print_report
 from orchestrator.tracking import check_tracking
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from orchestrator.layout import NETWORK_NAMES, PATIENT_COLUMN
 from orchestrator.metrics import bootstrap_weights, percentile_interval, weighted_auc
 
 
-class Run(Protocol):  # orchestrator.report.RunResult
+class Run(Protocol):  # orchestrator.report.inputs.RunResult
     fold: int
     network: str
     predictions: pd.DataFrame

@@ -1,4 +1,4 @@
-"""The MLflow side of the training runs (the report reads them back in report.py).
+"""The MLflow side of the training runs (the report reads them back in report/inputs.py).
 
 One training run (fold x network) is one MLflow run named `fold{k}-{network}`. Its id is written
 to the run folder the moment it is created, so a restarted run continues the same MLflow run

@@ -17,7 +17,11 @@ from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.layout import NETWORK_NAMES
 from orchestrator.metrics import bootstrap_weights, run_metrics, weighted_auc, wilson
-from orchestrator.report import BASELINE, RunResult, against_baseline, make_report, overlap_note
+from orchestrator.report.build import make_report
+from orchestrator.report.inputs import RunResult
+from orchestrator.report.notes import overlap_note
+from orchestrator.report.render import against_baseline
+from orchestrator.report.tables import BASELINE
 from tests.conftest import FIXTURES, ROOT
 
 NETWORK_TITLES = {"Xception": "xception", "ResNet50V2": "resnet50v2", "Concatenated": "concatenated"}
