@@ -17,7 +17,7 @@ precision (train.mixed_precision), compiled by models.training as the trainer co
   halved again where it does not fit. `train_on_batch` returns the loss to the host, so each
   step ends with one synchronisation, as `fit` does at its default of one step per execution.
 - peak device memory of each batch: the allocator's high-water mark (JAX's cannot be reset, so
-  the batches run smallest first and each mark is that batch's or a smaller one's).
+  the batches run smallest first, each mark is that batch's, and evaluation runs apart).
 - evaluation: `predict` over host images in batches against one `predict` per image (the
   authors' loop), and their ratio.
 - FLOPs: multiply-adds of the convolutions and dense layers, counted from the layer shapes; a
@@ -26,8 +26,8 @@ Then the projected time of one paper run (8 phases x 100 epochs x 633 images, va
 s_test's 631 images and the batch-norm recomputation every epoch, the 11,302-image test set) and
 of the 15 runs on 1 and on 8 devices.
 
-Each network x precision runs in a process of its own: a fresh memory counter, and an
-out-of-memory that cannot take the other measurements with it. Each result is appended to --out
+Each network x precision trains in a process of its own, and evaluates in another: a fresh
+memory counter each, and an out-of-memory that cannot take the other measurements with it. Each result is appended to --out
 as one JSON line when it is measured, so a run stopped at a time limit keeps what it had.
 """
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import json
 import math
 import os
@@ -42,6 +43,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from models.precisions import PRECISIONS
 
 # The paper's protocol (section 3.1 and Table 2; configs/paper.yaml, which
 # tests/test_gpu_bench.py checks these against). This module imports neither the orchestrator
@@ -206,7 +209,9 @@ def device_capacity() -> int | None:
 
 
 def child(task: dict) -> None:
-    """One network x precision: evaluation, then training at growing batches; one JSON line each."""
+    """One network x precision, and either its training at growing batches or its evaluation;
+    one JSON line each. Evaluation has a process of its own: JAX's memory high-water mark cannot
+    be reset, and an out-of-memory training step can leave the model's buffers donated."""
     import keras
 
     from models.networks import build
@@ -219,9 +224,10 @@ def child(task: dict) -> None:
     compile_network(model, 1e-4, jit_compile=task["jit"])
     common = {"network": network, "precision": precision, "size": size, "backend": keras.backend.backend(),
               "device": device_name(), "forward_gflop": forward_flops(model) / 1e9}
-    # evaluation first: an out-of-memory training step can leave the model's buffers donated
-    emit({**common, "kind": "eval", **eval_rates(model, size, task["eval_images"], task["eval_batch"],
-                                                 task["loop_images"])})
+    if task["part"] == "eval":
+        emit({**common, "kind": "eval", **eval_rates(model, size, task["eval_images"], task["eval_batch"],
+                                                     task["loop_images"]), "peak_bytes": peak_bytes()})
+        return
     plan, done, failed = [task["batch"]], [], False
     while plan:
         batch = plan.pop()
@@ -253,29 +259,40 @@ def run_children(args: argparse.Namespace) -> list[dict]:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # JAX takes 75% of the device by default
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     records: list[dict] = []
-    out = Path(args.out) if args.out else None
-    for network in args.networks:
-        for precision in args.precisions:
-            task = {"network": network, "precision": precision, "size": args.size, "jit": args.jit,
-                    "batch": args.batch or PAPER["batch"][network], "doublings": args.doublings,
-                    "warmup": args.warmup, "steps": args.steps, "eval_images": args.eval_images,
-                    "eval_batch": args.eval_batch, "loop_images": args.loop_images}
-            start = time.perf_counter()
-            process = subprocess.run([sys.executable, "-m", "bench.gpu_throughput", "--child", json.dumps(task)],
-                                     env=env, capture_output=True, text=True, timeout=args.child_timeout)
-            lines = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
-            if process.returncode != 0:
-                lines.append({"network": network, "precision": precision, "kind": "error",
-                              "error": process.stderr.strip().splitlines()[-1:] or [f"exit {process.returncode}"]})
-            for line in lines:
-                line["process_s"] = round(time.perf_counter() - start, 1)
-            records += lines
-            if out:
-                with out.open("a") as f:
-                    f.writelines(json.dumps(line) + "\n" for line in lines)
-            print(f"{network} {precision}: {len(lines)} results in {time.perf_counter() - start:.0f} s", file=sys.stderr,
-                  flush=True)
+    for network, precision, part in itertools.product(args.networks, args.precisions, ("train", "eval")):
+        task = {"part": part, "network": network, "precision": precision, "size": args.size, "jit": args.jit,
+                "batch": args.batch or PAPER["batch"][network], "doublings": args.doublings, "warmup": args.warmup,
+                "steps": args.steps, "eval_images": args.eval_images, "eval_batch": args.eval_batch,
+                "loop_images": args.loop_images}
+        start = time.perf_counter()
+        lines = run_child(task, env, args.child_timeout)
+        print(f"{network} {precision} {part}: {len(lines)} results in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
+        records += lines
+        if args.out:
+            with Path(args.out).open("a") as f:
+                f.writelines(json.dumps(line) + "\n" for line in lines)
     return records
+
+
+def run_child(task: dict, env: dict, timeout: float) -> list[dict]:
+    """The child's JSON lines; a failure (not an out-of-memory, which is a result) as one more."""
+    command = [sys.executable, "-m", "bench.gpu_throughput", "--child", json.dumps(task)]
+    start = time.perf_counter()
+    try:
+        process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        stdout, error = process.stdout, process.returncode and (process.stderr.strip().splitlines() or
+                                                                  [f"exit {process.returncode}"])[-1]
+    except subprocess.TimeoutExpired as expired:
+        stdout, error = expired.stdout or "", f"did not end in {timeout:.0f} s"
+        stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    if error:
+        lines.append({"network": task["network"], "precision": task["precision"], "kind": "error",
+                      "error": f"{task['part']}: {error}"})
+    for line in lines:
+        line["process_s"] = round(time.perf_counter() - start, 1)
+    return lines
 
 
 def projection(records: list[dict], gpus: list[int]) -> list[dict]:
@@ -381,9 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         records = [json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line.strip()]
     else:
-        unknown = sorted(set(args.networks) - set(NETWORKS))
-        if unknown:
-            parser.error(f"--networks: expected some of {', '.join(NETWORKS)}, received {', '.join(unknown)}")
+        for flag, given, known in (("--networks", args.networks, NETWORKS), ("--precisions", args.precisions, PRECISIONS)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                parser.error(f"{flag}: expected some of {', '.join(known)}, received {', '.join(unknown)}")
         records = run_children(args)
     print(tables(records, args.gpus, args.peak_tflops))
     return 1 if any(r.get("kind") == "error" for r in records) else 0

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 
-from bench.gpu_throughput import NETWORKS, PAPER, forward_flops, makespan, next_batch, projection
+from bench.gpu_throughput import NETWORKS, PAPER, forward_flops, makespan, next_batch, projection, run_child
 from models.batchnorm import BatchNormStatistics
 from models.networks import build
 from models.training import compile_network, precision_policy
@@ -46,6 +46,15 @@ def test_the_benchmark_runs_two_training_steps_on_cpu_under_tensorflow(tmp_path)
     again = subprocess.run([sys.executable, "-m", "bench.gpu_throughput", "--summarize", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "| xception | none | 2 |" in again.stdout
+
+
+def test_a_child_that_fails_is_a_result_naming_its_part_and_error():
+    """A child that raises (here: a precision the parent's flags would have refused) is recorded with
+    its error's last line, and the next children would go on."""
+    task = {"part": "train", "network": "xception", "precision": "fp8", "size": 72, "jit": "auto", "batch": 2,
+            "doublings": 0, "warmup": 0, "steps": 1, "eval_images": 2, "eval_batch": 2, "loop_images": 1}
+    (line,) = run_child(task, {**os.environ, "KERAS_BACKEND": "tensorflow"}, timeout=300)
+    assert line["kind"] == "error" and line["error"].startswith("train: ValueError: train.mixed_precision")
 
 
 def test_the_benchmark_measures_the_paper_protocol():
