@@ -93,19 +93,24 @@ def reset_peak() -> None:
             tf.config.experimental.reset_memory_stats("GPU:0")
 
 
-def peak_bytes() -> int | None:
-    """The device allocator's high-water mark, or None on a CPU."""
+def device_memory() -> tuple[int | None, int | None]:
+    """The device allocator's high-water mark and the memory it may use, in bytes (None where the
+    backend does not say, or on a CPU)."""
     import keras
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
-        stats = jax.local_devices()[0].memory_stats()
-        return stats.get("peak_bytes_in_use") if stats else None
+        stats = jax.local_devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use"), stats.get("bytes_limit")
     if backend == "torch":
         import torch
-        return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        if not torch.cuda.is_available():
+            return None, None
+        return torch.cuda.max_memory_allocated(), torch.cuda.get_device_properties(0).total_memory
     import tensorflow as tf
-    return tf.config.experimental.get_memory_info("GPU:0")["peak"] if tf.config.list_logical_devices("GPU") else None
+    if not tf.config.list_logical_devices("GPU"):
+        return None, None
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"], None
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -154,7 +159,7 @@ def train_rate(model, batch: int, size: int, warmup: int, steps: int) -> dict:
         loss = model.train_on_batch(x, y, return_dict=True)["loss"]
     seconds = time.perf_counter() - start
     return {"batch": batch, "fits": True, "images_per_s": steps * batch / seconds, "step_ms": 1000 * seconds / steps,
-            "first_step_s": compile_s, "peak_bytes": peak_bytes(), "loss": float(loss)}
+            "first_step_s": compile_s, "peak_bytes": device_memory()[0], "loss": float(loss)}
 
 
 def eval_rates(model, size: int, images: int, batch: int, loop_images: int) -> dict:
@@ -195,19 +200,6 @@ def next_batch(first: int, doublings: int, done: list[dict], capacity: int | Non
     return guess if guess > last["batch"] else None
 
 
-def device_capacity() -> int | None:
-    import keras
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-        stats = jax.local_devices()[0].memory_stats()
-        return stats.get("bytes_limit") if stats else None
-    if backend == "torch":
-        import torch
-        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    return None
-
-
 def child(task: dict) -> None:
     """One network x precision, and either its training at growing batches or its evaluation;
     one JSON line each. Evaluation has a process of its own: JAX's memory high-water mark cannot
@@ -226,7 +218,7 @@ def child(task: dict) -> None:
               "device": device_name(), "forward_gflop": forward_flops(model) / 1e9}
     if task["part"] == "eval":
         emit({**common, "kind": "eval", **eval_rates(model, size, task["eval_images"], task["eval_batch"],
-                                                     task["loop_images"]), "peak_bytes": peak_bytes()})
+                                                     task["loop_images"]), "peak_bytes": device_memory()[0]})
         return
     plan, done, failed = [task["batch"]], [], False
     while plan:
@@ -243,7 +235,7 @@ def child(task: dict) -> None:
             continue
         done.append(result)
         emit({**common, "kind": "train", **result})
-        following = None if failed else next_batch(task["batch"], task["doublings"], done, device_capacity())
+        following = None if failed else next_batch(task["batch"], task["doublings"], done, device_memory()[1])
         if following:
             plan.append(following)
 
