@@ -181,29 +181,28 @@ def eval_rates(model, size: int, images: int, batch: int, loop_images: int) -> d
 
 
 def next_batch(first: int, doublings: int, done: list[dict], capacity: int | None) -> int | None:
-    """The training batch to measure after `done` (the batches that fitted, ascending): twice the
-    first; then the batch that the straight line through the last two peaks puts at nine tenths of
-    the device's memory (without memory figures, twice the last); never above first x
-    2**doublings."""
-    most, last = first * 2 ** doublings, done[-1]
-    if doublings == 0:
+    """The training batch to measure after `done` (the batches that fitted, ascending), or None:
+    twice the first; then, once, the batch that the straight line through those two peaks puts at
+    nine tenths of the device's memory (without memory figures, twice the last), never above
+    first x 2**doublings and only if at least a tenth larger (each batch costs a compilation)."""
+    if doublings == 0 or len(done) >= 3 or (len(done) == 2 and doublings < 2):
         return None
     if len(done) == 1:
         return 2 * first
+    previous, last = done
     guess = 2 * last["batch"]
-    previous = done[-2]
     if capacity and last.get("peak_bytes") and previous.get("peak_bytes"):
         slope = (last["peak_bytes"] - previous["peak_bytes"]) / (last["batch"] - previous["batch"])
         if slope > 0:
             guess = last["batch"] + int((0.9 * capacity - last["peak_bytes"]) / slope)
-    guess = min(guess, most)
-    return guess if guess > last["batch"] else None
+    guess = min(guess, first * 2 ** doublings)
+    return guess if guess >= 1.1 * last["batch"] else None
 
 
 def child(task: dict) -> None:
-    """One network x precision, and either its training at growing batches or its evaluation;
-    one JSON line each. Evaluation has a process of its own: JAX's memory high-water mark cannot
-    be reset, and an out-of-memory training step can leave the model's buffers donated."""
+    """One network x precision, and either its training at growing batches (until one does not
+    fit) or its evaluation; one JSON line each. Evaluation has a process of its own: JAX's memory
+    high-water mark cannot be reset."""
     import keras
 
     from models.networks import build
@@ -220,24 +219,18 @@ def child(task: dict) -> None:
         emit({**common, "kind": "eval", **eval_rates(model, size, task["eval_images"], task["eval_batch"],
                                                      task["loop_images"]), "peak_bytes": device_memory()[0]})
         return
-    plan, done, failed = [task["batch"]], [], False
-    while plan:
-        batch = plan.pop()
+    batch, done = task["batch"], []
+    while batch:
         try:
             result = train_rate(model, batch, size, task["warmup"], task["steps"])
         except Exception as error:  # noqa: BLE001 - an out-of-memory is a result
-            if not (is_out_of_memory(error) or failed):  # after one, the model's buffers may be gone
+            if not is_out_of_memory(error):
                 raise
             emit({**common, "kind": "train", "batch": batch, "fits": False, "error": str(error).splitlines()[0][:200]})
-            if done and not failed and (batch + done[-1]["batch"]) // 2 > done[-1]["batch"]:
-                plan.append((batch + done[-1]["batch"]) // 2)  # half way back, once
-            failed = True
-            continue
+            return  # the step may have donated the model's buffers: a retry needs a fresh process
         done.append(result)
         emit({**common, "kind": "train", **result})
-        following = None if failed else next_batch(task["batch"], task["doublings"], done, device_memory()[1])
-        if following:
-            plan.append(following)
+        batch = next_batch(task["batch"], task["doublings"], done, device_memory()[1])
 
 
 def emit(record: dict) -> None:
@@ -256,19 +249,27 @@ def run_children(args: argparse.Namespace) -> list[dict]:
                 "batch": args.batch or PAPER["batch"][network], "doublings": args.doublings, "warmup": args.warmup,
                 "steps": args.steps, "eval_images": args.eval_images, "eval_batch": args.eval_batch,
                 "loop_images": args.loop_images}
-        start = time.perf_counter()
-        lines = run_child(task, env, args.child_timeout)
-        print(f"{network} {precision} {part}: {len(lines)} results in {time.perf_counter() - start:.0f} s",
-              file=sys.stderr, flush=True)
+        lines = run_child(task, env, args.child_timeout, args.out)
+        retry = half_way_back(lines)
+        if retry:  # in a fresh process: the failed step may have left the model unusable
+            lines += run_child({**task, "batch": retry, "doublings": 0}, env, args.child_timeout, args.out)
         records += lines
-        if args.out:
-            with Path(args.out).open("a") as f:
-                f.writelines(json.dumps(line) + "\n" for line in lines)
     return records
 
 
-def run_child(task: dict, env: dict, timeout: float) -> list[dict]:
-    """The child's JSON lines; a failure (not an out-of-memory, which is a result) as one more."""
+def half_way_back(lines: list[dict]) -> int | None:
+    """After an out-of-memory, the batch half way back to the largest that fitted."""
+    train = [r for r in lines if r.get("kind") == "train"]
+    fitted = [r["batch"] for r in train if r["fits"]]
+    if not train or train[-1]["fits"] or not fitted:
+        return None
+    middle = (train[-1]["batch"] + max(fitted)) // 2
+    return middle if middle > max(fitted) else None
+
+
+def run_child(task: dict, env: dict, timeout: float, out: str = "") -> list[dict]:
+    """The child's JSON lines, appended to `out` too; a failure (not an out-of-memory, which is a
+    result) as one more line."""
     command = [sys.executable, "-m", "bench.gpu_throughput", "--child", json.dumps(task)]
     start = time.perf_counter()
     try:
@@ -278,47 +279,64 @@ def run_child(task: dict, env: dict, timeout: float) -> list[dict]:
     except subprocess.TimeoutExpired as expired:
         stdout, error = expired.stdout or "", f"did not end in {timeout:.0f} s"
         stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
-    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    lines = []
+    for line in stdout.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a backend's own message on standard output
     if error:
         lines.append({"network": task["network"], "precision": task["precision"], "kind": "error",
                       "error": f"{task['part']}: {error}"})
     for line in lines:
         line["process_s"] = round(time.perf_counter() - start, 1)
+    print(f"{task['network']} {task['precision']} {task['part']}: {len(lines)} results in "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    if out:
+        with Path(out).open("a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
     return lines
 
 
 def projection(records: list[dict], gpus: list[int]) -> list[dict]:
-    """One paper run's hours per network and precision, at the first batch measured (the paper's
-    unless --batch said otherwise), and the 15 runs' on 1 and on each of `gpus` devices, taken
-    longest first by whichever device is free first, as Ray hands out queued runs."""
-    rows, per_precision = [], {}
-    for (network, precision), record in first_batches(records).items():
-        evaluation = next((r for r in records if r.get("kind") == "eval" and r["network"] == network
-                           and r["precision"] == precision), None)
+    """One paper run's hours per backend, size, network and precision, at the first batch
+    measured (the paper's unless --batch said otherwise; an epoch's last batch is partial and
+    counted as a whole step), and the 15 runs' on 1 and on each of `gpus` devices, taken longest
+    first by whichever device is free first, as Ray hands out queued runs."""
+    rows, groups = [], {}
+    for key, record in first_batches(records).items():
+        evaluation = next((r for r in records if r.get("kind") == "eval" and measured(r) == key), None)
         if evaluation is None:
             continue
         epochs = PAPER["phases"] * PAPER["epochs"]
-        train_s = epochs * PAPER["phase_images"] / record["images_per_s"]
+        train_s = epochs * math.ceil(PAPER["phase_images"] / record["batch"]) * record["step_ms"] / 1000
         forward = epochs * (PAPER["val_images"] + PAPER["batchnorm_batches"] * record["batch"]) + PAPER["test_images"]
         seconds = train_s + forward / evaluation["eval_images_per_s"]
-        rows.append({"network": network, "precision": precision, "batch": record["batch"], "run_h": seconds / 3600,
-                     "train_share": train_s / seconds})
-        per_precision.setdefault(precision, {})[network] = seconds
-    for precision, seconds in per_precision.items():
+        backend, size, network, precision = key
+        rows.append({"backend": backend, "size": size, "network": network, "precision": precision,
+                     "batch": record["batch"], "run_h": seconds / 3600, "train_share": train_s / seconds})
+        groups.setdefault((backend, size, precision), {})[network] = seconds
+    for (backend, size, precision), seconds in groups.items():
         if set(seconds) != set(NETWORKS):
             continue
         jobs = [s for s in seconds.values() for _ in range(PAPER["folds"])]
         for n in gpus:
-            rows.append({"network": f"all 15 runs on {n}", "precision": precision, "run_h": makespan(jobs, n) / 3600})
+            rows.append({"backend": backend, "size": size, "network": f"all 15 runs on {n}", "precision": precision,
+                         "run_h": makespan(jobs, n) / 3600})
     return rows
 
 
-def first_batches(records: list[dict]) -> dict[tuple[str, str], dict]:
-    """Per network and precision, the training record of the smallest batch that fitted."""
-    first: dict[tuple[str, str], dict] = {}
+def measured(record: dict) -> tuple:
+    """What a record measured: backend, image size, network, precision."""
+    return record.get("backend"), record.get("size"), record["network"], record["precision"]
+
+
+def first_batches(records: list[dict]) -> dict[tuple, dict]:
+    """Per backend, size, network and precision, the training record of the smallest batch that fitted."""
+    first: dict[tuple, dict] = {}
     for r in records:
         if r.get("kind") == "train" and r.get("fits"):
-            key = (r["network"], r["precision"])
+            key = measured(r)
             if key not in first or r["batch"] < first[key]["batch"]:
                 first[key] = r
     return first
@@ -332,31 +350,35 @@ def makespan(jobs: list[float], devices: int) -> float:
 
 
 def tables(records: list[dict], gpus: list[int], peak_tflops: float) -> str:
-    devices = sorted({f"{r['device']} ({r['backend']}, {r['size']}x{r['size']})" for r in records if "device" in r})
-    flops = {r["network"]: r["forward_gflop"] for r in records if "forward_gflop" in r}
+    """Markdown: training, evaluation and the projection, a row per backend and image size too."""
+    devices = sorted({r["device"] for r in records if "device" in r})
+    flops = {(r["network"], r["size"]): r["forward_gflop"] for r in records if "forward_gflop" in r}
     lines = [f"Device: {', '.join(devices) or 'none measured'}",
-             "Forward GFLOP per image: " + ", ".join(f"{n} {g:.1f}" for n, g in flops.items()), "",
-             "| network | precision | batch | images/s | step ms | first step s | peak GiB | TFLOP/s | share of peak |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Forward GFLOP per image: " + ", ".join(f"{n} {g:.1f} at {s}x{s}" for (n, s), g in flops.items()), "",
+             "| backend, size | network | precision | batch | images/s | step ms | first step s | peak GiB | TFLOP/s "
+             "| share of peak |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in (r for r in records if r.get("kind") == "train"):
+        where = f"| {r['backend']} {r['size']} | {r['network']} | {r['precision']} | {r['batch']} |"
         if not r["fits"]:
-            lines.append(f"| {r['network']} | {r['precision']} | {r['batch']} | does not fit | | | | | |")
+            lines.append(f"{where} does not fit | | | | | |")
             continue
         tflops = 3 * r["forward_gflop"] * r["images_per_s"] / 1000
         peak = f"{r['peak_bytes'] / GIB:.1f}" if r.get("peak_bytes") else "n/a"
-        lines.append(f"| {r['network']} | {r['precision']} | {r['batch']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} "
-                     f"| {r['first_step_s']:.1f} | {peak} | {tflops:.1f} | {tflops / peak_tflops:.1%} |")
-    lines += ["", "| network | precision | batched predict, images/s | one predict per image, images/s | ratio |",
-              "| --- | --- | ---: | ---: | ---: |"]
+        lines.append(f"{where} {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['first_step_s']:.1f} | {peak} "
+                     f"| {tflops:.1f} | {tflops / peak_tflops:.1%} |")
+    lines += ["", "| backend, size | network | precision | batched predict, images/s | one predict per image, "
+              "images/s | ratio |", "| --- | --- | --- | ---: | ---: | ---: |"]
     for r in (r for r in records if r.get("kind") == "eval"):
-        lines.append(f"| {r['network']} | {r['precision']} | {r['eval_images_per_s']:.1f} (batch {r['eval_batch']}) "
-                     f"| {r['loop_images_per_s']:.1f} | {r['eval_ratio']:.1f}x |")
-    lines += ["", "| projected: the paper's protocol | precision | batch | hours |", "| --- | --- | ---: | ---: |"]
+        lines.append(f"| {r['backend']} {r['size']} | {r['network']} | {r['precision']} | {r['eval_images_per_s']:.1f} "
+                     f"(batch {r['eval_batch']}) | {r['loop_images_per_s']:.1f} | {r['eval_ratio']:.1f}x |")
+    lines += ["", "| backend, size | projected: the paper's protocol | precision | batch | hours |",
+              "| --- | --- | --- | ---: | ---: |"]
     for r in projection(records, gpus):
         share = f" ({r['train_share']:.0%} training)" if "train_share" in r else ""
-        lines.append(f"| {r['network']} | {r['precision']} | {r.get('batch', '')} | {r['run_h']:.2f}{share} |")
-    lines += [f"| {r['network']} {r['precision']} | failed | {r['error']} |" for r in records if r.get("kind") == "error"]
-    return "\n".join(lines)
+        lines.append(f"| {r['backend']} {r['size']} | {r['network']} | {r['precision']} | {r.get('batch', '')} "
+                     f"| {r['run_h']:.2f}{share} |")
+    failed = [f"- {r['network']} {r['precision']}: {r['error']}" for r in records if r.get("kind") == "error"]
+    return "\n".join(lines + (["", "Failed:", *failed] if failed else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-images", type=int, default=32)
     parser.add_argument("--jit", default="auto", help="Keras' jit_compile: auto (XLA on JAX; the trainer's "
                         "train.xla default on TensorFlow's CPU), true or false")
-    parser.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 rate (H100/H200)")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="the device's bf16 matrix rate: 790 is what an 8192-cube product measured on the lent "
+                             "H100 and H200 (their data sheets say 989 dense)")
     parser.add_argument("--gpus", type=lambda s: [int(n) for n in s.split(",")], default=[1, 8])
     parser.add_argument("--child-timeout", type=float, default=1800)
     parser.add_argument("--out", default="", help="append each result to this JSON-lines file")

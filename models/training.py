@@ -8,6 +8,7 @@ compile through here, so the benchmark measures the step the runs take.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import keras
@@ -28,6 +29,15 @@ def precision_policy(precision: str) -> Iterator[None]:
         yield
     finally:
         keras.config.set_dtype_policy(before)
+
+
+def load_for_training(path: Path, precision: str) -> keras.Model:
+    """A compiled `.keras` checkpoint, as it was trained. It is loaded under its precision's policy:
+    the file keeps each layer's policy but not the model's, and Keras wraps the optimizer in loss
+    scaling only when it compiles a model whose own policy is mixed_float16. Loaded outside, a
+    float16 run would resume without loss scaling, and its optimizer's saved state would not load."""
+    with precision_policy(precision):
+        return keras.models.load_model(path, safe_mode=True)
 
 
 def compile_network(model: keras.Model, learning_rate: float, jit_compile: bool | str = "auto",

@@ -41,7 +41,7 @@ from data_pipeline.store import ImageStore
 from data_pipeline.tfdata import eval_stream, one_hot, training_stream
 from models.batchnorm import BatchNormStatistics
 from models.networks import NETWORKS, build
-from models.training import build_state, compile_network, precision_policy
+from models.training import build_state, compile_network, load_for_training, precision_policy
 from orchestrator.config import TrainSpec
 from orchestrator.predict import called
 from orchestrator.layout import (BEST_WEIGHTS, CHECKPOINT_MODEL, CURSOR, EPOCH_METRICS, HISTORY_COLUMNS,
@@ -180,7 +180,7 @@ class Run:
                 raise DataError(f"{checkpoint}: a checkpoint of fingerprint {cursor.fingerprint[:12] or 'none'}, "
                                 f"expected {self.fingerprint[:12] or 'none'} (this config's); it is not resumed.")
             log.info("resuming %s from %s", self.name, checkpoint.name)
-            model = keras.models.load_model(checkpoint / CHECKPOINT_MODEL, safe_mode=True)  # with its layers' precision
+            model = load_for_training(checkpoint / CHECKPOINT_MODEL, self.spec.mixed_precision)
             model.run_eagerly = self.spec.run_eagerly  # a setting of this process, not of the model
             self._restore_best(checkpoint)
             return build_state(model), cursor

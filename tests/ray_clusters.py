@@ -157,6 +157,15 @@ def processes_of(temp_dir: str) -> list[int]:
             if pid != os.getpid() and _running(pid) and _mentions(pid, temp_dir, in_cmdline)]
 
 
+def outliving(temp_dir: str, grace: float = 30) -> list[int]:
+    """The processes of the cluster with this temp dir still running `grace` seconds after its
+    driver's exit (Ray's processes end a moment after it; later than that they have leaked)."""
+    deadline = time.monotonic() + grace
+    while (left := processes_of(temp_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def _mentions(pid: int, temp_dir: str, in_cmdline: re.Pattern[bytes]) -> bool:
     try:
         if in_cmdline.search(Path(f"/proc/{pid}/cmdline").read_bytes()):

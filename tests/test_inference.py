@@ -172,17 +172,11 @@ def test_no_dicom_header_but_the_view_reaches_an_output(published, tmp_path):
     assert not (tmp_path / "preds.failures.csv").exists()
 
 
-@pytest.fixture(scope="module")
-def concatenated_maps():
-    """A random concatenated network at SIZE, two real images and their maps (class 0, class 2)."""
+def test_gradcam_gives_each_backbone_and_their_combination_a_map():
     keras.utils.set_random_seed(0)
     model = build("concatenated", SIZE)
     images = decode_batch([fixture_path(DICOM)] * 2, SIZE).images
-    return model, images, np.array([0, 2]), gradcam(model, images, np.array([0, 2]))
-
-
-def test_gradcam_gives_each_backbone_and_their_combination_a_map(concatenated_maps):
-    _, _, _, maps = concatenated_maps
+    maps = gradcam(model, images, np.array([0, 2]))
     assert set(maps) == set(LAYERS["concatenated"]) == {"xception", "resnet50v2", "combined"}
     for cam in maps.values():  # each image's map peaks at 1, or is 0 where no location speaks for the class
         peaks = cam.reshape(2, -1).max(axis=1)
@@ -193,13 +187,21 @@ def test_gradcam_gives_each_backbone_and_their_combination_a_map(concatenated_ma
     assert 0 <= mass_inside(maps["combined"][0], mask) <= 1
 
 
-def test_gradcam_equals_its_closed_form_through_the_linear_head(concatenated_maps):
+def test_gradcam_equals_its_closed_form_through_the_linear_head():
     """After the backbones, the concatenated network is linear up to its logits (1x1 convolution,
     flatten, dropout that inference skips, dense), so the gradient Grad-CAM averages has a closed
     form in the weights: d logit_c / d concat_conv[i,j,m] = W[(i,j,m), c], and for the backbones'
     features d logit_c / d x[i,j,k] = sum_m K[k,m] W[(i,j,m), c]. The maps built from it, without
     autodiff, must equal gradcam's."""
-    model, images, classes, maps = concatenated_maps
+    keras.utils.set_random_seed(1)
+    model = build("concatenated", SIZE)
+    head = model.layers[-1].kernel
+    # class 1 weighs every feature against class 0, so that wherever one map is cut to zero by the
+    # ReLU the other is not: the comparison below is never between two blank maps
+    head.assign(keras.ops.stack([head[:, 0], -head[:, 0], head[:, 2]], axis=1))
+    images = decode_batch([fixture_path(DICOM)] * 2, SIZE).images
+    classes = np.array([0, 1])
+    maps = gradcam(model, images, classes)
     names = LAYERS["concatenated"]
     probe = keras.Model(model.inputs, [model.get_layer(n).output for n in names.values()])
     features = dict(zip(names, (np.asarray(f, np.float64) for f in probe(network_input(images), training=False))))
@@ -215,4 +217,5 @@ def test_gradcam_equals_its_closed_form_through_the_linear_head(concatenated_map
         cam = tf.image.resize(cam, (SIZE, SIZE), method="bilinear")[..., 0].numpy()
         peak = cam.reshape(len(cam), -1).max(axis=1)
         expected = cam / np.where(peak > 0, peak, 1.0)[:, None, None]
+        assert expected.max() == 1, name  # not two blank maps (see the head above)
         assert np.abs(maps[name] - expected).max() < 1e-4, name

@@ -27,7 +27,7 @@ from orchestrator.identity import StaleRun
 from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, RUN_ID, SPLIT_HASH, TEST_ACCURACY, TEST_AUC,
                                  ensemble_model_name, registered_model_name)
 from tests.conftest import PAPER_SHRINK, fixture_path
-from tests.ray_clusters import free_port, processes_of, short_temp_dir, wait_for_url
+from tests.ray_clusters import free_port, outliving, short_temp_dir, wait_for_url
 from tests.test_orchestration import BIN, NODE_ENV, PAPER, RUNS, children, end_group
 
 
@@ -81,7 +81,7 @@ def paper_local(tmp_path_factory):
         out, _ = first.communicate(timeout=1500)
     finally:
         end_group(first)
-    leftovers, worker_dbs = processes_of(temp), list(Path(temp).rglob("*.db"))
+    leftovers, worker_dbs = outliving(temp), list(Path(temp).rglob("*.db"))
     done = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/done.json")}
     again = subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=600)
     shutil.rmtree(temp, ignore_errors=True)
@@ -289,10 +289,7 @@ def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_l
     try:
         restarted = in_own_group(command, cwd=paper_local["here"], env=env)
         assert restarted.returncode == 0, restarted.stderr[-3000:]
-        deadline = time.monotonic() + 30  # Ray's processes end a moment after the driver's exit
-        while processes_of(temp) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert not processes_of(temp)
+        assert not outliving(temp)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     (moved,) = (workdir / "runs" / ".stale").iterdir()  # runs/.stale/<time>/
