@@ -282,9 +282,11 @@ def run_child(task: dict, env: dict, timeout: float, out: str = "") -> list[dict
     lines = []
     for line in stdout.splitlines():
         try:
-            lines.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a backend's own message on standard output
+        if isinstance(record, dict):
+            lines.append(record)
     if error:
         lines.append({"network": task["network"], "precision": task["precision"], "kind": "error",
                       "error": f"{task['part']}: {error}"})
