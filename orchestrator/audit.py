@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.schema import DataError
-from data_pipeline.store import ImageStore
+from data_pipeline.manifest import read_manifest
+from data_pipeline.store import ImageStore, StoreBuilder
 from orchestrator.config import AuditSpec, Config
 from orchestrator.layout import REPORT_ARTIFACTS, TABLES_FILE
 from orchestrator.metrics import bootstrap_weights, percentile_interval, weighted_auc
@@ -119,11 +120,11 @@ def view_tests(table: pd.DataFrame) -> dict[str, dict]:
 def audit_inputs(config: Config) -> tuple[ImageStore, pd.DataFrame]:
     """The store and, per stored image, its source, view, class and patient."""
     paths = config.paths
-    if not (paths.store / "store.json").is_file() or not paths.manifest.is_file():
+    if not StoreBuilder.written_key(paths.store) or not paths.manifest.is_file():
         raise DataError(f"{config.workdir}: expected the manifest and the image store of this config "
                         f"({paths.manifest}, {paths.store}); run `cxr run` (or `cxr manifest` and `cxr prepare`) first.")
     store = ImageStore.open(paths.store)
-    manifest = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
+    manifest = read_manifest(paths.manifest)
     table = store.index.merge(manifest[["image_id", "label", "patient_id"]], on="image_id", how="left")
     if table["label"].isna().any():
         raise DataError(f"{paths.store}: {int(table['label'].isna().sum())} stored image(s) are not in {paths.manifest}; "

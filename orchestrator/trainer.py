@@ -103,10 +103,6 @@ class RunInputs:
                    test=read_split(split_dir, fold, "test"), split_meta=meta)
 
 
-def compile_model(model: keras.Model, spec: TrainSpec) -> keras.Model:
-    return compile_network(model, spec.learning_rate, jit_compile=spec.xla, run_eagerly=spec.run_eagerly)
-
-
 def save_weights_only(model: keras.Model, path: Path) -> Path:
     """The network's weights without the optimizer's: Keras 3's `save_weights` stores both (three
     times the size with Nadam). The file loads into a freshly built model with `load_weights`."""
@@ -188,7 +184,9 @@ class Run:
         keras.utils.set_random_seed(self.seed)
         with precision_policy(self.spec.mixed_precision):
             model = build(self.network, self.inputs.store.image_size, self.weights)
-        return compile_model(model, self.spec), Cursor(fingerprint=self.fingerprint)
+        model = compile_network(model, self.spec.learning_rate, jit_compile=self.spec.xla,
+                                run_eagerly=self.spec.run_eagerly)
+        return model, Cursor(fingerprint=self.fingerprint)
 
     def _restore_best(self, checkpoint: Path) -> None:
         """The best weights as of the checkpoint: a later best came from epochs that will be redone."""
