@@ -2,7 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+# A machine whose NVIDIA driver answers (`nvidia-smi -L`) gets TensorFlow's CUDA build (the `gpu`
+# extra), any other the CPU build. The stamp names the choice: a venv made for the other reinstalls.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu)
+comma := ,
+EXTRAS := test,jpeg$(if $(GPU),$(comma)gpu)
+STAMP := $(VENV)/.installed-$(or $(GPU),cpu)
 DEMO := work/demo
 
 .PHONY: install test demo clean
@@ -11,7 +16,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# requirements.lock pins every package (tested set); pyproject.toml holds the ranges.
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[test,jpeg]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +29,8 @@ test: install
 
 demo: install
 	# the whole protocol (5 folds x 3 networks x 8 phases) on the tiny synthetic data, local Ray,
-	# MLflow on work/demo/mlflow.db; prints the results and the command that opens the MLflow UI
+	# MLflow on work/demo/mlflow.db; prints the results and the command that opens the MLflow UI.
+	# With GPUs (the CUDA build), one run per GPU; else two at a time on the CPU cores
 	$(BIN)/cxr run --config configs/demo.yaml
 
 clean:

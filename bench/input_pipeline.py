@@ -61,11 +61,11 @@ def rate_ours(store: ImageStore, rows: pd.DataFrame, epochs: int) -> float:
 
 
 def rate_authors(folder: Path, rows: pd.DataFrame, epochs: int) -> float:
-    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+    from models.keras_adapter import legacy_image_data_generator
 
-    generator = ImageDataGenerator(horizontal_flip=True, vertical_flip=True, zoom_range=0.05, rotation_range=360,
-                                   width_shift_range=0.05, height_shift_range=0.05, shear_range=0.05,
-                                   rescale=1 / 255)
+    generator = legacy_image_data_generator(horizontal_flip=True, vertical_flip=True, zoom_range=0.05, rotation_range=360,
+                                           width_shift_range=0.05, height_shift_range=0.05, shear_range=0.05,
+                                           rescale=1 / 255)
     flow = generator.flow_from_dataframe(rows.rename(columns={"image_id": "filename", "label": "class"}),
                                          directory=str(folder), x_col="filename", y_col="class",
                                          target_size=(SIZE, SIZE), batch_size=BATCH, class_mode="categorical",

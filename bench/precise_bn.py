@@ -35,7 +35,8 @@ from data_pipeline.tfdata import eval_stream, one_hot, training_stream  # noqa: 
 from models.batchnorm import BatchNormStatistics  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.layout import NETWORK_NAMES, RunPaths  # noqa: E402
-from orchestrator.trainer import Run, RunInputs  # noqa: E402
+from orchestrator.training.inputs import RunInputs  # noqa: E402
+from orchestrator.training.run import Phase, Run, RunSetup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,12 +69,13 @@ def main() -> None:
                                                               "train.selection=last", *args.set])
         workdir(config)
         inputs = RunInputs.load(config.paths.store, config.paths.splits, args.fold, config.splits.phases)
-        run = Run(args.network, args.fold, inputs, config.train, config.augment, RunPaths(Path(tmp) / "run"))
+        run = Run(RunSetup(args.network, args.fold, config.train, config.augment), inputs, RunPaths(Path(tmp) / "run"))
         epochs = config.train.epochs
         start = time.perf_counter()
-        model, cursor = run.model_and_cursor()
+        model = run.model()
         for phase, rows in enumerate(inputs.phases, start=1):
-            run._fit_phase(model, cursor, phase, rows, (phase - 1) * epochs, phase * epochs)
+            run.phase = Phase(phase, rows, first_epoch=(phase - 1) * epochs, last_epoch=phase * epochs)
+            run._fit_phase(model, (phase - 1) * epochs)
         print(f"{args.network}: {int(model.optimizer.iterations)} steps of {run.batch_size} images in "
               f"{time.perf_counter() - start:.0f} s; batch-norm momentum 0.99")
         training = pd.concat(inputs.phases).drop_duplicates("image_id")
@@ -85,7 +87,7 @@ def main() -> None:
 
         moving_test, moving_train = scores(run, model, inputs.test), scores(run, model, training)
         stream = training_stream(inputs.store, inputs.phases[-1], run.batch_size, run.seed, config.augment,
-                                 first_epoch=cursor.epoch - 1, steps_per_epoch=config.train.batchnorm_batches)
+                                 first_epoch=run.cursor.epoch - 1, steps_per_epoch=config.train.batchnorm_batches)
         layers = BatchNormStatistics(model).recompute(stream)
         precise_test, precise_train = scores(run, model, inputs.test), scores(run, model, training)
         print(f"\n{'layer':<26} {'moving var':>10} {'population var':>15} {'ratio':>7}")

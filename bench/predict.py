@@ -33,7 +33,7 @@ from models.inference import Classifier  # noqa: E402
 from models.networks import build, without_optimizer  # noqa: E402
 from models.serving import MEMBER_FILE, log_classifier  # noqa: E402
 from orchestrator.layout import NETWORK_NAMES  # noqa: E402
-from orchestrator.predict import model_folder, network_files, predict_files  # noqa: E402
+from orchestrator.serving.predict import model_folder, network_files, predict_files  # noqa: E402
 
 PATTERNS = ("covid", "pneumonia", "normal")
 

@@ -1,10 +1,14 @@
 """The manifest: one row per selected image of both raw datasets, in one table.
 
 It reads only the label CSVs and checks that each image file exists; no image is opened here.
+Beside `manifest.csv`, `manifest.json` records the key of what it was built from (the label
+files' contents, the dataset folders, every reader setting): a manifest is up to date when that
+key is the one its inputs give now, never by file times.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -12,11 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_pipeline.files import StateError, read_json, sha256_bytes, sha256_file, write_json, write_table
 from data_pipeline.schema import CLASSES, MANIFEST_COLUMNS, DataError, read_source_csv
-from data_pipeline.sources.covid_chestxray import read_covid_chestxray
-from data_pipeline.sources.rsna_persons import read_mapping, read_nih_entries, rsna_person_ids
+from data_pipeline.sources import covid_chestxray, rsna_pneumonia
+from data_pipeline.sources.reader import nothing_skipped
 from data_pipeline.sources.rsna_pneumonia import SOURCE as RSNA_SOURCE
-from data_pipeline.sources.rsna_pneumonia import read_rsna_pneumonia
+
+READERS = (covid_chestxray.READER, rsna_pneumonia.READER)  # the manifest's sources, in its order
+MANIFEST_VERSION = 1  # bump when the readers select differently: old manifests then rebuild
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +41,16 @@ def build_manifest(covid_root: Path, rsna_root: Path, *, skip_missing: bool = Fa
 
     `rsna_persons`, RSNA's mapping to NIH images and NIH's Data_Entry CSV, make the RSNA
     images' patient_id their NIH person (data_pipeline.sources.rsna_persons)."""
-    covid, skipped_covid = read_covid_chestxray(Path(covid_root).absolute(), skip_unknown_findings)
-    rsna = read_rsna_pneumonia(Path(rsna_root).absolute())
-    if rsna_persons is not None:
-        mapping_path, entries_path = rsna_persons
-        persons, mapped = rsna_person_ids(rsna["image_id"], read_mapping(mapping_path), read_nih_entries(entries_path))
-        rsna = rsna.assign(patient_id=persons)
-        log.info("RSNA persons: %d of %d images mapped to %d NIH persons (%s)", mapped, len(rsna),
-                 rsna.loc[persons != rsna["image_id"], "patient_id"].nunique(), mapping_path)
-    manifest = pd.concat([covid, rsna], ignore_index=True)
+    roots = {covid_chestxray.SOURCE: covid_root, rsna_pneumonia.SOURCE: rsna_root}
+    options = {"skip_unknown_findings": skip_unknown_findings, "rsna_persons": rsna_persons}
+    read = [reader.read(Path(roots[reader.name]).absolute(), **options) for reader in READERS]
+    manifest = pd.concat([rows for rows, _ in read], ignore_index=True)
     clash = manifest["image_id"][manifest["image_id"].duplicated()]
     if not clash.empty:
         raise DataError(f"image_id(s) occur in both datasets: {sorted(set(clash))[:10]}; expected unique ids.")
 
     missing = ~manifest["path"].map(os.path.isfile)
-    skipped = [skipped_covid]
+    skipped = [left_out for _, left_out in read if not left_out.empty]
     if missing.any():
         paths = manifest.loc[missing, "path"].tolist()
         if not skip_missing:
@@ -60,21 +62,54 @@ def build_manifest(covid_root: Path, rsna_root: Path, *, skip_missing: bool = Fa
         manifest = manifest[~missing]
 
     manifest = manifest.sort_values(["source", "image_id"], kind="stable").reset_index(drop=True)
-    skipped = pd.concat(skipped, ignore_index=True).reset_index(drop=True)
+    skipped = (pd.concat(skipped, ignore_index=True) if skipped else nothing_skipped()).reset_index(drop=True)
     return ManifestResult(manifest=manifest[list(MANIFEST_COLUMNS)], skipped=skipped)
 
 
-def write_manifest(result: ManifestResult, out: Path) -> Path | None:
-    """Write the manifest CSV and, when rows were left out, `<out stem>.skipped.csv` beside it."""
+def manifest_key(covid_root: Path, rsna_root: Path, *, skip_missing: bool = False,
+                 skip_unknown_findings: bool = False, rsna_persons: tuple[Path, Path] | None = None) -> str:
+    """What a manifest is built from: the contents of every label file the readers read (the
+    persons files too), the dataset folders (the images' paths) and every reader setting."""
+    roots = {covid_chestxray.SOURCE: covid_root, rsna_pneumonia.SOURCE: rsna_root}
+    files = [path for reader in READERS for path in reader.files(roots[reader.name])]
+    files += [Path(p) for p in rsna_persons or ()]
+    inputs = {"version": MANIFEST_VERSION, "covid_root": str(Path(covid_root).absolute()),
+              "rsna_root": str(Path(rsna_root).absolute()), "skip_missing": skip_missing,
+              "skip_unknown_findings": skip_unknown_findings,
+              "files": {str(p.absolute()): sha256_file(p) if p.is_file() else "absent" for p in files}}
+    return sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
+
+
+def record_file(out: Path) -> Path:
+    """manifest.csv -> manifest.json: the key it was built with."""
+    return Path(out).with_suffix(".json")
+
+
+def is_current(out: Path, key: str) -> bool:
+    """Whether the manifest at `out` was built from inputs of `key`, and is the file written then."""
+    try:
+        record = read_json(record_file(out), "the manifest's key", "It is rebuilt.")
+    except StateError:
+        return False
+    return (record is not None and record.get("key") == key and Path(out).is_file()
+            and record.get("sha256") == sha256_file(out))
+
+
+def write_manifest(result: ManifestResult, out: Path, key: str = "") -> Path | None:
+    """Write the manifest CSV and, when rows were left out, `<out stem>.skipped.csv` beside it,
+    each atomically; then, with the `key` of its inputs, manifest.json (last: its key and the
+    manifest's hash say the manifest is complete and current)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.manifest.to_csv(out, index=False, lineterminator="\n")
+    record_file(out).unlink(missing_ok=True)  # until the new manifest is in
+    write_table(result.manifest, out)
     skipped_path = out.with_name(out.stem + ".skipped.csv")
     if result.skipped.empty:
         skipped_path.unlink(missing_ok=True)  # a stale report from an earlier run would mislead
-        return None
-    result.skipped.to_csv(skipped_path, index=False, lineterminator="\n")
-    return skipped_path
+    else:
+        write_table(result.skipped, skipped_path)
+    if key:
+        write_json(record_file(out), {"key": key, "sha256": sha256_file(out)})
+    return None if result.skipped.empty else skipped_path
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

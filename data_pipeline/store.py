@@ -26,12 +26,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data_pipeline.decode import DecodeError, Source, decode_image, dicom_view_position, is_dicom
+from data_pipeline.decode import DEFAULT, DecodeError, DecodeSpec, Source, decode_image, dicom_view_position, is_dicom
 from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
 from data_pipeline.schema import DataError
 
 log = logging.getLogger(__name__)
-STORE_VERSION = 1  # bump when decoding or resizing changes: old stores then rebuild
+STORE_VERSION = 2  # bump when decoding or resizing changes: old stores then rebuild (2: float32, bounded)
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,11 @@ class StoreError(DataError):
     """The store could not be built or read; the message says which images or files and why."""
 
 
-def decode_resized(source: Source, size: int) -> np.ndarray:
+def decode_resized(source: Source, size: int, limits: DecodeSpec = DEFAULT) -> np.ndarray:
     """Decode (a path, or a file's bytes) with the readers' decoder, then resize to size x size (the paper squashes, it does
     not pad: aspect ratio is not kept). Pillow's bilinear filter widens with the reduction
     factor, so large radiographs are area-averaged rather than aliased."""
-    image = Image.fromarray(decode_image(source))
+    image = Image.fromarray(decode_image(source, limits))
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
@@ -67,12 +67,12 @@ class ChunkResult:
     failures: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
 
 
-def decode_chunk(items: list[tuple[int, str, str]], size: int) -> ChunkResult:
+def decode_chunk(items: list[tuple[int, str, str]], size: int, limits: DecodeSpec = DEFAULT) -> ChunkResult:
     """Decode (position, path, manifest view) items; a bad file becomes a failure, not a crash."""
     result = ChunkResult()
     for position, path, view in items:
         try:
-            image = decode_resized(path, size)
+            image = decode_resized(path, size, limits)
             if not view and is_dicom(path):
                 view = dicom_view_position(path)  # the only header value that leaves the decoder
         except DecodeError as exc:
@@ -84,22 +84,22 @@ def decode_chunk(items: list[tuple[int, str, str]], size: int) -> ChunkResult:
     return result
 
 
-def store_key(manifest: pd.DataFrame, spec: StoreSpec) -> str:
+def store_key(manifest: pd.DataFrame, spec: StoreSpec, limits: DecodeSpec = DEFAULT) -> str:
     """What the store depends on: each image's id, path, size and modification time (a replaced
-    file rebuilds), the image size, the failure policy and the decoder version."""
+    file rebuilds), the image size, the failure policy, the decoder's limits and its version."""
     stats = [os.stat(p) if os.path.exists(p) else None for p in manifest["path"]]
     listing = manifest[["image_id", "path"]].assign(
         bytes=[st.st_size if st else -1 for st in stats], mtime=[st.st_mtime_ns if st else -1 for st in stats])
     text = listing.to_csv(index=False, lineterminator="\n")
-    return sha256_bytes(f"v{STORE_VERSION}/{spec.image_size}/{spec.exclude_failed}/{text}".encode())
+    return sha256_bytes(f"v{STORE_VERSION}/{spec.image_size}/{spec.exclude_failed}/{limits.max_pixels}/{text}".encode())
 
 
 class StoreBuilder:
     """Collects decoded chunks into a hidden folder; `finish` renames it into place."""
 
-    def __init__(self, out: Path, manifest: pd.DataFrame, spec: StoreSpec):
-        self.out, self.manifest, self.spec = Path(out), manifest.reset_index(drop=True), spec
-        self.key = store_key(self.manifest, spec)
+    def __init__(self, out: Path, manifest: pd.DataFrame, spec: StoreSpec, limits: DecodeSpec = DEFAULT):
+        self.out, self.manifest, self.spec, self.limits = Path(out), manifest.reset_index(drop=True), spec, limits
+        self.key = store_key(self.manifest, spec, limits)
         self._tmp: Path | None = None
         self._images: np.ndarray | None = None
         self._views = [""] * len(self.manifest)
@@ -189,13 +189,13 @@ def without_failures(manifest: pd.DataFrame, store_dir: Path) -> pd.DataFrame:
     return manifest[~manifest["image_id"].isin(failed["image_id"])]
 
 
-def build_serial(manifest: pd.DataFrame, out: Path, spec: StoreSpec) -> Path:
+def build_serial(manifest: pd.DataFrame, out: Path, spec: StoreSpec, limits: DecodeSpec = DEFAULT) -> Path:
     """Build a store in this process, one chunk after another (benchmarks, small tests); the
     orchestrator's `build_store` fans the same chunks out as Ray tasks."""
-    builder = StoreBuilder(out, manifest, spec)
+    builder = StoreBuilder(out, manifest, spec, limits)
     builder.start()
     for chunk in builder.chunks():
-        builder.add(decode_chunk(chunk, spec.image_size))
+        builder.add(decode_chunk(chunk, spec.image_size, limits))
     return builder.finish()
 
 

@@ -37,6 +37,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
+from data_pipeline.files import write_atomic
+
 COVID_DIR = "covid-chestxray-dataset"
 RSNA_DIR = "rsna-pneumonia-detection-challenge"
 MARKER = "SYNTHETIC.txt"  # beside the two dataset folders: says they are ours to replace
@@ -83,12 +85,13 @@ SCALES = {
 
 
 def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0, image_size: int = 0,
-                    source_marker: bool = False) -> dict[str, int]:
+                    source_marker: bool = False, phi_markers: bool = False) -> dict[str, int]:
     """Write both synthetic datasets under `out`; returns images written per selected class.
 
     `image_size` > 0 overrides the scale's image sides (tests write the paper's counts small).
     `source_marker` burns a marker into every covid-chestxray-dataset image (burn_marker): a
-    shortcut that `cxr audit`'s probe must find.
+    shortcut that `cxr audit`'s probe must find. `phi_markers` writes PHI_MARKERS into the RSNA
+    DICOMs' patient fields (name, id, birth date, institution): none may reach any output.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}; received {scale!r}.")
@@ -98,14 +101,23 @@ def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0, image_size: i
     out = Path(out)
     _clear_previous(out)
     covid = _write_covid(out / COVID_DIR, s, seed, source_marker)
-    rsna = _write_rsna(out / RSNA_DIR, s, seed)
-    (out / MARKER).write_text(stamp(scale, seed, source_marker))
+    rsna = _write_rsna(out / RSNA_DIR, s, seed, phi_markers)
+    # last, and complete or absent: its presence says the folders are whole (the up-to-date check)
+    write_atomic(out / MARKER, stamp(scale, seed, source_marker, phi_markers))
     return {**covid, **rsna}
 
 
-def stamp(scale: str, seed: int, source_marker: bool = False) -> str:
+def stamp(scale: str, seed: int, source_marker: bool = False, phi_markers: bool = False) -> str:
     """What the MARKER file of a synthetic output holds: what was written (its up-to-date check)."""
-    return f"synthetic lookalike datasets: scale {scale}, seed {seed}" + (", source marker" if source_marker else "") + "\n"
+    return (f"synthetic lookalike datasets: scale {scale}, seed {seed}" + (", source marker" if source_marker else "")
+            + (", PHI markers" if phi_markers else "") + "\n")
+
+
+# Values a test looks for in every output (tests/test_paper_local.py): each patient field that a
+# hospital's export carries, and that no output may hold. Built from parts, so that this module's
+# own text (copied into every published model's code) does not hold them whole.
+PHI_MARKERS = {"PatientName": "PHI^" + "NAME^MARKER", "PatientID": "PHI-" + "ID-MARKER",
+               "PatientBirthDate": "1888" + "0808", "InstitutionName": "PHI " + "INSTITUTION MARKER"}
 
 
 def _clear_previous(out: Path) -> None:
@@ -268,12 +280,13 @@ class RsnaImage:
     view: str
     sex: str
     age: str
+    phi_markers: bool = False  # PHI_MARKERS in its patient fields instead of the RSNA-like values
 
 
 PARALLEL_FROM = 2000  # RSNA files from which worker processes write them (the paper scale: 15,463)
 
 
-def _write_rsna(root: Path, s: Scale, seed: int) -> dict[str, int]:
+def _write_rsna(root: Path, s: Scale, seed: int, phi_markers: bool = False) -> dict[str, int]:
     rng = random.Random(f"{seed}-rsna")
     images = root / "stage_2_train_images"
     images.mkdir(parents=True, exist_ok=True)
@@ -288,7 +301,8 @@ def _write_rsna(root: Path, s: Scale, seed: int) -> dict[str, int]:
             label_rows.append([pid, *(f"{v:.1f}" for v in box), "1"] if box else [pid, "", "", "", "", "0"])
             class_rows.append([pid, cls])
         view = rng.choice(["PA", "PA", "AP"])
-        todo.append(RsnaImage(index, pid, pattern, tuple(boxes), view, rng.choice("MF"), str(rng.randint(5, 90))))
+        todo.append(RsnaImage(index, pid, pattern, tuple(boxes), view, rng.choice("MF"), str(rng.randint(5, 90)),
+                              phi_markers))
     _write_rsna_images(images, todo, s.rsna_size, seed)
     _write_rows(root / "stage_2_train_labels.csv", RSNA_BOX_COLUMNS, label_rows)
     _write_rows(root / "stage_2_detailed_class_info.csv", ("patientId", "class"), class_rows)
@@ -354,6 +368,9 @@ def write_rsna_dicom(path: Path, pixels: np.ndarray, item: RsnaImage, seed: int)
     ds.Modality, ds.ConversionType = "CR", "WSD"
     ds.SeriesDescription = f"view: {view}"
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = pid, pid, ""
+    if item.phi_markers:
+        for key, value in PHI_MARKERS.items():
+            setattr(ds, key, value)
     with pydicom.config.disable_value_validation():  # RSNA files store ages as "59", not "059Y"
         ds.PatientSex, ds.PatientAge = item.sex, item.age
     ds.BodyPartExamined, ds.ViewPosition = "CHEST", view

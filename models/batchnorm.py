@@ -34,7 +34,22 @@ class LayerStatistics:
 
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    """Every batch-norm layer of `model`, those of nested models (the backbones of the
+    concatenated network) too, each once, in the order of the models' `layers`."""
+    found, seen = [], set()
+
+    def walk(layers) -> None:
+        for layer in layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if isinstance(layer, keras.layers.BatchNormalization):
+                found.append(layer)
+            elif isinstance(layer, keras.Model):
+                walk(layer.layers)
+
+    walk(model.layers)
+    return found
 
 
 class BatchNormStatistics:

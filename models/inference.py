@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import keras
 import numpy as np
 
-from data_pipeline.decode import DecodeError, Source, dicom_view_position, is_dicom
+from data_pipeline.decode import DEFAULT, DecodeError, DecodeSpec, Source, dicom_view_position, is_dicom
 from data_pipeline.schema import DataError
 from data_pipeline.store import decode_resized
 from data_pipeline.tfdata import network_input
@@ -37,13 +37,13 @@ class Decoded:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
-def decode_batch(sources: Sequence[Source], size: int) -> Decoded:
+def decode_batch(sources: Sequence[Source], size: int, limits: DecodeSpec = DEFAULT) -> Decoded:
     """Decode and resize each file (a path or the file's bytes); a file that fails is listed with
     its reason and the others go on. The view is the only DICOM header value read."""
     images, indices, views, failures = [], [], [], []
     for i, source in enumerate(sources):
         try:
-            image = decode_resized(source, size)
+            image = decode_resized(source, size, limits)
             view = dicom_view_position(source) if is_dicom(source) else ""
         except DecodeError as exc:
             failures.append((i, exc.reason))
@@ -67,6 +67,7 @@ class Classifier:
             raise ModelError(f"the networks of an ensemble must share one input size; received {sorted(sizes)}.")
         self.members = list(members)
         self.image_size = sizes.pop()
+        self.mean_model = mean_model(self.members, self.image_size)
 
     @classmethod
     def load(cls, files: Iterable[Path | str]) -> "Classifier":
@@ -94,8 +95,23 @@ class Classifier:
         out = []
         for start in range(0, len(images), batch_size):
             batch = network_input(images[start:start + batch_size])
-            out.append(np.mean([np.asarray(m.predict_on_batch(batch)) for m in self.members], axis=0))
+            n = len(batch)
+            if n < batch_size and len(images) > batch_size:  # the last batch, padded: one shape, one trace
+                batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+            out.append(np.asarray(self.mean_model.predict_on_batch(batch))[:n])
         return np.concatenate(out).astype(np.float32)
+
+
+def mean_model(members: Sequence[keras.Model], size: int) -> keras.Model:
+    """One network whose output is the mean of the members' probabilities: one compiled predict
+    step for the whole ensemble (a step per member would trace the same step function once per
+    member, and TensorFlow warns about it). Each member is rewrapped under a name of its own (the
+    folds of a network share one), its layers and weights shared, not copied."""
+    if len(members) == 1:
+        return members[0]
+    images = keras.Input((size, size, 3))
+    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"member{i}")(images) for i, m in enumerate(members)]
+    return keras.Model(images, keras.layers.Average()(outputs), name=f"{members[0].name}_ensemble")
 
 
 def input_size(model: keras.Model) -> int:

@@ -1,6 +1,6 @@
 """Xception, ResNet50V2 and their concatenation (section 3.2 and Figure 2 of the paper).
 
-`build(name, image_size, weights)` looks the builder up in NETWORKS. Heads as in the authors'
+`build(name, image_size, weights)` looks the builder up in BUILDERS. Heads as in the authors'
 code: backbone without top -> Flatten -> Dropout(0.5) -> Dense(3, softmax); the concatenated
 network feeds one shared input to both backbones, concatenates their feature maps on channels
 (10x10x2048 each at 300x300), then Conv2D(1024, 1x1) -> Flatten -> Dropout(0.5) ->
@@ -87,7 +87,7 @@ def build_concatenated(image_size: int, weights: str) -> keras.Model:
     return keras.Model(inputs, outputs, name="concatenated")
 
 
-NETWORKS: dict[str, Callable[[int, str], keras.Model]] = {
+BUILDERS: dict[str, Callable[[int, str], keras.Model]] = {
     "xception": build_single("xception"),
     "resnet50v2": build_single("resnet50v2"),
     "concatenated": build_concatenated,
@@ -96,9 +96,9 @@ NETWORKS: dict[str, Callable[[int, str], keras.Model]] = {
 
 def build(name: str, image_size: int = 300, weights: str = "none") -> keras.Model:
     """Build network `name` for square `image_size` inputs, with `weights` (see module doc)."""
-    if name not in NETWORKS:
-        raise ValueError(f"network: expected one of {sorted(NETWORKS)}, received {name!r}.")
-    model = NETWORKS[name](image_size, weights)
+    if name not in BUILDERS:
+        raise ValueError(f"network: expected one of {sorted(BUILDERS)}, received {name!r}.")
+    model = BUILDERS[name](image_size, weights)
     if weights.endswith(".weights.h5"):
         if not Path(weights).is_file():
             raise WeightsError(f"model.weights: {weights} does not exist.")

@@ -6,8 +6,13 @@ Input: a DataFrame with one column, `image`, each cell a base64-encoded DICOM, P
 columns p_COVID-19, p_pneumonia, p_normal. The model holds one `.keras` network, or several of
 the same network (a fold ensemble, whose output is the mean of their probabilities), and the
 project's `models` and `data_pipeline` code, so that it loads wherever their requirements are
-installed. An image that cannot be decoded fails the request with a client error (HTTP 400)
-that names it and the reason.
+installed.
+
+A request is refused with a client error (HTTP 400) whose body names the row and the reason,
+before anything is decoded, when it holds more than `max_rows` images, an image of more than
+`max_image_bytes` or more than `max_request_bytes` in all; and after, when an image does not
+decode or declares more than `max_pixels` (the decoder's bound). The limits are the published
+model's own settings (its MLflow model config, from the config's `serving` and `decode`).
 
 This module imports no TensorFlow until a model is loaded: the driver, which never imports it,
 publishes the fold ensembles.
@@ -29,6 +34,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from data_pipeline.decode import DecodeSpec
 from data_pipeline.schema import PROBABILITY_COLUMNS
 
 IMAGE_COLUMN = "image"  # the input column: base64-encoded image files
@@ -37,6 +43,9 @@ MEMBER_FILE = "network.keras"  # a network's file inside a published model's art
 CODE = [Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "data_pipeline"]
 LOADER = Path(__file__).resolve().parent / "published_model.py"  # what MLflow runs to load one
 REQUIREMENTS = ("tensorflow", "keras", "mlflow", "pydicom", "pillow", "pandas", "numpy")
+# a published model's limits (its model config); models published before them get these
+LIMITS = {"max_rows": 64, "max_image_bytes": 64 * 2**20, "max_request_bytes": 256 * 2**20,
+          "max_pixels": DecodeSpec().max_pixels}
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
                            outputs=Schema([ColSpec("float", c) for c in PROBABILITY_COLUMNS]))
 
@@ -49,6 +58,12 @@ def member_files(artifacts: dict[str, str]) -> list[str]:
     """A published model's network files, in member order, from {artifact key: path}."""
     keys = sorted((k for k in artifacts if k.startswith(f"{MEMBER}-")), key=lambda k: int(k.rsplit("-", 1)[1]))
     return [artifacts[k] for k in keys]
+
+
+def published_limits(mlmodel: Any) -> dict:
+    """What one request to a published model may hold, from its MLmodel (an mlflow.models.Model):
+    its model config, LIMITS where it predates them."""
+    return {**LIMITS, **mlmodel.flavors.get("python_function", {}).get("model_config", {})}
 
 
 def network_paths(mlmodel: Any) -> list[str]:
@@ -65,17 +80,42 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         from models.inference import Classifier
 
         self.classifier = Classifier.load(member_files(context.artifacts))
+        self.limits = {**LIMITS, **(context.model_config or {})}
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from models.inference import decode_batch
 
-        files = [_file_bytes(i, cell) for i, cell in enumerate(_image_cells(model_input))]
-        decoded = decode_batch(files, self.classifier.image_size)
+        cells = _image_cells(model_input)
+        check_request(cells, self.limits)
+        files = [_file_bytes(i, cell) for i, cell in enumerate(cells)]
+        decoded = decode_batch(files, self.classifier.image_size, DecodeSpec(int(self.limits["max_pixels"])))
         if decoded.failures:
             reasons = "; ".join(f"row {i}: {reason}" for i, reason in decoded.failures)
             raise MlflowException(f"{len(decoded.failures)} of {len(files)} image(s) could not be decoded: {reasons}",
                                   error_code=INVALID_PARAMETER_VALUE)
         return pd.DataFrame(self.classifier.predict(decoded.images), columns=list(PROBABILITY_COLUMNS))
+
+
+def check_request(cells: list, limits: dict) -> None:
+    """The request's size against the model's limits, from the cells' lengths alone (base64
+    holds 3 bytes in 4 characters): nothing is decoded for a request that is refused."""
+    if len(cells) > limits["max_rows"]:
+        _refuse(f"the request holds {len(cells)} images; this model takes at most {limits['max_rows']} a request "
+                f"(max_rows): send them in several requests")
+    total = 0
+    for row, cell in enumerate(cells):
+        size = len(cell) * 3 // 4 if isinstance(cell, str) else len(cell) if isinstance(cell, (bytes, bytearray)) else 0
+        if size > limits["max_image_bytes"]:
+            _refuse(f"row {row}: the image is {size:,} bytes, more than this model's max_image_bytes "
+                    f"({limits['max_image_bytes']:,})")
+        total += size
+    if total > limits["max_request_bytes"]:
+        _refuse(f"the request holds {total:,} bytes of images, more than this model's max_request_bytes "
+                f"({limits['max_request_bytes']:,}): send them in several requests")
+
+
+def _refuse(message: str) -> None:
+    raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def _image_cells(model_input: Any) -> list:
@@ -108,9 +148,10 @@ def requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def log_classifier(name: str, members: list[str]) -> Any:
+def log_classifier(name: str, members: list[str], limits: dict | None = None) -> Any:
     """Log a published model to the active MLflow run at `name`: `members` are `.keras` files or
-    MLflow artifact URIs of them (MLflow copies them in). Returns MLflow's ModelInfo.
+    MLflow artifact URIs of them (MLflow copies them in); `limits` are its LIMITS' keys (its
+    model config). Returns MLflow's ModelInfo.
 
     No input example: MLflow would load the networks to check it, and the driver, which logs
     the fold ensembles, never imports TensorFlow. The signature is stated instead."""
@@ -118,4 +159,5 @@ def log_classifier(name: str, members: list[str]) -> Any:
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(LOADER), artifacts={member_key(i): m for i, m in enumerate(members)},
-            code_paths=[str(p) for p in CODE], signature=SIGNATURE, pip_requirements=requirements())
+            code_paths=[str(p) for p in CODE], signature=SIGNATURE, pip_requirements=requirements(),
+            model_config={**LIMITS, **(limits or {})})

@@ -14,6 +14,7 @@ from typing import Iterator
 import keras
 import numpy as np
 
+from models.keras_adapter import build_training_state
 from models.networks import N_CLASSES
 from models.precisions import PRECISIONS, check_precision
 
@@ -49,15 +50,36 @@ def compile_network(model: keras.Model, learning_rate: float, jit_compile: bool 
     return build_state(model)
 
 
-def build_state(model: keras.Model) -> keras.Model:
-    """Create the optimizer's, loss's and metrics' variables now, before `fit` traces its step.
+def optimizer_start(model: keras.Model) -> list[np.ndarray]:
+    """The values of a compiled model's optimizer variables before its first step (its iteration
+    count, learning rate, slots and Nadam's running product), for `restart_from`."""
+    return [variable.numpy() for variable in model.optimizer.variables]
 
-    Without a distribution strategy Keras defers them to the first trace of the train step, and
-    TensorFlow then traces the step twice (once creating the variables, once more without):
-    40 s instead of 17 s for Xception at 72x72 on one CPU core (bench/first_step.py). The
-    method is Keras' own, the one `fit` calls under a strategy.
-    """
-    size = model.inputs[0].shape[1]
-    images = np.zeros((1, size, size, 3), np.float32)
-    model._symbolic_build(data_batch=(images, np.zeros((1, N_CLASSES), np.float32), None))
+
+def restart_from(model: keras.Model, fresh: keras.Model, start: list[np.ndarray]) -> keras.Model:
+    """`model`, compiled and trained, set back to the start of training: the variables of `fresh`
+    (the same architecture, just built under the next run's seed: weights, batch-norm
+    statistics, dropout's seed state) and its optimizer's values from `optimizer_start`.
+
+    Keras keeps a model's traced train and predict steps until it is compiled again, so a run
+    restarted this way traces nothing, and learns as the same network built and compiled in a
+    fresh process would (tests/test_trainer.py compares their histories)."""
+    mine, theirs = model.variables, fresh.variables
+    if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
+        raise ValueError(f"restart_from: expected {model.name}'s {len(mine)} variables in {fresh.name}, "
+                         f"received {len(theirs)} of other shapes.")
+    for variable, value in zip(mine, theirs):
+        variable.assign(value)
+    optimizer = model.optimizer.variables
+    if len(optimizer) != len(start):
+        raise ValueError(f"restart_from: expected {len(optimizer)} optimizer values, received {len(start)}.")
+    for variable, value in zip(optimizer, start):
+        variable.assign(value)
+    model.reset_metrics()
     return model
+
+
+def build_state(model: keras.Model) -> keras.Model:
+    """Create the optimizer's, loss's and metrics' variables now, before `fit` traces its step:
+    else TensorFlow traces the step twice (models.keras_adapter says why)."""
+    return build_training_state(model, N_CLASSES)

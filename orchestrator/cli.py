@@ -12,7 +12,7 @@ from pathlib import Path
 from data_pipeline.decode import DecodeError
 from data_pipeline.schema import CLASSES, DataError
 from data_pipeline.synth import SCALES
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError, load_config, resolved
 from orchestrator.console import import_tensorflow_quietly, quiet_third_parties
 from orchestrator.layout import NETWORK_NAMES, run_name
 
@@ -37,14 +37,14 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_manifest(args: argparse.Namespace) -> None:
-    from data_pipeline.manifest import build_manifest, class_counts, write_manifest
+    from data_pipeline.manifest import build_manifest, class_counts, manifest_key, write_manifest
 
     if bool(args.rsna_mapping) != bool(args.nih_entries):
         raise ConfigError("--rsna-mapping and --nih-entries: expected both files or neither.")
-    result = build_manifest(args.covid_root, args.rsna_root, skip_missing=args.skip_missing,
-                            skip_unknown_findings=args.skip_unknown_findings,
-                            rsna_persons=(args.rsna_mapping, args.nih_entries) if args.rsna_mapping else None)
-    skipped_path = write_manifest(result, args.out)
+    settings = {"skip_missing": args.skip_missing, "skip_unknown_findings": args.skip_unknown_findings,
+                "rsna_persons": (args.rsna_mapping, args.nih_entries) if args.rsna_mapping else None}
+    result = build_manifest(args.covid_root, args.rsna_root, **settings)
+    skipped_path = write_manifest(result, args.out, key=manifest_key(args.covid_root, args.rsna_root, **settings))
     print(class_counts(result.manifest).to_string(index=False))
     print(f"{len(result.manifest)} images -> {args.out}")
     if skipped_path is not None:
@@ -80,11 +80,11 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from data_pipeline.manifest import read_manifest
-    from orchestrator.launch import build_store
+    from orchestrator.cluster.store_build import build_store
 
     config = load_config(args.config, args.set)
     spec = override(config.store, image_size=args.size, exclude_failed=args.exclude_failed or None)
-    built = build_store(read_manifest(args.manifest), args.out, spec, address=args.address)
+    built = build_store(read_manifest(args.manifest), args.out, spec, address=args.address, limits=config.decode)
     print(f"image store {'written to' if built else 'up to date at'} {args.out}")
 
 
@@ -92,11 +92,13 @@ def cmd_train_one(args: argparse.Namespace) -> None:
     if not args.verbose:
         import_tensorflow_quietly()
     from models.networks import WeightsError
-    from orchestrator.trainer import train_and_evaluate
+    from orchestrator.lock import workdir_lock
+    from orchestrator.training.train import train_and_evaluate
 
-    config = load_config(args.config, args.set)
+    config = resolved(load_config(args.config, args.set))
     try:
-        train_and_evaluate(config, args.fold, args.network)
+        with workdir_lock(config) as lock:
+            train_and_evaluate(config, args.fold, args.network, lock_owner=lock.token)
     except WeightsError as exc:  # a model.weights setting the machine cannot honour
         raise ConfigError(str(exc)) from None
     predictions = config.paths.run(args.fold, args.network).predictions
@@ -104,9 +106,8 @@ def cmd_train_one(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from orchestrator.config import resolved
-    from orchestrator.experiment import run_experiment
-    from orchestrator.tracking import ui_hint
+    from orchestrator.driver.experiment import run_experiment
+    from orchestrator.tracking.experiment import ui_hint
 
     overrides = list(args.set) + ([f"cluster.address={args.address}"] if args.address else [])
     config = load_config(args.config, overrides)
@@ -117,8 +118,15 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_unlock(args: argparse.Namespace) -> None:
+    from orchestrator.lock import unlock_workdir
+
+    for line in unlock_workdir(resolved(load_config(args.config, args.set))):
+        print(line)
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
-    from orchestrator.doctor import doctor
+    from orchestrator.cluster.doctor import doctor
 
     overrides = list(args.set) + ([f"cluster.address={args.address}"] if args.address else [])
     if code := doctor(load_config(args.config, overrides)):
@@ -139,8 +147,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from orchestrator.audit import log_audit, run_audit
-    from orchestrator.config import resolved
+    from orchestrator.evaluation.audit import log_audit, run_audit
     from orchestrator.report.inputs import latest_parent
 
     config = resolved(load_config(args.config, args.set))
@@ -152,7 +159,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
         print(f"{name}: chi2 {test['chi2']:.2f}, dof {test['dof']}, p {test['p']:.3g}")
     print(f"audit: {config.paths.audit} and its section of the report's tables ({config.paths.report})")
     try:
-        parent = latest_parent(config.tracking_uri, config.experiment_name, config.paths.parent_record)
+        parent = latest_parent(config.tracking_uri, config.experiment_name, config.paths)
     except DataError as exc:  # no `cxr run` yet: the files stand alone
         log.warning("not logged to MLflow: %s", exc)
         return
@@ -161,7 +168,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from orchestrator.compare import write_comparison
+    from orchestrator.report.compare import write_comparison
 
     if len(args.config) < 2:
         raise ConfigError(f"--config: expected two configs or more to compare, received {len(args.config)}.")
@@ -176,8 +183,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if not args.verbose:
         import_tensorflow_quietly()
     from models.inference import Classifier
-    from orchestrator.predict import (IMAGE_SUFFIXES, image_files, model_folder, network_files, predict_files,
-                                      write_predictions)
+    from orchestrator.serving.predict import (IMAGE_SUFFIXES, decode_limits, image_files, model_folder, network_files,
+                                              predict_files, write_predictions)
 
     if args.batch < 1:
         raise ConfigError(f"--batch: expected 1 or more images per batch, received {args.batch}.")
@@ -186,9 +193,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if not files:
         raise DataError(f"INPUT {' '.join(args.inputs)}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
     with tempfile.TemporaryDirectory(prefix="cxr-model-") as cache:  # a downloaded model lives while it is used
-        classifier = Classifier.load(network_files(model_folder(args.model, Path(cache))))
+        folder = model_folder(args.model, Path(cache))
+        classifier, limits = Classifier.load(network_files(folder)), decode_limits(folder)
     predictions = predict_files(classifier, files, batch=args.batch, gradcam_dir=args.gradcam,
-                                gradcam_class=args.gradcam_class, show_progress=sys.stderr.isatty())
+                                gradcam_class=args.gradcam_class, show_progress=sys.stderr.isatty(), limits=limits)
     failed = write_predictions(predictions, args.out)
     print(f"{len(predictions.table)} of {len(files)} image(s) predicted ({classifier.network}, "
           f"{len(classifier.members)} network(s), {classifier.image_size}x{classifier.image_size}) -> {args.out}")
@@ -200,7 +208,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from orchestrator.registry import model_table
+    from orchestrator.serving.registry import model_table
 
     uri = use_tracking(args)
     table = model_table(uri)
@@ -288,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "end their MLflow runs KILLED, and train them anew; without it such runs stop the command")
         p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("unlock", help="remove the workdir's lock (and its run folders') when its holder is gone; "
+                                      "refused while the holder's heartbeat is fresh")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_unlock)
+
     p = sub.add_parser("doctor", help="check every node of the cluster before a run: packages, GPUs, paths, MLflow, disk")
     add_config_arguments(p)
     p.add_argument("--address", help="Ray cluster to check ('auto', host:port); default RAY_ADDRESS or local")
@@ -336,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models (`cxr run` registers its runs and fold ensembles)")
     add_config_arguments(p, "the tracking store to list (default MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_models)
+    for command in sub.choices.values():  # `cxr run -v` as well as `cxr -v run`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="as `cxr -v`: everything on the console")
     return parser
 
 
@@ -364,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, DecodeError, ConfigError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM in `cxr run`: what it started is ended
+        log.error("interrupted%s; the same command resumes", f" ({exc})" if str(exc) else "")
+        return 130
     return 0
 
 

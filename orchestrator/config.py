@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from data_pipeline.augment import AugmentSpec
+from data_pipeline.decode import DecodeSpec
 from data_pipeline.splits import SplitSpec
 from data_pipeline.store import StoreSpec
 from models.precisions import check_precision
@@ -41,6 +42,7 @@ class DataSpec:
     synthetic: str = ""       # tiny | small | paper: generate lookalike data under workdir/data instead
     synthetic_seed: int = 0
     synthetic_marker: bool = False  # burn a marker into the synthetic covid-chestxray images (`cxr audit` must find it)
+    synthetic_phi_markers: bool = False  # marker strings in the synthetic DICOMs' patient fields (no output may hold them)
     skip_missing: bool = False
     # RSNA's pneumonia-challenge-dataset-mappings_2018.json and NIH's Data_Entry_2017_v2020.csv:
     # with both, RSNA images are grouped by their NIH person (data_pipeline.sources.rsna_persons)
@@ -100,6 +102,9 @@ class TrainSpec:
     # Keras eager mode: no graph tracing (20-45 s a run on CPU) but slower steps; pays off only
     # for runs of a handful of steps (the orchestration test). test_trainer covers graph mode.
     run_eagerly: bool = False
+    # a process training several runs (a local Ray's reused trials) restarts its traced network
+    # from fresh weights rather than tracing anew: the same history (orchestrator.training.traced)
+    reuse_traced: bool = True
     seed: int = 0
     log_checkpoints: str = "weights"  # MLflow, per phase: weights | full (with optimizer state) | none
     fail_at: str = ""               # fault injection for tests: "fold2-resnet50v2:3" raises once in phase 3
@@ -145,7 +150,7 @@ class TrackingSpec:
     # unless its path is on storage every node mounts at the same path (then set this true).
     shared_storage: bool = False
     # At its end `cxr run` registers each finished run's model, and each network's fold
-    # ensemble, in the MLflow Model Registry (orchestrator.registry; `cxr models` lists them)
+    # ensemble, in the MLflow Model Registry (orchestrator.serving.registry; `cxr models` lists them)
     register: bool = True
 
     def resolved_uri(self, workdir: str = "") -> str:
@@ -168,11 +173,40 @@ class ClusterSpec:
     # otherwise train on the CPU for days); true lets it go on, for clusters of logical GPUs (tests).
     allow_cpu_fallback: bool = False
     min_free_gb: float = 5.0    # `cxr doctor`: free disk space each node needs for checkpoints
+    # A workdir's or run folder's lock (orchestrator.lock) whose heartbeat is older than this is
+    # taken over: its holder died on a host that cannot tell (its pid is another host's)
+    lock_stale_seconds: float = 120.0
+    # Where a run trains: `always` in its Tune trial (Ray Train's local mode: no Train controller
+    # or worker process per run), `never` in a Ray Train worker, `auto` the first on a local Ray
+    # (one node, nothing to place) and the second on a cluster (placement, Train's restarts)
+    train_local_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.train_local_mode not in ("auto", "always", "never"):
+            raise ValueError(f"cluster.train_local_mode: expected 'auto', 'always' or 'never', received "
+                             f"{self.train_local_mode!r}.")
+        if self.lock_stale_seconds <= 0:
+            raise ValueError(f"cluster.lock_stale_seconds: expected a value > 0, received {self.lock_stale_seconds}.")
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """What one request to a published model may hold (models.serving): a request over a limit is
+    answered 400 naming the row and the limit. The defaults fit a batch of real X-rays: an
+    uncompressed 4,300 x 4,300 16-bit DICOM is 37 MB."""
+    max_rows: int = 64
+    max_image_bytes: int = 64 * 2**20
+    max_request_bytes: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_image_bytes", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serving.{name}: expected at least 1, received {getattr(self, name)}.")
 
 
 @dataclass(frozen=True)
 class AuditSpec:
-    """`cxr audit`'s source probe (orchestrator.audit)."""
+    """`cxr audit`'s source probe (orchestrator.evaluation.audit)."""
     border: float = 0.1          # the frame the probe sees, a fraction of the side; the lungs inside are masked out
     folds: int = 5               # cross-validation folds, whole patients in one
     bootstrap: int = 1000        # replicates of the AUC's interval, drawn over patients
@@ -186,10 +220,12 @@ class Config:
     data: DataSpec = field(default_factory=DataSpec)
     splits: SplitSpec = field(default_factory=SplitSpec)
     store: StoreSpec = field(default_factory=StoreSpec)
+    decode: DecodeSpec = field(default_factory=DecodeSpec)  # what one image file may cost
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    serving: ServingSpec = field(default_factory=ServingSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     audit: AuditSpec = field(default_factory=AuditSpec)
     name: str = ""  # set from the config file's name; names the MLflow experiment
@@ -206,6 +242,11 @@ class Config:
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or f"cxr-{self.name or 'default'}"
+
+    @property
+    def model_limits(self) -> dict[str, int]:
+        """What one request to a model these runs publish may hold (models.serving's LIMITS)."""
+        return {**dataclasses.asdict(self.serving), "max_pixels": self.decode.max_pixels}
 
 
 BASE = "base"  # a config's key naming the config it is an overlay on (a path relative to it)

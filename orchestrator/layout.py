@@ -9,10 +9,16 @@ Ray workers read the same layout.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.schema import PROBABILITY_COLUMNS, DataError
+import numpy as np
+import pandas as pd
+
+from data_pipeline.files import StateError, read_json, write_json
+from data_pipeline.schema import CLASSES, PROBABILITY_COLUMNS, DataError
 from data_pipeline.splits import META_FILE
 
 
@@ -90,9 +96,12 @@ SPLIT_HASH, SELECTION_ON_TEST_POOL = "split_hash", "selection_on_test_pool"
 FINGERPRINT, STORE_KEY = "cxr.fingerprint", "cxr.store_key"
 ROLE, EXPERIMENT_ROLE = "cxr.role", "experiment"  # the parent run of a `cxr run`
 STALE = "cxr.stale"  # on a run moved aside by --restart-stale
+EPOCHS_REDONE = "cxr.epochs_redone"  # epochs trained twice: the checkpoint after them did not load
+MODEL_URI = "cxr.model_uri"  # a finished run's published model (also in its done.json)
+WORKDIR = "cxr.workdir"  # on the parent run: the workdir whose runs it holds
 PARENT_RUN = "mlflow.parentRunId"
 SOURCE_NAME = "mlflow.source.name"
-# where a run ran (orchestrator.devices measures them)
+# where a run ran (orchestrator.cluster.devices measures them)
 NODE_IP, NODE_ID, RAY_GPU_IDS, TF_GPUS = "cxr.node_ip", "cxr.node_id", "cxr.gpu_ids", "cxr.tf_gpus"
 CUDA_BUILD, CUDNN_BUILD = "cxr.tf_cuda_version", "cxr.tf_cudnn_version"
 
@@ -110,10 +119,6 @@ class RunPaths:
 
     def checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"ckpt-{epoch:06d}"
-
-    def checkpoint_list(self) -> list[Path]:
-        """The complete checkpoints, oldest first (a checkpoint's cursor is written last)."""
-        return sorted(p for p in self.checkpoints.glob("ckpt-*") if (p / CURSOR).is_file())
 
     @property
     def best_weights(self) -> Path:
@@ -140,9 +145,21 @@ class RunPaths:
     def done(self) -> Path:
         return self.root / "done.json"
 
+    def set_aside_done(self) -> Path:
+        """done.json renamed aside (kept, never deleted), so that the run is trained to its end;
+        returns where it went."""
+        aside = self.done.with_name(f"{self.done.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.done.replace(aside)
+        return aside
+
     @property
     def timing(self) -> Path:
         return self.root / "timing.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the one process that trains the run (orchestrator.lock)."""
+        return self.root / LOCK_FILE
 
     @property
     def identity(self) -> Path:
@@ -162,16 +179,54 @@ class RunPaths:
         """train.fail_at's marker: the failure is injected once."""
         return self.root / "failed-once"
 
+    # The run folder's records, read and written here only. Each is written atomically; one that
+    # cannot be read back raises StateError naming it (the driver reconciles done.json and the
+    # MLflow run id with MLflow before any run starts: orchestrator.tracking.runs.reconcile_runs).
+
     def read_done(self) -> dict:
         """{run_id, fingerprint, model_uri} of a finished run ({} if unfinished; a run finished
         before models were published has no model_uri)."""
-        return json.loads(self.done.read_text()) if self.done.is_file() else {}
+        record = read_json(self.done, "a finished run's record", _RECONCILE)
+        if record is not None and not record.get("run_id"):
+            raise StateError(f"{self.done}: expected a finished run's record with its MLflow run_id, found "
+                             f"{sorted(record)}. {_RECONCILE}")
+        return record or {}
+
+    def is_done(self) -> bool:
+        return bool(self.read_done())
 
     def write_done(self, run_id: str, fingerprint: str, model_uri: str) -> None:
-        """The run is finished: its MLflow run, its fingerprint and its published model."""
-        self.done.write_text(json.dumps({"run_id": run_id, "fingerprint": fingerprint, "model_uri": model_uri}) + "\n")
+        """The run is finished: its MLflow run (FINISHED before this is written), its fingerprint
+        and its published model."""
+        write_json(self.done, {"run_id": run_id, "fingerprint": fingerprint, "model_uri": model_uri})
+
+    def read_mlflow_run(self) -> str:
+        """The id of the run's MLflow run ("" before it is opened)."""
+        record = read_json(self.mlflow_run, "the id of the run's MLflow run", _RECONCILE)
+        if record is not None and not record.get("run_id"):
+            raise StateError(f"{self.mlflow_run}: expected the run's MLflow run_id, found {sorted(record)}. "
+                             f"{_RECONCILE}")
+        return (record or {}).get("run_id", "")
+
+    def write_mlflow_run(self, run_id: str) -> None:
+        write_json(self.mlflow_run, {"run_id": run_id})
+
+    def read_timing(self) -> dict[str, float]:
+        """Seconds per activity, summed over the run's processes; a damaged file starts again
+        from nothing (it is a measurement, not a result), with a warning."""
+        try:
+            return read_json(self.timing, "the run's timing", "") or {}
+        except StateError as exc:
+            logging.getLogger(__name__).warning("%s; its timing starts again from zero", exc)
+            return {}
+
+    def write_timing(self, seconds: dict[str, float]) -> None:
+        write_json(self.timing, seconds)
 
 
+_RECONCILE = ("`cxr run` reconciles it with MLflow; if it still fails, move the run folder aside "
+              "(`cxr run --restart-stale` does, for runs of other settings).")
+LOCK_FILE = ".cxr.lock"  # a workdir's (its driver's) and a run folder's (its trainer's)
 AUDIT_FILE = "audit.json"  # `cxr audit`'s, in the report folder
 TABLES_FILE = "tables.md"  # the report's Markdown (with `cxr audit`'s section)
 REPORT_ARTIFACTS = "report"  # the report's folder among a parent run's MLflow artifacts (and a run's curves)
@@ -214,9 +269,23 @@ class WorkPaths:
         return self.root / "mlruns"
 
     @property
+    def lock(self) -> Path:
+        """Held by the one driver (`cxr run`, `cxr train`, `cxr train-one`) working in the workdir."""
+        return self.root / LOCK_FILE
+
+    @property
     def parent_record(self) -> Path:
         """The id of the workdir's parent MLflow run (written by its first `cxr run`)."""
         return self.root / "mlflow_parent.json"
+
+    def read_parent(self) -> str:
+        """The id of the workdir's parent MLflow run ("" before the first `cxr run`)."""
+        record = read_json(self.parent_record, "the id of the workdir's parent MLflow run",
+                           "`cxr run` finds the parent again in MLflow by its workdir tag; else remove the file.")
+        return (record or {}).get("run_id", "")
+
+    def write_parent(self, run_id: str) -> None:
+        write_json(self.parent_record, {"run_id": run_id})
 
     @property
     def results(self) -> Path:
@@ -284,3 +353,12 @@ class SplitMeta:
         if split_dir is None or not (Path(split_dir) / META_FILE).is_file():
             return None
         return cls.read(split_dir)
+
+
+def prediction_cells(probabilities: np.ndarray) -> pd.DataFrame:
+    """`pred` (the most probable class) and the probability columns, rounded to 6 decimals: the
+    prediction cells of predictions.csv and of `cxr predict`'s preds.csv."""
+    table = pd.DataFrame({"pred": np.array(CLASSES)[probabilities.argmax(axis=1)]})
+    for i, column in enumerate(PROBABILITY_COLUMNS):
+        table[column] = probabilities[:, i].round(6)
+    return table

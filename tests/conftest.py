@@ -60,8 +60,8 @@ PAPER_SHRINK = [f"--set={item}" for item in (
 # loadfile): a Ray run keeps both cores busy, a test training in its own process about one. The
 # files with the longest fixtures go first, so that no worker starts one while the other idles
 # at the end. Within a file the order is as written.
-LONGEST_FIRST = ("test_paper_local.py", "test_orchestration.py", "test_learning.py", "test_trainer.py",
-                 "test_synth.py")
+LONGEST_FIRST = ("test_paper_local.py", "test_faults.py", "test_orchestration.py", "test_shutdown.py",
+                 "test_learning.py", "test_trainer.py", "test_synth.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -125,7 +125,7 @@ def local_ray() -> Iterator[None]:
     processes cost about 8% of a core while idle, so none is kept for the rest of the session."""
     import ray
 
-    from orchestrator.launch import connect
+    from orchestrator.cluster.connection import connect
 
     if ray.is_initialized():
         yield
@@ -149,7 +149,7 @@ def tiny_store(tiny_manifest, tmp_path_factory):
     """The tiny synthetic dataset decoded into a 64x64 store with real Ray tasks (a Ray of its
     own, ended once the store is written)."""
     from data_pipeline.store import ImageStore, StoreSpec
-    from orchestrator.launch import build_store
+    from orchestrator.cluster.store_build import build_store
 
     out = tmp_path_factory.mktemp("store") / "store"
     with local_ray():
@@ -171,7 +171,7 @@ def learned_run(tmp_path_factory):
     from data_pipeline.store import build_serial
     from data_pipeline.synth import COVID_DIR, RSNA_DIR, write_synthetic
     from orchestrator.config import load_config
-    from orchestrator.trainer import train_and_evaluate
+    from orchestrator.training.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("learned")
     config = load_config(ROOT / "configs" / "demo.yaml", [f"workdir={root}", f"tracking.uri=sqlite:///{root}/mlflow.db"])

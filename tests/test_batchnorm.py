@@ -61,8 +61,9 @@ def test_inference_mode_uses_them_and_the_weights_are_untouched():
 def test_every_network_has_its_batch_norm_layers_found():
     from models.networks import build
 
-    counts = {name: len(batchnorm_layers(build(name, 72))) for name in ("xception", "resnet50v2")}
-    assert counts == {"xception": 40, "resnet50v2": 49}
+    counts = {name: len(batchnorm_layers(build(name, 72))) for name in ("xception", "resnet50v2", "concatenated")}
+    # the concatenated network's are its two backbones', found inside the nested models
+    assert counts == {"xception": 40, "resnet50v2": 49, "concatenated": 89}
 
 
 def test_no_batches_is_an_error():

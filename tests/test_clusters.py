@@ -146,7 +146,9 @@ def test_launcher_mlflow_server_serves_its_artifacts_from_shared_storage():
     assert "--serve-artifacts" in tokens
     assert tokens[tokens.index("--artifacts-destination") + 1] == "/mnt/shared/mlartifacts"
     assert tokens[tokens.index("--backend-store-uri") + 1].startswith("sqlite:////mnt/shared/")
-    assert tokens[tokens.index("--host") + 1] == "0.0.0.0"
+    # on the head's private address, behind basic-auth: never every interface of the head
+    assert server.split("--host", 1)[1].split()[0] == "$(hostname", server
+    assert tokens[tokens.index("--app-name") + 1] == "basic-auth"
 
 
 # ------------------------------------------------------------------------------------ runtime env

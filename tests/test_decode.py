@@ -139,8 +139,8 @@ def truncated(source: Path, target: Path) -> Path:
 
 BAD_FILES = {  # name: (content, what the error must say)
     "empty.png": (b"", "the file is empty"),
-    "notes.txt": (b"not an image", "neither a DICOM file nor an image format Pillow reads"),
-    "noise.jpg": (bytes(range(256)) * 8, "neither a DICOM file nor an image format Pillow reads"),
+    "notes.txt": (b"not an image", "neither a DICOM file nor a PNG or JPEG image"),
+    "noise.jpg": (bytes(range(256)) * 8, "neither a DICOM file nor a PNG or JPEG image"),
     "fake.dcm": (b"hello", "DICOM"),
 }
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from orchestrator.devices import DeviceError, check_gpu
+from orchestrator.cluster.devices import DeviceError, check_gpu
 from tests.conftest import ROOT
 
 CPU_BUILD = {"tf_gpus": [], "tensorflow": "2.21.0", "cuda_build": False, "cuda": "", "cudnn": ""}
@@ -34,7 +34,7 @@ def test_the_node_probe_reports_what_tensorflow_sees():
     """What `cxr doctor` runs on each node, in a process of its own, against this process's TensorFlow."""
     import tensorflow as tf
 
-    out = subprocess.run([sys.executable, "-m", "orchestrator.devices"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cluster.devices"], capture_output=True, text=True,
                          cwd=ROOT, check=True, timeout=300).stdout
     seen = json.loads(out)
     assert seen["tf_gpus"] == [d.name for d in tf.config.list_physical_devices("GPU")]

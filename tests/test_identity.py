@@ -14,14 +14,14 @@ import yaml
 
 from orchestrator import layout
 from orchestrator.config import BatchSizes, ConfigError, ModelSpec, TrainSpec, load_config
-from orchestrator.identity import Identity, StaleRun, check_run, find_stale
+from orchestrator.training.identity import Identity, StaleRun, check_run, find_stale
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "configs"
 
 
 def test_importing_the_driver_imports_neither_tensorflow_nor_keras():
-    code = ("import sys, orchestrator.experiment, orchestrator.cli, orchestrator.layout, orchestrator.identity; "
+    code = ("import sys, orchestrator.driver.experiment, orchestrator.cli, orchestrator.layout, orchestrator.training.identity; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]"
@@ -30,10 +30,10 @@ def test_importing_the_driver_imports_neither_tensorflow_nor_keras():
 def test_the_network_table_gives_the_builders_the_cli_and_the_config_their_names():
     """models.networks keys its builders by the table's names (models may not import the
     orchestrator); everything else derives from the table."""
-    from models.networks import NETWORKS
+    from models.networks import BUILDERS
     from orchestrator.cli import build_parser
 
-    assert tuple(NETWORKS) == layout.NETWORK_NAMES == ("xception", "resnet50v2", "concatenated")
+    assert tuple(BUILDERS) == layout.NETWORK_NAMES == ("xception", "resnet50v2", "concatenated")
     assert dataclasses.asdict(BatchSizes()) == {"xception": 30, "resnet50v2": 30, "concatenated": 20}
     assert [f.name for f in dataclasses.fields(BatchSizes)] == list(layout.NETWORK_NAMES)
     with pytest.raises(SystemExit):  # a network outside the table is refused by the CLI
@@ -94,7 +94,7 @@ def test_an_overlay_chain_that_does_not_end_or_a_missing_base_is_refused(tmp_pat
 
 
 def test_monitor_mode_says_which_way_is_better():
-    from orchestrator.trainer import Cursor
+    from orchestrator.training.checkpoints import Cursor
 
     assert TrainSpec(monitor="val_loss", monitor_mode="min").monitor_mode == "min"
     with pytest.raises(ValueError, match=r"train.monitor_mode: expected 'max' \(higher is better\) or 'min', "
@@ -194,7 +194,7 @@ def test_run_folders_of_other_settings_are_found_and_named_with_what_changed(tmp
 def test_a_report_refuses_runs_of_another_fingerprint_than_the_configs(tmp_path):
     from data_pipeline.schema import DataError
     from orchestrator.config import flatten, resolved
-    from orchestrator.identity import check_one_fingerprint
+    from orchestrator.training.identity import check_one_fingerprint
 
     config = config_in(workdir_with(tmp_path))
     current = Identity.of(config)

@@ -25,7 +25,7 @@ from models.networks import build, without_optimizer
 from models.serving import MEMBER_FILE, log_classifier
 from orchestrator import cli
 from orchestrator.layout import FAILURE_COLUMNS, PREDICT_COLUMNS
-from orchestrator.predict import image_files, model_folder, network_files
+from orchestrator.serving.predict import image_files, model_folder, network_files
 from tests.conftest import fixture_path
 
 SIZE = 72
@@ -58,7 +58,7 @@ def published(tmp_path_factory):
     version = mlflow.register_model(f"runs:/{runs[0]}/model", "cxr-test-xception")
     mlflow.MlflowClient(uri).set_registered_model_alias("cxr-test-xception", "champion", version.version)
     with mlflow.start_run(run_name="parent"):
-        from orchestrator.registry import member_file_uri
+        from orchestrator.serving.registry import member_file_uri
 
         ensemble = log_classifier("ensemble", [member_file_uri(r) for r in runs])
     yield {"root": root, "uri": uri, "runs": runs, "networks": networks, "ensemble": ensemble.model_uri}
@@ -87,7 +87,7 @@ def test_a_file_decodes_the_same_from_its_bytes_as_from_its_path():
         if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
             assert np.array_equal(decode_image(path.read_bytes()), decode_image(path)), path
             assert not is_dicom(path.read_bytes())
-    with pytest.raises(DecodeError, match=r"<bytes>: cannot decode image: neither a DICOM file nor an image format"):
+    with pytest.raises(DecodeError, match=r"<bytes>: cannot decode image: neither a DICOM file nor a PNG or JPEG image"):
         decode_image(b"not an image at all")
 
 
@@ -146,7 +146,7 @@ def test_cxr_predict_writes_predictions_failures_and_overlays(published, tmp_pat
     assert set(preds.loc[~preds["path"].str.endswith(".dcm"), "view"]) == {""}
     failures = pd.read_csv(tmp_path / "out" / "preds.failures.csv")
     assert tuple(failures.columns) == FAILURE_COLUMNS and failures["path"].tolist() == [str(folder / "broken.png")]
-    assert failures["reason"][0] == "neither a DICOM file nor an image format Pillow reads (PNG, JPEG, ...)"
+    assert failures["reason"][0] == "neither a DICOM file nor a PNG or JPEG image"
     pngs = sorted(overlays.glob("*.png"))
     assert len(pngs) == 4  # one per decoded file (the DICOM given twice has one name)
     assert all(Image.open(p).size[0] > 200 for p in pngs)
@@ -219,3 +219,30 @@ def test_gradcam_equals_its_closed_form_through_the_linear_head():
         expected = cam / np.where(peak > 0, peak, 1.0)[:, None, None]
         assert expected.max() == 1, name  # not two blank maps (see the head above)
         assert np.abs(maps[name] - expected).max() < 1e-4, name
+
+
+def test_a_file_cxr_predict_refuses_is_listed_without_its_header_values(published, tmp_path, capsys):
+    """A DICOM whose patient fields are markers, its pixel data cut short, and a PNG bomb: both
+    listed in preds.failures.csv with one of the decoder's fixed reasons, no marker on the console."""
+    from data_pipeline import decode
+    from data_pipeline.synth import PHI_MARKERS
+    from tests.hostile_files import png_claiming
+
+    ds = pydicom.dcmread(fixture_path(DICOM))
+    for key, value in PHI_MARKERS.items():
+        setattr(ds, key, value)
+    ds.save_as(tmp_path / "marked.dcm")
+    (tmp_path / "marked.dcm").write_bytes((tmp_path / "marked.dcm").read_bytes()[:-5000])
+    (tmp_path / "bomb.png").write_bytes(png_claiming(13000, 13000, 1))
+    out = tmp_path / "out" / "preds.csv"
+    with pytest.raises(SystemExit) as exited:  # no file decoded
+        cli.main(["predict", "--model", f"runs:/{published['runs'][0]}/model", str(tmp_path / "marked.dcm"),
+                  str(tmp_path / "bomb.png"), "--out", str(out)])
+    assert exited.value.code == 1
+    failures = pd.read_csv(tmp_path / "out" / "preds.failures.csv")
+    assert failures["path"].tolist() == [str(tmp_path / "marked.dcm"), str(tmp_path / "bomb.png")]
+    assert failures["reason"][0] in (decode.BROKEN_PIXELS, decode.BROKEN_HEADER)
+    assert failures["reason"][1] == "the image declares 13000 x 13000 pixels, more than decode.max_pixels (40,000,000)"
+    shown = capsys.readouterr()
+    written = (tmp_path / "out" / "preds.failures.csv").read_text() + shown.out + shown.err
+    assert not [v for v in PHI_MARKERS.values() if v in written]

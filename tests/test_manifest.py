@@ -74,3 +74,28 @@ def test_cli_reports_a_missing_file_as_a_clear_error(synthetic_tiny, tmp_path):
     assert victim.name in failed.stderr and "Traceback" not in failed.stderr
     skipped = subprocess.run(args + ["--skip-missing"], capture_output=True, text=True, check=True)
     assert "1 row(s) skipped" in skipped.stdout and "image file missing" in skipped.stdout
+
+
+def test_the_manifest_loops_over_one_reader_per_source_and_keys_every_label_file(synthetic_tiny, tmp_path):
+    """Each source is a SourceReader (its name, its label files, `read(root, **options)`): the
+    manifest's rows of a source are its reader's, and changing any reader's label file changes
+    the manifest's key."""
+    from data_pipeline.manifest import READERS, manifest_key
+
+    roots = {"covid-chestxray": tmp_path / "covid", "rsna": tmp_path / "rsna"}
+    shutil.copytree(synthetic_tiny / "covid-chestxray-dataset", roots["covid-chestxray"])
+    shutil.copytree(synthetic_tiny / "rsna-pneumonia-detection-challenge", roots["rsna"])
+    assert sorted(reader.name for reader in READERS) == sorted(roots)
+    manifest = build_manifest(roots["covid-chestxray"], roots["rsna"]).manifest
+    for reader in READERS:
+        rows, _ = reader.read(roots[reader.name], an_option_of_another_reader=True)
+        assert set(rows["source"]) == {reader.name}
+        assert sorted(rows["image_id"]) == sorted(manifest.loc[manifest["source"] == reader.name, "image_id"])
+    key = manifest_key(roots["covid-chestxray"], roots["rsna"])
+    for reader in READERS:
+        for label_file in reader.files(roots[reader.name]):
+            before = label_file.read_bytes()
+            label_file.write_bytes(before + b"\n")
+            assert manifest_key(roots["covid-chestxray"], roots["rsna"]) != key, label_file
+            label_file.write_bytes(before)
+    assert manifest_key(roots["covid-chestxray"], roots["rsna"]) == key

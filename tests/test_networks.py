@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -9,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from models.networks import IMAGENET_FILES, NETWORKS, WeightsError, build
+from models.networks import BUILDERS, IMAGENET_FILES, WeightsError, build
 
 
 @pytest.mark.parametrize("name, params", [("xception", 21_475_883), ("resnet50v2", 24_179_203),
@@ -36,7 +40,7 @@ def test_concatenated_net_shares_one_input_and_joins_10x10_feature_maps():
     assert head.kernel_initializer.stddev == 0.001
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_small_builds_give_probabilities(name):
     model = build(name, 96)
     x = np.random.default_rng(0).random((2, 96, 96, 3), dtype=np.float32)
@@ -51,27 +55,30 @@ def test_unknown_network_and_missing_weights_are_clear(tmp_path):
         build("xception", 96, str(tmp_path))
 
 
-def test_offline_imagenet_says_how_to_supply_weights(monkeypatch, tmp_path):
-    """What a machine without internet sees: Keras' download fails, our message says what to do."""
-    import urllib.error
-
-    from keras.src.utils import file_utils
-
-    monkeypatch.setattr(file_utils, "urlretrieve", lambda *a, **k: (_ for _ in ()).throw(
-        urllib.error.URLError(OSError(-2, "Name or service not known"))))
-    monkeypatch.setattr(file_utils.config, "keras_home", lambda: str(tmp_path))  # no cached copy
-    with pytest.raises(WeightsError, match="no internet.*set model.weights to that folder.*'none'"):
-        build("xception", 96, "imagenet")
+def test_offline_imagenet_says_how_to_supply_weights(tmp_path):
+    """What a machine without internet sees: Keras' download fails, our message says what to do.
+    In a process of its own: an empty Keras cache (KERAS_HOME, read when Keras is imported) and no
+    name lookups (the download's first step)."""
+    code = ("import socket\n"
+            "def offline(*args, **kwargs):\n"
+            "    raise socket.gaierror(-2, 'Name or service not known')\n"
+            "socket.getaddrinfo = offline\n"
+            "from models.networks import WeightsError, build\n"
+            "try:\n"
+            "    build('xception', 96, 'imagenet')\n"
+            "except WeightsError as exc:\n"
+            "    print(exc)\n")
+    env = {**os.environ, "KERAS_HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert re.search(r"no internet.*set model.weights to that folder.*'none'", out.stdout, re.S), out.stdout + out.stderr
 
 
 def test_local_imagenet_folder_and_whole_network_weights(tmp_path):
     """A folder with Keras' no-top file (legacy h5, as Keras ships it) and a .weights.h5 file."""
-    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
-
     keras.utils.set_random_seed(1)
     reference = keras.applications.Xception(include_top=False, weights=None, input_shape=(96, 96, 3))
-    with h5py.File(tmp_path / IMAGENET_FILES["xception"], "w") as f:
-        save_weights_to_hdf5_group(f, reference)
+    write_shipped_h5(tmp_path / IMAGENET_FILES["xception"], reference)
     model = build("xception", 96, str(tmp_path))
     assert np.array_equal(model.get_layer("block1_conv1").get_weights()[0],
                           reference.get_layer("block1_conv1").get_weights()[0])
@@ -80,3 +87,19 @@ def test_local_imagenet_folder_and_whole_network_weights(tmp_path):
     model.save_weights(whole)
     again = build("xception", 96, str(whole))
     assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights()))
+
+
+def write_shipped_h5(path: Path, model: keras.Model) -> None:
+    """`model`'s weights in the legacy HDF5 layout of the ImageNet files Keras ships, written with
+    h5py: `layer_names` at the top, and per layer a group whose `weight_names` name its arrays,
+    trainable then non-trainable."""
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [layer.name.encode() for layer in model.layers]
+        f.attrs["backend"], f.attrs["keras_version"] = b"tensorflow", b"2.2.4"
+        for layer in model.layers:
+            group = f.create_group(layer.name)
+            weights = layer.trainable_weights + layer.non_trainable_weights
+            names = [f"{layer.name}_{i}".encode() for i in range(len(weights))]
+            group.attrs["weight_names"] = names
+            for name, weight in zip(names, weights):
+                group.create_dataset(name.decode(), data=np.asarray(weight))

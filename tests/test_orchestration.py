@@ -29,8 +29,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.experiment import parent_run
-from orchestrator.tracking import check_tracking
+from orchestrator.tracking.experiment import parent_run
+from orchestrator.tracking.experiment import check_tracking
 from tests.conftest import PAPER_SHRINK, ROOT
 from tests.ray_clusters import AutoscalingCluster, FixedCluster, free_port, wait_for_url
 from tests.test_clusters import submit_command
@@ -240,3 +240,5 @@ def test_doctor_names_the_node_and_the_check_that_fails(gpu_cluster, mlflow_serv
         assert f"node 127.0.0.1 ({node[:8]}), check gpus: TensorFlow sees 0 of the 2 GPUs" in run.stderr
     for check in ("packages", "paths", "mlflow", "disk"):
         assert len(re.findall(rf"{check}\s+│\s+ok", run.stdout)) == 2, run.stdout
+    # the suite's server runs without authentication, on 127.0.0.1: said, not failed
+    assert f"WARNING: the MLflow tracking server at {mlflow_server['uri']} answers without credentials" in run.stderr

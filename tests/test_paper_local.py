@@ -22,29 +22,33 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.schema import PROBABILITY_COLUMNS
 from orchestrator.config import load_config, resolved
-from orchestrator.experiment import ensure_splits, set_aside_stale
-from orchestrator.identity import StaleRun
+from orchestrator.driver.data import ensure_splits
+from orchestrator.training.identity import set_aside_stale
+from orchestrator.training.identity import StaleRun
 from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, RUN_ID, SPLIT_HASH, TEST_ACCURACY, TEST_AUC,
                                  ensemble_model_name, registered_model_name)
 from tests.conftest import PAPER_SHRINK, fixture_path
+from data_pipeline.synth import PHI_MARKERS
+from tests.hostile_files import png_claiming
 from tests.ray_clusters import free_port, outliving, short_temp_dir, wait_for_url
 from tests.test_orchestration import BIN, NODE_ENV, PAPER, RUNS, children, end_group
 
 
 DICOM = "dicom/rsna_uao/008c19e8-a820-403a-930a-bc74a4053664.dcm"  # real files for the served model
+MARKERS = [value.encode() for value in PHI_MARKERS.values()]
 PNG = "images/torchxrayvision/00000001_000.png"
 
 
 def worker_of(run: str, driver: int) -> int | None:
-    """The Ray Train worker process of `run` among the driver's descendants (its working folder is
-    the run's Ray Train folder, named after the run)."""
+    """The process that trains `run`, among the driver's descendants: on a local Ray its Tune trial
+    (Ray Train's local mode), whose working folder is named after the run."""
     for pid in descendants(driver):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
-        if b"RayTrainWorker" in cmdline and f"/{run}-" in cwd:
+        if cmdline.startswith(b"ray::ImplicitFunc") and cwd.endswith(f"/{run}"):
             return pid
     return None
 
@@ -72,7 +76,8 @@ def paper_local(tmp_path_factory):
     temp = short_temp_dir()  # the local Ray's own temp folder
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env.update(RAY_TMPDIR=temp, **NODE_ENV)
-    command = [str(BIN / "cxr"), "run", "--config", PAPER, *PAPER_SHRINK, "--set=cluster.gpus_per_run=0"]
+    command = [str(BIN / "cxr"), "run", "--config", PAPER, *PAPER_SHRINK, "--set=cluster.gpus_per_run=0",
+               "--set=data.synthetic_phi_markers=true"]  # patient fields none of the outputs may hold
     runs = here / "work" / "paper" / "runs"
     first = subprocess.Popen(command, cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
@@ -127,6 +132,9 @@ def test_paper_config_lands_its_15_children_in_the_drivers_store(paper_local):
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs.values()}) == 1
     assert not paper_local["worker_dbs"]  # no child landed in a database of a worker's folder
     assert not paper_local["leftovers"]
+    # the slot time split: the trainer's parts and the process work around them (orchestrator.cluster.timeline)
+    split = re.search(r"slot time of the runs: \d+ s \(2 at a time x \d+ s\); accounted (\d+)%: (.*)", paper_local["log"])
+    assert split and all(part in split.group(2) for part in ("tracing", "TensorFlow import", "teardown")), split
     table3 = pd.read_csv(paper_local["workdir"] / "report" / "table3.csv")
     assert len(table3) == 15 and "Table 4, average over folds" in paper_local["log"]
     # the progress table's last drawing: each run done, its epoch and loss came through from its worker
@@ -181,6 +189,13 @@ def test_cxr_run_registers_each_run_and_a_fold_ensemble_per_network(paper_local)
         assert set(ensemble.tags[MEMBER_RUNS].split(",")) == {v.run_id for v in versions}
         assert f"models:/{ensemble_model_name('paper', network)}/1" in listed.stdout
         assert f"models:/{name}/5" in listed.stdout
+        # on the console of `cxr run`: one table, a row per network (MLflow's own lines stay off it)
+        assert re.search(rf"{name}\s+1\*, 2\*, 3\*, 4\*, 5\*\s+{ensemble_model_name('paper', network)} v1\*",
+                         paper_local["log"]), paper_local["log"][-3000:]
+    assert "Successfully registered model" not in paper_local["log"]
+    assert "Created version" not in paper_local["log"]
+    assert re.search(r"model registry \(18 versions for these runs, 18 new", paper_local["log"])
+    assert re.search(r"model registry \(18 versions for these runs, 0 new", paper_local["again"].stdout)
 
 
 def test_the_ensemble_holds_the_networks_of_its_five_registered_folds(paper_local, tmp_path):
@@ -190,7 +205,7 @@ def test_the_ensemble_holds_the_networks_of_its_five_registered_folds(paper_loca
 
     import mlflow
 
-    from orchestrator.predict import model_folder, network_files
+    from orchestrator.serving.predict import model_folder, network_files
 
     def digests(uri: str) -> list[str]:
         folder = model_folder(uri, tmp_path / uri.replace("/", "_").replace(":", ""))
@@ -204,6 +219,26 @@ def test_the_ensemble_holds_the_networks_of_its_five_registered_folds(paper_loca
     folds = [digests(f"models:/{name}/{v.version}") for v in versions]
     assert all(len(fold) == 1 for fold in folds) and len(set(members)) == 5
     assert members == [fold[0] for fold in folds]
+
+
+def test_cxr_predict_of_a_fold_ensemble_prints_no_tensorflow_warning(paper_local, tmp_path):
+    """Five networks in one predict step, and the last batch padded to the others' shape: one
+    trace, so TensorFlow has no retracing to warn about; `-v` is accepted after the subcommand."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):  # three files in batches of two: a short last batch
+        (folder / f"x{i}.png").write_bytes(fixture_path(PNG).read_bytes())
+    model = f"models:/{ensemble_model_name('paper', 'xception')}/1"
+    env = {**paper_local["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{paper_local['workdir']}/mlflow.db"}
+    command = [str(BIN / "cxr"), "predict", "--model", model, str(folder), "--batch", "2", "--out"]
+    quiet = subprocess.run([*command, str(tmp_path / "a.csv")], env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "retracing" not in quiet.stderr and "tf.function" not in quiet.stderr, quiet.stderr[-3000:]
+    assert "3 of 3 image(s) predicted (xception, 5 network(s)" in quiet.stdout
+    loud = subprocess.run([*command, str(tmp_path / "b.csv"), "-v"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert loud.returncode == 0 and "DEBUG" in loud.stderr, loud.stderr[-3000:]
+    assert pd.read_csv(tmp_path / "a.csv").equals(pd.read_csv(tmp_path / "b.csv"))
 
 
 def test_the_served_model_answers_as_cxr_predict_does(paper_local, tmp_path):
@@ -242,6 +277,21 @@ def test_the_served_model_answers_as_cxr_predict_does(paper_local, tmp_path):
         corrupt = post(files[1].read_bytes()[:300])  # a PNG cut short
         assert 400 <= corrupt.status_code < 500, (corrupt.status_code, corrupt.text[-2000:])
         assert "1 of 1 image(s) could not be decoded: row 0:" in corrupt.json()["message"]
+        # a bomb (20 KB claiming 13,000 x 13,000) and a request of more rows than the model takes:
+        # refused at once, naming the row and the limit; then the same server answers as before
+        bomb = post(files[0].read_bytes(), png_claiming(13000, 13000, 1))
+        assert bomb.status_code == 400 and "row 1: the image declares 13000 x 13000 pixels, more than " \
+            "decode.max_pixels (40,000,000)" in bomb.json()["message"], bomb.text[-2000:]
+        too_many = post(*[files[1].read_bytes()] * 65)
+        assert too_many.status_code == 400 and "the request holds 65 images; this model takes at most 64" in \
+            too_many.json()["message"], too_many.text[-2000:]
+        marked = sorted((paper_local["workdir"] / "data").rglob("*.dcm"))[0]  # its patient fields: markers
+        for answer in (post(marked.read_bytes()), post(marked.read_bytes()[:-2000])):  # whole, then cut short
+            assert not any(m.decode() in answer.text for m in MARKERS), answer.text[-2000:]
+        again = post(files[0].read_bytes())
+        assert again.status_code == 200
+        assert abs(pd.DataFrame(again.json()["predictions"])[list(PROBABILITY_COLUMNS)].to_numpy()
+                   - expected[:1]).max() < 1e-5
     finally:
         end_group(server)
 
@@ -306,3 +356,22 @@ def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_l
     table3 = pd.read_csv(workdir / "report" / "table3.csv")  # the new run only: no stale run reported
     assert table3[["fold", "network"]].values.tolist() == [[1, "xception"]]
     assert "## Source audit" in (workdir / "report" / "tables.md").read_text()  # the audit's section outlives it
+
+
+def test_no_patient_header_reaches_any_output(paper_local):
+    """The synthetic DICOMs' patient name, id, birth date and institution are markers: none is in
+    any file the runs wrote (manifest, store index, splits, predictions, failures, reports, the
+    MLflow database with its params and tags, the artifacts, Ray's results) or on the console.
+    Last in this file, after every test that writes to the workdir. Only the published models'
+    copies of the project's source are passed over."""
+    data = paper_local["workdir"] / "data"
+    assert any(m in p.read_bytes() for p in data.rglob("*.dcm") for m in MARKERS)  # the inputs hold them
+    scanned = 0
+    for path in paper_local["here"].rglob("*"):
+        if path.is_file() and data not in path.parents and "/artifacts/code/" not in str(path):
+            content = path.read_bytes()
+            assert not [m for m in MARKERS if m in content], path
+            scanned += 1
+    assert scanned > 100 and any(p.name == "mlflow.db" for p in paper_local["here"].rglob("mlflow.db"))
+    console = paper_local["log"] + paper_local["again"].stdout + paper_local["again"].stderr
+    assert not [m for m in MARKERS if m.decode() in console]

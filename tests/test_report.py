@@ -16,7 +16,7 @@ from data_pipeline.schema import CLASSES, DataError
 from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.layout import NETWORK_NAMES
-from orchestrator.metrics import bootstrap_weights, run_metrics, weighted_auc, wilson
+from orchestrator.evaluation.metrics import bootstrap_weights, run_metrics, weighted_auc, wilson
 from orchestrator.report.build import make_report
 from orchestrator.report.inputs import RunResult
 from orchestrator.report.notes import overlap_note
@@ -354,7 +354,7 @@ def test_the_report_reads_a_cxr_run_from_mlflow_and_logs_back(paper_predictions,
     """A parent run with three finished children and one failed one, in a real sqlite store."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import ensure_experiment
+    from orchestrator.tracking.experiment import ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     config = load_config(ROOT / "configs/demo.yaml", [f"workdir={tmp_path}/work", f"tracking.uri={uri}"])
@@ -486,7 +486,7 @@ def test_cxr_compare_sets_protocols_side_by_side_from_their_parent_runs(tmp_path
     there is one (and why not where not), the notes, one table and one figure."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import ensure_experiment
+    from orchestrator.tracking.experiment import ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = [f"workdir={tmp_path}/work", f"tracking.uri={uri}"]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline.store import (ImageStore, StoreBuilder, StoreError, StoreSpec, build_serial, decode_resized)
-from orchestrator.launch import build_store
+from orchestrator.cluster.store_build import build_store
 from tests.conftest import TINY_PHASES
 
 
@@ -174,3 +174,61 @@ def test_cli_prepare_reports_progress_and_is_idempotent(tmp_path, synthetic_tiny
     second = subprocess.run(args, capture_output=True, text=True, check=True)
     assert "up to date" in second.stdout
     shutil.rmtree(tmp_path / "store")
+
+
+class WorkerKiller:
+    """SIGKILLs this test's own Ray workers while they run `decode_chunk` (`once`, or every time),
+    as the OOM killer or a lost node would: only processes with a file open in this process's
+    local Ray session, never another test's."""
+
+    def __init__(self, session: str, once: bool):
+        import threading
+
+        self.session, self.once, self.killed = session.rstrip("/") + "/", once, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        import os
+        import signal
+
+        while not self.stop.is_set() and not (self.once and self.killed):
+            for entry in Path("/proc").glob("[0-9]*"):
+                try:
+                    if not (entry / "cmdline").read_bytes().startswith(b"ray::decode_chunk"):
+                        continue
+                    if any(os.readlink(fd).startswith(self.session) for fd in (entry / "fd").iterdir()):
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        self.killed.append(int(entry.name))
+                        break
+                except OSError:
+                    continue
+            self.stop.wait(0.01)
+
+
+def test_a_decoding_task_lost_with_its_worker_is_sent_again_then_named(ray_local, tiny_manifest, tmp_path, caplog):
+    """A worker killed once: its chunk is decoded again and the store is whole. Killed every time:
+    the stage fails after its retries with StageError naming the images and the cause, and
+    nothing is left of the build."""
+    from orchestrator.cluster.connection import StageError, local_session
+
+    manifest = tiny_manifest.head(64)
+    spec = StoreSpec(image_size=40, chunk_size=16)
+    with WorkerKiller(local_session(), once=True) as killer:
+        assert build_store(manifest, tmp_path / "once", spec, show_progress=False)
+    assert killer.killed and "was lost (WorkerCrashedError); sending it again (attempt 2 of 4)" in caplog.text
+    assert ImageStore.open(tmp_path / "once").images.shape == (64, 40, 40)
+
+    with WorkerKiller(local_session(), once=False), pytest.raises(StageError) as failed:
+        build_store(manifest, tmp_path / "always", spec, show_progress=False)
+    assert "stage 'image store' failed: decoding images" in str(failed.value)
+    assert "was lost 4 times, last: WorkerCrashedError" in str(failed.value)
+    assert not any(tmp_path.glob("*always*")) and not any(tmp_path.glob(".always*"))

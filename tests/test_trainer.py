@@ -19,10 +19,14 @@ import pytest
 from data_pipeline.schema import DataError
 from data_pipeline.splits import SplitSpec, make_splits, write_splits
 from data_pipeline.store import StoreSpec, build_serial
+from orchestrator.training import checkpoints
 from orchestrator.config import load_config
-from orchestrator.identity import StaleRun
+from orchestrator.training.identity import StaleRun
 from orchestrator.layout import FINGERPRINT, HISTORY_COLUMNS, PREDICTION_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths
-from orchestrator.trainer import InjectedFailure, Run, RunInputs, train_and_evaluate
+from orchestrator.training.faults import InjectedFailure
+from orchestrator.training.inputs import RunInputs
+from orchestrator.training.run import Phase, Run, RunSetup
+from orchestrator.training.train import train_and_evaluate
 from tests.conftest import ROOT
 
 SETTINGS = ["model.weights=none", "splits.phases=2", "store.image_size=72", "train.epochs=2", "train.steps_per_epoch=1",
@@ -86,7 +90,7 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
         "checkpoints/phase1.weights.h5", "checkpoints/phase2.weights.h5"}
     # the selected model, back from MLflow as `cxr predict` loads it, predicts the test images as the run did
     from models.inference import Classifier
-    from orchestrator.predict import model_folder, network_files
+    from orchestrator.serving.predict import model_folder, network_files
 
     classifier = Classifier.load(network_files(model_folder(f"runs:/{run.info.run_id}/model", workdir / "model")))
     store = RunInputs.load(workdir / "store", workdir / "splits", 1, 2).store
@@ -126,13 +130,15 @@ def tracing_counts(function) -> dict[str, int]:
 def test_changing_phase_neither_rebuilds_nor_retraces(workdir, tmp_path):
     config = config_for(workdir, "trace", "train.validation_freq=2")
     inputs = RunInputs.load(workdir / "store", workdir / "splits", 2, 2)
-    run = Run("xception", 2, inputs, config.train, config.augment, RunPaths(tmp_path / "run"))
-    model, cursor = run.model_and_cursor()
-    run._fit_phase(model, cursor, 1, inputs.phases[0], 0, 2)
+    run = Run(RunSetup("xception", 2, config.train, config.augment), inputs, RunPaths(tmp_path / "run"))
+    model = run.model()
+    run.phase = Phase(1, inputs.phases[0], first_epoch=0, last_epoch=2)
+    run._fit_phase(model, 0)
     after_phase_1 = tracing_counts(model.train_function)
     # traced once: the optimizer's and metrics' variables exist before the first trace
     assert after_phase_1 and set(after_phase_1.values()) == {1}, after_phase_1
-    run._fit_phase(model, cursor, 2, inputs.phases[1], 2, 4)
+    run.phase = Phase(2, inputs.phases[1], first_epoch=2, last_epoch=4)
+    run._fit_phase(model, 2)
     assert tracing_counts(model.train_function) == after_phase_1  # the same graphs serve phase 2
     assert int(model.optimizer.iterations) == 4  # 2 phases x 2 epochs x 1 step, one optimizer
     history = pd.read_csv(tmp_path / "run" / "history.csv")
@@ -166,7 +172,7 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
         train_and_evaluate(config, 5, "xception")
     assert runs_of(config)[0].info.status == "FAILED"  # a crash ends the run FAILED, never RUNNING
     paths = config.paths.run(5, "xception")
-    (checkpoint,) = paths.checkpoint_list()
+    (checkpoint,) = checkpoints.complete(paths)
     cursor = json.loads((checkpoint / "cursor.json").read_text())
     assert (cursor["epoch"], cursor["phases_logged"], cursor["best_epoch"]) == (1, 0, 1)
     assert (checkpoint / "best.weights.h5").read_bytes() == paths.best_weights.read_bytes()
@@ -183,8 +189,13 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
 
 
 def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, tmp_path):
+    """Killed after epoch 3's checkpoint reached MLflow. Then, as a disk or a copy may leave them,
+    the newest checkpoint's model and history.csv's last row are cut short: the run resumes from
+    the checkpoint before (saying so, and tagging the epoch trained twice), with its history
+    rebuilt from the epochs MLflow holds, and ends with the epochs of an uninterrupted run."""
     # 4 steps in 2 processes; Keras' moving batch-norm averages: no statistics recomputed per phase
-    settings = ["train.epochs=2", "train.checkpoint_every=1", "train.run_eagerly=true", "train.batchnorm=moving"]
+    settings = ["train.epochs=2", "train.checkpoint_every=1", "train.run_eagerly=true", "train.batchnorm=moving",
+                "train.keep_checkpoints=2"]
     config = config_for(workdir, "resume", *settings)
     command = [sys.executable, "-m", "orchestrator.cli", "train-one", "--fold", "4", "--network", "xception",
                "--set", f"workdir={workdir}", "--set", f"tracking.uri={config.tracking.uri}",
@@ -192,19 +203,84 @@ def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, t
     run_dir = workdir / "runs" / "fold4-xception"
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "ckpt-000003" / "cursor.json").exists():  # phase 2, epoch 1 done
+    client = mlflow.tracking.MlflowClient(config.tracking.uri)
+
+    def logged_to_epoch_3() -> bool:  # phase 2's first epoch checkpointed, and in MLflow
+        if not (run_dir / "checkpoints" / "ckpt-000003" / "cursor.json").exists():
+            return False
+        (run,) = runs_of(config)
+        return 3 in {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+
+    while not logged_to_epoch_3():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (run_dir / "done.json").exists()
+    history = (run_dir / "history.csv").read_text()
+    (run_dir / "history.csv").write_text(history[:-7])  # its last row cut short
+    before, newest = checkpoints.complete(RunPaths(run_dir))  # epochs 2 and 3 (3 and 4 if killed a step later)
+    model = newest / "model.keras"
+    model.write_bytes(model.read_bytes()[:1000])
+    epoch = int(before.name.split("-")[1])
 
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "resuming fold4-xception from ckpt-00000" in finished.stderr
+    assert f"checkpoint {newest} does not load" in finished.stderr
+    assert f"resuming from {before.name} instead of {newest.name}, which did not load" in finished.stderr
+    assert f"the last one cut short; rebuilt it from the {epoch} epochs its MLflow run holds" in finished.stderr
     history = pd.read_csv(run_dir / "history.csv")
     assert history["step"].tolist() == [1, 2, 3, 4]  # as many epochs as an uninterrupted run
     (run,) = runs_of(config)  # the same MLflow run, continued
-    client = mlflow.tracking.MlflowClient(config.tracking.uri)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.info.status == "FINISHED" and run.data.tags["cxr.epochs_redone"] == f"{epoch + 1}-{epoch + 1}"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]  # each once
+
+
+def test_no_checkpoint_that_loads_restarts_the_run_from_its_start(workdir, caplog):
+    config = config_for(workdir, "unloadable", "train.epochs=1", "train.checkpoint_every=1",
+                        "train.keep_checkpoints=1", "train.run_eagerly=true", "train.batchnorm=moving",
+                        "train.fail_at=fold1-resnet50v2:2")
+    with pytest.raises(InjectedFailure):
+        train_and_evaluate(config, 1, "resnet50v2")
+    paths = config.paths.run(1, "resnet50v2")
+    (only,) = checkpoints.complete(paths)
+    (only / "model.keras").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="orchestrator.training.run"):
+        train_and_evaluate(config, 1, "resnet50v2")
+    assert "none of its checkpoints loads (ckpt-000002); it starts again from its first epoch" in caplog.text
+    assert pd.read_csv(paths.history)["step"].tolist() == [1, 2]
+    (run,) = runs_of(config)
+    assert run.info.status == "FINISHED" and run.data.tags["cxr.epochs_redone"] == "1-2"
+
+
+def test_a_restarted_traced_model_learns_as_a_fresh_one_and_traces_nothing(workdir, tmp_path):
+    """A process that trains two runs of one network (a local Ray's reused trial) restarts the
+    first's traced model for the second (orchestrator.training.traced): the second run's history
+    and predictions are those of the same run in a fresh model, and nothing is traced again."""
+    from orchestrator.training import traced
+
+    config = config_for(workdir, "reused", "train.validation_freq=2")
+
+    def run(fold: int, folder: str) -> Run:
+        inputs = RunInputs.load(workdir / "store", workdir / "splits", fold, 2)
+        return Run(RunSetup("xception", fold, config.train, config.augment), inputs, RunPaths(tmp_path / folder))
+
+    traced.drop()
+    first = run(3, "first")
+    first.train()
+    first.keep_traced()
+    counts = tracing_counts(first.model.train_function)
+    assert counts and set(counts.values()) == {1}
+    second = run(5, "second")
+    second.train()
+    assert second.model is first.model and tracing_counts(second.model.train_function) == counts
+    assert traced._kept is None  # handed over: a run that fails with it leaves nothing kept
+    fresh = run(5, "fresh")
+    fresh.train()
+    assert fresh.model is not first.model
+    for name, columns in (("history.csv", ["loss", "accuracy", "val_loss", "val_accuracy"]),
+                          ("predictions.csv", ["p_COVID-19", "p_pneumonia", "p_normal"])):
+        a, b = pd.read_csv(tmp_path / "second" / name), pd.read_csv(tmp_path / "fresh" / name)
+        assert a.drop(columns=columns).equals(b.drop(columns=columns)), name
+        assert np.allclose(a[columns].to_numpy(float), b[columns].to_numpy(float), rtol=1e-5, atol=1e-6,
+                           equal_nan=True), name

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_pipeline.sources.reader import SourceReader
 from data_pipeline.schema import MANIFEST_COLUMNS, DataError, count_values, is_relative_inside, read_source_csv
 
 SOURCE = "covid-chestxray"
+METADATA_CSV = "metadata.csv"
+LABEL_FILES = (METADATA_CSV,)  # what the reader reads (the manifest's up-to-date key hashes them)
 REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
 FRONTAL_VIEWS = frozenset({"PA", "AP", "AP Supine", "AP semi erect"})
 
@@ -61,7 +64,7 @@ def read_covid_chestxray(root: Path, skip_unknown_findings: bool = False) -> tup
 
     Reads `root/metadata.csv` only; image files are checked by the manifest, not opened here.
     """
-    csv_path = root / "metadata.csv"
+    csv_path = root / METADATA_CSV
     meta = read_source_csv(csv_path, REQUIRED_COLUMNS)
     # Stray spaces ("Pneumonia/Viral/Herpes ") are formatting, not a different finding.
     finding = meta["finding"].str.strip()
@@ -117,3 +120,11 @@ def _check_file_names(names: pd.Series, csv_path: Path) -> None:
     if bad:
         raise DataError(f"{csv_path}: column 'filename' must hold paths inside the images folder; "
                         f"found {len(bad)} that escape it or are empty: {bad[:10]}.")
+
+
+def read(root: Path, *, skip_unknown_findings: bool = False, **_) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The SourceReader's `read`: `read_covid_chestxray`."""
+    return read_covid_chestxray(Path(root), skip_unknown_findings)
+
+
+READER = SourceReader(SOURCE, LABEL_FILES, read)

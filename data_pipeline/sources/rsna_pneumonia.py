@@ -9,16 +9,22 @@ image's own `patientId`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from data_pipeline.schema import MANIFEST_COLUMNS, DataError, count_values, is_plain_file_name, read_source_csv
+from data_pipeline.sources.reader import SourceReader, nothing_skipped
+from data_pipeline.sources.rsna_persons import read_mapping, read_nih_entries, rsna_person_ids
+
+log = logging.getLogger(__name__)
 
 SOURCE = "rsna"
 LABELS_CSV = "stage_2_train_labels.csv"
 CLASSES_CSV = "stage_2_detailed_class_info.csv"
 IMAGES_DIR = "stage_2_train_images"
+LABEL_FILES = (LABELS_CSV, CLASSES_CSV)  # what the reader reads (the manifest's up-to-date key hashes them)
 KNOWN_CLASSES = frozenset({"Normal", "Lung Opacity", "No Lung Opacity / Not Normal"})
 
 
@@ -66,3 +72,20 @@ def read_rsna_pneumonia(root: Path) -> pd.DataFrame:
 
     return pd.concat([rows(pneumonia, "pneumonia", "Target=1"), rows(normal, "normal", "Normal")],
                      ignore_index=True)
+
+
+def read(root: Path, *, rsna_persons: tuple[Path, Path] | None = None, **_) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The SourceReader's `read`: `read_rsna_pneumonia`; with `rsna_persons` (RSNA's mapping to NIH
+    images and NIH's Data_Entry CSV) each image's patient_id is its NIH person
+    (data_pipeline.sources.rsna_persons). Nothing is left out."""
+    rows = read_rsna_pneumonia(Path(root))
+    if rsna_persons is not None:
+        mapping_path, entries_path = rsna_persons
+        persons, mapped = rsna_person_ids(rows["image_id"], read_mapping(mapping_path), read_nih_entries(entries_path))
+        rows = rows.assign(patient_id=persons)
+        log.info("RSNA persons: %d of %d images mapped to %d NIH persons (%s)", mapped, len(rows),
+                 rows.loc[persons != rows["image_id"], "patient_id"].nunique(), mapping_path)
+    return rows, nothing_skipped()
+
+
+READER = SourceReader(SOURCE, LABEL_FILES, read)

@@ -4,34 +4,23 @@ report folder (`write_report`), then logged to the parent run (`make_report`).""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 
+from data_pipeline.files import write_atomic, write_json, write_table
 from data_pipeline.schema import DataError
 from data_pipeline.splits import TEST_POOL_FLAG
-from orchestrator import layout, pooling
+from orchestrator import layout
+from orchestrator.evaluation import pooling
 from orchestrator.config import Config
 from orchestrator.layout import AUDIT_FILE, TABLES_FILE, SplitMeta
 from orchestrator.report.inputs import (ReportInputs, attach_patients, attach_sources, from_folder, from_mlflow,
                                         latest_parent, split_context)
 from orchestrator.report.notes import notes, source_notes
+from orchestrator.report.result import Report
 from orchestrator.report.render import draw_figures, markdown
 from orchestrator.report.tables import metrics_table, sorted_runs, source_tables, summary_table, table3, table4
 from orchestrator.report.to_mlflow import log_report
-
-
-@dataclass(frozen=True)
-class Report:
-    out: Path
-    table3: pd.DataFrame
-    table4: pd.DataFrame
-    metrics: pd.DataFrame
-    notes: list[str]
-    missing: list[str]
-    figures: dict[str, Path]  # run name or network -> figure path
-    files: list[Path]         # everything this report wrote (the folder may hold older files)
 
 
 def write_report(inputs: ReportInputs, out: Path, replicates: int = 1000, seed: int = 0,
@@ -53,18 +42,18 @@ def write_report(inputs: ReportInputs, out: Path, replicates: int = 1000, seed: 
     tables = {"table3.csv": t3, "table4.csv": t4, "metrics.csv": metrics.round(4), "summary.csv": summary.round(4),
               **{name: table.round(4) for name, table in extra.items()}}
     for name, table in tables.items():
-        table.to_csv(out / name, index=False, lineterminator="\n")
+        write_table(table, out / name)
     drawn = draw_figures(inputs.runs, out / "figures")
     text = markdown(inputs, t3, t4, metrics, summary, report_notes, drawn, out, per_source, pooled)
     if (out / AUDIT_FILE).is_file():  # `cxr audit`'s section outlives a new report
-        from orchestrator.audit import audit_markdown, with_section
+        from orchestrator.evaluation.audit import audit_markdown, with_section
 
         text = with_section(text, audit_markdown(json.loads((out / AUDIT_FILE).read_text())))
-    (out / TABLES_FILE).write_text(text)
-    (out / "report.json").write_text(json.dumps({
+    write_atomic(out / TABLES_FILE, text)
+    write_json(out / "report.json", {
         "source": inputs.source, "runs": [r.name for r in sorted_runs(inputs.runs)], "missing": inputs.missing,
         "notes": report_notes, "split_notes": inputs.split_notes, "bootstrap_replicates": replicates,
-        "bootstrap_seed": seed, "bootstrap_unit": inputs.patient_unit}, indent=2) + "\n")
+        "bootstrap_seed": seed, "bootstrap_unit": inputs.patient_unit}, indent=2)
     written = [out / name for name in (*tables, TABLES_FILE, "report.json")] + list(drawn.values())
     return Report(out, t3, t4, metrics, report_notes, inputs.missing, drawn, written)
 
@@ -76,7 +65,7 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     logging the report back to it; or from a `predictions` folder (nothing logged). The config
     gives the tracking settings, the workdir and the number of folds."""
     from data_pipeline.splits import SUMS_FILE, split_hash
-    from orchestrator.identity import Identity, check_one_fingerprint
+    from orchestrator.training.identity import Identity, check_one_fingerprint
 
     check_given(manifest, splits)
     out = Path(out) if out is not None else config.paths.report
@@ -88,7 +77,7 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
                               unit, selection_known=splits is not None)
         return write_report(inputs, out, replicates, seed)
     uri = config.tracking_uri
-    run_id = run_id or latest_parent(uri, config.experiment_name, config.paths.parent_record)
+    run_id = run_id or latest_parent(uri, config.experiment_name, config.paths)
     found, tags, params = from_mlflow(uri, run_id)
     check_one_fingerprint(tags, params, Identity.of(config) if Identity.workdir_ready(config) else None)
     runs, unit = attach_patients(found, manifest or config.paths.manifest)

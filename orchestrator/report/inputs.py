@@ -3,7 +3,6 @@ MLflow children or a folder of prediction files, checked, with each image's pati
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import tempfile
@@ -13,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from data_pipeline.schema import CLASSES, DataError
-from orchestrator import by_source, layout
+from orchestrator import layout
+from orchestrator.evaluation import by_source
 from orchestrator.layout import (HISTORY_FILE, NETWORK_NAMES, PATIENT_COLUMN, PREDICTION_REQUIRED, PREDICTIONS_FILE,
                                  SOURCE_COLUMN, SplitMeta, run_name)
 
@@ -170,13 +170,14 @@ def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str
     return list(runs.values()), tags, params
 
 
-def latest_parent(uri: str, experiment: str, record: Path) -> str:
+def latest_parent(uri: str, experiment: str, workdir: layout.WorkPaths) -> str:
     """The parent run of the config's latest `cxr run`: the workdir's record of it, else the
     newest run tagged `cxr.role=experiment` in the experiment."""
     from mlflow.tracking import MlflowClient
 
-    if record.is_file():
-        return json.loads(record.read_text())["run_id"]
+    if recorded := workdir.read_parent():
+        return recorded
+    record = workdir.parent_record
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id],

@@ -7,7 +7,7 @@ import pandas as pd
 
 from data_pipeline.schema import CLASSES
 from data_pipeline.splits import TEST_POOL_FLAG
-from orchestrator import by_source
+from orchestrator.evaluation import by_source
 from orchestrator.report.inputs import ReportInputs, RunResult
 from orchestrator.report.tables import BASELINE, EXTRA_METRICS
 

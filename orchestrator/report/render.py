@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from data_pipeline.schema import CLASSES
-from orchestrator import figures
+from orchestrator.evaluation import figures
 from orchestrator.layout import NETWORK_NAMES, TABLES_FILE
-from orchestrator.metrics import PAPER_METRICS
+from orchestrator.evaluation.metrics import PAPER_METRICS
 from orchestrator.report.inputs import ReportInputs, RunResult
 from orchestrator.report.tables import BASELINE, EXTRA_METRICS, SOURCE_TABLES, matrix, sorted_runs
-
-if TYPE_CHECKING:
-    from orchestrator.report.build import Report
+from orchestrator.report.result import Report
 
 
 def draw_figures(runs: list[RunResult], folder: Path) -> dict[str, Path]:

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.schema import CLASSES
-from orchestrator import by_source
+from orchestrator.evaluation import by_source
 from orchestrator.layout import NETWORK_NAMES
-from orchestrator.metrics import COUNTS, PAPER_METRICS, class_counts, confusion, paper_metrics, run_metrics
+from orchestrator.evaluation.metrics import COUNTS, PAPER_METRICS, class_counts, confusion, paper_metrics, run_metrics
 from orchestrator.report.inputs import RunResult
 
 
@@ -95,7 +95,7 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def source_tables(runs: list[RunResult]) -> dict[str, pd.DataFrame]:
-    """The results by source dataset (orchestrator.by_source), when the predictions carry it."""
+    """The results by source dataset (orchestrator.evaluation.by_source), when the predictions carry it."""
     if not by_source.has_sources(runs):
         return {}
     made = (by_source.table4_by_source(runs), by_source.confusion_by_source(runs), by_source.telltale(runs))

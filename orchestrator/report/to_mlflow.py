@@ -4,16 +4,13 @@ curves on that run."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from orchestrator.layout import NETWORK_NAMES, REPORT_ARTIFACTS
 from orchestrator.report.inputs import ReportInputs
 from orchestrator.report.tables import TABLE4_COLUMNS
-
-if TYPE_CHECKING:
-    from orchestrator.report.build import Report
+from orchestrator.report.result import Report
 
 
 def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:

@@ -1,0 +1,125 @@
+"""The progress table of the training runs in the driver, and the actor that carries the runs'
+epoch rows to it."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray import tune
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from orchestrator.cluster.timeline import ENDED, LAUNCHED
+from orchestrator.layout import run_name
+
+LOG_WIDTH = 120  # the progress table's width where the output is not a terminal
+
+
+def trial_name(trial) -> str:
+    return run_name(**trial.config["run"])
+
+
+@ray.remote(num_cpus=0)
+class Progress:
+    """The runs' epoch rows on their way to the driver's table, for all runs of a `cxr run`.
+
+    Ray Tune's own channel from a Train run to its trial (TuneReportCallback) starts a queue
+    actor per run: one more Python process of 3-5 CPU-seconds each time, for a few rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, dict]] = []
+        self.moments: dict[str, list[tuple[str, float]]] = {}  # orchestrator.cluster.timeline's
+
+    def put(self, name: str, row: dict) -> None:
+        self.rows.append((name, row))
+
+    def stamp(self, name: str, moment: str, at: float) -> None:
+        """A moment of run `name`'s attempt (orchestrator.cluster.timeline), at wall-clock `at`."""
+        self.moments.setdefault(name, []).append((moment, at))
+
+    def stamps(self) -> dict[str, list[tuple[str, float]]]:
+        return self.moments
+
+    def take(self) -> list[tuple[str, dict]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
+class RunTable(tune.Callback):
+    """The progress table of the runs, redrawn in place on a terminal (one line per finished run,
+    and the table at the end, elsewhere): run, status, phase, epoch, loss, accuracy, val_accuracy.
+    A Ray Tune callback; it lives in the driver and reads the epochs from `progress`."""
+
+    METRICS = ("loss", "accuracy", "val_accuracy")
+    POLL_SECONDS = 1.0
+
+    def __init__(self, names: list[str], epochs: int, progress):
+        self.epochs, self.progress = epochs, progress
+        self.rows = {name: {"status": "pending"} for name in names}
+        self.live: Live | None = None  # made in setup(): Tune pickles its callbacks before
+        self.polled = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "live": None}
+
+    def setup(self, **info) -> None:
+        console = Console()
+        if not console.is_terminal:  # a log file or a job's log: 80 columns would cut the run names short
+            console = Console(width=LOG_WIDTH)
+        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
+        self.live.start()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.progress.stamp.remote(trial_name(trial), LAUNCHED, time.time())
+        self._update(trial, status="running")
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.monotonic() - self.polled >= self.POLL_SECONDS:
+            self._read_progress()
+
+    def _read_progress(self) -> None:
+        self.polled = time.monotonic()
+        for name, row in ray.get(self.progress.take.remote()):
+            self._update_row(name, phase=row.get("phase"), epoch=row.get("step"),
+                             **{k: row.get(k) for k in self.METRICS})
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.progress.stamp.remote(trial_name(trial), ENDED, time.time())
+        self._read_progress()  # its last epochs first
+        self._update(trial, status="done")
+        self.live.console.print(f"{trial_name(trial)}: done")
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.progress.stamp.remote(trial_name(trial), ENDED, time.time())  # the failed attempt's end
+        self._update(trial, status="restarting")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.progress.stamp.remote(trial_name(trial), ENDED, time.time())
+        self._update(trial, status="failed")
+        self.live.console.print(f"{trial_name(trial)}: failed; its log: {trial.local_path}")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._read_progress()
+        self.live.update(self._render())
+        self.live.stop()
+        if not self.live.console.is_terminal:  # the final table was drawn without its line end
+            self.live.console.line()
+
+    def _update(self, trial, **values) -> None:
+        self._update_row(trial_name(trial), **values)
+
+    def _update_row(self, name: str, **values) -> None:
+        self.rows.setdefault(name, {}).update({k: v for k, v in values.items() if v is not None})
+        self.live.update(self._render())
+
+    def _render(self) -> Table:
+        table = Table(title="training runs", title_justify="left")
+        for column in ("run", "status", "phase", "epoch", *self.METRICS):
+            table.add_column(column, justify="left" if column in ("run", "status") else "right")
+        for name, row in self.rows.items():
+            epoch = f"{row['epoch']}/{self.epochs}" if "epoch" in row else ""
+            table.add_row(name, row["status"], str(row.get("phase", "")), epoch,
+                          *(f"{row[k]:.4f}" if k in row else "" for k in self.METRICS))
+        return table

@@ -1,0 +1,95 @@
+"""One training run on the cluster: the Tune trial that drives its Ray Train run, and the Train
+worker that claims its devices and calls the single-run trainer (orchestrator.training)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray import train, tune
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+from orchestrator.layout import run_name
+
+log = logging.getLogger(__name__)
+
+
+def drive_one_run(params: dict, settings: dict) -> None:
+    """A Tune trial: one Ray Train run, restarted from its checkpoint on failure: with one worker
+    (Ray Train restarts it), or in this process (Ray Train's local mode: Tune restarts the trial).
+
+    A DataParallelTrainer, the class TensorflowTrainer extends: TensorflowTrainer's backend
+    imports TensorFlow into this trial's process and into the Train controller's (two imports
+    of a few seconds and 800 MB each, per run), only to set TF_CONFIG for multi-worker
+    strategies, which a run on one worker does not use. Only the worker imports TensorFlow.
+    Ray Train also starts its dataset manager for each run, though the runs read the image store
+    through tf.data, not Ray Data: about 3 CPU-seconds a run, which only a private hook of Ray
+    Train could spare (a local Ray trains in the trial, without it).
+    """
+    name = run_name(**params["run"])
+    settings["progress"].stamp.remote(name, "trial", time.time())  # orchestrator.cluster.timeline
+    gpus = settings["gpus"]
+    resources = {"CPU": settings["cpus"], **({"GPU": gpus} if gpus else {})}
+    scaling = (train.ScalingConfig(num_workers=0) if settings["in_trial"] else  # local mode
+               train.ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources))
+    trainer = DataParallelTrainer(
+        _train_worker, train_loop_config={**settings, "run": params["run"]}, scaling_config=scaling,
+        # the name stays the same across restarts, so Ray resumes this run rather than starting anew
+        run_config=train.RunConfig(name=f"{name}-{tune.get_context().get_trial_id()}",
+                                   storage_path=settings["storage"],
+                                   failure_config=train.FailureConfig(max_failures=settings["max_failures"])),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        # a worker killed by SIGKILL, the OOM killer or the loss of its node ended nothing, and Ray
+        # Train's restarts are spent: FAILED, not RUNNING (a retry of the trial continues the run)
+        _mark_failed(settings["config"], params["run"])
+        raise
+    # the trial's one result (the epochs reach the driver through Progress): where its Train run
+    # is; without one, Tune's console prints an empty "Last result" line per trial
+    tune.report({"train_run": result.path or "in the trial"})
+
+
+def _mark_failed(config_mapping: dict, run: dict) -> None:
+    from orchestrator.config import Config, from_mapping
+    from orchestrator.tracking.runs import RunTracker
+
+    config = from_mapping(Config, config_mapping, where="the driver's config")
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run_dir(**run))
+    try:
+        status = tracker.mark("FAILED")
+    except Exception:  # the run's own error is the one to see; the driver tries again at its end
+        log.exception("%s: could not mark its MLflow run FAILED", run_name(**run))
+        return
+    log.warning("%s: Ray Train's restarts are spent; its MLflow run is %s", run_name(**run), status or "not opened")
+
+
+def _train_worker(params: dict) -> None:
+    """The Ray Train worker: pin TensorFlow to this worker's share, then the single-run trainer."""
+    name, board = run_name(**params["run"]), params["progress"]
+    board.stamp.remote(name, "worker", time.time())
+    from orchestrator.console import import_tensorflow_quietly, quiet_third_parties
+
+    if not params["verbose"]:  # the session log of the worker: what went wrong, not start-up lines
+        quiet_third_parties()
+        import_tensorflow_quietly()
+        logging.getLogger("orchestrator").setLevel(logging.WARNING)
+    from orchestrator.cluster.devices import claim_devices
+    from orchestrator.config import Config, from_mapping
+    from orchestrator.training.train import train_and_evaluate
+
+    board.stamp.remote(name, "imported", time.time())
+    config = from_mapping(Config, params["config"], where="the driver's config")
+    placement = claim_devices(params["gpus"], max(1, int(params["cpus"])), config.cluster.allow_cpu_fallback)
+    board.stamp.remote(name, "trainer", time.time())
+    try:
+        train_and_evaluate(config, params["run"]["fold"], params["run"]["network"], params["parent_run_id"],
+                           report=lambda row: board.put.remote(name, row), placement=placement,
+                           lock_owner=params["lock_owner"], keep_traced=params["in_trial"])
+    finally:  # a trial's process trains the next run too (local mode): nothing of this one kept but
+        # its traced model (orchestrator.training.traced), which the next run of its kind restarts
+        board.stamp.remote(name, "trained", time.time())
+        import keras
+
+        keras.backend.clear_session()

@@ -1,0 +1,1 @@
+"""The trained models in use: the Model Registry and `cxr predict`."""

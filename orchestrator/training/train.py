@@ -1,0 +1,131 @@
+"""One training run, end to end and tracked: the run folder locked, the run checked against the
+config's identity, its MLflow run opened (or continued), the run trained and tested
+(orchestrator.training.run), its results and model logged, then FINISHED, then done.json.
+
+A finished run (done.json) of the same fingerprint is not trained again; a run folder of another
+fingerprint is refused (orchestrator.training.identity.StaleRun).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from data_pipeline.schema import CLASSES
+from orchestrator import layout
+from orchestrator.config import flatten
+from orchestrator.evaluation.figures import confusion_matrix_figure
+from orchestrator.evaluation.metrics import accuracy, confusion, macro_auc
+from orchestrator.layout import MODEL_URI, PROBABILITY_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths, run_name
+from orchestrator.lock import FileLock
+from orchestrator.tracking.experiment import package_versions
+from orchestrator.tracking.runs import RunTracker
+from orchestrator.training.identity import Identity, check_run
+from orchestrator.training.inputs import RunInputs, run_datasets
+from orchestrator.training.run import Run, RunSetup
+
+log = logging.getLogger(__name__)
+
+
+def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
+                       report: Callable[[dict], None] | None = None, placement: dict[str, str] | None = None,
+                       lock_owner: str = "", keep_traced: bool = False) -> Path:
+    """Train and evaluate one run of `config` (an orchestrator.config.Config), tracked in MLflow.
+
+    `placement`: tags saying where this attempt runs (node, GPUs), set again by a resumed run.
+    `lock_owner`: the token of the driver's workdir lock, whose earlier attempts at this run may
+    hold the run folder's lock (orchestrator.lock). `keep_traced`: this process trains more runs,
+    so the finished run's traced model is kept for the next of its kind (orchestrator.training.traced,
+    as `train.reuse_traced` allows). Returns the run folder. A finished run
+    (done.json) of the same fingerprint is not trained again; a run folder of another
+    fingerprint is refused (orchestrator.training.identity.StaleRun).
+    """
+    paths = config.paths.run(fold, network)
+    stale_after = config.cluster.lock_stale_seconds
+    lock = FileLock(paths.lock, f"run folder {paths.root}", stale_after, owner=lock_owner,
+                    command=f"the trainer of {run_name(fold, network)}")
+    lock.acquire(wait=stale_after * 1.25)  # an earlier attempt that died: its heartbeat goes stale
+    try:
+        return _train_and_evaluate(config, fold, network, parent_run_id, report, placement, keep_traced)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, report, placement,
+                        keep_traced: bool) -> Path:
+    started = time.perf_counter()  # the run's set-up, timed: lock, MLflow run, inputs
+    paths, name = config.paths.run(fold, network), run_name(fold, network)
+    identity = Identity.of(config)
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root, config.paths.mlruns)
+    if found := tracker.reconcile(name, parent_run_id):  # a kill between MLflow's FINISHED and done.json
+        log.warning("%s: %s", name, found)
+    check_run(paths, identity)
+    if paths.is_done():
+        log.info("%s is complete (%s); skipping", name, paths.done)
+        discard_checkpoints(paths)  # a kill may have come between done.json and this
+        return paths.root
+    inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases)
+    if not paths.identity.is_file():
+        identity.write(paths.identity)  # first, so that nothing in the folder predates it
+    tags = {layout.FOLD: str(fold), layout.NETWORK: network, layout.PROTOCOL: inputs.split_meta.protocol,
+            layout.VALIDATION: inputs.split_meta.validation, layout.SOURCE_NAME: "cxr (orchestrator.training)",
+            layout.SELECTION_ON_TEST_POOL: str(inputs.split_meta.validation == "test_pool"
+                                               and config.train.selection == "best").lower(),
+            layout.FINGERPRINT: identity.fingerprint, **package_versions()}
+    # set on every attempt, like the placement: what the run is, and where this attempt runs
+    identity_tags = {layout.FINGERPRINT: identity.fingerprint, layout.SPLIT_HASH: identity.split_hash,
+                     layout.STORE_KEY: identity.store_key, **(placement or {})}
+    run = None
+    try:  # from the run's opening on, any error ends it FAILED (Ctrl-C: KILLED), never RUNNING
+        params = {**flatten(config), "fold": str(fold), "network": network}
+        if tracker.open(name, tags, params, parent_run_id):
+            tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=identity.split_hash[:16])
+        tracker.set_tags(identity_tags)
+        setup = RunSetup(network, fold, config.train, config.augment, config.model.weights, identity.fingerprint)
+        run = Run(setup, inputs, paths, tracker, report)
+        run.seconds["run set-up"] += time.perf_counter() - started
+        predictions = pd.read_csv(run.train())
+        log_results(run, tracker, predictions, f"fold {fold}, {network}", config.model_limits)
+        tracker.log_metrics({f"seconds_{k}": v for k, v in run.save_timing().items()})
+    except BaseException as exc:
+        if run is not None:
+            run.save_timing()
+        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    # Finished means finished everywhere: everything logged, then the MLflow run FINISHED, then
+    # done.json. A kill between the last two leaves a FINISHED run that `reconcile` completes.
+    with run.timed("run close"):
+        tracker.close("FINISHED")
+        paths.write_done(tracker.run_id, identity.fingerprint, run.model_uri)
+        discard_checkpoints(paths)
+    run.save_timing()
+    if keep_traced:  # for this process's next run of the same network
+        run.keep_traced()
+    return paths.root
+
+
+def discard_checkpoints(paths: RunPaths) -> None:
+    """The selected model and the per-phase weights of a finished run are in MLflow; checkpoints
+    only served resuming (and a concatenated one is ~0.5 GB), so a finished run keeps none."""
+    shutil.rmtree(paths.checkpoints, ignore_errors=True)
+    paths.best_weights.unlink(missing_ok=True)
+
+
+def log_results(run: Run, tracker, predictions: pd.DataFrame, title: str, limits: dict | None = None) -> None:
+    """The test accuracy and AUC, predictions, confusion matrix, history and the selected model."""
+    with run.timed("logging"):
+        matrix = confusion(predictions["label"], predictions["pred"])
+        figure = confusion_matrix_figure(matrix, CLASSES, title, run.paths.confusion_matrix)
+        auc = macro_auc(predictions["label"], predictions[list(PROBABILITY_COLUMNS)].to_numpy())
+        tracker.log_metrics({TEST_ACCURACY: accuracy(predictions["label"], predictions["pred"]),
+                             **({TEST_AUC: auc} if not math.isnan(auc) else {})})
+        for artifact in (run.paths.predictions, figure, run.paths.history):
+            tracker.log_artifact(artifact)
+        run.model_uri = tracker.log_model(run.model, run.paths.root, limits)
+    tracker.set_tags({MODEL_URI: run.model_uri})  # done.json's, should a kill come before it is written
