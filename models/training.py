@@ -41,11 +41,30 @@ def load_for_training(path: Path, precision: str) -> keras.Model:
         return keras.models.load_model(path, safe_mode=True)
 
 
+@keras.saving.register_keras_serializable(package="cxr")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """The learning rate rising linearly over the first `steps` steps (step k: k/steps of it), then
+    constant. Its step is the optimizer's iteration count, which checkpoints keep: a resumed run
+    goes on where it was in the warm-up. Registered, so that checkpoints load with it."""
+
+    def __init__(self, learning_rate: float, steps: int):
+        self.learning_rate, self.steps = float(learning_rate), int(steps)
+
+    def __call__(self, step):
+        done = keras.ops.cast(step, "float32") + 1.0
+        return self.learning_rate * keras.ops.minimum(1.0, done / float(self.steps))
+
+    def get_config(self) -> dict:
+        return {"learning_rate": self.learning_rate, "steps": self.steps}
+
+
 def compile_network(model: keras.Model, learning_rate: float, jit_compile: bool | str = "auto",
-                    run_eagerly: bool = False) -> keras.Model:
+                    run_eagerly: bool = False, warmup_steps: int = 0) -> keras.Model:
     """Compile as the paper trains (Nadam, categorical cross-entropy, accuracy), with the step's
-    state created now (see build_state)."""
-    model.compile(optimizer=keras.optimizers.Nadam(learning_rate=learning_rate), loss="categorical_crossentropy",
+    state created now (see build_state). `warmup_steps` > 0 ramps the learning rate up first
+    (LinearWarmup; the paper has none)."""
+    rate = LinearWarmup(learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
+    model.compile(optimizer=keras.optimizers.Nadam(learning_rate=rate), loss="categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=jit_compile, run_eagerly=run_eagerly)
     return build_state(model)
 

@@ -3,8 +3,8 @@
 Each section is the spec dataclass of the stage that uses it (`splits` -> data_pipeline.splits.
 SplitSpec, ...), so a stage receives exactly its own settings. The specs of the model, trainer
 and tracking live here rather than beside their code so that loading a config needs neither
-TensorFlow nor MLflow. Unknown keys and wrong types fail
-with the key's dotted name; `--set section.key=value` overrides parse values as YAML.
+TensorFlow nor MLflow. Unknown keys and wrong types fail with the key's dotted name; `--set
+section.key=value` overrides parse values as YAML.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from data_pipeline.splits import SplitSpec
 from data_pipeline.store import StoreSpec
 from models.precisions import check_precision
 from orchestrator.layout import EPOCH_METRICS, NETWORKS, WorkPaths
-
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -78,6 +77,7 @@ BatchSizes.__module__ = __name__  # where pickle finds it
 class TrainSpec:
     epochs: int = 100               # per phase
     learning_rate: float = 1e-4     # Nadam
+    warmup_steps: int = 0           # steps of a linear rise to learning_rate (models.training); paper: none
     batch_size: BatchSizes = field(default_factory=BatchSizes)
     steps_per_epoch: int = 0        # 0: one pass over the phase; >0 caps an epoch (tests, demo)
     selection: str = "last"         # last | best (on the split's val.csv); the paper names none
@@ -99,8 +99,7 @@ class TrainSpec:
     # (A100, H100, L4 and later), float16 on older ones (V100, T4), none on CPUs (README)
     mixed_precision: str = "none"
     xla: bool = False
-    # Keras eager mode: no graph tracing (20-45 s a run on CPU) but slower steps; pays off only
-    # for runs of a handful of steps (the orchestration test). test_trainer covers graph mode.
+    # Keras eager mode: no tracing (20-45 s a run on CPU) but slower steps: for runs of a few steps (tests)
     run_eagerly: bool = False
     # a process training several runs (a local Ray's reused trials) restarts its traced network
     # from fresh weights rather than tracing anew: the same history (orchestrator.training.traced)
@@ -130,6 +129,8 @@ class TrainSpec:
         for name in ("epochs", "validation_freq", "keep_checkpoints", "eval_batch_size", "batchnorm_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: expected at least 1, received {getattr(self, name)}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps: expected 0 (none) or more, received {self.warmup_steps}.")
 
 
 def is_server_uri(uri: str) -> bool:
@@ -149,8 +150,7 @@ class TrackingSpec:
     # A sqlite file is one machine's: on a cluster of several nodes a `sqlite:` URI is refused
     # unless its path is on storage every node mounts at the same path (then set this true).
     shared_storage: bool = False
-    # At its end `cxr run` registers each finished run's model, and each network's fold
-    # ensemble, in the MLflow Model Registry (orchestrator.serving.registry; `cxr models` lists them)
+    # `cxr run` ends by registering each run's model and each network's fold ensemble (`cxr models`)
     register: bool = True
 
     def resolved_uri(self, workdir: str = "") -> str:

@@ -143,7 +143,7 @@ class Run:
             self.statistics, self.optimizer_start = kept.statistics, kept.optimizer_start
             return restart_from(kept.model, fresh, kept.optimizer_start)
         model = compile_network(fresh, self.spec.learning_rate, jit_compile=self.spec.xla,
-                                run_eagerly=self.spec.run_eagerly)
+                                run_eagerly=self.spec.run_eagerly, warmup_steps=self.spec.warmup_steps)
         self.optimizer_start = optimizer_start(model)
         return model
 

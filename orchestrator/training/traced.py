@@ -36,8 +36,8 @@ _kept: Traced | None = None
 def key_of(network: str, image_size: int, spec) -> tuple:
     """What a traced model's steps depend on: the network, its input, and the compilation
     (`spec`, an orchestrator.config.TrainSpec)."""
-    return (network, image_size, spec.learning_rate, spec.mixed_precision, spec.xla, spec.run_eagerly,
-            spec.batchnorm)
+    return (network, image_size, spec.learning_rate, spec.warmup_steps, spec.mixed_precision, spec.xla,
+            spec.run_eagerly, spec.batchnorm)
 
 
 def take(key: Hashable) -> Traced | None:
