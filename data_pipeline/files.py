@@ -34,6 +34,19 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
     """Write `data` to `path` aside, fsync it, and rename it in (then fsync the folder, so that
     the rename itself survives a power cut). A kill at any moment leaves the old file or the new."""
     path = Path(path)
+    tmp = write_aside(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_dir(path.parent)
+    return path
+
+
+def write_aside(path: Path, data: str | bytes) -> Path:
+    """`data` in a new file beside `path`, fsynced, for its caller to move into place (rename,
+    or link where the place must be empty: orchestrator.lock); removed if the write fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -43,12 +56,10 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's files are private; the file it replaces was not
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _sync_dir(path.parent)
-    return path
+    return Path(tmp)
 
 
 def write_json(path: Path, record: Any, indent: int | None = None) -> Path:

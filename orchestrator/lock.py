@@ -21,14 +21,13 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_pipeline.files import StateError, pid_alive, read_json, write_json
+from data_pipeline.files import StateError, pid_alive, read_json, write_aside, write_json
 from orchestrator.config import Config, ConfigError
 from orchestrator.layout import NETWORK_NAMES
 
@@ -148,20 +147,14 @@ class FileLock:
 
     def _create(self) -> bool:
         """Link a complete record into place; False when a lock file is there."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         record = self._new_record()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.new-", dir=self.path.parent)
+        tmp = write_aside(self.path, json.dumps(asdict(record)))
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(record), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
             os.link(tmp, self.path)  # fails if the lock exists: the one atomic step
         except FileExistsError:
             return False
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         self._record = record
         return True
 
