@@ -25,7 +25,7 @@ from orchestrator.training.identity import StaleRun
 from orchestrator.layout import FINGERPRINT, HISTORY_COLUMNS, PREDICTION_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths
 from orchestrator.training.faults import InjectedFailure
 from orchestrator.training.inputs import RunInputs
-from orchestrator.training.run import Phase, Run, RunSetup
+from orchestrator.training.run import INPUT_AND_LOOP, Phase, Run, RunSetup
 from orchestrator.training.train import train_and_evaluate
 from tests.conftest import ROOT
 
@@ -60,7 +60,13 @@ def runs_of(config) -> list:
 def test_a_full_run_trains_every_phase_and_logs_it(workdir):
     # eager: 4 steps cost less than tracing them (graph mode: test_changing_phase..., test_learning.py)
     config = config_for(workdir, "full", "train.log_checkpoints=weights", "train.run_eagerly=true")
+    began = time.perf_counter()
     root = train_and_evaluate(config, 1, "xception")
+    wall = time.perf_counter() - began
+    # the trainer's timers cover its time (cxr run's printed split rests on them): fit's own time
+    # between the timed parts (input pipeline, batches, loop) is a part of its own
+    timing = json.loads((root / "timing.json").read_text())
+    assert timing[INPUT_AND_LOOP] > 0 and sum(timing.values()) >= 0.9 * wall, (timing, wall)
 
     predictions = pd.read_csv(root / "predictions.csv")
     test = pd.read_csv(workdir / "splits" / "fold1" / "test.csv")

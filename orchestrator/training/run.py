@@ -51,6 +51,9 @@ from orchestrator.training.inputs import RunInputs
 
 log = logging.getLogger(__name__)
 
+# timing.json's part for fit's own time between the timed parts (input batches, Keras' loop)
+INPUT_AND_LOOP = "input and fit loop"
+
 
 @dataclass(frozen=True)
 class RunSetup:
@@ -239,8 +242,14 @@ class Run:
         # validation is the callback's (after the batch-norm statistics), not fit's; an injected
         # failure (train.fail_at, tests) comes after the epoch's checkpoint
         callbacks = [EpochEnd(self), *fault_callbacks(self.spec.fail_at, self.name, phase.number, self.paths)]
+        timed, began = sum(self.seconds.values()), time.perf_counter()
         model.fit(self._stream(phase.rows, start, phase.last_epoch - start, steps), initial_epoch=start,
                   epochs=phase.last_epoch, steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
+        # what the phase's fit spent outside the step, batch-norm, validation, checkpoint and logging
+        # timers: building its tf.data pipeline, making each augmented batch on the run's own cores
+        # between steps, and Keras' loop
+        inside = sum(self.seconds.values()) - timed
+        self.seconds[INPUT_AND_LOOP] += max(0.0, time.perf_counter() - began - inside)
 
     def on_epoch_end(self, model: keras.Model, epoch: int, logs: dict) -> dict:
         """`epoch` counts completed epochs across phases (the global step). Returns the epoch's row."""
