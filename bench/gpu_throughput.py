@@ -34,7 +34,6 @@ as one JSON line when it is measured, so a run stopped at a time limit keeps wha
 from __future__ import annotations
 
 import argparse
-import heapq
 import itertools
 import json
 import math
@@ -44,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.scheduling import makespan
 from models.precisions import PRECISIONS
 
 # The paper's protocol (section 3.1 and Table 2; configs/paper.yaml, which
@@ -342,13 +342,6 @@ def first_batches(records: list[dict]) -> dict[tuple, dict]:
             if key not in first or r["batch"] < first[key]["batch"]:
                 first[key] = r
     return first
-
-
-def makespan(jobs: list[float], devices: int) -> float:
-    loads = [0.0] * devices
-    for job in sorted(jobs, reverse=True):
-        heapq.heapreplace(loads, loads[0] + job)
-    return max(loads)
 
 
 def tables(records: list[dict], gpus: list[int], peak_tflops: float) -> str:

@@ -70,7 +70,7 @@ def main() -> None:
         workdir(config)
         inputs = RunInputs.load(config.paths.store, config.paths.splits, args.fold, config.splits.phases)
         run = Run(RunSetup(args.network, args.fold, config.train, config.augment), inputs, RunPaths(Path(tmp) / "run"))
-        epochs = config.train.epochs
+        epochs = getattr(config.train.epochs, args.network)
         start = time.perf_counter()
         model = run.model()
         for phase, rows in enumerate(inputs.phases, start=1):

@@ -66,16 +66,19 @@ class ModelSpec:
     weights: str = "imagenet"  # imagenet | none | folder with Keras' no-top files | whole-network .weights.h5
 
 
-# One batch size per network (layout.NETWORKS), the paper's by default: `train.batch_size.xception`.
+# One value per network (layout.NETWORKS), the paper's by default: `train.batch_size.xception: 30`,
+# or one for all of them: `train.epochs: 2` (from_mapping spreads it)
 BatchSizes = dataclasses.make_dataclass("BatchSizes", [(n.name, int, n.batch_size) for n in NETWORKS], frozen=True)
-BatchSizes.__module__ = __name__  # where pickle finds it
+Epochs = dataclasses.make_dataclass("Epochs", [(n.name, int, 100) for n in NETWORKS], frozen=True)  # per phase
+PER_NETWORK = (BatchSizes, Epochs)
+BatchSizes.__module__ = Epochs.__module__ = __name__  # where pickle finds them
 
 
 # Every default is the paper's (Table 2 and section 3), so that a config trains as the paper
 # unless it says otherwise; the settings the paper does not fix are marked.
 @dataclass(frozen=True)
 class TrainSpec:
-    epochs: int = 100               # per phase
+    epochs: Epochs = field(default_factory=Epochs)  # per phase
     learning_rate: float = 1e-4     # Nadam
     warmup_steps: int = 0           # steps of a linear rise to learning_rate (models.training); paper: none
     batch_size: BatchSizes = field(default_factory=BatchSizes)
@@ -83,7 +86,7 @@ class TrainSpec:
     selection: str = "last"         # last | best (on the split's val.csv); the paper names none
     monitor: str = "val_accuracy"   # for `best`: a history.csv column
     monitor_mode: str = "max"       # max: higher is better (accuracy); min: lower is (loss)
-    validation_freq: int = 1        # evaluate val.csv every N epochs
+    validation_freq: int = 1        # evaluate val.csv every N epochs; 0: at each phase's end
     # Batch-norm statistics for inference (validation, the phase weights, the test set): `precise`
     # recomputes each layer's population statistics over training batches first (README, "Batch
     # normalization"); `moving` keeps Keras' moving averages, which lag far behind in short runs.
@@ -109,28 +112,23 @@ class TrainSpec:
     fail_at: str = ""               # fault injection for tests: "fold2-resnet50v2:3" raises once in phase 3
 
     def __post_init__(self) -> None:
-        if self.selection not in ("last", "best"):
-            raise ValueError(f"train.selection: expected 'last' or 'best', received {self.selection!r}.")
-        if self.monitor not in EPOCH_METRICS:
-            raise ValueError(f"train.monitor: expected one of {list(EPOCH_METRICS)}, received {self.monitor!r}.")
-        if self.monitor_mode not in ("max", "min"):
-            raise ValueError(f"train.monitor_mode: expected 'max' (higher is better) or 'min', "
-                             f"received {self.monitor_mode!r}.")
-        if self.log_checkpoints not in ("weights", "full", "none"):
-            raise ValueError(f"train.log_checkpoints: expected 'weights', 'full' or 'none', "
-                             f"received {self.log_checkpoints!r}.")
-        if self.batchnorm not in ("precise", "moving"):
-            raise ValueError(f"train.batchnorm: expected 'precise' or 'moving', received {self.batchnorm!r}.")
-        if self.checkpoint_min_seconds < 0:
-            raise ValueError(f"train.checkpoint_min_seconds: expected a value >= 0, received {self.checkpoint_min_seconds}.")
+        choices = {"selection": ("'last' or 'best'", ("last", "best")),
+                   "monitor": (f"one of {list(EPOCH_METRICS)}", EPOCH_METRICS),
+                   "monitor_mode": ("'max' (higher is better) or 'min'", ("max", "min")),
+                   "log_checkpoints": ("'weights', 'full' or 'none'", ("weights", "full", "none")),
+                   "batchnorm": ("'precise' or 'moving'", ("precise", "moving"))}
+        for name, (expected, allowed) in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name}: expected {expected}, received {getattr(self, name)!r}.")
         check_precision(self.mixed_precision)
         if self.run_eagerly and self.xla:
             raise ValueError("train.run_eagerly and train.xla: expected at most one of them true, received both.")
-        for name in ("epochs", "validation_freq", "keep_checkpoints", "eval_batch_size", "batchnorm_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: expected at least 1, received {getattr(self, name)}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"train.warmup_steps: expected 0 (none) or more, received {self.warmup_steps}.")
+        least = {f"train.{n}": (getattr(self, n), 1) for n in ("keep_checkpoints", "eval_batch_size", "batchnorm_batches")}
+        least |= {f"train.epochs.{n}": (v, 1) for n, v in dataclasses.asdict(self.epochs).items()}
+        least |= {f"train.{n}": (getattr(self, n), 0) for n in ("validation_freq", "warmup_steps", "checkpoint_min_seconds")}
+        for key, (value, lowest) in least.items():
+            if value < lowest:
+                raise ValueError(f"{key}: expected at least {lowest}, received {value}.")
 
 
 def is_server_uri(uri: str) -> bool:
@@ -321,6 +319,8 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str, prefix: str = "
     values = {}
     for name, value in data.items():
         key, expected = prefix + name, hints[name]
+        if expected in PER_NETWORK and isinstance(value, int) and not isinstance(value, bool):
+            value = {f.name: value for f in dataclasses.fields(expected)}  # one value for every network
         if dataclasses.is_dataclass(expected):
             values[name] = from_mapping(expected, value or {}, where, key + ".")
         else:

@@ -160,8 +160,8 @@ def tiny_store(tiny_manifest, tmp_path_factory):
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory):
     """One run of the single-run trainer that learns: Xception, fold 1, the demo's data, splits
-    and settings (72x72, the paper's augmentations, random weights, 8 phases x 2 epochs, precise
-    batch norm, best-on-validation selection). Trained once per session (about three minutes);
+    and settings (72x72, the demo's milder augmentations, random weights, 8 phases x 1 epoch, precise
+    batch norm, best-on-validation selection). Trained once per session (about two minutes);
     every test that needs a trained model uses it."""
     import time
     from types import SimpleNamespace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,10 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("train:\n  run_eagerly: true\n  xla: true\n", r"train.run_eagerly and train.xla: expected at most one"),
     ("train:\n  batchnorm: frozen\n", r"train.batchnorm: expected 'precise' or 'moving', received 'frozen'"),
     ("train:\n  learning_rate: 1e-4x\n", r"train.learning_rate: expected float, received str '1e-4x'"),
+    ("train:\n  epochs: {resnet50v2: 0}\n", r"train.epochs.resnet50v2: expected at least 1, received 0"),
+    ("train:\n  epochs: {vgg16: 2}\n", r"unknown key\(s\) \['train.epochs.vgg16'\]"),
+    ("train:\n  epochs: true\n", r"train.epochs: expected a mapping, received True"),
+    ("train:\n  validation_freq: -1\n", r"train.validation_freq: expected at least 0, received -1"),
 ])
 def test_wrong_types_and_values_fail_with_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -67,6 +72,16 @@ def test_overrides_and_ints_for_floats(tmp_path):
         load_config(None, ["seed"])
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['splits.sed'\]"):
         load_config(None, ["splits.sed=1"])
+
+
+def test_epochs_and_batch_sizes_are_per_network_or_one_for_all(tmp_path):
+    """`train.epochs: 2` (paper.yaml's form) spreads to every network; a mapping sets each, and an
+    override of one network keeps the others' (demo.yaml: one epoch a phase, two for resnet50v2)."""
+    assert dataclasses.astuple(load_config(None, ["train.epochs=2"]).train.epochs) == (2, 2, 2)
+    assert dataclasses.astuple(load_config(None, ["train.batch_size=8"]).train.batch_size) == (8, 8, 8)
+    demo = load_config(ROOT / "configs/demo.yaml", ["train.epochs.concatenated=3"])
+    assert dataclasses.asdict(demo.train.epochs) == {"xception": 1, "resnet50v2": 2, "concatenated": 3}
+    assert load_config(ROOT / "configs/paper.yaml").train.epochs.resnet50v2 == 100
 
 
 def test_resolved_fixes_the_tracking_uri_and_model_weights_for_the_workers(tmp_path, monkeypatch):

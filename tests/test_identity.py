@@ -90,7 +90,7 @@ def test_an_overlay_chain_that_does_not_end_or_a_missing_base_is_refused(tmp_pat
     overlay.mkdir()
     (overlay / "e.yaml").write_text(f"base: {CONFIGS / 'paper.yaml'}\ntrain: {{epochs: 3}}\n")
     config = load_config(overlay / "e.yaml")  # sections merge: the paper's other train values stay
-    assert config.train.epochs == 3 and config.train.selection == "best" and config.name == "e"
+    assert config.train.epochs.resnet50v2 == 3 and config.train.selection == "best" and config.name == "e"
 
 
 def test_monitor_mode_says_which_way_is_better():

@@ -134,24 +134,24 @@ def tracing_counts(function) -> dict[str, int]:
 
 
 def test_changing_phase_neither_rebuilds_nor_retraces(workdir, tmp_path):
-    config = config_for(workdir, "trace", "train.validation_freq=2")
+    config = config_for(workdir, "trace", "train.validation_freq=0")  # at each phase's end
     inputs = RunInputs.load(workdir / "store", workdir / "splits", 2, 2)
     run = Run(RunSetup("xception", 2, config.train, config.augment), inputs, RunPaths(tmp_path / "run"))
     model = run.model()
-    run.phase = Phase(1, inputs.phases[0], first_epoch=0, last_epoch=2)
+    run.phase = Phase(1, inputs.phases[0], first_epoch=0, last_epoch=3)
     run._fit_phase(model, 0)
     after_phase_1 = tracing_counts(model.train_function)
     # traced once: the optimizer's and metrics' variables exist before the first trace
     assert after_phase_1 and set(after_phase_1.values()) == {1}, after_phase_1
-    run.phase = Phase(2, inputs.phases[1], first_epoch=2, last_epoch=4)
-    run._fit_phase(model, 2)
+    run.phase = Phase(2, inputs.phases[1], first_epoch=3, last_epoch=6)
+    run._fit_phase(model, 3)
     assert tracing_counts(model.train_function) == after_phase_1  # the same graphs serve phase 2
-    assert int(model.optimizer.iterations) == 4  # 2 phases x 2 epochs x 1 step, one optimizer
+    assert int(model.optimizer.iterations) == 6  # 2 phases x 3 epochs x 1 step, one optimizer
     history = pd.read_csv(tmp_path / "run" / "history.csv")
-    assert history["step"].tolist() == [1, 2, 3, 4] and history["phase"].tolist() == [1, 1, 2, 2]
-    # one column set, although only every second epoch was validated (validation_freq 2)
+    assert history["step"].tolist() == [1, 2, 3, 4, 5, 6] and history["phase"].tolist() == [1, 1, 1, 2, 2, 2]
+    # one column set, although only the phases' last epochs were validated (validation_freq 0)
     assert tuple(history.columns) == HISTORY_COLUMNS
-    assert history["val_accuracy"].notna().tolist() == [False, True, False, True]
+    assert history["val_accuracy"].notna().tolist() == [False, False, True, False, False, True]
 
 
 def test_a_data_error_after_the_run_opens_ends_it_failed(workdir, tiny_manifest, tmp_path):

@@ -61,7 +61,8 @@ def run_grid(config: Config, folds: list[int], networks: list[str], parent_run_i
     # memory and no CPU, so that the workers, which hold the devices, limit concurrency, and Ray
     # Train restarts them.
     trial = {"CPU": cpus, **({"GPU": gpus} if gpus else {})} if in_trial else {"CPU": 0, "memory": 256 * 2**20}
-    table = RunTable([run_name(**run) for run in pending], epochs=config.splits.phases * config.train.epochs,
+    table = RunTable({run_name(**run): config.splits.phases * getattr(config.train.epochs, run["network"])
+                      for run in pending},
                      progress=board)
     if not verbose:  # Tune's own output engine prints a configuration box even at verbose=0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -55,9 +55,10 @@ class RunTable(tune.Callback):
     METRICS = ("loss", "accuracy", "val_accuracy")
     POLL_SECONDS = 1.0
 
-    def __init__(self, names: list[str], epochs: int, progress):
+    def __init__(self, epochs: dict[str, int], progress):
+        """`epochs`: each run's epochs in all (phases x its network's epochs per phase), by run name."""
         self.epochs, self.progress = epochs, progress
-        self.rows = {name: {"status": "pending"} for name in names}
+        self.rows = {name: {"status": "pending"} for name in epochs}
         self.live: Live | None = None  # made in setup(): Tune pickles its callbacks before
         self.polled = 0.0
 
@@ -119,7 +120,7 @@ class RunTable(tune.Callback):
         for column in ("run", "status", "phase", "epoch", *self.METRICS):
             table.add_column(column, justify="left" if column in ("run", "status") else "right")
         for name, row in self.rows.items():
-            epoch = f"{row['epoch']}/{self.epochs}" if "epoch" in row else ""
+            epoch = f"{row['epoch']}/{self.epochs[name]}" if "epoch" in row else ""
             table.add_row(name, row["status"], str(row.get("phase", "")), epoch,
                           *(f"{row[k]:.4f}" if k in row else "" for k in self.METRICS))
         return table

@@ -88,6 +88,7 @@ class Run:
         self.setup, self.inputs, self.paths, self.tracker, self.report = setup, inputs, paths, tracker, report
         self.network, self.fold, self.spec = setup.network, setup.fold, setup.train
         self.batch_size = getattr(self.spec.batch_size, self.network)
+        self.epochs = getattr(self.spec.epochs, self.network)  # per phase
         self.seed = self.spec.seed * 1000 + self.fold
         self.cursor = Cursor(fingerprint=setup.fingerprint)  # where training stands: the newest checkpoint's
         self.phase: Phase | None = None  # the phase being fitted
@@ -207,7 +208,7 @@ class Run:
         """Run every remaining phase, select, evaluate; returns the predictions file."""
         model = self.model()
         cursor = self.cursor
-        self.history = load_history(self.paths, cursor.epoch, self.tracker, self.spec.epochs)
+        self.history = load_history(self.paths, cursor.epoch, self.tracker, self.epochs)
         if self.redone and self.tracker is not None:  # MLflow keeps each epoch's first values
             self.tracker.set_tags({EPOCHS_REDONE: "{}-{}".format(*self.redone)})
             log.warning("%s: epochs %d-%d are trained again; MLflow keeps the values of their first training, "
@@ -215,7 +216,7 @@ class Run:
         if self.tracker is not None and self.history:
             # a kill between a checkpoint and MLflow's write leaves epochs only in history.csv
             self.tracker.log_epochs(self.history)
-        epochs = self.spec.epochs
+        epochs = self.epochs
         for phase, rows in enumerate(self.inputs.phases, start=1):
             start, end = max(cursor.epoch, (phase - 1) * epochs), phase * epochs
             self.phase = Phase(phase, rows, first_epoch=(phase - 1) * epochs, last_epoch=end)
@@ -255,7 +256,8 @@ class Run:
         """`epoch` counts completed epochs across phases (the global step). Returns the epoch's row."""
         cursor, phase = self.cursor, self.phase
         cursor.epoch = epoch
-        if self.inputs.val is not None and epoch % self.spec.validation_freq == 0:
+        every = self.spec.validation_freq  # 0: at the phase's end
+        if self.inputs.val is not None and (epoch % every == 0 if every else epoch == phase.last_epoch):
             logs.update(self._validate(model, epoch))
         row = {"step": epoch, "phase": phase.number, **{k: float(logs[k]) for k in EPOCH_METRICS if k in logs}}
         self._append_history(row)

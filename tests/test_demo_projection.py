@@ -1,0 +1,37 @@
+"""bench/demo_projection.py: the runs' own timers, placed longest first onto the cores (hand-counted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.demo_projection import main
+from bench.scheduling import makespan
+from orchestrator.layout import NETWORK_COST, WorkPaths
+
+
+def test_longest_first_onto_the_free_worker():
+    assert makespan([5, 4, 3, 3, 3], 2) == 10  # 5 | 4, then 3 onto 4 (7), 3 onto 5 (8), 3 onto 7 (10)
+    assert makespan([5, 4, 3, 3, 3], 3) == 7  # 5 | 4, 3 | 3, 3
+    assert makespan([1.5] * 15, 16) == 1.5
+    with pytest.raises(ValueError, match="expected at least 1"):
+        makespan([1.0], 0)
+
+
+def test_the_projection_reads_each_runs_timers(tmp_path, capsys):
+    paths = WorkPaths(tmp_path)
+    for fold in (1, 2):
+        for i, network in enumerate(NETWORK_COST):  # runs of 10, 20, 30 s of timers, + 5 s around each
+            run = paths.run(fold, network)
+            run.root.mkdir(parents=True)
+            run.write_timing({"steps": 10.0 * (i + 1) - 1, "tracing": 1.0})
+    main(["--workdir", str(tmp_path), "--folds", "2", "--cores", "1,2,6", "--overhead", "5"])
+    out = capsys.readouterr().out
+    assert "6 runs, 150 core-seconds" in out
+    assert "  1 cores: training stage about 150 s" in out
+    assert "  2 cores: training stage about 75 s" in out  # 35+25+15 | 35+25+15
+    assert "  6 cores: training stage about 35 s" in out
+
+
+def test_a_run_without_timers_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="timing.json: expected a finished run's timers"):
+        main(["--workdir", str(tmp_path), "--folds", "1"])
