@@ -49,5 +49,5 @@ def test_a_checkpoint_taken_inside_the_warmup_resumes_at_its_step(tmp_path):
 
 
 def test_a_negative_warmup_is_refused_with_the_key():
-    with pytest.raises(ConfigError, match=r"train.warmup_steps: expected 0 \(none\) or more, received -1"):
+    with pytest.raises(ConfigError, match=r"train.warmup_steps: expected at least 0, received -1"):
         load_config(None, ["train.warmup_steps=-1"])
