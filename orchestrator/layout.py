@@ -89,6 +89,14 @@ def ensemble_model_name(config_name: str, network: str) -> str:
     return f"{registered_model_name(config_name, network)}-ensemble"
 
 
+ENSEMBLE_ALIAS = "ensemble"  # the newest version of a fold ensemble: models:/<ensemble name>@ensemble
+
+
+def fold_alias(fold: int) -> str:
+    """The alias of fold `fold`'s newest version of a network's model: models:/<name>@fold3."""
+    return f"fold{fold}"
+
+
 # ---------------------------------------------------------------- MLflow tags
 
 FOLD, NETWORK, PROTOCOL, VALIDATION = "fold", "network", "protocol", "validation"

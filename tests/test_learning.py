@@ -63,6 +63,9 @@ def test_the_learning_is_in_mlflow_with_its_datasets(learned_run):
     per_phase = config.train.epochs.xception
     assert steps == [per_phase * k for k in range(1, 9)]  # each phase's last epoch once, across the 8 phases
     assert np.isfinite([m.value for m in client.get_metric_history(run.info.run_id, "loss")]).all()
+    # MLflow's system metrics, sampled every 10 s while the run trained (GPU ones where NVML answers)
+    system = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+    assert system <= set(run.data.metrics), sorted(run.data.metrics)
 
 
 def test_the_model_rests_on_the_opacity_boxes_and_gradcam_is_measured_there(learned_run, tmp_path):

@@ -189,6 +189,13 @@ def test_cxr_run_registers_each_run_and_a_fold_ensemble_per_network(paper_local)
         assert set(ensemble.tags[MEMBER_RUNS].split(",")) == {v.run_id for v in versions}
         assert f"models:/{ensemble_model_name('paper', network)}/1" in listed.stdout
         assert f"models:/{name}/5" in listed.stdout
+        # @fold<k>: each fold's newest version; @ensemble: the ensemble's; `cxr models` lists them
+        for version in versions:
+            fold = version.tags[FOLD]
+            assert str(client.get_model_version_by_alias(name, f"fold{fold}").version) == str(version.version)
+            assert re.search(rf"{name}\s+{version.version}\s+fold{fold}\s", listed.stdout), listed.stdout
+        assert str(client.get_model_version_by_alias(ensemble_model_name("paper", network), "ensemble").version) == "1"
+        assert re.search(rf"{ensemble_model_name('paper', network)}\s+1\s+ensemble\s", listed.stdout)
         # on the console of `cxr run`: one table, a row per network (MLflow's own lines stay off it)
         assert re.search(rf"{name}\s+1\*, 2\*, 3\*, 4\*, 5\*\s+{ensemble_model_name('paper', network)} v1\*",
                          paper_local["log"]), paper_local["log"][-3000:]

@@ -8,6 +8,9 @@
 - Each network's fold ensemble, `cxr-<config name>-<network>-ensemble`: one model holding the
   folds' networks, whose output is the mean of their probabilities. It is logged to the parent
   run and registered; a new version only when its set of runs changed.
+- Aliases: `@fold<k>` is fold k's newest version of a network's model (a run trained again after
+  `--restart-stale` takes it over), `@ensemble` the ensemble's newest; `cxr models` lists them and
+  `cxr predict --model models:/<name>@fold1` loads by them.
 
 An ensemble has no test set of its own: each fold's test set held images the other folds trained
 on (the paper's folds overlap). Its tags give the members' mean test figures, and say so.
@@ -28,9 +31,9 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import Config
-from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MEMBERS_MEAN, MODEL_ARTIFACT, NETWORK,
-                                 NETWORK_NAMES, RUN_ID, SPLIT_HASH, STALE, TEST_ACCURACY, TEST_AUC, ensemble_artifact,
-                                 ensemble_model_name, registered_model_name)
+from orchestrator.layout import (ENSEMBLE_ALIAS, FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MEMBERS_MEAN, MODEL_ARTIFACT,
+                                 NETWORK, NETWORK_NAMES, RUN_ID, SPLIT_HASH, STALE, TEST_ACCURACY, TEST_AUC,
+                                 ensemble_artifact, ensemble_model_name, fold_alias, registered_model_name)
 
 log = logging.getLogger(__name__)
 COLUMNS = ("name", "version", "aliases", "folds", TEST_AUC, TEST_ACCURACY, "stale", "run_id", "uri")
@@ -60,6 +63,8 @@ def register_models(config: Config, parent_run_id: str) -> list[Registered]:
     for network in NETWORK_NAMES:
         runs = [r for r in done if r["network"] == network]
         out += [register_run(client, config.name, run) for run in runs]
+        if runs:
+            alias_folds(client, registered_model_name(config.name, network))
         if len(runs) >= 2:
             out.append(register_ensemble(client, config.name, network, runs, parent_run_id, config.model_limits))
     return out
@@ -95,6 +100,16 @@ def register_run(client: MlflowClient, config_name: str, run: dict) -> Registere
     return Registered(name, str(version.version), True, run["network"])
 
 
+def alias_folds(client: MlflowClient, name: str) -> None:
+    """Point `@fold<k>` of model `name` at fold k's newest version."""
+    newest: dict[str, str] = {}
+    for version in versions(client, name):  # newest first
+        newest.setdefault(version.tags.get(FOLD, ""), version.version)
+    for fold, version in newest.items():
+        if fold:
+            client.set_registered_model_alias(name, fold_alias(int(fold)), version)
+
+
 def register_ensemble(client: MlflowClient, config_name: str, network: str, runs: list[dict],
                       parent_run_id: str, limits: dict | None = None) -> Registered:
     from models.serving import log_classifier
@@ -103,6 +118,7 @@ def register_ensemble(client: MlflowClient, config_name: str, network: str, runs
     members = ",".join(r["run_id"] for r in runs)
     latest = versions(client, name)
     if latest and latest[0].tags.get(MEMBER_RUNS) == members:
+        client.set_registered_model_alias(name, ENSEMBLE_ALIAS, latest[0].version)
         return Registered(name, latest[0].version, False, network, ensemble=True)
     metrics = [client.get_run(r["run_id"]).data.metrics for r in runs]
     means = {key: sum(m[key] for m in metrics) / len(metrics) for key in (TEST_AUC, TEST_ACCURACY)
@@ -118,6 +134,7 @@ def register_ensemble(client: MlflowClient, config_name: str, network: str, runs
         f"The mean of the class probabilities of {network}'s folds {tags[FOLDS]}. It has no test set of its own: "
         f"each fold's test set held images other folds trained on; {MEMBERS_MEAN}* are the folds' mean test "
         f"figures."))
+    client.set_registered_model_alias(name, ENSEMBLE_ALIAS, version.version)
     log.debug("registered %s version %s (folds %s)", name, version.version, tags[FOLDS])
     return Registered(name, str(version.version), True, network, ensemble=True)
 

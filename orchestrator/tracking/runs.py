@@ -56,7 +56,7 @@ class RunTracker:
         if previous:
             if parent_run_id and (found := self.adopt(parent_run_id)):
                 log.warning("%s: %s", run_name, found)
-            call(mlflow.start_run, run_id=previous, what="start_run")
+            call(mlflow.start_run, run_id=previous, log_system_metrics=True, what="start_run")
             log.info("continuing MLflow run %s (%s)", run_name, previous)
             self.logged = {(key, m.step) for key in mlflow.active_run().data.metrics
                            for m in call(self.client.get_metric_history, previous, key, what="metric history")}
@@ -65,7 +65,9 @@ class RunTracker:
             created = call(self.client.create_run, experiment.experiment_id, run_name=run_name, tags=tags,
                            what="create_run")
             self.paths.write_mlflow_run(created.info.run_id)  # at once: a restart continues this run
-            call(mlflow.start_run, run_id=created.info.run_id, what="start_run")
+            # system metrics (CPU, memory, disk, network; GPUs where NVML answers) every 10 s while
+            # the run trains, by MLflow's own monitor thread: system/* in the run's metrics
+            call(mlflow.start_run, run_id=created.info.run_id, log_system_metrics=True, what="start_run")
             # params in chunks: MLflow caps one batch at 100
             items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
             for i in range(0, len(items), 100):
