@@ -112,6 +112,7 @@ SOURCE_NAME = "mlflow.source.name"
 # where a run ran (orchestrator.cluster.devices measures them)
 NODE_IP, NODE_ID, RAY_GPU_IDS, TF_GPUS = "cxr.node_ip", "cxr.node_id", "cxr.gpu_ids", "cxr.tf_gpus"
 CUDA_BUILD, CUDNN_BUILD = "cxr.tf_cuda_version", "cxr.tf_cudnn_version"
+NODE_CPUS, NODE_MEMORY_GB = "cxr.node_cpus", "cxr.node_memory_gb"  # the machine a run trained on
 
 
 # ---------------------------------------------------------------- files

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -200,6 +201,10 @@ def test_four_runs_go_at_once_each_on_its_own_node_and_gpu(cluster_job, gpu_clus
     # logical GPUs: TensorFlow sees none of them (allow_cpu_fallback), and the tags say so
     assert all(run.data.tags["cxr.tf_gpus"] == "" and run.data.tags["cxr.node_ip"] == "127.0.0.1" for run in runs.values())
     assert all(run.data.tags["cxr.tf_cuda_version"] for run in runs.values())
+    # the machine it trained on (all nodes of this test cluster are this machine)
+    memory = psutil.virtual_memory().total / 2**30
+    assert all(run.data.tags["cxr.node_cpus"] == str(psutil.cpu_count()) for run in runs.values())
+    assert all(abs(float(run.data.tags["cxr.node_memory_gb"]) - memory) < 0.1 for run in runs.values())
     # at once: every run started before any ended
     assert max(r.info.start_time for r in runs.values()) < min(r.info.end_time for r in runs.values())
 

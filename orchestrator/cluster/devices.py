@@ -51,6 +51,7 @@ def check_gpu(devices: dict, gpus_asked: float, node: str, ray_gpu_ids: list[str
 def claim_devices(gpus: float, threads: int, allow_cpu_fallback: bool) -> dict[str, str]:
     """Pin TensorFlow to this worker's share and check it sees the GPU Ray reserved (else fail now,
     naming the node, rather than train on the CPU); returns the run's placement tags."""
+    import psutil
     import ray
     import tensorflow as tf
 
@@ -68,7 +69,8 @@ def claim_devices(gpus: float, threads: int, allow_cpu_fallback: bool) -> dict[s
     gpu_ids = [str(i) for i in context.get_accelerator_ids().get("GPU", [])]
     devices = tensorflow_devices()
     check_gpu(devices, gpus, f"{node_ip} (Ray node {node_id[:12]})", gpu_ids, allow_cpu_fallback)
-    return placement_tags(node_ip, node_id, gpu_ids, devices["tf_gpus"], devices["cuda"], devices["cudnn"])
+    machine = {"cpus": psutil.cpu_count() or 0, "memory_gb": psutil.virtual_memory().total / 2**30}
+    return placement_tags(node_ip, node_id, gpu_ids, devices["tf_gpus"], devices["cuda"], devices["cudnn"], machine)
 
 
 if __name__ == "__main__":  # for `cxr doctor`: in a process of its own, so the caller never imports TensorFlow

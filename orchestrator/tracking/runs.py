@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.files import StateError
 from orchestrator.config import Config
-from orchestrator.layout import (CUDA_BUILD, CUDNN_BUILD, FINGERPRINT, MODEL_ARTIFACT, MODEL_URI, NODE_ID, NODE_IP,
-                                 NETWORK_NAMES, PARENT_RUN, RAY_GPU_IDS, STALE, TEST_ACCURACY, TF_GPUS, RunPaths,
+from orchestrator.layout import (CUDA_BUILD, CUDNN_BUILD, FINGERPRINT, MODEL_ARTIFACT, MODEL_URI, NODE_CPUS, NODE_ID, NODE_IP,
+                                 NODE_MEMORY_GB, NETWORK_NAMES, PARENT_RUN, RAY_GPU_IDS, STALE, TEST_ACCURACY, TF_GPUS, RunPaths,
                                  run_name)
 from orchestrator.tracking.experiment import call, ensure_experiment
 
@@ -275,11 +275,13 @@ class RunTracker:
 
 
 def placement_tags(node_ip: str, node_id: str, gpu_ids: list[str], tf_gpus: list[str], cuda: str,
-                   cudnn: str) -> dict[str, str]:
+                   cudnn: str, machine: dict[str, float]) -> dict[str, str]:
     """The tags saying what a run really got: its node, the GPU ids Ray assigned, the GPUs
-    TensorFlow sees there, and the CUDA and cuDNN versions TensorFlow was built with."""
+    TensorFlow sees there, the CUDA and cuDNN versions TensorFlow was built with, and the node's
+    logical CPUs and memory (`machine`: cpus, memory_gb)."""
     return {NODE_IP: node_ip, NODE_ID: node_id, RAY_GPU_IDS: ",".join(gpu_ids), TF_GPUS: ",".join(tf_gpus),
-            CUDA_BUILD: cuda or "none", CUDNN_BUILD: cudnn or "none"}
+            CUDA_BUILD: cuda or "none", CUDNN_BUILD: cudnn or "none", NODE_CPUS: str(int(machine["cpus"])),
+            NODE_MEMORY_GB: f"{machine['memory_gb']:.1f}"}
 
 
 # ---------------------------------------------------------------- the grid's run folders
