@@ -16,7 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlflow
 import pandas as pd
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -25,8 +27,9 @@ from orchestrator.config import load_config, resolved
 from orchestrator.driver.data import ensure_splits
 from orchestrator.training.identity import set_aside_stale
 from orchestrator.training.identity import StaleRun
-from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, RUN_ID, SPLIT_HASH, TEST_ACCURACY, TEST_AUC,
-                                 ensemble_model_name, registered_model_name)
+from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MODEL_ARTIFACT, MODEL_CARD, RUN_ID, SPLIT_HASH,
+                                 TEST_ACCURACY, TEST_AUC, ensemble_artifact, ensemble_model_name,
+                                 registered_model_name)
 from tests.conftest import PAPER_SHRINK, fixture_path
 from data_pipeline.synth import PHI_MARKERS
 from tests.hostile_files import png_claiming
@@ -172,6 +175,7 @@ def test_cxr_run_registers_each_run_and_a_fold_ensemble_per_network(paper_local)
                             cwd=paper_local["here"], capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0, listed.stderr[-3000:]
     client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
     runs = children(uri, "cxr-paper")
     for network in ("xception", "resnet50v2", "concatenated"):
         name = registered_model_name("paper", network)
@@ -195,6 +199,24 @@ def test_cxr_run_registers_each_run_and_a_fold_ensemble_per_network(paper_local)
             assert str(client.get_model_version_by_alias(name, f"fold{fold}").version) == str(version.version)
             assert re.search(rf"{name}\s+{version.version}\s+fold{fold}\s", listed.stdout), listed.stdout
         assert str(client.get_model_version_by_alias(ensemble_model_name("paper", network), "ensemble").version) == "1"
+        # each version's card: its description, and MODEL_CARD.md beside its model
+        for version in versions:
+            card = version.description
+            assert card.startswith(f"# {name} version {version.version}\n") and "research only" in card
+            assert mlflow.artifacts.load_text(f"runs:/{version.run_id}/{MODEL_ARTIFACT}/{MODEL_CARD}") == card
+            fold = version.tags[FOLD]
+            predictions = pd.read_csv(paper_local["workdir"] / "runs" / f"fold{fold}-{network}" / "predictions.csv")
+            right, n = int((predictions["label"] == predictions["pred"]).sum()), len(predictions)
+            assert f"| accuracy | {100 * right / n:.2f}% |" in card and f"| {right}/{n} |" in card
+            covid = predictions[predictions["label"] == "COVID-19"]
+            assert f"| {int((covid['pred'] == 'COVID-19').sum())}/{len(covid)} |" in card
+            assert "FLAG: checkpoint selection on a validation set drawn from the test pool" in card
+            assert f"{psutil.cpu_count()} logical CPUs" in card
+        (ensemble,) = client.search_model_versions(f"name = '{ensemble_model_name('paper', network)}'")
+        assert ensemble.description.startswith(f"# {ensemble_model_name('paper', network)} version 1\n")
+        assert "None of its own" in ensemble.description and "research only" in ensemble.description
+        parent = ensemble.run_id
+        assert mlflow.artifacts.load_text(f"runs:/{parent}/{ensemble_artifact(network)}/{MODEL_CARD}") == ensemble.description
         assert re.search(rf"{ensemble_model_name('paper', network)}\s+1\s+ensemble\s", listed.stdout)
         # on the console of `cxr run`: one table, a row per network (MLflow's own lines stay off it)
         assert re.search(rf"{name}\s+1\*, 2\*, 3\*, 4\*, 5\*\s+{ensemble_model_name('paper', network)} v1\*",

@@ -22,7 +22,8 @@ BASELINE = "baseline (always normal)"
 EXTRA_METRICS = ("recall", "specificity", "PPV", "NPV", "F1", "AUC")
 
 
-SOURCE_TABLES = ("table4_by_source.csv", "confusion_by_source.csv", "telltale.csv")
+TELLTALE_TABLE = "telltale.csv"  # also the model cards' (orchestrator.serving.model_card)
+SOURCE_TABLES = ("table4_by_source.csv", "confusion_by_source.csv", TELLTALE_TABLE)
 
 
 def sorted_runs(runs: list[RunResult]) -> list[RunResult]:

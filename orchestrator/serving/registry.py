@@ -8,6 +8,8 @@
 - Each network's fold ensemble, `cxr-<config name>-<network>-ensemble`: one model holding the
   folds' networks, whose output is the mean of their probabilities. It is logged to the parent
   run and registered; a new version only when its set of runs changed.
+- A model card per version (orchestrator.serving.model_card): its description, and MODEL_CARD.md
+  beside the model in the run's (or, for an ensemble, the parent run's) artifacts.
 - Aliases: `@fold<k>` is fold k's newest version of a network's model (a run trained again after
   `--restart-stale` takes it over), `@ensemble` the ensemble's newest; `cxr models` lists them and
   `cxr predict --model models:/<name>@fold1` loads by them.
@@ -32,8 +34,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import Config
 from orchestrator.layout import (ENSEMBLE_ALIAS, FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MEMBERS_MEAN, MODEL_ARTIFACT,
-                                 NETWORK, NETWORK_NAMES, RUN_ID, SPLIT_HASH, STALE, TEST_ACCURACY, TEST_AUC,
+                                 MODEL_CARD, NETWORK, NETWORK_NAMES, RUN_ID, SPLIT_HASH, STALE, TEST_ACCURACY, TEST_AUC,
                                  ensemble_artifact, ensemble_model_name, fold_alias, registered_model_name)
+from orchestrator.serving.model_card import ensemble_card, run_card
 
 log = logging.getLogger(__name__)
 COLUMNS = ("name", "version", "aliases", "folds", TEST_AUC, TEST_ACCURACY, "stale", "run_id", "uri")
@@ -62,11 +65,11 @@ def register_models(config: Config, parent_run_id: str) -> list[Registered]:
     out = []
     for network in NETWORK_NAMES:
         runs = [r for r in done if r["network"] == network]
-        out += [register_run(client, config.name, run) for run in runs]
+        out += [register_run(client, config, run) for run in runs]
         if runs:
             alias_folds(client, registered_model_name(config.name, network))
         if len(runs) >= 2:
-            out.append(register_ensemble(client, config.name, network, runs, parent_run_id, config.model_limits))
+            out.append(register_ensemble(client, config, network, runs, parent_run_id))
     return out
 
 
@@ -82,8 +85,8 @@ def finished_runs(config: Config) -> list[dict]:
     return runs
 
 
-def register_run(client: MlflowClient, config_name: str, run: dict) -> Registered:
-    name = registered_model_name(config_name, run["network"])
+def register_run(client: MlflowClient, config: Config, run: dict) -> Registered:
+    name = registered_model_name(config.name, run["network"])
     existing = versions(client, name, f"tags.{RUN_ID} = '{run['run_id']}'")
     if existing:
         return Registered(name, existing[0].version, False, run["network"])
@@ -93,9 +96,9 @@ def register_run(client: MlflowClient, config_name: str, run: dict) -> Registere
             **{key: f"{data.metrics[key]:.6f}" for key in (TEST_AUC, TEST_ACCURACY) if key in data.metrics}}
     with _quietly():
         version = mlflow.register_model(run["model_uri"], name, tags=tags)
-    client.update_model_version(name, version.version, description=(
-        f"{run['network']}, fold {run['fold']}: the run's selected model (image files in, the three class "
-        f"probabilities out). Its test figures are on its fold's test set."))
+    card = run_card(config, name, str(version.version), run, data.tags)
+    client.log_text(run["run_id"], card, f"{MODEL_ARTIFACT}/{MODEL_CARD}")
+    client.update_model_version(name, version.version, description=card)
     log.debug("registered %s version %s (run %s)", name, version.version, run["run_id"])
     return Registered(name, str(version.version), True, run["network"])
 
@@ -110,11 +113,11 @@ def alias_folds(client: MlflowClient, name: str) -> None:
             client.set_registered_model_alias(name, fold_alias(int(fold)), version)
 
 
-def register_ensemble(client: MlflowClient, config_name: str, network: str, runs: list[dict],
-                      parent_run_id: str, limits: dict | None = None) -> Registered:
+def register_ensemble(client: MlflowClient, config: Config, network: str, runs: list[dict],
+                      parent_run_id: str) -> Registered:
     from models.serving import log_classifier
 
-    name = ensemble_model_name(config_name, network)
+    name = ensemble_model_name(config.name, network)
     members = ",".join(r["run_id"] for r in runs)
     latest = versions(client, name)
     if latest and latest[0].tags.get(MEMBER_RUNS) == members:
@@ -125,15 +128,15 @@ def register_ensemble(client: MlflowClient, config_name: str, network: str, runs
              if all(key in m for m in metrics)}
     # the parent run holds the ensemble; ending it here is undone by the driver's finish_parent
     with mlflow.start_run(run_id=parent_run_id):
-        info = log_classifier(ensemble_artifact(network), [member_file_uri(r["run_id"]) for r in runs], limits)
+        info = log_classifier(ensemble_artifact(network), [member_file_uri(r["run_id"]) for r in runs],
+                              config.model_limits)
     tags = {NETWORK: network, FOLDS: ",".join(str(r["fold"]) for r in runs), MEMBER_RUNS: members,
             **{f"{MEMBERS_MEAN}{key}": f"{value:.6f}" for key, value in means.items()}}
     with _quietly():
         version = mlflow.register_model(info.model_uri, name, tags=tags)
-    client.update_model_version(name, version.version, description=(
-        f"The mean of the class probabilities of {network}'s folds {tags[FOLDS]}. It has no test set of its own: "
-        f"each fold's test set held images other folds trained on; {MEMBERS_MEAN}* are the folds' mean test "
-        f"figures."))
+    card = ensemble_card(config, name, str(version.version), network, tags[FOLDS], means)
+    client.log_text(parent_run_id, card, f"{ensemble_artifact(network)}/{MODEL_CARD}")
+    client.update_model_version(name, version.version, description=card)
     client.set_registered_model_alias(name, ENSEMBLE_ALIAS, version.version)
     log.debug("registered %s version %s (folds %s)", name, version.version, tags[FOLDS])
     return Registered(name, str(version.version), True, network, ensemble=True)

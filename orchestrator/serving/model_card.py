@@ -1,0 +1,119 @@
+"""The model card of a registered version: `MODEL_CARD.md` beside the model in its run's artifacts,
+and the version's description in the Model Registry (orchestrator.serving.registry writes both).
+
+A card says what the model is and how far to trust it: the protocol and its flags (test-pool
+selection, overlapping folds: the splits' own words), the data and its sources (the manifest's
+counts), the test figures with 95% Wilson intervals (from the run's predictions.csv), the source
+tell-tale and `cxr audit` where the workdir has them, the external validations run on it, the
+machine it trained on, and its intended use: research, not diagnosis.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from data_pipeline.schema import CLASSES
+from orchestrator.config import Config
+from orchestrator.evaluation.metrics import class_counts, confusion, wilson
+from orchestrator.layout import NODE_CPUS, NODE_MEMORY_GB, SOURCE_COLUMN, TF_GPUS, SplitMeta
+from orchestrator.report.tables import TELLTALE_TABLE
+
+INTENDED_USE = ("**Intended use: research only.** It reproduces and audits Rahimzadeh & Attar (2020). It is not "
+                "a diagnostic device, has not been validated for clinical use, and must not be used to diagnose, "
+                "triage or exclude COVID-19 or pneumonia in any patient.")
+NO_EXTERNAL = "None recorded: it has been tested only on its own fold's test set, drawn from the data it trained on."
+
+
+def run_card(config: Config, name: str, version: str, run: dict, tags: dict[str, str]) -> str:
+    """The card of one fold's run (`run`: fold, network, run_id; `tags`: its MLflow run's)."""
+    predictions = pd.read_csv(config.paths.run(run["fold"], run["network"]).predictions)
+    lines = [f"# {name} version {version}", "",
+             f"{run['network']}, fold {run['fold']} of config `{config.name}`'s `cxr run` (MLflow run "
+             f"{run['run_id']}): image files in, the probabilities of {', '.join(CLASSES)} out.", "",
+             INTENDED_USE, ""]
+    lines += _protocol(config) + _data(config) + _test_figures(predictions) + _source_checks(config, run["network"])
+    lines += ["## External validation", "", NO_EXTERNAL, ""] + _machine(tags)
+    return "\n".join(lines)
+
+
+def ensemble_card(config: Config, name: str, version: str, network: str, folds: str, means: dict[str, float]) -> str:
+    """The card of a network's fold ensemble: it has no test set of its own."""
+    figures = ", ".join(f"{key} {value:.4f}" for key, value in means.items()) or "none"
+    lines = [f"# {name} version {version}", "",
+             f"The mean of the class probabilities of {network}'s folds {folds} of config `{config.name}`'s "
+             f"`cxr run`.", "", INTENDED_USE, ""]
+    lines += _protocol(config) + _data(config)
+    lines += ["## Test figures", "",
+              "None of its own: each fold's test set held images that other folds trained on. The folds' mean "
+              f"test figures: {figures} (each fold's card has its own, with intervals).", ""]
+    lines += _source_checks(config, network) + ["## External validation", "", NO_EXTERNAL, ""]
+    return "\n".join(lines)
+
+
+def _protocol(config: Config) -> list[str]:
+    meta = SplitMeta.read_if_any(config.paths.splits)
+    lines = ["## Protocol", "",
+             f"Protocol `{config.splits.protocol}`, {config.splits.folds} folds x {config.splits.phases} phases, "
+             f"validation `{config.splits.validation}`, checkpoint selection `{config.train.selection}`, "
+             f"weights `{config.model.weights}`, {config.store.image_size}x{config.store.image_size} images.", ""]
+    if meta is not None:
+        lines += [f"- FLAG: {flag}" for flag in meta.flags] + [f"- {note}" for note in meta.notes]
+        lines.append("")
+    return lines
+
+
+def _data(config: Config) -> list[str]:
+    if not config.paths.manifest.is_file():
+        return ["## Data", "", f"No manifest at {config.paths.manifest}.", ""]
+    manifest = pd.read_csv(config.paths.manifest)
+    counts = manifest.groupby([SOURCE_COLUMN, "label"]).size()
+    origin = f"synthetic lookalike data (`{config.data.synthetic}`)" if config.data.synthetic else "the real datasets"
+    return (["## Data", "", f"From {origin}: images per source and class.", "", "| source | class | images |",
+             "| --- | --- | --- |"] + [f"| {source} | {label} | {n} |" for (source, label), n in counts.items()] + [""])
+
+
+def _test_figures(predictions: pd.DataFrame) -> list[str]:
+    counts = class_counts(confusion(predictions["label"], predictions["pred"]))
+    correct = int((predictions["label"] == predictions["pred"]).sum())
+    rows = [("accuracy", correct, len(predictions))]
+    for name in CLASSES:
+        c = counts[name]
+        rows += [(f"{name} recall", c["TP"], c["TP"] + c["FN"]), (f"{name} specificity", c["TN"], c["TN"] + c["FP"])]
+    lines = ["## Test figures", "", f"On its fold's test set ({len(predictions)} images); 95% Wilson intervals.", "",
+             "| metric | value | 95% interval | of |", "| --- | --- | --- | --- |"]
+    for metric, k, n in rows:
+        low, high = wilson(k, n)
+        lines.append(f"| {metric} | {100 * k / n:.2f}% | {low:.1f}-{high:.1f}% | {k}/{n} |" if n else
+                     f"| {metric} | n/a | | 0/0 |")
+    return lines + [""]
+
+
+def _source_checks(config: Config, network: str) -> list[str]:
+    """The report's tell-tale row of `network` and `cxr audit`'s probes, where the workdir has them."""
+    lines = ["## Source checks", ""]
+    telltale = config.paths.report / TELLTALE_TABLE
+    rows = pd.read_csv(telltale) if telltale.is_file() else pd.DataFrame()
+    row = rows[rows["network"] == network] if not rows.empty else rows
+    if not row.empty:
+        r = row.iloc[0]
+        lines.append(f"- Tell-tale (pneumonia called COVID-19, all folds): covid-chestxray-dataset {r.covid_share:.1f}% "
+                     f"({r.covid_low:.1f}-{r.covid_high:.1f}), RSNA {r.rsna_share:.1f}% ({r.rsna_low:.1f}-"
+                     f"{r.rsna_high:.1f}); {'far above' if r.far_above else 'not far above'} RSNA's.")
+    else:
+        lines.append("- Tell-tale: not in this workdir's report.")
+    if config.paths.audit.is_file():
+        probes = json.loads(config.paths.audit.read_text()).get("probes", {})
+        lines += [f"- `cxr audit`, {probe} probe: AUC {p['auc']:.3f} ({p['ci_low']:.3f}-{p['ci_high']:.3f})"
+                  for probe, p in probes.items()]
+    else:
+        lines.append("- `cxr audit`: not run on this workdir.")
+    return lines + [""]
+
+
+def _machine(tags: dict[str, str]) -> list[str]:
+    if NODE_CPUS not in tags:  # trained in-process (`cxr train-one`) or before the tags existed
+        return ["## Trained on", "", "Not recorded.", ""]
+    return ["## Trained on", "", f"{tags[NODE_CPUS]} logical CPUs, {tags.get(NODE_MEMORY_GB, '?')} GiB of memory, "
+            f"GPUs: {tags.get(TF_GPUS) or 'none'}; the run's system/* metrics say how much it used.", ""]
