@@ -70,7 +70,7 @@ def failures_file(predictions: Path) -> Path:
 
 TEST_ACCURACY, TEST_AUC = "test_accuracy", "test_auc"  # a run's, on its fold's test set
 MODEL_ARTIFACT = "model"  # a run's published model (models.serving), what its registry version points to
-MODEL_CARD = "MODEL_CARD.md"  # a registered version's card (orchestrator.serving.model_card), beside its model
+MODEL_CARD = "MODEL_CARD.md"  # a registered version's card (orchestrator.serving.model_card), in its run's artifacts
 # registry version tags (with FOLD, NETWORK, FINGERPRINT, SPLIT_HASH and the test metrics)
 RUN_ID, MEMBER_RUNS, FOLDS, MEMBERS_MEAN = "run_id", "member_runs", "folds", "members_mean_"
 

@@ -27,7 +27,7 @@ from orchestrator.config import load_config, resolved
 from orchestrator.driver.data import ensure_splits
 from orchestrator.training.identity import set_aside_stale
 from orchestrator.training.identity import StaleRun
-from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MODEL_ARTIFACT, MODEL_CARD, RUN_ID, SPLIT_HASH,
+from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MODEL_CARD, RUN_ID, SPLIT_HASH,
                                  TEST_ACCURACY, TEST_AUC, ensemble_artifact, ensemble_model_name,
                                  registered_model_name)
 from tests.conftest import PAPER_SHRINK, fixture_path
@@ -203,7 +203,7 @@ def test_cxr_run_registers_each_run_and_a_fold_ensemble_per_network(paper_local)
         for version in versions:
             card = version.description
             assert card.startswith(f"# {name} version {version.version}\n") and "research only" in card
-            assert mlflow.artifacts.load_text(f"runs:/{version.run_id}/{MODEL_ARTIFACT}/{MODEL_CARD}") == card
+            assert mlflow.artifacts.load_text(f"runs:/{version.run_id}/{MODEL_CARD}") == card
             fold = version.tags[FOLD]
             predictions = pd.read_csv(paper_local["workdir"] / "runs" / f"fold{fold}-{network}" / "predictions.csv")
             right, n = int((predictions["label"] == predictions["pred"]).sum()), len(predictions)

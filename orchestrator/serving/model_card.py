@@ -1,5 +1,5 @@
-"""The model card of a registered version: `MODEL_CARD.md` beside the model in its run's artifacts,
-and the version's description in the Model Registry (orchestrator.serving.registry writes both).
+"""The model card of a registered version: `MODEL_CARD.md` in its run's artifacts, and the
+version's description in the Model Registry (orchestrator.serving.registry writes both).
 
 A card says what the model is and how far to trust it: the protocol and its flags (test-pool
 selection, overlapping folds: the splits' own words), the data and its sources (the manifest's

@@ -9,7 +9,7 @@
   folds' networks, whose output is the mean of their probabilities. It is logged to the parent
   run and registered; a new version only when its set of runs changed.
 - A model card per version (orchestrator.serving.model_card): its description, and MODEL_CARD.md
-  beside the model in the run's (or, for an ensemble, the parent run's) artifacts.
+  in its run's artifacts (an ensemble's: ensemble-<network>/MODEL_CARD.md in the parent run's).
 - Aliases: `@fold<k>` is fold k's newest version of a network's model (a run trained again after
   `--restart-stale` takes it over), `@ensemble` the ensemble's newest; `cxr models` lists them and
   `cxr predict --model models:/<name>@fold1` loads by them.
@@ -97,7 +97,7 @@ def register_run(client: MlflowClient, config: Config, run: dict) -> Registered:
     with _quietly():
         version = mlflow.register_model(run["model_uri"], name, tags=tags)
     card = run_card(config, name, str(version.version), run, data.tags)
-    client.log_text(run["run_id"], card, f"{MODEL_ARTIFACT}/{MODEL_CARD}")
+    client.log_text(run["run_id"], card, MODEL_CARD)
     client.update_model_version(name, version.version, description=card)
     log.debug("registered %s version %s (run %s)", name, version.version, run["run_id"])
     return Registered(name, str(version.version), True, run["network"])
