@@ -50,8 +50,7 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if bool(self.rsna_mapping) != bool(self.nih_entries):
-            raise ConfigError(f"data.rsna_mapping and data.nih_entries: expected both files or neither; received "
-                              f"rsna_mapping={self.rsna_mapping!r}, nih_entries={self.nih_entries!r}.")
+            raise ConfigError(f"data.rsna_mapping and data.nih_entries: expected both files or neither; received rsna_mapping={self.rsna_mapping!r}, nih_entries={self.nih_entries!r}.")
 
     @property
     def rsna_persons(self) -> tuple[Path, Path] | None:
@@ -112,11 +111,9 @@ class TrainSpec:
     fail_at: str = ""               # fault injection for tests: "fold2-resnet50v2:3" raises once in phase 3
 
     def __post_init__(self) -> None:
-        choices = {"selection": ("'last' or 'best'", ("last", "best")),
-                   "monitor": (f"one of {list(EPOCH_METRICS)}", EPOCH_METRICS),
-                   "monitor_mode": ("'max' (higher is better) or 'min'", ("max", "min")),
-                   "log_checkpoints": ("'weights', 'full' or 'none'", ("weights", "full", "none")),
-                   "batchnorm": ("'precise' or 'moving'", ("precise", "moving"))}
+        choices = {"selection": ("'last' or 'best'", ("last", "best")), "batchnorm": ("'precise' or 'moving'", ("precise", "moving")),
+                   "monitor": (f"one of {list(EPOCH_METRICS)}", EPOCH_METRICS), "monitor_mode": ("'max' (higher is better) or 'min'", ("max", "min")),
+                   "log_checkpoints": ("'weights', 'full' or 'none'", ("weights", "full", "none"))}
         for name, (expected, allowed) in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train.{name}: expected {expected}, received {getattr(self, name)!r}.")
@@ -181,8 +178,7 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         if self.train_local_mode not in ("auto", "always", "never"):
-            raise ValueError(f"cluster.train_local_mode: expected 'auto', 'always' or 'never', received "
-                             f"{self.train_local_mode!r}.")
+            raise ValueError(f"cluster.train_local_mode: expected 'auto', 'always' or 'never', received {self.train_local_mode!r}.")
         if self.lock_stale_seconds <= 0:
             raise ValueError(f"cluster.lock_stale_seconds: expected a value > 0, received {self.lock_stale_seconds}.")
 
@@ -280,17 +276,24 @@ def _read_config(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: {BASE}: expected the path of the config this one overlays, received {base!r}.")
     base_path = (path.parent / base).resolve()
     if base_path in chain or base_path == path.resolve():
-        raise ConfigError(f"{path}: {BASE}: {base} leads back to a config already in the chain "
-                          f"{[str(p) for p in (*chain, path)]}; expected a chain that ends.")
+        raise ConfigError(f"{path}: {BASE}: {base} leads back to a config already in the chain {[str(p) for p in (*chain, path)]}; expected a chain that ends.")
     return _merged(_read_config(base_path, (*chain, path.resolve())), data)
 
 
 def _merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overlay.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merged(out[key], value) if both else value
+        under = _spread(out.get(key), value if isinstance(value, dict) else ())
+        out[key] = _merged(under, value) if isinstance(value, dict) and isinstance(under, dict) else value
     return out
+
+
+def _spread(value: Any, keys: typing.Iterable[str]) -> Any:
+    """One value of a per-network setting (`epochs: 100`) as the mapping that some networks' values
+    (an overlay's `epochs: {resnet50v2: 2}`, `--set train.epochs.resnet50v2=2`) go into; else `value`."""
+    names = [n.name for n in NETWORKS]
+    one = isinstance(value, int) and not isinstance(value, bool) and set(keys) <= set(names)
+    return dict.fromkeys(names, value) if one else value
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -300,7 +303,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
-        node = node.setdefault(part, {})
+        node[part] = node = _spread(node.setdefault(part, {}), [leaf])
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {part!r} is not a section.")
     node[leaf] = yaml.safe_load(raw)
@@ -314,13 +317,11 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str, prefix: str = "
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; "
-                          f"expected keys of {prefix.rstrip('.') or 'the top level'}: {sorted(fields)}.")
+        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; expected keys of {prefix.rstrip('.') or 'the top level'}: {sorted(fields)}.")
     values = {}
     for name, value in data.items():
         key, expected = prefix + name, hints[name]
-        if expected in PER_NETWORK and isinstance(value, int) and not isinstance(value, bool):
-            value = {f.name: value for f in dataclasses.fields(expected)}  # one value for every network
+        value = _spread(value, ()) if expected in PER_NETWORK else value  # one value for every network
         if dataclasses.is_dataclass(expected):
             values[name] = from_mapping(expected, value or {}, where, key + ".")
         else:
@@ -353,8 +354,7 @@ def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
         return value
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{where}: {key}: expected {getattr(expected, '__name__', expected)}, "
-                          f"received {type(value).__name__} {value!r}.")
+        raise ConfigError(f"{where}: {key}: expected {getattr(expected, '__name__', expected)}, received {type(value).__name__} {value!r}.")
     return value
 
 

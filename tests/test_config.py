@@ -97,3 +97,18 @@ def test_resolved_fixes_the_tracking_uri_and_model_weights_for_the_workers(tmp_p
     assert config.model.weights == str(tmp_path / "keras-weights")
     given = resolved(load_config(ROOT / "configs/demo.yaml"), base=tmp_path)  # the config's own wins
     assert given.tracking.uri == f"sqlite:///{tmp_path}/work/demo/mlflow.db" and given.model.weights == "none"
+
+
+def test_some_networks_values_go_over_one_value_for_all(tmp_path):
+    """An overlay or --set of some networks' values over a base that gives one value for all keeps
+    the base's value for the others (not the defaults)."""
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 5\n")
+    (tmp_path / "over.yaml").write_text("base: base.yaml\ntrain:\n  epochs: {resnet50v2: 2}\n")
+    over = load_config(tmp_path / "over.yaml")
+    assert dataclasses.asdict(over.train.epochs) == {"xception": 5, "resnet50v2": 2, "concatenated": 5}
+    one = load_config(tmp_path / "base.yaml", ["train.epochs.concatenated=3"])
+    assert dataclasses.asdict(one.train.epochs) == {"xception": 5, "resnet50v2": 5, "concatenated": 3}
+    paper = load_config(ROOT / "configs/paper.yaml", ["train.epochs.resnet50v2=50"]).train.epochs
+    assert (paper.xception, paper.resnet50v2) == (100, 50)
+    with pytest.raises(ConfigError, match=r"--set 'splits.seed.x=1': 'seed' is not a section"):
+        load_config(None, ["splits.seed=3", "splits.seed.x=1"])

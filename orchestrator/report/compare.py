@@ -21,7 +21,7 @@ from orchestrator.evaluation import figures
 from orchestrator.config import Config, resolved
 from orchestrator.layout import REPORT_ARTIFACTS
 from orchestrator.report.inputs import latest_parent, read_table
-from orchestrator.report.tables import BASELINE
+from orchestrator.report.tables import BASELINE, TELLTALE_TABLE
 
 COLUMNS = ("config", "network", "accuracy", "accuracy_std", "recall_COVID-19", "recall_COVID-19_std",
            "covid_pneumonia_called_covid", "pooled_accuracy", "pooled_interval")
@@ -55,7 +55,7 @@ def load_protocol(config: Config) -> Protocol:
         if table4 is None or meta is None:
             raise DataError(f"{config.name}: its parent run {parent} ({config.tracking_uri}) holds no report; "
                             f"expected {REPORT_ARTIFACTS}/table4.csv and report.json: run `cxr report --config` on it.")
-        telltale, pooled = fetch("telltale.csv"), fetch("pooled.csv")
+        telltale, pooled = fetch(TELLTALE_TABLE), fetch("pooled.csv")
         return Protocol(config.name, parent, read_table(table4), json.loads(meta.read_text())["notes"],
                         read_table(telltale) if telltale else None, read_table(pooled) if pooled else None)
 

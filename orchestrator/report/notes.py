@@ -9,7 +9,7 @@ from data_pipeline.schema import CLASSES
 from data_pipeline.splits import TEST_POOL_FLAG
 from orchestrator.evaluation import by_source
 from orchestrator.report.inputs import ReportInputs, RunResult
-from orchestrator.report.tables import BASELINE, EXTRA_METRICS
+from orchestrator.report.tables import BASELINE, EXTRA_METRICS, TELLTALE_TABLE
 
 
 FEW_POSITIVES = 50
@@ -84,4 +84,4 @@ def source_notes(inputs: ReportInputs, per_source: dict[str, pd.DataFrame]) -> l
         return ["The predictions carry no source dataset (give --manifest): the results by source dataset, which "
                 "show whether a network recognises the dataset rather than the disease, are left out."]
     overlap = overlap_note(inputs.runs, inputs.patient_unit) is not None
-    return by_source.telltale_notes(per_source["telltale.csv"], overlap)
+    return by_source.telltale_notes(per_source[TELLTALE_TABLE], overlap)
