@@ -46,6 +46,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 PLUGIN_BY_TRANSFER_SYNTAX = {JPEGBaseline8Bit: "pillow"}
 Source = Union[Path, str, bytes]  # a file's path, or its contents
 IN_MEMORY = "<bytes>"  # how errors name a file given by its contents
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg"})  # the files folders are searched for
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # what Pillow may open (MPO: JPEGs from cameras); nothing else
 HEADER_BYTES = 1 << 20  # of a DICOM's header, read before its size is known
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as little-endian bytes

@@ -131,3 +131,12 @@ def class_counts(manifest: pd.DataFrame) -> pd.DataFrame:
     """Images and patients per (source, label), for the CLI summary and the README."""
     grouped = manifest.groupby(["source", "label"])
     return pd.DataFrame({"images": grouped.size(), "patients": grouped["patient_id"].nunique()}).reset_index()
+
+
+def describe(result: ManifestResult, out: Path, skipped_path: Path | None) -> list[str]:
+    """`cxr manifest`'s lines: the class counts, where the manifest went, what was left out and why."""
+    lines = [class_counts(result.manifest).to_string(index=False), f"{len(result.manifest)} images -> {out}"]
+    if skipped_path is not None:
+        lines.append(f"{len(result.skipped)} row(s) skipped -> {skipped_path}")
+        lines += [f"  {n:>6}  {reason}" for reason, n in result.skipped["reason"].value_counts().items()]
+    return lines

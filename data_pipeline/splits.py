@@ -417,6 +417,15 @@ def summary(splits: Splits) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=["fold", "subset", "label", "count", "patients"])
 
 
+def describe(splits: Splits) -> list[str]:
+    """`cxr splits`' lines: images per subset and label (a range where the folds differ, as the
+    sound protocol's do), then the notes and flags."""
+    ranges = summary(splits).groupby(["subset", "label"], sort=False)["count"].agg(["min", "max"])
+    cells = ranges.apply(lambda r: str(r["min"]) if r["min"] == r["max"] else f"{r['min']}-{r['max']}", axis=1)
+    return ([f"images per fold ({splits.spec.folds} folds):", cells.unstack("label").to_string()]
+            + [f"note: {note}" for note in splits.notes] + [f"FLAG: {flag}" for flag in splits.flags])
+
+
 def split_file(split_dir: Path, fold: int, subset: str) -> Path:
     """Where `write_splits` puts one subset of one fold (e.g. `phase3`, `val`, `test`)."""
     return Path(split_dir) / f"fold{fold}" / f"{subset}.csv"

@@ -37,7 +37,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_manifest(args: argparse.Namespace) -> None:
-    from data_pipeline.manifest import build_manifest, class_counts, manifest_key, write_manifest
+    from data_pipeline.manifest import build_manifest, describe, manifest_key, write_manifest
 
     if bool(args.rsna_mapping) != bool(args.nih_entries):
         raise ConfigError("--rsna-mapping and --nih-entries: expected both files or neither.")
@@ -45,18 +45,12 @@ def cmd_manifest(args: argparse.Namespace) -> None:
                 "rsna_persons": (args.rsna_mapping, args.nih_entries) if args.rsna_mapping else None}
     result = build_manifest(args.covid_root, args.rsna_root, **settings)
     skipped_path = write_manifest(result, args.out, key=manifest_key(args.covid_root, args.rsna_root, **settings))
-    print(class_counts(result.manifest).to_string(index=False))
-    print(f"{len(result.manifest)} images -> {args.out}")
-    if skipped_path is not None:
-        reasons = result.skipped["reason"].value_counts()
-        print(f"{len(result.skipped)} row(s) skipped -> {skipped_path}")
-        for reason, n in reasons.items():
-            print(f"  {n:>6}  {reason}")
+    print("\n".join(describe(result, args.out, skipped_path)))
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
     from data_pipeline.manifest import read_manifest
-    from data_pipeline.splits import make_splits, summary, write_splits
+    from data_pipeline.splits import describe, make_splits, write_splits
     from data_pipeline.store import without_failures
 
     config = load_config(args.config, args.set)
@@ -66,15 +60,7 @@ def cmd_splits(args: argparse.Namespace) -> None:
         manifest = without_failures(manifest, args.store)
     splits = make_splits(manifest, spec)
     digest = write_splits(splits, args.out, manifest_path=args.manifest)
-    # one row per subset; a range where the folds differ (the sound protocol's do)
-    ranges = summary(splits).groupby(["subset", "label"], sort=False)["count"].agg(["min", "max"])
-    cells = ranges.apply(lambda r: str(r["min"]) if r["min"] == r["max"] else f"{r['min']}-{r['max']}", axis=1)
-    print(f"images per fold ({spec.folds} folds):")
-    print(cells.unstack("label").to_string())
-    for note in splits.notes:
-        print(f"note: {note}")
-    for flag in splits.flags:
-        print(f"FLAG: {flag}")
+    print("\n".join(describe(splits)))
     print(f"{spec.protocol} splits -> {args.out} (hash {digest[:16]})")
 
 
@@ -147,17 +133,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from orchestrator.evaluation.audit import log_audit, run_audit
+    from orchestrator.evaluation.audit import audit_lines, log_audit, run_audit
     from orchestrator.report.inputs import latest_parent
 
     config = resolved(load_config(args.config, args.set))
-    audit = run_audit(config)
-    for name, result in audit["probes"].items():
-        print(f"source probe, {name}: AUC {result['auc']:.3f} (95% interval {result['ci_low']:.3f}-"
-              f"{result['ci_high']:.3f}, {result['images']} images)")
-    for name, test in audit["view_tests"].items():
-        print(f"{name}: chi2 {test['chi2']:.2f}, dof {test['dof']}, p {test['p']:.3g}")
-    print(f"audit: {config.paths.audit} and its section of the report's tables ({config.paths.report})")
+    print("\n".join(audit_lines(run_audit(config), config)))
     try:
         parent = latest_parent(config.tracking_uri, config.experiment_name, config.paths)
     except DataError as exc:  # no `cxr run` yet: the files stand alone
@@ -186,8 +166,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from orchestrator.serving.predict import (IMAGE_SUFFIXES, decode_limits, image_files, model_folder, network_files,
                                               predict_files, write_predictions)
 
-    if args.batch < 1:
-        raise ConfigError(f"--batch: expected 1 or more images per batch, received {args.batch}.")
     use_tracking(args)
     files = image_files(args.inputs)
     if not files:
@@ -195,7 +173,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="cxr-model-") as cache:  # a downloaded model lives while it is used
         folder = model_folder(args.model, Path(cache))
         classifier, limits = Classifier.load(network_files(folder)), decode_limits(folder)
-    predictions = predict_files(classifier, files, batch=args.batch, gradcam_dir=args.gradcam,
+    predictions = predict_files(classifier, files, batch=batch_size(args.batch), gradcam_dir=args.gradcam,
                                 gradcam_class=args.gradcam_class, show_progress=sys.stderr.isatty(), limits=limits)
     failed = write_predictions(predictions, args.out)
     print(f"{len(predictions.table)} of {len(files)} image(s) predicted ({classifier.network}, "
@@ -207,6 +185,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    if not args.verbose:
+        import_tensorflow_quietly()
+    from orchestrator.serving.evaluate import default_out, evaluate, log_to_mlflow, summary, tracked
+
+    uri, out = use_tracking(args), args.out or default_out(args.data)
+    evaluation = evaluate(args.model, args.data, args.labels, out, batch=batch_size(args.batch),
+                          show_progress=sys.stderr.isatty())
+    if tracked(args.model, named=args.config is not None or bool(args.set)):
+        evaluation = log_to_mlflow(evaluation, uri)
+    print("\n".join(summary(evaluation, uri)))
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from orchestrator.serving.registry import model_table
 
@@ -216,6 +207,12 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"no cxr-* models are registered in {uri} (`cxr run` registers its runs at its end)")
         return
     print(table.to_string(index=False))
+
+
+def batch_size(batch: int) -> int:
+    if batch < 1:
+        raise ConfigError(f"--batch: expected 1 or more images per batch, received {batch}.")
+    return batch
 
 
 def use_tracking(args: argparse.Namespace) -> str:
@@ -345,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
     add_config_arguments(p, "the tracking store of models:/ and runs:/ URIs (default MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="external validation: a trained model on a labelled set it never trained on")
+    p.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/<run id>/model "
+                                                  "or a local model folder")
+    p.add_argument("--data", required=True, help="ROOT/<label>/... (class folders), a CSV with path,label, or a "
+                                                 "named reader: kermany:ROOT (chest_xray/{train,val,test}/...)")
+    p.add_argument("--labels", default="", metavar="A=a,B=b",
+                   help=f"which of the model's classes ({', '.join(CLASSES)}) each label of the data means, "
+                        f"e.g. NORMAL=normal,PNEUMONIA=pneumonia (a class's own name needs none)")
+    p.add_argument("--out", type=Path, help="output folder (default: evaluations/<the data's folder name>)")
+    p.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
+    add_config_arguments(p, "the tracking store of the model and of the evaluation run (default MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("models", help="list the registered models (`cxr run` registers its runs and fold ensembles)")
     add_config_arguments(p, "the tracking store to list (default MLFLOW_TRACKING_URI)")

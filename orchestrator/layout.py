@@ -61,6 +61,23 @@ PREDICT_COLUMNS: tuple[str, ...] = ("path", "pred", *PROBABILITY_COLUMNS, "view"
 FAILURE_COLUMNS: tuple[str, ...] = ("path", "reason")
 
 
+# `cxr evaluate --out DIR`: one row per decoded file of the labelled set, `label` the model's class
+EVALUATION_COLUMNS: tuple[str, ...] = ("path", "label", "pred", *PROBABILITY_COLUMNS, "source_label", "finding",
+                                       "patient_id", "view")
+
+
+@dataclass(frozen=True)
+class EvaluationPaths:
+    """The files of one external validation (`cxr evaluate --out DIR`)."""
+    root: Path
+    predictions = property(lambda self: self.root / "predictions.csv")
+    metrics = property(lambda self: self.root / "metrics.json")
+    failures = property(lambda self: self.root / "failures.csv")
+    reliability = property(lambda self: self.root / "reliability.csv")
+    figures = property(lambda self: {name: self.root / f"{name}.png" for name in ("confusion_matrix", "roc",
+                                                                                 "reliability")})
+
+
 def failures_file(predictions: Path) -> Path:
     """preds.csv -> preds.failures.csv"""
     return predictions.with_name(f"{predictions.stem}.failures.csv")
@@ -114,6 +131,8 @@ SOURCE_NAME = "mlflow.source.name"
 NODE_IP, NODE_ID, RAY_GPU_IDS, TF_GPUS = "cxr.node_ip", "cxr.node_id", "cxr.gpu_ids", "cxr.tf_gpus"
 CUDA_BUILD, CUDNN_BUILD = "cxr.tf_cuda_version", "cxr.tf_cudnn_version"
 NODE_CPUS, NODE_MEMORY_GB = "cxr.node_cpus", "cxr.node_memory_gb"  # the machine a run trained on
+# an external validation's run (`cxr evaluate`), beside the model it evaluated
+EVALUATION_ROLE, EVALUATED_MODEL, EVALUATION_DATA = "evaluation", "cxr.evaluated_model", "cxr.evaluation_data"
 
 
 # ---------------------------------------------------------------- files

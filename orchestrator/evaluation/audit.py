@@ -159,6 +159,14 @@ def run_audit(config: Config) -> dict:
     return audit
 
 
+def audit_lines(audit: dict, config: Config) -> list[str]:
+    """`cxr audit`'s lines: each probe's AUC with its interval, each view test, where the files are."""
+    lines = [f"source probe, {name}: AUC {r['auc']:.3f} (95% interval {r['ci_low']:.3f}-{r['ci_high']:.3f}, "
+             f"{r['images']} images)" for name, r in audit["probes"].items()]
+    lines += [f"{name}: chi2 {t['chi2']:.2f}, dof {t['dof']}, p {t['p']:.3g}" for name, t in audit["view_tests"].items()]
+    return lines + [f"audit: {config.paths.audit} and its section of the report's tables ({config.paths.report})"]
+
+
 def write_audit(config: Config, audit: dict) -> Path:
     out = config.paths.audit
     write_json(out, audit, indent=2)

@@ -94,7 +94,8 @@ def roc_figure(predictions: dict, classes: Sequence[str], title: str, path: Path
             fpr, tpr, _ = roc_curve(truth, table[f"p_{name}"])
             aucs.append(roc_auc_score(truth, table[f"p_{name}"]))
             curves.append(np.interp(grid, fpr, tpr))
-            ax.plot(fpr, tpr, linewidth=0.9, alpha=0.6, label=f"fold {fold} (AUC {aucs[-1]:.3f})")
+            ax.plot(fpr, tpr, linewidth=0.9, alpha=0.6,
+                    label=f"{f'fold {fold}' if isinstance(fold, int) else fold} (AUC {aucs[-1]:.3f})")
         if curves:
             ax.plot(grid, np.mean(curves, axis=0), color="black", linewidth=2,
                     label=f"mean (AUC {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1) if len(aucs) > 1 else 0:.3f})")
@@ -106,6 +107,28 @@ def roc_figure(predictions: dict, classes: Sequence[str], title: str, path: Path
         if curves:
             ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"ROC curves, {title}")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def reliability_figure(bins, ece: float | None, title: str, path: Path) -> Path:
+    """The reliability diagram: each bin's accuracy against its mean top-label confidence (bars
+    at the bins, the diagonal a calibrated model's), the images per bin below."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.8, 5.4), dpi=110, sharex=True,
+                                     gridspec_kw={"height_ratios": [3, 1]})
+    width = float(bins["high"].iloc[0] - bins["low"].iloc[0])
+    filled = bins[bins["n"] > 0]
+    ax.bar(filled["low"], filled["accuracy"], width=width, align="edge", edgecolor="black", alpha=0.7,
+           label="accuracy of the bin")
+    ax.plot(filled["confidence"], filled["accuracy"], "o", color="black", markersize=3, label="at its mean confidence")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), ylabel="accuracy",
+           title=f"{title}\nECE {ece:.1f}%" if ece is not None else title)
+    ax.legend(fontsize=7, loc="upper left")
+    counts.bar(bins["low"], bins["n"], width=width, align="edge", edgecolor="black", color="grey")
+    counts.set(xlabel="top-label confidence", ylabel="images")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

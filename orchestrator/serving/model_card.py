@@ -24,6 +24,8 @@ INTENDED_USE = ("**Intended use: research only.** It reproduces and audits Rahim
                 "a diagnostic device, has not been validated for clinical use, and must not be used to diagnose, "
                 "triage or exclude COVID-19 or pneumonia in any patient.")
 NO_EXTERNAL = "None recorded: it has been tested only on its own fold's test set, drawn from the data it trained on."
+EXTERNAL = "## External validation"
+CARD_LIMIT = 5000  # characters of a version's description: MLflow's SQL stores keep 5,000
 
 
 def run_card(config: Config, name: str, version: str, run: dict, tags: dict[str, str]) -> str:
@@ -34,7 +36,7 @@ def run_card(config: Config, name: str, version: str, run: dict, tags: dict[str,
              f"{run['run_id']}): image files in, the probabilities of {', '.join(CLASSES)} out.", "",
              INTENDED_USE, ""]
     lines += _protocol(config) + _data(config) + _test_figures(predictions) + _source_checks(config, run["network"])
-    lines += ["## External validation", "", NO_EXTERNAL, ""] + _machine(tags)
+    lines += [EXTERNAL, "", NO_EXTERNAL, ""] + _machine(tags)
     return "\n".join(lines)
 
 
@@ -48,7 +50,7 @@ def ensemble_card(config: Config, name: str, version: str, network: str, folds: 
     lines += ["## Test figures", "",
               "None of its own: each fold's test set held images that other folds trained on. The folds' mean "
               f"test figures: {figures} (each fold's card has its own, with intervals).", ""]
-    lines += _source_checks(config, network) + ["## External validation", "", NO_EXTERNAL, ""]
+    lines += _source_checks(config, network) + [EXTERNAL, "", NO_EXTERNAL, ""]
     return "\n".join(lines)
 
 
@@ -117,3 +119,37 @@ def _machine(tags: dict[str, str]) -> list[str]:
         return ["## Trained on", "", "Not recorded.", ""]
     return ["## Trained on", "", f"{tags[NODE_CPUS]} logical CPUs, {tags.get(NODE_MEMORY_GB, '?')} GiB of memory, "
             f"GPUs: {tags.get(TF_GPUS) or 'none'}; the run's system/* metrics say how much it used.", ""]
+
+
+def with_external(card: str, evaluations: list[dict]) -> str:
+    """`card` with its external-validation section listing `evaluations` (each: data, when, run_id,
+    and metrics.json's flat figures: n, files, accuracy with its interval, called_covid, ece,
+    failure_share), oldest first."""
+    head, found, rest = card.partition(EXTERNAL)
+    if not found:
+        return card
+    tail = rest[rest.find("\n## "):] if "\n## " in rest else "\n"
+    lines = ["", "", "`cxr evaluate` on data it never trained on; percent, 95% Wilson intervals. \"called COVID-19\": "
+             "the share of the images of no COVID-19 that it called COVID-19 (the external false-alarm rate).", "",
+             "| data | images | accuracy | called COVID-19 | ECE | failed to decode | run |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for e in evaluations:
+        m = e["metrics"]
+        lines.append(f"| `{e['data']}` ({e['when']}) | {m.get('n', 0):.0f} of {m.get('files', 0):.0f} | "
+                     f"{_share(m, 'accuracy')} | {_share(m, 'called_covid')} | {m.get('ece', float('nan')):.1f}% | "
+                     f"{m.get('failure_share', 0):.1f}% | {e['run_id']} |")
+    return head + found + "\n".join(lines) + "\n" + tail
+
+
+def card_description(card: str) -> str:
+    """A card as a version's description, cut to what MLflow's SQL stores keep; MODEL_CARD.md holds it whole."""
+    if len(card) <= CARD_LIMIT:
+        return card
+    note = "\n\n(cut here: the whole card is MODEL_CARD.md in the run's artifacts)"
+    return card[:CARD_LIMIT - len(note)] + note
+
+
+def _share(metrics: dict, key: str) -> str:
+    if key not in metrics:
+        return "n/a"
+    return f"{metrics[key]:.1f}% ({metrics.get(f'{key}_ci_low', 0):.1f}-{metrics.get(f'{key}_ci_high', 0):.1f})"

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_pipeline.decode import DEFAULT, DecodeSpec
+from data_pipeline.decode import DEFAULT, IMAGE_SUFFIXES, DecodeSpec
 from data_pipeline.files import write_table
 from data_pipeline.schema import CLASSES, DataError, read_source_csv
 from orchestrator.console import progress_bar
 from orchestrator.layout import FAILURE_COLUMNS, PREDICT_COLUMNS, failures_file, prediction_cells
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
 MODEL_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "file:/")
 
 

@@ -36,7 +36,7 @@ from orchestrator.config import Config
 from orchestrator.layout import (ENSEMBLE_ALIAS, FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MEMBERS_MEAN, MODEL_ARTIFACT,
                                  MODEL_CARD, NETWORK, NETWORK_NAMES, RUN_ID, SPLIT_HASH, STALE, TEST_ACCURACY, TEST_AUC,
                                  ensemble_artifact, ensemble_model_name, fold_alias, registered_model_name)
-from orchestrator.serving.model_card import ensemble_card, run_card
+from orchestrator.serving.model_card import card_description, ensemble_card, run_card, with_external
 
 log = logging.getLogger(__name__)
 COLUMNS = ("name", "version", "aliases", "folds", TEST_AUC, TEST_ACCURACY, "stale", "run_id", "uri")
@@ -98,7 +98,7 @@ def register_run(client: MlflowClient, config: Config, run: dict) -> Registered:
         version = mlflow.register_model(run["model_uri"], name, tags=tags)
     card = run_card(config, name, str(version.version), run, data.tags)
     client.log_text(run["run_id"], card, MODEL_CARD)
-    client.update_model_version(name, version.version, description=card)
+    client.update_model_version(name, version.version, description=card_description(card))
     log.debug("registered %s version %s (run %s)", name, version.version, run["run_id"])
     return Registered(name, str(version.version), True, run["network"])
 
@@ -136,10 +136,33 @@ def register_ensemble(client: MlflowClient, config: Config, network: str, runs: 
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     card = ensemble_card(config, name, str(version.version), network, tags[FOLDS], means)
     client.log_text(parent_run_id, card, f"{ensemble_artifact(network)}/{MODEL_CARD}")
-    client.update_model_version(name, version.version, description=card)
+    client.update_model_version(name, version.version, description=card_description(card))
     client.set_registered_model_alias(name, ENSEMBLE_ALIAS, version.version)
     log.debug("registered %s version %s (folds %s)", name, version.version, tags[FOLDS])
     return Registered(name, str(version.version), True, network, ensemble=True)
+
+
+def record_external(client: MlflowClient, version, evaluations: list[dict]) -> None:
+    """Rewrite a registered version's card (MODEL_CARD.md and its description) with its external
+    validations (orchestrator.serving.model_card.with_external)."""
+    where = card_artifact(version)
+    try:
+        card = mlflow.artifacts.load_text(f"runs:/{version.run_id}/{where}")
+    except Exception as exc:  # a version registered by hand, or before cards existed: nothing to rewrite
+        log.warning("%s version %s: no model card to add the evaluation to (%s)", version.name, version.version,
+                    str(exc).splitlines()[0][:200])
+        return
+    card = with_external(card, evaluations)
+    client.log_text(version.run_id, card, where)
+    client.update_model_version(version.name, version.version, description=card_description(card))
+
+
+def card_artifact(version) -> str:
+    """Where a version's card lies in its run's artifacts: a fold's at the root, an ensemble's
+    beside the ensemble in the parent run."""
+    if MEMBER_RUNS in version.tags:
+        return f"{ensemble_artifact(version.tags[NETWORK])}/{MODEL_CARD}"
+    return MODEL_CARD
 
 
 @contextlib.contextmanager
