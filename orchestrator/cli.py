@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 from data_pipeline.decode import DecodeError
@@ -104,6 +103,18 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from orchestrator.driver.tuning import run_tune, with_flags
+
+    if args.config is None:
+        raise ConfigError("--config: expected the config to search (its tune: section), received none.")
+    config = with_flags(load_config(args.config, args.set), args.trials, args.scheduler, args.search)
+    result = run_tune(config, args.config, verbose=args.verbose)
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\nbest settings -> {result.best} (MLflow parent run {result.parent_run_id}); train and test them with:\n"
+          f"  cxr run --config {result.best}")
+
+
 def cmd_unlock(args: argparse.Namespace) -> None:
     from orchestrator.lock import unlock_workdir
 
@@ -134,17 +145,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> None:
     from orchestrator.evaluation.audit import audit_lines, log_audit, run_audit
-    from orchestrator.report.inputs import latest_parent
 
     config = resolved(load_config(args.config, args.set))
     print("\n".join(audit_lines(run_audit(config), config)))
-    try:
-        parent = latest_parent(config.tracking_uri, config.experiment_name, config.paths)
-    except DataError as exc:  # no `cxr run` yet: the files stand alone
-        log.warning("not logged to MLflow: %s", exc)
-        return
-    log_audit(config, parent)
-    print(f"logged to the parent MLflow run {parent}")
+    if parent := log_audit(config):
+        print(f"logged to the parent MLflow run {parent}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -162,26 +167,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     if not args.verbose:
         import_tensorflow_quietly()
-    from models.inference import Classifier
-    from orchestrator.serving.predict import (IMAGE_SUFFIXES, decode_limits, image_files, model_folder, network_files,
-                                              predict_files, write_predictions)
+    from orchestrator.serving.predict import predict_command
 
     use_tracking(args)
-    files = image_files(args.inputs)
-    if not files:
-        raise DataError(f"INPUT {' '.join(args.inputs)}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
-    with tempfile.TemporaryDirectory(prefix="cxr-model-") as cache:  # a downloaded model lives while it is used
-        folder = model_folder(args.model, Path(cache))
-        classifier, limits = Classifier.load(network_files(folder)), decode_limits(folder)
-    predictions = predict_files(classifier, files, batch=batch_size(args.batch), gradcam_dir=args.gradcam,
-                                gradcam_class=args.gradcam_class, show_progress=sys.stderr.isatty(), limits=limits)
-    failed = write_predictions(predictions, args.out)
-    print(f"{len(predictions.table)} of {len(files)} image(s) predicted ({classifier.network}, "
-          f"{len(classifier.members)} network(s), {classifier.image_size}x{classifier.image_size}) -> {args.out}")
-    if args.gradcam is not None:
-        print(f"Grad-CAM overlays -> {args.gradcam}")
-    if failed is not None:
-        log.error("%d image(s) could not be decoded; each with its reason in %s", len(predictions.failures), failed)
+    lines, failed = predict_command(args.model, args.inputs, args.out, batch_size(args.batch), args.gradcam,
+                                    args.gradcam_class, show_progress=sys.stderr.isatty())
+    print("\n".join(lines))
+    if failed:
         raise SystemExit(1)
 
 
@@ -292,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="move runs trained with other settings (another fingerprint) to runs/.stale/<time>/, "
                             "end their MLflow runs KILLED, and train them anew; without it such runs stop the command")
         p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tune", help="search the training settings on the training pool's validation sets (Ray Tune)")
+    add_config_arguments(p, "its tune: section gives the space (a sound-protocol config)")
+    p.add_argument("--trials", type=int, help="points to try (default: tune.trials)")
+    p.add_argument("--scheduler", choices=["asha", "none"], help="asha stops weak trials early (default: tune.scheduler)")
+    p.add_argument("--search", choices=["random", "optuna"], help="how points are chosen (default: tune.search)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("unlock", help="remove the workdir's lock (and its run folders') when its holder is gone; "
                                       "refused while the holder's heartbeat is fresh")

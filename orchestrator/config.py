@@ -26,6 +26,7 @@ from data_pipeline.splits import SplitSpec
 from data_pipeline.store import StoreSpec
 from models.precisions import check_precision
 from orchestrator.layout import EPOCH_METRICS, NETWORKS, WorkPaths
+from orchestrator.training.search_space import TuneSpec
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -185,9 +186,8 @@ class ClusterSpec:
 
 @dataclass(frozen=True)
 class ServingSpec:
-    """What one request to a published model may hold (models.serving): a request over a limit is
-    answered 400 naming the row and the limit. The defaults fit a batch of real X-rays: an
-    uncompressed 4,300 x 4,300 16-bit DICOM is 37 MB."""
+    """What one request to a published model may hold (models.serving): a request over a limit is answered 400
+    naming the row and the limit. The defaults fit a batch of real X-rays (a 4,300 x 4,300 16-bit DICOM: 37 MB)."""
     max_rows: int = 64
     max_image_bytes: int = 64 * 2**20
     max_request_bytes: int = 256 * 2**20
@@ -199,8 +199,7 @@ class ServingSpec:
 
 
 @dataclass(frozen=True)
-class AuditSpec:
-    """`cxr audit`'s source probe (orchestrator.evaluation.audit)."""
+class AuditSpec:  # `cxr audit`'s source probe (orchestrator.evaluation.audit)
     border: float = 0.1          # the frame the probe sees, a fraction of the side; the lungs inside are masked out
     folds: int = 5               # cross-validation folds, whole patients in one
     bootstrap: int = 1000        # replicates of the AUC's interval, drawn over patients
@@ -222,6 +221,7 @@ class Config:
     serving: ServingSpec = field(default_factory=ServingSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     audit: AuditSpec = field(default_factory=AuditSpec)
+    tune: TuneSpec = field(default_factory=TuneSpec)  # `cxr tune`'s search
     name: str = ""  # set from the config file's name; names the MLflow experiment
 
     @property
@@ -340,7 +340,7 @@ def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(expected)
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(expected) or (Any,)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):  # a tuple: a config's own mapping (to_mapping)
             raise ConfigError(f"{where}: {key}: expected a list, received {type(value).__name__} {value!r}.")
         return tuple(_check_type(v, inner, where, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):

@@ -133,6 +133,7 @@ CUDA_BUILD, CUDNN_BUILD = "cxr.tf_cuda_version", "cxr.tf_cudnn_version"
 NODE_CPUS, NODE_MEMORY_GB = "cxr.node_cpus", "cxr.node_memory_gb"  # the machine a run trained on
 # an external validation's run (`cxr evaluate`), beside the model it evaluated
 EVALUATION_ROLE, EVALUATED_MODEL, EVALUATION_DATA = "evaluation", "cxr.evaluated_model", "cxr.evaluation_data"
+TUNE_ROLE, TRIAL_ROLE, STOPPED_EARLY = "tune", "tune-trial", "cxr.stopped_early"  # `cxr tune`'s parent and trials
 
 
 # ---------------------------------------------------------------- files
@@ -333,6 +334,8 @@ class WorkPaths:
     @property
     def runs(self) -> Path:
         return (self.storage or self.root) / "runs"
+
+    tune = property(lambda self: self.root / "tune", doc="`cxr tune`'s trials (tune/trials/<trial>/), table and best.yaml")
 
     @property
     def stale(self) -> Path:

@@ -209,13 +209,22 @@ def audit_markdown(audit: dict) -> list[str]:
     return lines + [""]
 
 
-def log_audit(config: Config, parent_run_id: str) -> None:
-    """audit.json, its tables.md and the probes' AUCs on the parent MLflow run."""
+def log_audit(config: Config) -> str:
+    """audit.json, its tables.md and the probes' AUCs on the workdir's parent MLflow run; returns
+    its id, or "" when there is none yet (no `cxr run`: the files stand alone)."""
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.report.inputs import latest_parent
+
+    try:
+        parent_run_id = latest_parent(config.tracking_uri, config.experiment_name, config.paths)
+    except DataError as exc:
+        log.warning("not logged to MLflow: %s", exc)
+        return ""
     client = MlflowClient(config.tracking_uri)
     audit = json.loads(config.paths.audit.read_text())
     for name, result in audit["probes"].items():
         client.log_metric(parent_run_id, f"audit_{name}_auc", result["auc"])
     client.log_artifact(parent_run_id, str(config.paths.audit), REPORT_ARTIFACTS)
     client.log_artifact(parent_run_id, str(config.paths.report / TABLES_FILE), REPORT_ARTIFACTS)
+    return parent_run_id

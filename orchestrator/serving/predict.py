@@ -181,3 +181,28 @@ def write_predictions(predictions: Predictions, out: Path) -> Path | None:
         return None
     write_table(predictions.failures, failed)
     return failed
+
+
+def predict_command(model: str, inputs: list[str], out: Path, batch: int, gradcam: Path | None, gradcam_class: str,
+                    show_progress: bool) -> tuple[list[str], int]:
+    """`cxr predict`: the files of `inputs` predicted by `model` into `out` (and Grad-CAM overlays
+    into `gradcam`); returns the lines to print and how many files failed to decode."""
+    import tempfile
+
+    from models.inference import Classifier
+
+    files = image_files(inputs)
+    if not files:
+        raise DataError(f"INPUT {' '.join(inputs)}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
+    with tempfile.TemporaryDirectory(prefix="cxr-model-") as cache:  # a downloaded model lives while it is used
+        folder = model_folder(model, Path(cache))
+        classifier, limits = Classifier.load(network_files(folder)), decode_limits(folder)
+    predictions = predict_files(classifier, files, batch=batch, gradcam_dir=gradcam, gradcam_class=gradcam_class,
+                                show_progress=show_progress, limits=limits)
+    failed = write_predictions(predictions, out)
+    lines = [f"{len(predictions.table)} of {len(files)} image(s) predicted ({classifier.network}, "
+             f"{len(classifier.members)} network(s), {classifier.image_size}x{classifier.image_size}) -> {out}"]
+    lines += [f"Grad-CAM overlays -> {gradcam}"] if gradcam is not None else []
+    if failed is not None:
+        log.error("%d image(s) could not be decoded; each with its reason in %s", len(predictions.failures), failed)
+    return lines, len(predictions.failures)

@@ -206,6 +206,10 @@ class Run:
 
     def train(self) -> Path:
         """Run every remaining phase, select, evaluate; returns the predictions file."""
+        return self._evaluate(self.fit())
+
+    def fit(self) -> keras.Model:
+        """Run every remaining phase and select: the model as the test set would see it."""
         model = self.model()
         cursor = self.cursor
         self.history = load_history(self.paths, cursor.epoch, self.tracker, self.epochs)
@@ -228,7 +232,7 @@ class Run:
             if cursor.phases_logged < phase and cursor.epoch == end:
                 self._end_phase(model)
         self._log_pending()  # the epochs after the last checkpoint: training is complete
-        return self._evaluate(self._selected(model))
+        return self._selected(model)
 
     def _steps(self, rows: pd.DataFrame) -> int:
         return self.spec.steps_per_epoch or math.ceil(len(rows) / self.batch_size)

@@ -1,0 +1,77 @@
+"""One trial of `cxr tune`: a run trained on its fold's training pool and judged on that pool's
+validation set, tracked in MLflow as a child of the search's parent run. Its test set is never
+read: not loaded, not evaluated, not logged as a dataset.
+
+  the trial's config (orchestrator.training.search_space.apply_sample) -> its run folder under
+  <workdir>/tune/trials/<trial>/ -> the phases (orchestrator.training.run.Run.fit), each epoch's
+  validation reported to Tune -> FINISHED; stopped early by the scheduler: KILLED, tagged
+
+A trial publishes no model: the best settings are trained again by `cxr run` with the overlay.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from orchestrator import layout
+from orchestrator.config import flatten
+from orchestrator.layout import run_name
+from orchestrator.lock import FileLock
+from orchestrator.tracking.experiment import package_versions
+from orchestrator.tracking.runs import RunTracker
+from orchestrator.training.identity import Identity
+from orchestrator.training.inputs import RunInputs, run_datasets
+from orchestrator.training.run import Run, RunSetup
+
+
+def train_trial(config, fold: int, network: str, parent_run_id: str, params: dict[str, str],
+                report: Callable[[dict], None], placement: dict[str, str] | None = None,
+                lock_owner: str = "") -> str:
+    """Train one trial of `config` (its storage path the trial's folder); returns its MLflow run id.
+    `params`: the sampled settings, logged beside the config's. `report` gets each epoch's row."""
+    paths = config.paths.run(fold, network)
+    lock = FileLock(paths.lock, f"trial folder {paths.root}", config.cluster.lock_stale_seconds, owner=lock_owner,
+                    command=f"the trial {paths.root.parent.parent.name}")
+    lock.acquire(wait=config.cluster.lock_stale_seconds * 1.25)
+    try:
+        return _train_trial(config, fold, network, parent_run_id, params, report, placement)
+    finally:
+        lock.release()
+
+
+def _train_trial(config, fold, network, parent_run_id, params, report, placement) -> str:
+    started = time.perf_counter()
+    paths, identity = config.paths.run(fold, network), Identity.of(config)
+    trial = Path(config.cluster.storage_path).name
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root, config.paths.mlruns)
+    inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases, test=False)
+    tags = {layout.ROLE: layout.TRIAL_ROLE, layout.FOLD: str(fold), layout.NETWORK: network,
+            layout.PROTOCOL: inputs.split_meta.protocol, layout.VALIDATION: inputs.split_meta.validation,
+            layout.FINGERPRINT: identity.fingerprint, layout.SPLIT_HASH: identity.split_hash,
+            layout.SOURCE_NAME: "cxr tune (orchestrator.training.trial)", **package_versions(), **(placement or {})}
+    run = None
+    try:
+        all_params = {**flatten(config), "fold": str(fold), "network": network, **params}
+        if tracker.open(f"{trial} {run_name(fold, network)}", tags, all_params, parent_run_id):
+            tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=identity.split_hash[:16])
+        setup = RunSetup(network, fold, config.train, config.augment, config.model.weights, identity.fingerprint)
+        def reported(row: dict) -> None:  # a trial is never resumed: each epoch to MLflow at once, then to Tune
+            tracker.log_epochs([row])
+            report(row)
+
+        run = Run(setup, inputs, paths, tracker, reported)
+        run.seconds["run set-up"] += time.perf_counter() - started
+        run.fit()
+    except BaseException as exc:
+        # SystemExit: Ray Tune ends a trial its scheduler stopped at the trial's next report
+        if isinstance(exc, SystemExit):
+            tracker.set_tags({layout.STOPPED_EARLY: "true"})
+        tracker.close("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    finally:
+        if run is not None:
+            run.save_timing()
+    tracker.close("FINISHED")
+    return tracker.run_id
