@@ -246,3 +246,17 @@ def test_a_file_cxr_predict_refuses_is_listed_without_its_header_values(publishe
     shown = capsys.readouterr()
     written = (tmp_path / "out" / "preds.failures.csv").read_text() + shown.out + shown.err
     assert not [v for v in PHI_MARKERS.values() if v in written]
+
+
+def test_cxr_evaluate_of_a_set_none_of_which_decodes_says_so_and_lists_them(published, tmp_path, caplog):
+    """A local model folder, a labelled folder whose only file is a truncated PNG: exit 2 naming
+    the count and failures.csv, which holds the file, its reason and its label."""
+    folder = model_folder(f"runs:/{published['runs'][0]}/model", tmp_path / "model")
+    (tmp_path / "set" / "normal").mkdir(parents=True)
+    png = sorted(fixture_path(PNG).rglob("*.png"))[0].read_bytes()
+    (tmp_path / "set" / "normal" / "cut.png").write_bytes(png[:300])
+    code = cli.main(["evaluate", "--model", str(folder), "--data", str(tmp_path / "set"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "none of its 1 image file(s) decoded" in caplog.text
+    failures = pd.read_csv(tmp_path / "out" / "failures.csv")
+    assert failures[["path", "label"]].values.tolist() == [[str(tmp_path / "set" / "normal" / "cut.png"), "normal"]]
+    assert failures["reason"].iloc[0] == "the image data is truncated or corrupt"

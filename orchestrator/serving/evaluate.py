@@ -54,6 +54,10 @@ def evaluate(model_uri: str, data: str, labels: str, out: Path, batch: int = 32,
     table = images.merge(predicted.table, on="path", how="inner")[list(EVALUATION_COLUMNS)]
     failures = images.merge(predicted.failures, on="path")[[*FAILURE_COLUMNS, "label", SOURCE_LABEL]]
     paths = EvaluationPaths(Path(out))
+    if table.empty:
+        write_table(failures, paths.failures)
+        raise DataError(f"--data {data}: none of its {len(failures)} image file(s) decoded; each with its reason in "
+                        f"{paths.failures}.")
     metrics = {"model": model_uri, "data": data, "network": classifier.network,
                "image_size": classifier.image_size, "networks": len(classifier.members),
                "labels": dict(sorted(images.groupby(SOURCE_LABEL)["label"].first().items())),
