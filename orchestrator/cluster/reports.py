@@ -23,7 +23,8 @@ Two ways there, as the run trains:
   worker each epoch, a round through the Train controller. The Progress actor is there anyway,
   and the trial asks it once a second for its run's rows.
 
-Either way the trial's last report costs one read of the run's MLflow run (15-25 ms on sqlite).
+Either way the trial's last report costs one read of the run's MLflow run, by the client the
+run's process already made (10-25 ms on sqlite; the first client in a process costs about 1 s).
 
 A restarted attempt resumes from the newest checkpoint of its run and reports only the epochs
 after it; the epochs its dead predecessor had trained past that checkpoint are trained and

@@ -28,8 +28,8 @@ from mlflow.tracking import MlflowClient
 from data_pipeline.files import StateError
 from orchestrator.config import Config
 from orchestrator.layout import (CUDA_BUILD, CUDNN_BUILD, FINGERPRINT, MODEL_ARTIFACT, MODEL_URI, NODE_CPUS, NODE_ID, NODE_IP,
-                                 NODE_MEMORY_GB, NETWORK_NAMES, PARENT_RUN, RAY_GPU_IDS, STALE, TEST_ACCURACY, TEST_AUC, TF_GPUS,
-                                 RunPaths, run_name)
+                                 NODE_MEMORY_GB, NETWORK_NAMES, PARENT_RUN, RAY_GPU_IDS, STALE, TEST_ACCURACY, TEST_AUC,
+                                 TF_GPUS, RunPaths, run_name)
 from orchestrator.tracking.experiment import call, ensure_experiment
 
 log = logging.getLogger(__name__)
