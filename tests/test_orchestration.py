@@ -35,6 +35,7 @@ from orchestrator.tracking.experiment import check_tracking
 from tests.conftest import PAPER_SHRINK, ROOT
 from tests.ray_clusters import AutoscalingCluster, FixedCluster, free_port, wait_for_url
 from tests.test_clusters import submit_command
+from tests.test_tune_reports import assert_tune_matches, tune_results
 
 BIN = Path(sys.executable).parent
 PAPER = str(ROOT / "configs" / "paper.yaml")
@@ -207,6 +208,14 @@ def test_four_runs_go_at_once_each_on_its_own_node_and_gpu(cluster_job, gpu_clus
     assert all(abs(float(run.data.tags["cxr.node_memory_gb"]) - memory) < 0.1 for run in runs.values())
     # at once: every run started before any ended
     assert max(r.info.start_time for r in runs.values()) < min(r.info.end_time for r in runs.values())
+
+
+def test_each_trial_forwards_its_train_workers_epochs_to_tune(cluster_job):
+    """The runs trained in Ray Train workers, which have no Tune session: each trial forwarded its
+    run's epochs from the Progress actor as they came, then reported its test metrics."""
+    names = sorted(f"fold{k}-{n}" for k in (1, 2) for n in ("xception", "resnet50v2"))
+    histories, tests = tune_results(cluster_job["workdir"] / "ray", "cxr-paper")
+    assert_tune_matches(histories, tests, cluster_job["workdir"], cluster_job["uri"], names)
 
 
 def test_the_report_reads_every_childs_artifacts_through_the_server(cluster_job, tmp_path):

@@ -35,6 +35,7 @@ from data_pipeline.synth import PHI_MARKERS
 from tests.hostile_files import png_claiming
 from tests.ray_clusters import free_port, outliving, short_temp_dir, wait_for_url
 from tests.test_orchestration import BIN, NODE_ENV, PAPER, RUNS, children, end_group
+from tests.test_tune_reports import assert_tune_matches, tune_results
 
 
 DICOM = "dicom/rsna_uao/008c19e8-a820-403a-930a-bc74a4053664.dcm"  # real files for the served model
@@ -163,6 +164,15 @@ def test_a_worker_killed_with_sigkill_resumes_its_mlflow_run_to_finished(paper_l
     client = MlflowClient(f"sqlite:///{paper_local['workdir']}/mlflow.db")
     assert client.get_run(killed["run_id"]).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(killed["run_id"], "loss")] == [1]  # its epoch, once
+
+
+def test_tune_holds_each_runs_epochs_and_test_metrics_the_killed_one_too(paper_local):
+    """Each trial reported its run's epoch as it trained (in the trial: Ray Train's local mode),
+    then its test metrics: the same as history.csv and MLflow, the killed run's restarted trial
+    too (an epoch it trained again counts with its last report). Before the changed split below,
+    whose `cxr run` starts another grid in the same results folder."""
+    histories, tests = tune_results(paper_local["workdir"] / "ray", "cxr-paper")
+    assert_tune_matches(histories, tests, paper_local["workdir"], f"sqlite:///{paper_local['workdir']}/mlflow.db", RUNS)
 
 
 # ---------------------------------------------------------------- the published models

@@ -7,13 +7,15 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import pandas as pd
 import ray
 from ray import tune
 
 from orchestrator.cluster.connection import StageError, cluster_address, connect
 from orchestrator.cluster.progress import Progress, RunTable, trial_name
+from orchestrator.cluster.reports import histories
 from orchestrator.cluster.timeline import SlotTime, slot_time
 from orchestrator.cluster.worker import drive_one_run
 from orchestrator.config import ClusterSpec, Config, ConfigError, sqlite_file, to_mapping
@@ -24,9 +26,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GridOutcome:
-    """{run name: "done" | error} for the runs launched, and where their slot time went."""
+    """{run name: "done" | error} for the runs launched, and where their slot time went; what
+    they reported to Ray Tune: {run name: one row per epoch} and {run name: its test metrics}
+    (orchestrator.cluster.reports)."""
     runs: dict[str, str]
     slot_time: SlotTime | None = None  # None: nothing launched
+    histories: dict[str, pd.DataFrame] = field(default_factory=dict)
+    test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def run_grid(config: Config, folds: list[int], networks: list[str], parent_run_id: str,
@@ -35,7 +41,8 @@ def run_grid(config: Config, folds: list[int], networks: list[str], parent_run_i
 
     The Tune trial only launches the Train run (the pattern current Ray recommends; a Trainer is
     no longer passed to a Tuner); the Train worker holds the device and runs the single-run
-    trainer. Returns the runs' outcomes and slot time (orchestrator.cluster.timeline).
+    trainer. Returns the runs' outcomes and slot time (orchestrator.cluster.timeline), and the
+    epochs and test metrics each run reported to Tune.
     """
     connect(config.cluster.address or None, verbose=verbose)
     # finished runs are not launched again (a trial would start a TensorFlow worker only to find
@@ -93,7 +100,7 @@ def run_grid(config: Config, folds: list[int], networks: list[str], parent_run_i
     for result in results:
         name = run_name(**result.config["run"])
         outcome[name] = "done" if result.error is None else f"failed: {result.error}"
-    return GridOutcome(outcome, slot_time(stamps, min(slots, len(pending)), wall))
+    return GridOutcome(outcome, slot_time(stamps, min(slots, len(pending)), wall), *histories(results))
 
 
 def run_gpus(cluster: ClusterSpec) -> float:

@@ -23,17 +23,31 @@ def trial_name(trial) -> str:
 
 @ray.remote(num_cpus=0)
 class Progress:
-    """The runs' epoch rows on their way to the driver's table, for all runs of a `cxr run`.
+    """The runs' epoch rows on their way to the driver's table, and to the Tune trial of each run
+    whose Ray Train worker trains apart from it (orchestrator.cluster.reports), for all runs of a
+    `cxr run`.
 
     Ray Tune's own channel from a Train run to its trial (TuneReportCallback) starts a queue
     actor per run: one more Python process of 3-5 CPU-seconds each time, for a few rows."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, dict]] = []
+        self.rows: list[tuple[str, dict]] = []  # the table's, until it takes them
+        self.unforwarded: dict[str, list[dict]] = {}  # each run's, until its trial takes them
         self.moments: dict[str, list[tuple[str, float]]] = {}  # orchestrator.cluster.timeline's
 
     def put(self, name: str, row: dict) -> None:
         self.rows.append((name, row))
+        self.unforwarded.setdefault(name, []).append(row)  # a few KB a run where no trial takes them
+
+    def take_run(self, name: str) -> list[dict]:
+        """Run `name`'s rows that its trial has not taken yet, for Tune (orchestrator.cluster.reports):
+        a read of their own, so that the table's `take` still gets every row. A later attempt of the
+        trial goes on where an earlier one stopped."""
+        return self.unforwarded.pop(name, [])
+
+    def synced(self) -> bool:
+        """Nothing: a caller that waits for it knows that its earlier calls have been run."""
+        return True
 
     def stamp(self, name: str, moment: str, at: float) -> None:
         """A moment of run `name`'s attempt (orchestrator.cluster.timeline), at wall-clock `at`."""

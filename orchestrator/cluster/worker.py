@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import time
 
+import ray
 from ray import train, tune
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from orchestrator.cluster.reports import epoch_reporter, fit_forwarding, report_outcome
 from orchestrator.layout import run_name
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,8 @@ def drive_one_run(params: dict, settings: dict) -> None:
     Ray Train also starts its dataset manager for each run, though the runs read the image store
     through tf.data, not Ray Data: about 3 CPU-seconds a run, which only a private hook of Ray
     Train could spare (a local Ray trains in the trial, without it).
+
+    The run's epochs reach Tune as it trains, then its test metrics (orchestrator.cluster.reports).
     """
     name = run_name(**params["run"])
     settings["progress"].stamp.remote(name, "trial", time.time())  # orchestrator.cluster.timeline
@@ -40,15 +44,16 @@ def drive_one_run(params: dict, settings: dict) -> None:
                                    failure_config=train.FailureConfig(max_failures=settings["max_failures"])),
     )
     try:
-        result = trainer.fit()
+        # in the trial, the trainer reports each epoch itself; a Train worker's go through Progress
+        result = trainer.fit() if settings["in_trial"] else fit_forwarding(trainer, settings["progress"], params["run"])
+    except SystemExit:  # Tune stopped the trial (its scheduler): tune.report raised it, the run ended KILLED
+        raise
     except BaseException:
         # a worker killed by SIGKILL, the OOM killer or the loss of its node ended nothing, and Ray
         # Train's restarts are spent: FAILED, not RUNNING (a retry of the trial continues the run)
         _mark_failed(settings["config"], params["run"])
         raise
-    # the trial's one result (the epochs reach the driver through Progress): where its Train run
-    # is; without one, Tune's console prints an empty "Last result" line per trial
-    tune.report({"train_run": result.path or "in the trial"})
+    report_outcome(params["run"], result.return_value)
 
 
 def _mark_failed(config_mapping: dict, run: dict) -> None:
@@ -65,7 +70,7 @@ def _mark_failed(config_mapping: dict, run: dict) -> None:
     log.warning("%s: Ray Train's restarts are spent; its MLflow run is %s", run_name(**run), status or "not opened")
 
 
-def _train_worker(params: dict) -> None:
+def _train_worker(params: dict) -> dict:
     """The Ray Train worker: pin TensorFlow to this worker's share, then the single-run trainer."""
     name, board = run_name(**params["run"]), params["progress"]
     board.stamp.remote(name, "worker", time.time())
@@ -85,7 +90,7 @@ def _train_worker(params: dict) -> None:
     board.stamp.remote(name, "trainer", time.time())
     try:
         train_and_evaluate(config, params["run"]["fold"], params["run"]["network"], params["parent_run_id"],
-                           report=lambda row: board.put.remote(name, row), placement=placement,
+                           report=epoch_reporter(board, params["run"], params["in_trial"]), placement=placement,
                            lock_owner=params["lock_owner"], keep_traced=params["in_trial"])
     finally:  # a trial's process trains the next run too (local mode): nothing of this one kept but
         # its traced model (orchestrator.training.traced), which the next run of its kind restarts
@@ -93,3 +98,15 @@ def _train_worker(params: dict) -> None:
         import keras
 
         keras.backend.clear_session()
+    # the actor runs one caller's calls in order: once this returns, it holds every row of the run,
+    # which the trial reads after fit has returned (orchestrator.cluster.reports)
+    ray.get(board.synced.remote())
+    return _outcome(config, params["run"])
+
+
+def _outcome(config, run: dict) -> dict:
+    """What the trial reports last: the run's last step and test metrics, as its MLflow run holds them."""
+    from orchestrator.tracking.runs import RunTracker
+
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run_dir(**run))
+    return {"step": config.splits.phases * getattr(config.train.epochs, run["network"]), **tracker.test_metrics()}

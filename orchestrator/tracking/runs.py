@@ -28,8 +28,8 @@ from mlflow.tracking import MlflowClient
 from data_pipeline.files import StateError
 from orchestrator.config import Config
 from orchestrator.layout import (CUDA_BUILD, CUDNN_BUILD, FINGERPRINT, MODEL_ARTIFACT, MODEL_URI, NODE_CPUS, NODE_ID, NODE_IP,
-                                 NODE_MEMORY_GB, NETWORK_NAMES, PARENT_RUN, RAY_GPU_IDS, STALE, TEST_ACCURACY, TF_GPUS, RunPaths,
-                                 run_name)
+                                 NODE_MEMORY_GB, NETWORK_NAMES, PARENT_RUN, RAY_GPU_IDS, STALE, TEST_ACCURACY, TEST_AUC,
+                                 TF_GPUS, RunPaths, run_name)
 from orchestrator.tracking.experiment import call, ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,14 @@ class RunTracker:
                                                     "val_loss": math.nan, "val_accuracy": math.nan})
                 row[key] = metric.value
         return [rows[step] for step in sorted(rows) if {"loss", "accuracy"} <= set(rows[step])]
+
+    def test_metrics(self) -> dict[str, float]:
+        """The run's test accuracy and AUC as its MLflow run holds them ({} before they are logged)."""
+        run_id = self.run_id or self.paths.read_mlflow_run()
+        if not run_id:
+            return {}
+        metrics = call(self.client.get_run, run_id, what="get_run").data.metrics
+        return {key: metrics[key] for key in (TEST_ACCURACY, TEST_AUC) if key in metrics}
 
     def log_datasets(self, datasets: list[tuple[str, str, Any, Path]], digest: str) -> None:
         """The run's data as MLflow datasets: (name, context, table, file) each, all with the split

@@ -96,7 +96,8 @@ def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, rep
     except BaseException as exc:
         if run is not None:
             run.save_timing()
-        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        # SystemExit: Ray Tune stopped the trial that trains this run (its scheduler), at an epoch's report
+        tracker.close("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     # Finished means finished everywhere: everything logged, then the MLflow run FINISHED, then
     # done.json. A kill between the last two leaves a FINISHED run that `reconcile` completes.
