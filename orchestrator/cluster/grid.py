@@ -54,7 +54,7 @@ def run_grid(config: Config, folds: list[int], networks: list[str], parent_run_i
         log.info("all %d runs are complete", len(folds) * len(networks))
         return GridOutcome({})
     gpus, cpus = run_gpus(config.cluster), config.cluster.cpus_per_run
-    slots = _concurrency(config.cluster, gpus, cpus, len(pending))
+    slots = concurrency(config.cluster, gpus, cpus, len(pending))
     log.info("%d runs to go of %d, %s GPU and %s CPU each, at most %d at a time", len(pending),
              len(folds) * len(networks), gpus, cpus, slots)
     storage = str(config.paths.ray_results.absolute())
@@ -122,7 +122,7 @@ def run_gpus(cluster: ClusterSpec) -> float:
     return gpus
 
 
-def _concurrency(cluster: ClusterSpec, gpus: float, cpus: float, pending: int) -> int:
+def concurrency(cluster: ClusterSpec, gpus: float, cpus: float, pending: int) -> int:
     """Runs at once. On a cluster, all of them: Ray queues the runs it cannot place yet, and an
     autoscaler sees them waiting and adds nodes. A local Ray launches only what its devices hold
     (one per GPU, two per GPU at 0.5, ... else per CPU), in the order given (longest first)."""

@@ -22,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from orchestrator.cluster.connection import StageError, connect
-from orchestrator.cluster.grid import _concurrency, run_gpus
+from orchestrator.cluster.grid import concurrency, run_gpus
 from orchestrator.config import Config, to_mapping
 from orchestrator.training.search_space import NETWORK, RANGES, TuneSpec
 
@@ -68,7 +68,7 @@ def run_search(config: Config, parent_run_id: str, experiment: str, verbose: boo
     connect(config.cluster.address or None, verbose=verbose)
     spec = config.tune
     gpus, cpus = run_gpus(config.cluster), config.cluster.cpus_per_run
-    slots = spec.max_concurrent or _concurrency(config.cluster, gpus, cpus, spec.trials)
+    slots = spec.max_concurrent or concurrency(config.cluster, gpus, cpus, spec.trials)
     most = validations(config)
     settings = {"config": to_mapping(config), "parent_run_id": parent_run_id, "experiment": experiment,
                 "gpus": gpus, "cpus": cpus, "verbose": verbose, "lock_owner": lock_owner,
