@@ -144,7 +144,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from orchestrator.evaluation.audit import audit_lines, log_audit, run_audit
+    from orchestrator.evaluation.audit import audit_lines, run_audit
+    from orchestrator.report.to_mlflow import log_audit
 
     config = resolved(load_config(args.config, args.set))
     print("\n".join(audit_lines(run_audit(config), config)))

@@ -19,7 +19,6 @@ found nothing (which does not prove that nothing is there).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -32,7 +31,7 @@ from data_pipeline.schema import DataError
 from data_pipeline.manifest import read_manifest
 from data_pipeline.store import ImageStore, StoreBuilder
 from orchestrator.config import AuditSpec, Config
-from orchestrator.layout import REPORT_ARTIFACTS, TABLES_FILE
+from orchestrator.layout import TABLES_FILE
 from orchestrator.evaluation.metrics import bootstrap_weights, percentile_interval, weighted_auc
 
 log = logging.getLogger(__name__)
@@ -207,24 +206,3 @@ def audit_markdown(audit: dict) -> list[str]:
     lines += [f"| {name} | {t['chi2']:.2f} | {t['dof']} | {t['p']:.3g} | {t['images']} |"
               for name, t in audit["view_tests"].items()]
     return lines + [""]
-
-
-def log_audit(config: Config) -> str:
-    """audit.json, its tables.md and the probes' AUCs on the workdir's parent MLflow run; returns
-    its id, or "" when there is none yet (no `cxr run`: the files stand alone)."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.report.inputs import latest_parent
-
-    try:
-        parent_run_id = latest_parent(config.tracking_uri, config.experiment_name, config.paths)
-    except DataError as exc:
-        log.warning("not logged to MLflow: %s", exc)
-        return ""
-    client = MlflowClient(config.tracking_uri)
-    audit = json.loads(config.paths.audit.read_text())
-    for name, result in audit["probes"].items():
-        client.log_metric(parent_run_id, f"audit_{name}_auc", result["auc"])
-    client.log_artifact(parent_run_id, str(config.paths.audit), REPORT_ARTIFACTS)
-    client.log_artifact(parent_run_id, str(config.paths.report / TABLES_FILE), REPORT_ARTIFACTS)
-    return parent_run_id

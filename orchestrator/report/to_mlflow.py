@@ -1,16 +1,22 @@
 """The report in MLflow: its files and Table 4's averages on the parent run, each run's training
-curves on that run."""
+curves on that run, and `cxr audit`'s results on the parent run."""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 
 import pandas as pd
 
-from orchestrator.layout import NETWORK_NAMES, REPORT_ARTIFACTS
-from orchestrator.report.inputs import ReportInputs
+from data_pipeline.schema import DataError
+from orchestrator.config import Config
+from orchestrator.layout import NETWORK_NAMES, REPORT_ARTIFACTS, TABLES_FILE
+from orchestrator.report.inputs import ReportInputs, latest_parent
 from orchestrator.report.tables import TABLE4_COLUMNS
 from orchestrator.report.result import Report
+
+log = logging.getLogger(__name__)
 
 
 def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:
@@ -35,3 +41,22 @@ def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:
         curves = report.figures.get(f"curves/{run.name}")
         if run.run_id and curves is not None:
             client.log_artifact(run.run_id, str(curves), REPORT_ARTIFACTS)
+
+
+def log_audit(config: Config) -> str:
+    """audit.json, its tables.md and the probes' AUCs on the workdir's parent MLflow run; returns
+    its id, or "" when there is none yet (no `cxr run`: the files stand alone)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        parent_run_id = latest_parent(config.tracking_uri, config.experiment_name, config.paths)
+    except DataError as exc:
+        log.warning("not logged to MLflow: %s", exc)
+        return ""
+    client = MlflowClient(config.tracking_uri)
+    audit = json.loads(config.paths.audit.read_text())
+    for name, result in audit["probes"].items():
+        client.log_metric(parent_run_id, f"audit_{name}_auc", result["auc"])
+    client.log_artifact(parent_run_id, str(config.paths.audit), REPORT_ARTIFACTS)
+    client.log_artifact(parent_run_id, str(config.paths.report / TABLES_FILE), REPORT_ARTIFACTS)
+    return parent_run_id
