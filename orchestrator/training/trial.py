@@ -57,6 +57,7 @@ def _train_trial(config, fold, network, parent_run_id, params, report, placement
         if tracker.open(f"{trial} {run_name(fold, network)}", tags, all_params, parent_run_id):
             tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=identity.split_hash[:16])
         setup = RunSetup(network, fold, config.train, config.augment, config.model.weights, identity.fingerprint)
+
         def reported(row: dict) -> None:  # a trial is never resumed: each epoch to MLflow at once, then to Tune
             tracker.log_epochs([row])
             report(row)
@@ -66,7 +67,7 @@ def _train_trial(config, fold, network, parent_run_id, params, report, placement
         run.fit()
     except BaseException as exc:
         # SystemExit: Ray Tune ends a trial its scheduler stopped at the trial's next report
-        if isinstance(exc, SystemExit):
+        if isinstance(exc, SystemExit) and tracker.run_id:
             tracker.set_tags({layout.STOPPED_EARLY: "true"})
         tracker.close("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
