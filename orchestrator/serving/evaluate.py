@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -22,7 +23,7 @@ import pandas as pd
 from data_pipeline.files import write_json, write_table
 from data_pipeline.schema import CLASSES, DataError
 from data_pipeline.sources.labelled import SOURCE_LABEL, map_labels, parse_label_map, read_labelled
-from orchestrator.evaluation.external import external_metrics, reliability
+from orchestrator.evaluation.external import external_metrics
 from orchestrator.layout import EVALUATION_COLUMNS, EVALUATION_DATA, FAILURE_COLUMNS, EvaluationPaths
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Evaluation:
     paths: EvaluationPaths
-    metrics: dict       # metrics.json
+    metrics: dict             # metrics.json
     network: str
-    run_id: str = ""    # the MLflow evaluation run, where one was logged
+    predictions: pd.DataFrame  # predictions.csv
+    run_id: str = ""          # the MLflow evaluation run, where one was logged
 
 
 def evaluate(model_uri: str, data: str, labels: str, out: Path, batch: int = 32, show_progress: bool = True,
@@ -63,7 +65,7 @@ def evaluate(model_uri: str, data: str, labels: str, out: Path, batch: int = 32,
                "labels": dict(sorted(images.groupby(SOURCE_LABEL)["label"].first().items())),
                **external_metrics(table, len(failures), replicates)}
     write_outputs(paths, table, failures, metrics)
-    return Evaluation(paths, metrics, classifier.network)
+    return Evaluation(paths, metrics, classifier.network, table)
 
 
 def write_outputs(paths: EvaluationPaths, table: pd.DataFrame, failures: pd.DataFrame, metrics: dict) -> None:
@@ -72,7 +74,7 @@ def write_outputs(paths: EvaluationPaths, table: pd.DataFrame, failures: pd.Data
     paths.root.mkdir(parents=True, exist_ok=True)
     write_table(table, paths.predictions)
     write_table(failures, paths.failures)
-    bins = reliability(table)
+    bins = pd.DataFrame(metrics["calibration"]["reliability"])  # external_metrics' bins
     write_table(bins, paths.reliability)
     write_json(paths.metrics, metrics, indent=1)
     figures, title = paths.figures, f"{metrics['network']} on {Path(metrics['data'].split(':')[-1]).name}"
@@ -104,12 +106,11 @@ def log_to_mlflow(evaluation: Evaluation, uri: str) -> Evaluation:
 
     client = MlflowClient(uri)
     model = evaluated_model(client, evaluation.metrics["model"])
-    table = pd.read_csv(evaluation.paths.predictions)
-    run_id = log_evaluation(model, evaluation.metrics["data"], table, flat_metrics(evaluation.metrics),
+    run_id = log_evaluation(model, evaluation.metrics["data"], evaluation.predictions, flat_metrics(evaluation.metrics),
                             evaluation.paths.root)
     if model.version is not None:
         record_external(client, model.version, [_card_row(r) for r in evaluations_of(client, model.uri)])
-    return Evaluation(evaluation.paths, evaluation.metrics, evaluation.network, run_id)
+    return dataclasses.replace(evaluation, run_id=run_id)
 
 
 def tracked(model_uri: str, named: bool) -> bool:
