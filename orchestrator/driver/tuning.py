@@ -53,7 +53,7 @@ def run_tune(config: Config, config_path: Path, verbose: bool = False) -> TuneRe
 
 def refuse_test_pool(config: Config) -> None:
     """The objective must be a validation set of the training pool (the sound protocol's): the
-    paper's s_test and the imported splits' validation are drawn from the test pool, and none is none."""
+    paper's s_test and the imported splits' validation are drawn from the test pool; without one there is nothing to judge on."""
     if config.splits.protocol != "sound":
         drawn = ("drawn from the test pool (the paper's s_test: test-set selection)"
                  if config.splits.validation == "test_pool" else "absent (splits.validation: none)")
