@@ -32,6 +32,7 @@ from data_pipeline.schema import DataError
 
 log = logging.getLogger(__name__)
 STORE_VERSION = 2  # bump when decoding or resizing changes: old stores then rebuild (2: float32, bounded)
+STORE_META = "store.json"  # written last: a store holding it is complete (also on object storage)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class StoreBuilder:
     @staticmethod
     def written_key(out: Path) -> str:
         """The key of the complete store at `out` ("" if there is none): what its images came from."""
-        meta = Path(out) / "store.json"
+        meta = Path(out) / STORE_META
         return json.loads(meta.read_text()).get("key", "") if meta.is_file() else ""
 
     def chunks(self) -> list[list[tuple[int, str, str]]]:
@@ -157,8 +158,8 @@ class StoreBuilder:
             failures.to_csv(self._tmp / "failures.csv", index=False, lineterminator="\n")
             meta = {"version": STORE_VERSION, "key": self.key, "image_size": self.spec.image_size,
                     "count": int(self._done.sum()), "failed": len(failures)}
-            (self._tmp / "store.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            replace_dir(self._tmp, self.out, marker="store.json")
+            (self._tmp / STORE_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            replace_dir(self._tmp, self.out, marker=STORE_META)
             self.out.with_name(self.out.name + ".failures.csv").unlink(missing_ok=True)
             return self.out
         finally:
@@ -210,7 +211,7 @@ class ImageStore:
     @classmethod
     def open(cls, root: Path | str) -> "ImageStore":
         root = Path(root)
-        if not (root / "store.json").is_file():
+        if not (root / STORE_META).is_file():
             raise StoreError(f"{root}: not a complete image store (no store.json); build it with `cxr prepare`.")
         images = np.load(root / "images.npy", mmap_mode="r")
         index = pd.read_csv(root / "index.csv", dtype={"row": np.int64}, keep_default_na=False)

@@ -16,6 +16,7 @@ from orchestrator.console import import_tensorflow_quietly, quiet_third_parties
 from orchestrator.layout import NETWORK_NAMES, run_name
 
 log = logging.getLogger("cxr")
+MODEL_HELP = "models:/name/version, models:/name@alias, runs:/<run id>/model or a local model folder"
 
 
 def override(spec, **flags):
@@ -65,12 +66,15 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from data_pipeline.manifest import read_manifest
+    from orchestrator.cluster.published import publish_folders
     from orchestrator.cluster.store_build import build_store
 
     config = load_config(args.config, args.set)
     spec = override(config.store, image_size=args.size, exclude_failed=args.exclude_failed or None)
     built = build_store(read_manifest(args.manifest), args.out, spec, address=args.address, limits=config.decode)
     print(f"image store {'written to' if built else 'up to date at'} {args.out}")
+    if args.publish:
+        print("\n".join(f"published -> {uri}" for uri in publish_folders(args.publish, args.out, args.splits)))
 
 
 def cmd_train_one(args: argparse.Namespace) -> None:
@@ -262,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--size", type=int, help="image side in pixels (default: store.image_size, 300)")
-    p.add_argument("--exclude-failed", action="store_true",
-                   help="leave undecodable images out of the store (listed in failures.csv) instead of failing")
+    p.add_argument("--exclude-failed", action="store_true", help="leave undecodable images out (failures.csv), not fail")
     p.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, else a local one)")
+    p.add_argument("--publish", metavar="URI", help="then publish the store there, as cluster.storage_path: s3://bucket/prefix")
+    p.add_argument("--splits", type=Path, help="with --publish: a splits folder to publish beside the store")
     add_config_arguments(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -293,8 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=["random", "optuna"], help="how points are chosen (default: tune.search)")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("unlock", help="remove the workdir's lock (and its run folders') when its holder is gone; "
-                                      "refused while the holder's heartbeat is fresh")
+    p = sub.add_parser("unlock", help="remove the workdir's lock (and its runs') when its holder is gone, not while it beats")
     add_config_arguments(p)
     p.set_defaults(func=cmd_unlock)
 
@@ -308,11 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="the parent MLflow run of a `cxr run` (default: the config's latest)")
     p.add_argument("--predictions", type=Path,
                    help="a folder of fold{k}-{network}.csv prediction files instead of MLflow (nothing is logged)")
-    p.add_argument("--manifest", type=Path,
-                   help="image_id -> patient_id, for prediction files without a patient_id column "
-                        "(with MLflow: default the workdir's manifest)")
-    p.add_argument("--splits", type=Path, help="the runs' splits folder, for its flags and notes "
-                                               "(with MLflow: default the workdir's)")
+    p.add_argument("--manifest", type=Path, help="image_id -> patient_id, for prediction files without a "
+                                                 "patient_id column (with MLflow: default the workdir's manifest)")
+    p.add_argument("--splits", type=Path, help="the runs' splits folder, for its flags and notes (with MLflow: the workdir's)")
     p.add_argument("--out", type=Path, help="output folder (default: <workdir>/report)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the F1 and AUC intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -331,8 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="apply a trained model to DICOM, PNG or JPEG files; Grad-CAM on request")
-    p.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/<run id>/model "
-                                                  "or a local model folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders of them (searched recursively) or CSVs with a 'path' column")
     p.add_argument("--out", type=Path, required=True, help="the predictions CSV (failures go beside it)")
@@ -344,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="external validation: a trained model on a labelled set it never trained on")
-    p.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, runs:/<run id>/model "
-                                                  "or a local model folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="ROOT/<label>/... (class folders), a CSV with path,label, or a "
                                                  "named reader: kermany:ROOT (chest_xray/{train,val,test}/...)")
     p.add_argument("--labels", default="", metavar="A=a,B=b",

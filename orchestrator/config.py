@@ -22,6 +22,7 @@ import yaml
 
 from data_pipeline.augment import AugmentSpec
 from data_pipeline.decode import DecodeSpec
+from data_pipeline.objects import CacheSpec, is_uri
 from data_pipeline.splits import SplitSpec
 from data_pipeline.store import StoreSpec
 from models.precisions import check_precision
@@ -93,13 +94,11 @@ class TrainSpec:
     batchnorm: str = "precise"
     batchnorm_batches: int = 10     # training batches per recomputation, at most one epoch's
     checkpoint_every: int = 0       # epochs; 0: at phase ends only
-    # A due checkpoint is skipped when the previous one (or the run's start) is more recent than
-    # this: a run shorter than it restarts from scratch, one longer keeps its resume points.
+    # a due checkpoint is skipped within this of the last one (or the run's start): shorter runs restart from scratch
     checkpoint_min_seconds: float = 0.0
     keep_checkpoints: int = 2       # a concatenated checkpoint with optimizer state is ~0.5 GB
     eval_batch_size: int = 128
-    # none | bfloat16 | float16 (models.precisions): bfloat16 on GPUs that have it
-    # (A100, H100, L4 and later), float16 on older ones (V100, T4), none on CPUs (README)
+    # none | bfloat16 | float16 (models.precisions): bfloat16 on A100, H100, L4 and later, float16 on V100, T4
     mixed_precision: str = "none"
     xla: bool = False
     # Keras eager mode: no tracing (20-45 s a run on CPU) but slower steps: for runs of a few steps (tests)
@@ -163,7 +162,7 @@ class ClusterSpec:
     # none; refused on a cluster without GPUs yet (an autoscaler may add them: say which you want).
     gpus_per_run: float = -1.0
     cpus_per_run: float = 1.0   # CPUs reserved per run (its TensorFlow thread count follows)
-    storage_path: str = ""      # shared storage for run folders (checkpoints) and Ray results; "": workdir
+    storage_path: str = ""  # run folders and Ray results: a folder all nodes mount or s3://... (docs/cluster.md); "": workdir
     max_failures: int = 2       # restarts of a run whose worker died (Ray Train FailureConfig)
     # A run that asked for a GPU fails when TensorFlow sees none (a CUDA/cuDNN mismatch would
     # otherwise train on the CPU for days); true lets it go on, for clusters of logical GPUs (tests).
@@ -222,11 +221,12 @@ class Config:
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     audit: AuditSpec = field(default_factory=AuditSpec)
     tune: TuneSpec = field(default_factory=TuneSpec)  # `cxr tune`'s search
+    cache: CacheSpec = field(default_factory=CacheSpec)  # each node's copies of what is on object storage
     name: str = ""  # set from the config file's name; names the MLflow experiment
 
     @property
     def paths(self) -> "WorkPaths":
-        return WorkPaths(Path(self.workdir), Path(self.cluster.storage_path or self.workdir))
+        return WorkPaths.of(self.workdir, self.cluster.storage_path)
 
     @property
     def tracking_uri(self) -> str:
@@ -366,7 +366,7 @@ def resolved(config: Config, base: Path | None = None) -> Config:
     base = Path(base or Path.cwd())
 
     def absolute(path: str) -> str:
-        return str(base / path) if path and not Path(path).is_absolute() else path
+        return str(base / path) if path and not Path(path).is_absolute() and not is_uri(path) else path
 
     uri = config.tracking_uri  # fixed here: workers see neither this folder nor this environment
     if (database := sqlite_file(uri)) is not None:

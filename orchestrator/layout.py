@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.files import StateError, read_json, write_json
+from data_pipeline.objects import Prefix, is_uri
 from data_pipeline.schema import CLASSES, PROBABILITY_COLUMNS, DataError
 from data_pipeline.splits import META_FILE
 
@@ -131,6 +132,8 @@ SOURCE_NAME = "mlflow.source.name"
 NODE_IP, NODE_ID, RAY_GPU_IDS, TF_GPUS = "cxr.node_ip", "cxr.node_id", "cxr.gpu_ids", "cxr.tf_gpus"
 CUDA_BUILD, CUDNN_BUILD = "cxr.tf_cuda_version", "cxr.tf_cudnn_version"
 NODE_CPUS, NODE_MEMORY_GB = "cxr.node_cpus", "cxr.node_memory_gb"  # the machine a run trained on
+WORKER_PID = "cxr.worker_pid"  # the process of the run's latest attempt on that node
+RESUMED_FROM = "cxr.resumed_from"  # the epoch of the checkpoint the latest attempt resumed from
 # an external validation's run (`cxr evaluate`), beside the model it evaluated
 EVALUATION_ROLE, EVALUATED_MODEL, EVALUATION_DATA = "evaluation", "cxr.evaluated_model", "cxr.evaluation_data"
 TUNE_ROLE, TRIAL_ROLE, STOPPED_EARLY = "tune", "tune-trial", "cxr.stopped_early"  # `cxr tune`'s parent and trials
@@ -140,66 +143,58 @@ TUNE_ROLE, TRIAL_ROLE, STOPPED_EARLY = "tune", "tune-trial", "cxr.stopped_early"
 
 @dataclass(frozen=True)
 class RunPaths:
-    """The files of one fold x network run, under runs/fold{k}-{network}/."""
+    """The files of one fold x network run, under runs/fold{k}-{network}/; with `remote` (the
+    run's prefix on object storage) the folder is this process's working copy of the run there
+    (orchestrator.training.remote_run), and each record below is published as it is written."""
     root: Path
+    remote: str = ""
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+    def publish(self, *files: Path) -> None:
+        """These files of the run folder to its prefix on object storage, each whole, in order."""
+        for file in files if self.remote else ():
+            Prefix(self.remote).child(Path(file).relative_to(self.root).as_posix()).upload(file)
+
+    checkpoints = property(lambda self: self.root / "checkpoints")
 
     def checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"ckpt-{epoch:06d}"
 
-    @property
-    def best_weights(self) -> Path:
-        return self.root / BEST_WEIGHTS
+    best_weights = property(lambda self: self.root / BEST_WEIGHTS)
 
     @property
     def best_weights_tmp(self) -> Path:
         """Where the best weights are written before they replace the previous best."""
         return self.root / "best.tmp.weights.h5"
 
-    @property
-    def history(self) -> Path:
-        return self.root / HISTORY_FILE
+    history = property(lambda self: self.root / HISTORY_FILE)
 
-    @property
-    def predictions(self) -> Path:
-        return self.root / PREDICTIONS_FILE
+    predictions = property(lambda self: self.root / PREDICTIONS_FILE)
 
-    @property
-    def confusion_matrix(self) -> Path:
-        return self.root / "confusion_matrix.png"
+    confusion_matrix = property(lambda self: self.root / "confusion_matrix.png")
 
-    @property
-    def done(self) -> Path:
-        return self.root / "done.json"
+    done = property(lambda self: self.root / "done.json")
 
     def set_aside_done(self) -> Path:
         """done.json renamed aside (kept, never deleted), so that the run is trained to its end;
         returns where it went."""
         aside = self.done.with_name(f"{self.done.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
         self.done.replace(aside)
+        if self.remote:
+            self.publish(aside)
+            Prefix(self.remote).child(self.done.name).delete()
         return aside
 
-    @property
-    def timing(self) -> Path:
-        return self.root / "timing.json"
+    timing = property(lambda self: self.root / "timing.json")
 
     @property
     def lock(self) -> Path:
         """Held by the one process that trains the run (orchestrator.lock)."""
         return self.root / LOCK_FILE
 
-    @property
-    def identity(self) -> Path:
-        """The fingerprint and the settings it covers, written when the run first opens."""
-        return self.root / "identity.json"
-
-    @property
-    def mlflow_run(self) -> Path:
-        """The id of the run's MLflow run: a restarted run continues it."""
-        return self.root / "mlflow_run.json"
+    identity = property(lambda self: self.root / "identity.json",
+                        doc="The fingerprint and the settings it covers, written when the run first opens.")
+    mlflow_run = property(lambda self: self.root / "mlflow_run.json",
+                          doc="The id of the run's MLflow run: a restarted run continues it.")
 
     def phase_weights(self, phase: int) -> Path:
         return self.root / f"phase{phase}.weights.h5"
@@ -228,7 +223,7 @@ class RunPaths:
     def write_done(self, run_id: str, fingerprint: str, model_uri: str) -> None:
         """The run is finished: its MLflow run (FINISHED before this is written), its fingerprint
         and its published model."""
-        write_json(self.done, {"run_id": run_id, "fingerprint": fingerprint, "model_uri": model_uri})
+        self.publish(write_json(self.done, {"run_id": run_id, "fingerprint": fingerprint, "model_uri": model_uri}))
 
     def read_mlflow_run(self) -> str:
         """The id of the run's MLflow run ("" before it is opened)."""
@@ -239,7 +234,7 @@ class RunPaths:
         return (record or {}).get("run_id", "")
 
     def write_mlflow_run(self, run_id: str) -> None:
-        write_json(self.mlflow_run, {"run_id": run_id})
+        self.publish(write_json(self.mlflow_run, {"run_id": run_id}))
 
     def read_timing(self) -> dict[str, float]:
         """Seconds per activity, summed over the run's processes; a damaged file starts again
@@ -251,7 +246,7 @@ class RunPaths:
             return {}
 
     def write_timing(self, seconds: dict[str, float]) -> None:
-        write_json(self.timing, seconds)
+        self.publish(write_json(self.timing, seconds))
 
 
 _RECONCILE = ("`cxr run` reconciles it with MLflow; if it still fails, move the run folder aside "
@@ -268,25 +263,25 @@ CHECKPOINT_MODEL = "model.keras"
 
 @dataclass(frozen=True)
 class WorkPaths:
-    """Where each stage leaves its output: the workdir, and shared storage for the runs."""
+    """Where each stage leaves its output: the workdir, and storage for the runs: a folder all
+    nodes mount, or `remote`, a prefix on object storage (then the runs' folders here are working
+    copies, and the store and splits are published there too)."""
     root: Path
     storage: Path | None = None
+    remote: str = ""
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
+    @classmethod
+    def of(cls, workdir: str, storage_path: str = "") -> "WorkPaths":
+        remote = storage_path.rstrip("/") if is_uri(storage_path) else ""
+        return cls(Path(workdir), None if remote else Path(storage_path or workdir), remote)
 
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.csv"
+    data = property(lambda self: self.root / "data")
 
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits"
+    manifest = property(lambda self: self.root / "manifest.csv")
 
-    @property
-    def store(self) -> Path:
-        return self.root / "store"
+    splits = property(lambda self: self.root / "splits")
+
+    store = property(lambda self: self.root / "store")
 
     @property
     def database(self) -> Path:
@@ -322,9 +317,7 @@ class WorkPaths:
         """One row per run of the last `cxr run`."""
         return self.root / "runs.csv"
 
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
+    report = property(lambda self: self.root / "report")
 
     @property
     def audit(self) -> Path:
@@ -346,11 +339,20 @@ class WorkPaths:
         return self.runs / run_name(fold, network)
 
     def run(self, fold: int, network: str) -> RunPaths:
-        return RunPaths(self.run_dir(fold, network))
+        name = run_name(fold, network)
+        return RunPaths(self.run_dir(fold, network), f"{self.remote}/runs/{name}" if self.remote else "")
 
     @property
     def ray_results(self) -> Path:
         return (self.storage or self.root) / "ray"
+
+    ray_storage = property(lambda self: f"{self.remote}/ray" if self.remote else str(self.ray_results.absolute()),
+                           doc="Ray Tune's and Train's storage_path: the URI, or the folder")
+
+    def published(self, kind: str, key: str) -> str:
+        """Where the store (`kind` store, by its key) or the splits (splits, by their hash) are
+        published on object storage ("" without it)."""
+        return f"{self.remote}/{kind}/{key}" if self.remote else ""
 
 
 # ---------------------------------------------------------------- split metadata

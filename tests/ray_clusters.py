@@ -352,6 +352,8 @@ class _Cluster:
 class FixedCluster(_Cluster):
     """`nodes` nodes on 127.0.0.1, the head one of them, each with `cpus_per_node` CPUs and
     `gpus_per_node` logical GPUs, built by `ray.cluster_utils.Cluster` in a child process.
+    `node_env`: one mapping per node (the head first) of variables for that node's raylet and the
+    workers it starts, as a machine's own environment would be (e.g. a node-local cache folder).
 
     Started by the constructor (up to `timeout` s); `close()` (or leaving the `with`) ends it.
     `env` adds to or overrides os.environ for the cluster's processes (so also for job drivers:
@@ -359,11 +361,14 @@ class FixedCluster(_Cluster):
 
     def __init__(self, nodes: int = 2, gpus_per_node: int = 2, cpus_per_node: int = 2,
                  object_store_mb: int = OBJECT_STORE_MB, env: Mapping[str, str] | None = None,
-                 timeout: float = START_TIMEOUT_S) -> None:
+                 timeout: float = START_TIMEOUT_S, node_env: list[Mapping[str, str]] | None = None) -> None:
         if nodes < 1:
             raise ValueError("a cluster has at least its head node")
+        if node_env is not None and len(node_env) != nodes:
+            raise ValueError(f"node_env: expected one mapping per node ({nodes}), received {len(node_env)}")
         super().__init__(env)
         spec = {"nodes": nodes, "cpus": cpus_per_node, "gpus": gpus_per_node,
+                "node_env": [dict(e) for e in node_env or [{}] * nodes],
                 "object_store_bytes": object_store_mb * 1024 * 1024, "temp_dir": self.temp_dir,
                 "port": free_port(), "dashboard_port": free_port(), "agent_port": free_port()}
         try:
@@ -432,7 +437,8 @@ def _serve_fixed(spec: dict[str, Any]) -> None:
     # Cluster writes its ray_current_cluster address file to $RAY_TMPDIR/ray/ without creating it
     os.makedirs(os.path.join(spec["temp_dir"], "ray"), exist_ok=True)
     cluster = Cluster()
-    head = cluster.add_node(**node_args, gcs_server_port=spec["port"], include_dashboard=True, dashboard_host="127.0.0.1",
+    head = cluster.add_node(**node_args, env_vars=spec["node_env"][0] or None, gcs_server_port=spec["port"],
+                            include_dashboard=True, dashboard_host="127.0.0.1",
                             dashboard_port=spec["dashboard_port"], temp_dir=spec["temp_dir"],
                             # the default, 52365, is taken as soon as a second cluster runs here
                             dashboard_agent_listen_port=spec["agent_port"])
@@ -440,8 +446,8 @@ def _serve_fixed(spec: dict[str, Any]) -> None:
     # folder too, and one node's agent unpacking a job's working_dir replaces the folder another
     # node's job driver runs in (its cwd vanishes: os.getcwd() fails in Tune)
     node_dirs = [spec["temp_dir"]] + [os.path.join(spec["temp_dir"], f"node{i}") for i in range(1, spec["nodes"])]
-    for node_dir in node_dirs[1:]:
-        cluster.add_node(**node_args, temp_dir=node_dir)
+    for node_dir, env in zip(node_dirs[1:], spec["node_env"][1:]):
+        cluster.add_node(**node_args, temp_dir=node_dir, env_vars=env or None)
     cluster.wait_for_nodes(timeout=60)
     # A job's supervisor hands its driver the address in `<node temp dir>/ray_current_cluster`,
     # which `ray start` writes and Cluster does not; without it, it takes any GCS running on this

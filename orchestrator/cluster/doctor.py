@@ -10,6 +10,12 @@ On every node that is up, a task (no CPU reserved) checks that
             and so are the raw datasets (which Ray tasks decode on any node) and a weights file;
   mlflow    the tracking store answers from the node (MLflow's client, its auth settings included);
   disk      the run storage has `cluster.min_free_gb` free for checkpoints.
+With object storage (`cluster.storage_path: s3://...`) nothing is shared but the bucket: `paths`
+and `disk` give way to
+  storage   the node writes, reads back and removes an object under the storage URI (its own
+            credentials and endpoint);
+  cache     the node's cache folder (`cache.dir`, or the node's $CXR_CACHE_DIR) is writable, has
+            room for the store and `cluster.min_free_gb` more, and `cache.max_gb` holds the store.
 And, from the driver, that a tracking server does not answer without credentials: one that does
 shows anyone who reaches it every run's predictions (patient ids) and lets them replace a
 registered model's code (a warning: a server on 127.0.0.1 for one user may be meant to be open).
@@ -19,6 +25,7 @@ run checks its own GPU when it starts (orchestrator.cluster.devices).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,7 +43,7 @@ from orchestrator.cluster import connection
 from orchestrator.config import NAMED_WEIGHTS, Config, ConfigError, is_server_uri, sqlite_file
 
 log = logging.getLogger(__name__)
-CHECKS = ("packages", "gpus", "paths", "mlflow", "disk")
+CHECKS = ("packages", "gpus", "paths", "mlflow", "disk")  # with object storage: storage, cache for paths, disk
 TOKEN_FILE = ".cxr-preflight"  # written by the driver, read back by every node
 
 
@@ -55,7 +62,7 @@ class Check:
 def run_checks(config: Config) -> list[Check]:
     """Every check on every alive node (the config resolved, Ray connected)."""
     token = uuid.uuid4().hex
-    roots = sorted({config.paths.root, config.paths.storage})
+    roots = [] if config.paths.remote else sorted({config.paths.root, config.paths.storage})
     for root in roots:
         root.mkdir(parents=True, exist_ok=True)
         (root / TOKEN_FILE).write_text(token)
@@ -78,6 +85,11 @@ def expectations(config: Config, token: str, roots: list[Path]) -> dict:
     from orchestrator.tracking.experiment import package_versions
 
     paths = config.paths
+    if paths.remote:  # nothing shared but the bucket: the datasets are decoded on the driver's node
+        store = sum(f.stat().st_size for f in paths.store.rglob("*") if f.is_file()) if paths.store.is_dir() else 0
+        return {"versions": package_versions(), "remote": paths.remote, "cache": dataclasses.asdict(config.cache),
+                "store_gb": store / 2**30, "uri": config.tracking_uri, "experiment": config.experiment_name,
+                "min_free_gb": config.cluster.min_free_gb, "allow_cpu_fallback": config.cluster.allow_cpu_fallback}
     inputs = [Path(p) for p in (config.data.covid_root, config.data.rsna_root) if p and not config.data.synthetic]
     if config.model.weights not in NAMED_WEIGHTS:
         inputs.append(Path(config.model.weights))
@@ -96,8 +108,40 @@ def _entries(path: Path) -> int:
 
 def node_checks(node: dict, expect: dict) -> list[tuple[str, bool, str]]:
     """The checks, on one node (a Ray task); (check, ok, detail) each."""
+    if expect.get("remote"):
+        return [("packages", *_packages(expect)), ("gpus", *_gpus(node, expect)), ("storage", *_storage(expect)),
+                ("mlflow", *_mlflow(expect)), ("cache", *_cache(expect))]
     return [("packages", *_packages(expect)), ("gpus", *_gpus(node, expect)), ("paths", *_paths(expect)),
             ("mlflow", *_mlflow(expect)), ("disk", *_disk(expect))]
+
+
+def _storage(expect: dict) -> tuple[bool, str]:
+    from data_pipeline.objects import Prefix, StorageError
+
+    try:
+        Prefix(expect["remote"]).check_writable()
+    except StorageError as exc:
+        return False, str(exc)
+    return True, f"{expect['remote']} takes this node's writes"
+
+
+def _cache(expect: dict) -> tuple[bool, str]:
+    from data_pipeline.objects import CacheSpec
+
+    cache = CacheSpec(**expect["cache"]).node_cache()
+    try:
+        cache.root.mkdir(parents=True, exist_ok=True)
+        probe = cache.root / f".cxr-cache-check-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        return False, f"the cache folder {cache.root} is not writable here ({exc.strerror or exc})"
+    free, store, limit = shutil.disk_usage(cache.root).free / 2**30, expect["store_gb"], cache.max_gb
+    detail = (f"{cache.root}: {free:.1f} GiB free, the store {store:.2f} GiB, cache.max_gb {limit:g}, "
+              f"cluster.min_free_gb {expect['min_free_gb']:g}")
+    if store > limit:
+        return False, detail + ": the store alone is over cache.max_gb"
+    return free + cache.size_gb() >= store + expect["min_free_gb"], detail
 
 
 def _packages(expect: dict) -> tuple[bool, str]:

@@ -15,6 +15,7 @@ from ray import tune
 
 from orchestrator.cluster.connection import StageError, cluster_address, connect
 from orchestrator.cluster.progress import Progress, RunTable, trial_name
+from orchestrator.cluster.published import published_keys
 from orchestrator.cluster.reports import histories
 from orchestrator.cluster.timeline import SlotTime, slot_time
 from orchestrator.cluster.worker import drive_one_run
@@ -57,12 +58,13 @@ def run_grid(config: Config, folds: list[int], networks: list[str], parent_run_i
     slots = concurrency(config.cluster, gpus, cpus, len(pending))
     log.info("%d runs to go of %d, %s GPU and %s CPU each, at most %d at a time", len(pending),
              len(folds) * len(networks), gpus, cpus, slots)
-    storage = str(config.paths.ray_results.absolute())
+    storage = config.paths.ray_storage  # a folder, or object storage (Ray writes there through pyarrow)
     board = Progress.remote()
     in_trial = trains_in_trial(config.cluster)
     settings = {"config": to_mapping(config), "parent_run_id": parent_run_id, "gpus": gpus, "cpus": cpus,
                 "storage": storage, "max_failures": config.cluster.max_failures, "verbose": verbose,
-                "progress": board, "lock_owner": lock_owner, "in_trial": in_trial}
+                "progress": board, "lock_owner": lock_owner, "in_trial": in_trial,
+                "published": published_keys(config) if config.paths.remote else {}}
     # In Ray Train's local mode the trial trains: it holds the run's devices, and Tune restarts it
     # from its checkpoint when it dies. Otherwise it only drives its Train run: it reserves a little
     # memory and no CPU, so that the workers, which hold the devices, limit concurrency, and Ray

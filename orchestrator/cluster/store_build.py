@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from data_pipeline.decode import DEFAULT, DecodeSpec
 from data_pipeline.store import ChunkResult, StoreBuilder, StoreSpec, decode_chunk
@@ -19,8 +20,9 @@ RAY_RETRIES = 3  # a decoding task lost with its worker, node or object is sent 
 
 
 def build_store(manifest: pd.DataFrame, out: Path, spec: StoreSpec, address: str | None = None,
-                show_progress: bool = True, limits: DecodeSpec = DEFAULT) -> bool:
-    """Decode every manifest image into the store at `out` with Ray tasks on all cores.
+                show_progress: bool = True, limits: DecodeSpec = DEFAULT, on_driver_node: bool = False) -> bool:
+    """Decode every manifest image into the store at `out` with Ray tasks on all cores (of the
+    driver's node only, with `on_driver_node`: where the other nodes do not see the raw files).
 
     Returns False when a complete store of the same inputs is already there (nothing done).
     """
@@ -34,7 +36,7 @@ def build_store(manifest: pd.DataFrame, out: Path, spec: StoreSpec, address: str
     try:
         with progress_bar(show_progress) as progress:
             bar = progress.add_task(f"decoding to {spec.image_size}x{spec.image_size}", total=len(manifest))
-            decoding = Decoding(spec.image_size, limits)
+            decoding = Decoding(spec.image_size, limits, on_driver_node)
             for chunk in builder.chunks():
                 decoding.submit(chunk)
                 if len(decoding.pending) >= window:
@@ -60,9 +62,12 @@ class Decoding:
     LOST = (ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError,
             ray.exceptions.LocalRayletDiedError, ray.exceptions.RaySystemError)
 
-    def __init__(self, image_size: int, limits: DecodeSpec):
+    def __init__(self, image_size: int, limits: DecodeSpec, on_driver_node: bool = False):
         self.image_size, self.limits = image_size, limits
         self.task = ray.remote(num_cpus=1, max_retries=0)(decode_chunk)  # the retries are ours, and logged
+        if on_driver_node:
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.task = self.task.options(scheduling_strategy=here)
         self.pending: dict = {}  # object ref -> (chunk, attempts)
 
     def submit(self, chunk: list, attempts: int = 0) -> None:

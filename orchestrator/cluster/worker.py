@@ -4,14 +4,18 @@ worker that claims its devices and calls the single-run trainer (orchestrator.tr
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import ray
 from ray import train, tune
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from orchestrator.cluster.reports import epoch_reporter, fit_forwarding, report_outcome
-from orchestrator.layout import run_name
+from orchestrator.layout import WORKER_PID, RunPaths, run_name
+from orchestrator.training import remote_run
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,11 @@ def _mark_failed(config_mapping: dict, run: dict) -> None:
     from orchestrator.tracking.runs import RunTracker
 
     config = from_mapping(Config, config_mapping, where="the driver's config")
-    tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run_dir(**run))
+    paths = config.paths.run(**run)
+    if paths.remote:  # the run's records from its object storage, into a folder of this process
+        paths = RunPaths(Path(tempfile.mkdtemp(prefix="cxr-run-")), paths.remote)
+        remote_run.fetch(paths, models=False)
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths)
     try:
         status = tracker.mark("FAILED")
     except Exception:  # the run's own error is the one to see; the driver tries again at its end
@@ -81,12 +89,15 @@ def _train_worker(params: dict) -> dict:
         import_tensorflow_quietly()
         logging.getLogger("orchestrator").setLevel(logging.WARNING)
     from orchestrator.cluster.devices import claim_devices
+    from orchestrator.cluster.published import on_this_node
     from orchestrator.config import Config, from_mapping
     from orchestrator.training.train import train_and_evaluate
 
     board.stamp.remote(name, "imported", time.time())
-    config = from_mapping(Config, params["config"], where="the driver's config")
+    # without shared folders: the store and splits from this node's cache (fetched once per node)
+    config = on_this_node(from_mapping(Config, params["config"], where="the driver's config"), params["published"])
     placement = claim_devices(params["gpus"], max(1, int(params["cpus"])), config.cluster.allow_cpu_fallback)
+    placement[WORKER_PID] = str(os.getpid())
     board.stamp.remote(name, "trainer", time.time())
     try:
         train_and_evaluate(config, params["run"]["fold"], params["run"]["network"], params["parent_run_id"],
@@ -108,5 +119,5 @@ def _outcome(config, run: dict) -> dict:
     """What the trial reports last: the run's last step and test metrics, as its MLflow run holds them."""
     from orchestrator.tracking.runs import RunTracker
 
-    tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run_dir(**run))
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run(**run))
     return {"step": config.splits.phases * getattr(config.train.epochs, run["network"]), **tracker.test_metrics()}

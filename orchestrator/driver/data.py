@@ -12,6 +12,7 @@ from data_pipeline.manifest import build_manifest, is_current, manifest_key, rea
 from data_pipeline.splits import make_splits, write_splits
 from data_pipeline.store import without_failures
 from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, stamp, write_synthetic
+from orchestrator.cluster.published import publish_inputs
 from orchestrator.cluster.store_build import build_store
 from orchestrator.config import Config, ConfigError
 from orchestrator.layout import SplitMeta
@@ -20,11 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def prepare_inputs(config: Config) -> None:
+    """The data stages; with object storage (cluster.storage_path s3://...) the raw files are
+    decoded on the driver's node only (no other node need see them), and the store and splits
+    are then published there for the workers (orchestrator.cluster.published)."""
     covid_root, rsna_root = ensure_data(config)
     ensure_manifest(config, covid_root, rsna_root)
     build_store(read_manifest(config.paths.manifest), config.paths.store, config.store,
-                       address=config.cluster.address or None, limits=config.decode)
+                address=config.cluster.address or None, limits=config.decode, on_driver_node=bool(config.paths.remote))
     ensure_splits(config)
+    publish_inputs(config)
 
 
 def ensure_data(config: Config) -> tuple[Path, Path]:

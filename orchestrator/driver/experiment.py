@@ -17,6 +17,7 @@ import time
 
 import pandas as pd
 
+from data_pipeline.objects import Prefix
 from orchestrator.cluster import connection, grid
 from orchestrator.cluster.doctor import preflight
 from orchestrator.config import Config, resolved
@@ -31,6 +32,7 @@ from orchestrator.tracking.experiment import check_tracking
 from orchestrator.tracking.experiment import finish_parent, parent_run
 from orchestrator.tracking.runs import adopt_finished, reconcile_runs
 from orchestrator.training.identity import set_aside_stale
+from orchestrator.training.remote_run import fetch_runs
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,15 @@ def _run_stages(config: Config, folds: list[int], networks: list[str], train_onl
                 restart_stale: bool, lock_token: str) -> pd.DataFrame:
     clock = Stopwatch()
     check_tracking(config)  # first: an unreachable server fails now, not in 15 workers later
+    if config.paths.remote:  # and object storage that refuses this driver's writes
+        Prefix(config.paths.remote).check_writable()
     clock.timed("Ray start", lambda: connection.connect(config.cluster.address or None, verbose=verbose))
     interrupt_on_sigterm()  # again: ray.init replaced it
     grid.check_requests(config)  # what this cluster can never hold fails now, not after the data stages
     clock.timed("preflight", lambda: preflight(config))
     if not train_only:
         clock.timed("data stages", lambda: prepare_inputs(config))
+    fetch_runs(config)  # on object storage: the runs' records, what the bucket says is done
     reconcile_runs(config)
     set_aside_stale(config, restart_stale)
     parent = parent_run(config)
@@ -95,6 +100,7 @@ def _run_stages(config: Config, folds: list[int], networks: list[str], train_onl
         finish_parent(config, parent, grid_results(config, folds, networks, {}))
         raise
     clock.stage("training runs", time.perf_counter() - started)
+    fetch_runs(config)
     results = grid_results(config, folds, networks, launched.runs)
     try:
         report = _finish_stages(config, parent, results, clock)

@@ -38,11 +38,12 @@ log = logging.getLogger(__name__)
 class RunTracker:
     """The MLflow run of one fold x network training run."""
 
-    def __init__(self, uri: str, experiment: str, run_dir: Path, artifact_root: Path | None = None):
+    def __init__(self, uri: str, experiment: str, run: RunPaths | Path, artifact_root: Path | None = None):
+        """`run`: the run's folder (with its object storage, if any, as RunPaths holds it)."""
         self.uri = uri
         self.artifact_root = artifact_root
         self.experiment = experiment
-        self.paths = RunPaths(Path(run_dir))
+        self.paths = run if isinstance(run, RunPaths) else RunPaths(Path(run))
         self.client = MlflowClient(self.uri)
         self.run_id = ""
         self.logged: set[tuple[str, int]] = set()  # (metric, step) pairs the run holds
@@ -305,7 +306,7 @@ def reconcile_runs(config: Config) -> None:
         for network in NETWORK_NAMES:
             paths = config.paths.run(fold, network)
             if paths.root.is_dir():
-                tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root)
+                tracker = RunTracker(config.tracking_uri, config.experiment_name, paths)
                 if found := tracker.reconcile(run_name(fold, network), parent):
                     log.warning("%s: %s", run_name(fold, network), found)
 
@@ -317,7 +318,7 @@ def adopt_finished(config: Config, parent: str) -> None:
         for network in NETWORK_NAMES:
             paths = config.paths.run(fold, network)
             if paths.is_done():
-                found = RunTracker(config.tracking_uri, config.experiment_name, paths.root).adopt(parent)
+                found = RunTracker(config.tracking_uri, config.experiment_name, paths).adopt(parent)
                 if found:
                     log.warning("%s: %s", run_name(fold, network), found)
 
@@ -326,7 +327,7 @@ def fail_unfinished(config: Config, runs: list[tuple[int, str]]) -> None:
     """The MLflow runs of these (fold, network) runs FAILED where still RUNNING: a trial process
     killed with its worker (SIGKILL, the OOM killer, a lost node) could not end its run itself."""
     for fold, network in runs:
-        tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run_dir(fold, network))
+        tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run(fold, network))
         try:
             tracker.mark("FAILED")
         except StateError as exc:  # the next `cxr run` reconciles it

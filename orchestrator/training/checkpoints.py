@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/ckpt-<global epoch>/` holding the model (its format is the
 trainer's), the best weights as of its epoch, and `cursor.json`, written last: a checkpoint
-without a cursor is incomplete and never listed. The folder is built aside and renamed in.
+without a cursor is incomplete and never listed. The folder is built aside and renamed in, then
+published to the run's object storage where it has one (orchestrator.training.remote_run).
 This module imports no Keras: the driver reads cursors to tell stale runs.
 """
 
@@ -17,6 +18,7 @@ from typing import Callable, Iterator
 
 from data_pipeline.files import StateError, new_build_dir, read_json, replace_dir, write_json
 from orchestrator.layout import CURSOR, RunPaths
+from orchestrator.training.remote_run import publish_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ def write(paths: RunPaths, cursor: Cursor, save: Callable[[Path], None], keep: i
         shutil.rmtree(tmp, ignore_errors=True)
     for old in complete(paths)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    publish_checkpoint(paths, target, kept=complete(paths))
     return target
 
 
@@ -94,3 +97,4 @@ def record_cursor(paths: RunPaths, cursor: Cursor) -> None:
     checkpoint = paths.checkpoint(cursor.epoch)
     if (checkpoint / CURSOR).is_file():
         cursor.write(checkpoint / CURSOR)
+        paths.publish(checkpoint / CURSOR)

@@ -90,8 +90,8 @@ class Identity:
             raise StateError(f"{path}: expected the run's fingerprint and settings, found {sorted(data)}.")
         return cls(data["fingerprint"], data["settings"])
 
-    def write(self, path: Path) -> None:
-        write_json(path, {"fingerprint": self.fingerprint, "settings": self.settings}, indent=1)
+    def write(self, path: Path) -> Path:
+        return write_json(path, {"fingerprint": self.fingerprint, "settings": self.settings}, indent=1)
 
     def changes(self, recorded: dict[str, str] | None) -> list[str]:
         """`key: recorded -> current` for each covered setting that differs (hashes shortened)."""
@@ -227,12 +227,14 @@ def move_stale(config: Config, stale: list[Stale]) -> Path:
     """Move the stale run folders to runs/.stale/<time>/ and end their MLflow runs KILLED, tagged
     with where the folder went. Returns that folder."""
     from orchestrator.tracking.runs import RunTracker
+    from orchestrator.training import remote_run
 
     target = config.paths.stale / time.strftime("%Y%m%d-%H%M%S")
     target.mkdir(parents=True, exist_ok=True)
     for run in stale:
         moved = target / run.name
         shutil.move(str(run.paths.root), str(moved))
+        remote_run.move_aside(run.paths, f"{config.paths.remote}/runs/{target.relative_to(config.paths.runs)}/{run.name}")
         tracker = RunTracker(config.tracking_uri, config.experiment_name, moved)
         status = tracker.end_stale(str(moved))
         log.warning("%s: %s run of other settings moved to %s%s", run.name, run.state, moved,

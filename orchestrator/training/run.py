@@ -41,7 +41,7 @@ from models.training import (build_state, compile_network, load_for_training, op
 from orchestrator.config import TrainSpec
 from orchestrator.evaluation.metrics import accuracy
 from orchestrator.layout import (BEST_WEIGHTS, CHECKPOINT_MODEL, EPOCH_METRICS, EPOCHS_REDONE, HISTORY_COLUMNS,
-                                 PATIENT_COLUMN, SOURCE_COLUMN, RunPaths, prediction_cells, run_name)
+                                 PATIENT_COLUMN, RESUMED_FROM, SOURCE_COLUMN, RunPaths, prediction_cells, run_name)
 from orchestrator.training import checkpoints, traced
 from orchestrator.training.checkpoints import Cursor
 from orchestrator.training.epoch_end import EpochEnd
@@ -180,6 +180,8 @@ class Run:
                 self.redone = (cursor.epoch + 1, newest)
             else:
                 log.info("resuming %s from %s", self.name, checkpoint.name)
+            if self.tracker is not None:
+                self.tracker.set_tags({RESUMED_FROM: str(cursor.epoch)})
             model.run_eagerly = self.spec.run_eagerly  # a setting of this process, not of the model
             self._restore_best(checkpoint)
             self.cursor = cursor

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,6 +27,7 @@ from orchestrator.tracking.experiment import package_versions
 from orchestrator.tracking.runs import RunTracker
 from orchestrator.training.identity import Identity, check_run
 from orchestrator.training.inputs import RunInputs, run_datasets
+from orchestrator.training import remote_run
 from orchestrator.training.run import Run, RunSetup
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
                     command=f"the trainer of {run_name(fold, network)}")
     lock.acquire(wait=stale_after * 1.25)  # an earlier attempt that died: its heartbeat goes stale
     try:
+        remote_run.fetch(paths)  # on object storage: the bucket's run, whatever this node held
         return _train_and_evaluate(config, fold, network, parent_run_id, report, placement, keep_traced)
     finally:
         lock.release()
@@ -62,7 +63,7 @@ def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, rep
     started = time.perf_counter()  # the run's set-up, timed: lock, MLflow run, inputs
     paths, name = config.paths.run(fold, network), run_name(fold, network)
     identity = Identity.of(config)
-    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root, config.paths.mlruns)
+    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths, config.paths.mlruns)
     if found := tracker.reconcile(name, parent_run_id):  # a kill between MLflow's FINISHED and done.json
         log.warning("%s: %s", name, found)
     check_run(paths, identity)
@@ -72,7 +73,7 @@ def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, rep
         return paths.root
     inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases)
     if not paths.identity.is_file():
-        identity.write(paths.identity)  # first, so that nothing in the folder predates it
+        paths.publish(identity.write(paths.identity))  # first, so that nothing in the folder predates it
     tags = {layout.FOLD: str(fold), layout.NETWORK: network, layout.PROTOCOL: inputs.split_meta.protocol,
             layout.VALIDATION: inputs.split_meta.validation, layout.SOURCE_NAME: "cxr (orchestrator.training)",
             layout.SELECTION_ON_TEST_POOL: str(inputs.split_meta.validation == "test_pool"
@@ -103,6 +104,7 @@ def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, rep
     # done.json. A kill between the last two leaves a FINISHED run that `reconcile` completes.
     with run.timed("run close"):
         tracker.close("FINISHED")
+        paths.publish(paths.predictions, paths.history)  # before done.json, which says they are there
         paths.write_done(tracker.run_id, identity.fingerprint, run.model_uri)
         discard_checkpoints(paths)
     run.save_timing()
@@ -114,8 +116,7 @@ def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, rep
 def discard_checkpoints(paths: RunPaths) -> None:
     """The selected model and the per-phase weights of a finished run are in MLflow; checkpoints
     only served resuming (and a concatenated one is ~0.5 GB), so a finished run keeps none."""
-    shutil.rmtree(paths.checkpoints, ignore_errors=True)
-    paths.best_weights.unlink(missing_ok=True)
+    remote_run.discard_checkpoints(paths)
 
 
 def log_results(run: Run, tracker, predictions: pd.DataFrame, title: str, limits: dict | None = None) -> None:

@@ -1,0 +1,223 @@
+"""Object storage (`s3://`, `gs://`, `abfs://`, any URI pyarrow's file systems resolve): folders
+published whole, fetched whole, and a node-local cache of them.
+
+Why an adapter: object stores have no rename, so the local idiom (build aside, rename in) does
+not carry over. Here a folder on object storage is complete when its marker object is there:
+every other file is uploaded first and the marker last, each object being written whole by one
+PUT. Readers never look past a missing marker. Downloads go into a folder built aside and renamed
+in (data_pipeline.files), so a local copy is complete or absent too.
+
+Credentials and endpoint come from the environment, as pyarrow reads them (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_DEFAULT_REGION`, an instance profile, ...),
+never from a config file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from pyarrow import fs as pafs
+
+from data_pipeline.files import new_build_dir, replace_dir
+from data_pipeline.schema import DataError
+
+log = logging.getLogger(__name__)
+PROBE = ".cxr-write-check"  # written and removed by Prefix.check_writable
+
+
+class StorageError(DataError):
+    """Object storage that cannot be reached, read or written: names the URI and the cause."""
+
+
+def is_uri(text: str) -> bool:
+    """Whether `text` names object storage (a scheme such as s3://) rather than a local path."""
+    scheme, sep, _ = str(text).partition("://")
+    return bool(sep) and scheme.isalnum() and scheme != "file"
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A place on object storage: `s3://bucket/some/prefix` and the objects under it."""
+    uri: str
+
+    @cached_property
+    def _resolved(self) -> tuple[pafs.FileSystem, str]:
+        try:
+            return pafs.FileSystem.from_uri(self.uri)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"{self.uri}: not a storage URI pyarrow can open ({exc}); expected e.g. "
+                               f"s3://bucket/prefix.") from None
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self._resolved[0]
+
+    @property
+    def path(self) -> str:
+        return self._resolved[1].rstrip("/")
+
+    def child(self, *parts: str) -> "Prefix":
+        return Prefix("/".join([self.uri.rstrip("/"), *parts]))
+
+    def _call(self, what: str, action, *args):
+        try:
+            return action(*args)
+        except OSError as exc:
+            raise StorageError(f"{self.uri}: could not {what} ({str(exc).strip()[:400]}).") from None
+
+    def exists(self) -> bool:
+        info = self._call("look it up", self.fs.get_file_info, self.path)
+        return info.type == pafs.FileType.File
+
+    def files(self) -> list[str]:
+        """The objects under this prefix, as paths relative to it (sorted)."""
+        info = self._call("look it up", self.fs.get_file_info, self.path)
+        if info.type != pafs.FileType.Directory:
+            return []
+        listed = self._call("list it", self.fs.get_file_info, pafs.FileSelector(self.path, recursive=True))
+        return sorted(i.path[len(self.path) + 1:] for i in listed if i.type == pafs.FileType.File)
+
+    def read_bytes(self) -> bytes:
+        def read() -> bytes:
+            with self.fs.open_input_stream(self.path) as stream:
+                return stream.read()
+        return self._call("read it", read)
+
+    def write_bytes(self, data: bytes) -> None:
+        """One object, whole: one PUT on object storage; aside and moved in on a local file system."""
+        def write() -> None:
+            local = isinstance(self.fs, pafs.LocalFileSystem)
+            target = f"{self.path}.tmp-{uuid.uuid4().hex}" if local else self.path
+            if local:  # object stores have no folders to make
+                self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(target) as stream:
+                stream.write(data)
+            if local:
+                self.fs.move(target, self.path)
+        self._call("write it", write)
+
+    def upload(self, local: Path) -> None:
+        self.write_bytes(Path(local).read_bytes())
+
+    def download(self, local: Path) -> None:
+        """This object into the local file `local`, written aside and renamed in."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        aside = local.with_name(f".{local.name}.{uuid.uuid4().hex}")
+        try:
+            aside.write_bytes(self.read_bytes())
+            aside.replace(local)
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def delete(self) -> None:
+        """This object or every object under this prefix; nothing there is not an error."""
+        info = self._call("look it up", self.fs.get_file_info, self.path)
+        if info.type == pafs.FileType.File:
+            self._call("delete it", self.fs.delete_file, self.path)
+        elif info.type == pafs.FileType.Directory:
+            self._call("delete it", self.fs.delete_dir, self.path)
+
+    def check_writable(self) -> None:
+        """Write, read back and remove a small object here: StorageError naming the URI and the
+        cause (wrong credentials, no such bucket, no endpoint) before anything depends on it."""
+        probe = self.child(PROBE)
+        stamp = f"{os.getpid()} {time.time()}".encode()
+        probe.write_bytes(stamp)
+        if probe.read_bytes() != stamp:
+            raise StorageError(f"{probe.uri}: read back other bytes than were written.")
+        probe.delete()
+
+
+def put_tree(local: Path, prefix: Prefix, marker: str) -> None:
+    """Publish the folder `local` under `prefix`: every file, then `marker` (its presence says
+    the folder is complete there)."""
+    files = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
+    if marker not in files:
+        raise StorageError(f"{local}: no {marker}; expected a complete folder to publish to {prefix.uri}.")
+    for name in [f for f in files if f != marker] + [marker]:
+        prefix.child(name).upload(local / name)
+
+
+def get_tree(prefix: Prefix, target: Path, marker: str) -> bool:
+    """The complete folder under `prefix` into `target` (built aside, renamed in); False, and
+    nothing written, when it has no `marker` (absent, or an upload still going or cut short)."""
+    if not prefix.child(marker).exists():
+        return False
+    build = new_build_dir(target)
+    try:
+        for name in prefix.files():
+            prefix.child(name).download(build / name)
+        replace_dir(build, target, marker=marker)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return True
+
+
+@dataclass(frozen=True)
+class NodeCache:
+    """Copies of published folders on this node's own disk, `<root>/<kind>/<key>/`: fetched once
+    per node (a lock file lets one process of the node download while the others wait), used in
+    place afterwards, and the least recently used removed beyond `max_gb`."""
+    root: Path
+    max_gb: float
+
+    def fetch(self, prefix: Prefix, kind: str, key: str, marker: str) -> Path:
+        target = self.root / kind / key
+        if (target / marker).is_file():
+            os.utime(target)  # recently used (eviction goes by the folder's time)
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another run of this node may be fetching it
+            if not (target / marker).is_file():
+                started = time.perf_counter()
+                if not get_tree(prefix, target, marker):
+                    raise StorageError(f"{prefix.uri}: no {marker} there; expected the {kind} published by "
+                                       f"`cxr prepare` or `cxr run` (key {key}).")
+                log.info("cached %s %s from %s in %.1f s", kind, key[:12], prefix.uri, time.perf_counter() - started)
+        self.evict(keep=target)
+        return target
+
+    def entries(self) -> list[Path]:
+        return [p for p in self.root.glob("*/*") if p.is_dir() and not p.name.startswith(".")]
+
+    def size_gb(self) -> float:
+        return sum(f.stat().st_size for p in self.entries() for f in p.rglob("*") if f.is_file()) / 2**30
+
+    def evict(self, keep: Path) -> list[Path]:
+        """Remove the least recently used entries, never `keep`, until the cache fits `max_gb`. An
+        entry in use stays readable where it is memory-mapped: the file is unlinked, not its pages."""
+        removed = []
+        entries = sorted((p for p in self.entries() if p != keep), key=lambda p: p.stat().st_mtime)
+        while entries and self.size_gb() > self.max_gb:
+            oldest = entries.pop(0)
+            shutil.rmtree(oldest, ignore_errors=True)
+            removed.append(oldest)
+            log.info("cache over %.1f GB: removed %s", self.max_gb, oldest)
+        return removed
+
+
+CACHE_ENV = "CXR_CACHE_DIR"  # a node's own cache folder: wins over the config's (nodes differ in their disks)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The node-local cache of what is published on object storage: where, and how much."""
+    dir: str = ""          # "": the node's $CXR_CACHE_DIR, else ~/.cache/cxr
+    max_gb: float = 100.0  # least recently used copies are removed beyond it
+
+    def __post_init__(self) -> None:
+        if self.max_gb <= 0:
+            raise ValueError(f"cache.max_gb: expected a size in GB > 0, received {self.max_gb}.")
+
+    def node_cache(self) -> NodeCache:
+        """This node's cache: its $CXR_CACHE_DIR, else the config's folder, else ~/.cache/cxr."""
+        return NodeCache(Path(os.environ.get(CACHE_ENV) or self.dir or "~/.cache/cxr").expanduser(), self.max_gb)

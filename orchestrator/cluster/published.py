@@ -1,0 +1,84 @@
+"""The image store and the splits for nodes that share no folder with the driver: published on
+object storage by the driver (`cxr prepare`, `cxr run`), copied once per node into its cache and
+memory-mapped there (data_pipeline.objects).
+
+On the bucket, `<storage>/store/<store key>/` and `<storage>/splits/<split hash>/`: keyed by what
+they are, so a published copy is never replaced, only added beside. Each is complete when its
+marker (the store's store.json, the splits' SHA256SUMS) is there, uploaded last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from data_pipeline.objects import Prefix, StorageError, is_uri, put_tree
+from data_pipeline.splits import SUMS_FILE, split_hash
+from data_pipeline.store import STORE_META, StoreBuilder
+from orchestrator.config import Config
+from orchestrator.layout import WorkPaths
+
+log = logging.getLogger(__name__)
+STORE, SPLITS = "store", "splits"  # their kinds: folders on the bucket and in each node's cache
+
+
+def published_keys(config: Config) -> dict[str, str]:
+    """{store: its key, splits: their hash} of the driver's workdir (what the workers fetch)."""
+    return {STORE: StoreBuilder.written_key(config.paths.store), SPLITS: split_hash(config.paths.splits)}
+
+
+def publish_inputs(config: Config) -> list[str]:
+    """The workdir's store and splits onto the run storage (nothing where it is a folder)."""
+    return publish_folders(config.paths.remote, config.paths.store, config.paths.splits) if config.paths.remote else []
+
+
+def publish_folders(storage: str, store: Path, splits: Path | None = None) -> list[str]:
+    """A store (and a splits folder) under the storage URI, by their keys, unless there already:
+    what `cluster.storage_path: <storage>` workers fetch. Returns where each went."""
+    if not is_uri(storage):
+        raise StorageError(f"{storage}: expected an object-storage URI to publish to, such as s3://bucket/prefix.")
+    work = WorkPaths.of("", storage)
+    keys = {STORE: StoreBuilder.written_key(store), **({SPLITS: split_hash(splits)} if splits else {})}
+    if not keys[STORE]:
+        raise StorageError(f"{store}: not a complete image store (no {STORE_META}); expected one to publish.")
+    where = []
+    for kind, local, marker in ((STORE, store, STORE_META), (SPLITS, splits, SUMS_FILE))[:len(keys)]:
+        prefix = Prefix(work.published(kind, keys[kind]))
+        if prefix.child(marker).exists():
+            log.info("%s %s is on %s already", kind, keys[kind][:12], prefix.uri)
+        else:
+            put_tree(local, prefix, marker)
+            log.info("published the %s to %s", kind, prefix.uri)
+        where.append(prefix.uri)
+    return where
+
+
+def on_this_node(config: Config, keys: dict[str, str]) -> Config:
+    """The config as a worker on this node uses it: its workdir a folder of the node's cache in
+    which `store` and `splits` are the cached copies of the published ones (fetched now if this
+    node has none), and where the runs' working copies live. Unchanged without object storage."""
+    if not config.paths.remote:
+        return config
+    cache = config.cache.node_cache()
+    store = cache.fetch(Prefix(config.paths.published(STORE, keys[STORE])), STORE, keys[STORE], STORE_META)
+    splits = cache.fetch(Prefix(config.paths.published(SPLITS, keys[SPLITS])), SPLITS, keys[SPLITS], SUMS_FILE)
+    # one working folder per storage and inputs: runs of another experiment on this node stay apart
+    name = hashlib.sha256(f"{config.paths.remote}\n{keys[STORE]}\n{keys[SPLITS]}".encode()).hexdigest()[:16]
+    work = cache.root / "work" / name
+    work.mkdir(parents=True, exist_ok=True)
+    for link, target in (("store", store), ("splits", splits)):
+        _link(work / link, target)
+    return dataclasses.replace(config, workdir=str(work))
+
+
+def _link(link: Path, target: Path) -> None:
+    """`link` -> `target`, made aside and renamed in (several runs of a node may do it at once)."""
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    aside = link.with_name(f".{link.name}.{os.getpid()}")
+    aside.unlink(missing_ok=True)
+    aside.symlink_to(target, target_is_directory=True)
+    aside.replace(link)
