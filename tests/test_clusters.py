@@ -1,11 +1,15 @@
 """The cluster files (clusters/): they parse, pass the launchers' own schemas where one is at hand,
 install the project pinned, point every node at shared paths and a tracking server that serves its
 artifacts, and the README's walkthrough holds the submit command that tests run against a real
-local cluster (`submit_command`). No cloud cluster or docker can be started here."""
+local cluster (`submit_command`). The object-storage recipes (the `*s3*` files) mount no shared
+file system: the run state and the MLflow artifacts go to one bucket, each node's cache is on its
+own disk, and the bucket's credentials come from IAM roles, never from the files. No cloud cluster
+or docker can be started here."""
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 import subprocess
@@ -31,22 +35,31 @@ SUBMIT_SETS = {
     "data.covid_root": "$CXR_SHARED/",
     "data.rsna_root": "$CXR_SHARED/",
 }
+# the object-storage variant's submit block (clusters/README.md, "Object storage: the steps that differ")
+S3_SUBMIT_FIRST_LINE = ("ray job submit --runtime-env clusters/runtime_env.yaml -- "
+                        "cxr run --config configs/paper.yaml \\")
+S3_LAUNCHER, S3_RAYJOB, S3_MLFLOW, S3_ACCOUNT = ("aws-s3.yaml", "kuberay-rayjob-s3.yaml", "kuberay-mlflow-s3.yaml",
+                                                  "kuberay-s3-serviceaccount.yaml")
+S3_RECIPES = (S3_LAUNCHER, S3_RAYJOB, S3_MLFLOW, S3_ACCOUNT)
+S3_POLICY = "aws-s3-policy.json"
+BUCKET = "cxr-bucket-XXXXXXXX"  # the placeholder every S3 recipe names
+LOCAL = "/mnt/local"  # each node's own disk in the S3 recipes
 
 
 # ------------------------------------------------------------------------------------ helpers
 
 
-def submit_command(readme_text: str) -> str:
+def submit_command(readme_text: str, first_line: str = SUBMIT_FIRST_LINE) -> str:
     """The canonical submit command of a clusters/README.md text, joined into one line.
 
-    It is the one fenced ```bash block whose first line is `SUBMIT_FIRST_LINE`; every line but the
+    It is the one fenced ```bash block whose first line is `first_line`; every line but the
     last ends with a `\\` continuation, and nothing else is in the block (no comments, no blank
     lines), so that the result runs as it stands once the submitter's variables are expanded.
     ValueError says what is wrong otherwise."""
     blocks = re.findall(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", readme_text, flags=re.M | re.S)
-    found = [b for b in blocks if b.split("\n", 1)[0].rstrip() == SUBMIT_FIRST_LINE]
+    found = [b for b in blocks if b.split("\n", 1)[0].rstrip() == first_line]
     if len(found) != 1:
-        raise ValueError(f"expected one ```bash block starting with {SUBMIT_FIRST_LINE!r}, found {len(found)}")
+        raise ValueError(f"expected one ```bash block starting with {first_line!r}, found {len(found)}")
     lines = found[0].rstrip("\n").split("\n")
     parts = []
     for i, line in enumerate(lines):
@@ -79,6 +92,32 @@ def load(name: str):
     return yaml.safe_load((CLUSTERS / name).read_text())
 
 
+def load_all(name: str) -> list:
+    return list(yaml.safe_load_all((CLUSTERS / name).read_text()))
+
+
+def without_comments(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def walk(node):
+    """Every mapping in a parsed YAML document, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def expanded_sets(command: str, env: dict[str, str]) -> dict[str, str]:
+    """The `--set` pairs of a README command once bash has expanded its variables with `env`."""
+    expanded = subprocess.run(["bash", "-c", "printf '%s\\n' " + command], env={**env, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+    return set_flags(expanded)
+
+
 # ------------------------------------------------------------------------------------ every file
 
 
@@ -97,16 +136,18 @@ def test_no_path_of_this_machine_in_the_cluster_files():
 # ------------------------------------------------------------------------------------ launcher
 
 
-def test_launcher_yaml_passes_rays_own_schema():
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", S3_LAUNCHER])
+def test_launcher_yaml_passes_rays_own_schema(name):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    launcher = load("aws-gpu.yaml")
+    launcher = load(name)
     validate_config(copy.deepcopy(launcher))  # as written
     validate_config(prepare_config(copy.deepcopy(launcher)))  # as `ray up` fills it out
 
 
-def test_launcher_runs_the_locked_ray_image_with_a_cpu_head_and_autoscaled_gpu_workers():
-    launcher = load("aws-gpu.yaml")
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", S3_LAUNCHER])
+def test_launcher_runs_the_locked_ray_image_with_a_cpu_head_and_autoscaled_gpu_workers(name):
+    launcher = load(name)
     assert launcher["docker"]["image"] == f"rayproject/ray:{locked_version('ray')}-py311-gpu"
     types = launcher["available_node_types"]
     head = types[launcher["head_node_type"]]
@@ -122,10 +163,12 @@ def test_launcher_mounts_efs_on_every_node_and_into_the_container():
     assert "-v /mnt/shared:/mnt/shared" in launcher["docker"]["run_options"]
 
 
-def test_launcher_installs_the_project_itself_pinned_on_every_node():
-    launcher = load("aws-gpu.yaml")
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", S3_LAUNCHER])
+def test_launcher_installs_the_project_itself_pinned_on_every_node(name):
+    launcher = load(name)
     # the repository goes to ~/cxr (the head from `ray up`'s folder, the workers from the head)...
-    assert launcher["file_mounts"] == {"~/cxr": "."}
+    assert launcher["file_mounts"]["~/cxr"] == "."
+    assert set(launcher["file_mounts"]) <= {"~/cxr", "~/cxr-secrets"}  # the S3 cluster's secrets: below
     assert {".git", ".venv", "/work", "/data"} <= set(launcher["rsync_exclude"])
     # ...and setup_commands (run on every node) install it with TensorFlow's CUDA extra, all pinned
     installs = [shlex.split(c) for c in launcher["setup_commands"] if "pip install" in c]
@@ -327,3 +370,276 @@ def test_submit_command_joins_the_block_into_one_line():
 def test_submit_command_refuses_malformed_blocks(text, message):
     with pytest.raises(ValueError, match=message):
         submit_command(text)
+
+
+# ------------------------------------------------------------------------------------ object storage
+
+
+SHARED_FILE_SYSTEM = re.compile(r"(?i)\bnfs4?\b|\befs\b|amazonaws\.com:/|/mnt/shared|persistentvolumeclaim|"
+                                r"readwritemany")
+# a credential given its value in a file (`AWS_SECRET_ACCESS_KEY=abc`, `aws_access_key_id: abc`); a shell
+# variable or placeholder (`"$S"`, `<key>`, `%s`) is not a value. Kubernetes env entries: on the parsed manifests
+AWS_CREDENTIAL = re.compile(r"(?i)\b(aws_secret_access_key|aws_access_key_id|aws_session_token)[\"']?\s*[:=]\s*[\"']?"
+                            r"(?![\s\"'$<{%])\S")
+AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+ROLE_ARN = re.compile(r"arn:aws:iam::(\d{12}|X{12}):(instance-profile|role)/[\w+=,.@-]+")
+
+
+def s3_submit_sets() -> dict[str, str]:
+    command = submit_command(README.read_text(), S3_SUBMIT_FIRST_LINE)
+    subprocess.run(["bash", "-n", "-c", command], check=True)  # valid shell
+    return expanded_sets(command, {"CXR_BUCKET": f"s3://{BUCKET}", "MLFLOW_TRACKING_URI": "http://10.0.0.5:5000"})
+
+
+def s3_rayjob():
+    (job,) = load_all(S3_RAYJOB)
+    assert job["kind"] == "RayJob"
+    return job
+
+
+def s3_pods() -> dict[str, tuple[dict, dict]]:
+    """{"head" | "worker": (pod spec, its Ray container)} of the S3 RayJob."""
+    cluster = s3_rayjob()["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    pods = {"head": cluster["headGroupSpec"]["template"]["spec"], "worker": group["template"]["spec"]}
+    return {role: (pod, pod["containers"][0]) for role, pod in pods.items()}
+
+
+def local_folder(pod: dict, container: dict, path: str) -> str:
+    """The mount path of the container's volume that holds `path`, asserting that the volume is the
+    node's own disk (an emptyDir or a hostPath), never a claim on shared storage."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = [m for m in container.get("volumeMounts", [])
+              if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{container['name']}: nothing mounted at {path}"
+    volume = volumes[mounts[0]["name"]]
+    assert {"emptyDir", "hostPath"} & set(volume), f"{container['name']}: {path} is on {volume}, not the node's disk"
+    return mounts[0]["mountPath"]
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_s3_recipes_mount_no_shared_file_system():
+    for name in S3_RECIPES:
+        text = (CLUSTERS / name).read_text()
+        found = SHARED_FILE_SYSTEM.search(without_comments(text))
+        assert not found, (name, found)
+        for document in yaml.safe_load_all(text):
+            assert document.get("kind") not in ("PersistentVolumeClaim", "PersistentVolume"), name
+            for mapping in walk(document):
+                assert not {"persistentVolumeClaim", "nfs", "csi", "ephemeral"} & set(mapping), (name, mapping)
+    launcher = load(S3_LAUNCHER)
+    assert not any("mount -t nfs" in c or "nfs-common" in c for c in launcher["initialization_commands"])
+    assert all("/mnt/shared" not in option for option in launcher["docker"]["run_options"])
+
+
+def test_s3_rayjob_puts_the_run_state_in_the_bucket_with_local_paths_the_config_accepts():
+    from orchestrator.config import load_config
+
+    tokens = shlex.split(s3_rayjob()["spec"]["entrypoint"])
+    assert tokens[:2] == ["cxr", "run"]
+    assert "$" not in " ".join(tokens), "KubeRay expands variables in the submitter's shell, not on the head"
+    config = tokens[tokens.index("--config") + 1]
+    assert config.startswith("/home/ray/cxr/") and (ROOT / config[len("/home/ray/cxr/"):]).is_file()
+    sets = set_flags(tokens)
+    assert sets["cluster.storage_path"] == f"s3://{BUCKET}/work/paper"
+    assert sets["tracking.uri"].startswith("http://")
+    head, container = s3_pods()["head"]
+    for key in ("workdir", "data.covid_root", "data.rsna_root"):  # the head's own disk
+        assert sets[key].startswith(LOCAL + "/"), (key, sets[key])
+        local_folder(head, container, sets[key])
+    loaded = load_config(ROOT / config[len("/home/ray/cxr/"):], [f"{k}={v}" for k, v in sets.items()])
+    assert loaded.cluster.storage_path == f"s3://{BUCKET}/work/paper" and loaded.workdir == sets["workdir"]
+    assert loaded.cluster.gpus_per_run == 1
+
+
+def test_readme_s3_submit_command_expands_to_a_bucket_and_head_paths_that_the_config_accepts():
+    from orchestrator.config import load_config
+
+    text = README.read_text()
+    assert f"export CXR_BUCKET=s3://{BUCKET}" in text
+    command = submit_command(text, S3_SUBMIT_FIRST_LINE)
+    assert "--address" not in shlex.split(command), "the address comes from RAY_ADDRESS"
+    sets = s3_submit_sets()
+    assert sets["cluster.storage_path"] == f"s3://{BUCKET}/work/paper"
+    assert sets["tracking.uri"] == "http://10.0.0.5:5000"
+    # the workdir and the datasets are on the head's disk, the datasets where `ray rsync-up` put them
+    (destination,) = re.findall(rf"^ray rsync-up clusters/{re.escape(S3_LAUNCHER)} data/ (\S+)$", text, flags=re.M)
+    assert sets["workdir"].startswith(LOCAL + "/") and destination.startswith(LOCAL + "/")
+    for key in ("data.covid_root", "data.rsna_root"):
+        assert sets[key].startswith(destination), (key, sets[key])
+    config = load_config(ROOT / "configs/paper.yaml", [f"{k}={v}" for k, v in sets.items()])
+    assert config.cluster.storage_path == f"s3://{BUCKET}/work/paper"
+    assert config.workdir == f"{LOCAL}/work/paper" and Path(config.data.rsna_root).is_absolute()
+
+
+def test_every_s3_launcher_node_starts_ray_with_its_cache_on_its_own_disk():
+    launcher = load(S3_LAUNCHER)
+    mounts = dict(option.split()[1].split(":", 1) for option in launcher["docker"]["run_options"]
+                  if option.startswith("-v "))
+    assert mounts.get(LOCAL) == LOCAL, mounts  # the host's disk, at the same path in the container
+    # the host prepares it first: the instance store when there is one, else a folder on the root volume
+    (prepare,) = [c for c in launcher["initialization_commands"] if f"mkdir -p {LOCAL}" in c]
+    assert "Instance Storage" in prepare and f"mount \"$dev\" {LOCAL}" in prepare
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in launcher[key] if "ray start" in c]
+        cache = re.search(r"\bexport [^&]*\bCXR_CACHE_DIR=(\S+)", start)
+        assert cache and cache.start() < start.index("ray start"), (key, start)  # Ray's processes inherit it
+        assert cache[1].startswith(LOCAL + "/"), (key, cache[1])
+
+
+def test_every_s3_pod_has_its_cache_on_its_own_disk_and_the_bucket_from_its_service_account():
+    (account,) = load_all(S3_ACCOUNT)
+    assert account["kind"] == "ServiceAccount"
+    assert ROLE_ARN.fullmatch(account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
+    cluster = s3_rayjob()["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == locked_version("ray") and cluster["enableInTreeAutoscaling"] is True
+    pods = s3_pods()
+    assert set(pods) == {"head", "worker"}
+    for role, (pod, container) in pods.items():
+        assert pod["serviceAccountName"] == account["metadata"]["name"], role
+        cache = env_of(container).get("CXR_CACHE_DIR")
+        assert cache and cache.startswith("/"), (role, container.get("env"))
+        local_folder(pod, container, cache)
+    head, worker = pods["head"][1], pods["worker"][1]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert cluster["workerGroupSpecs"][0]["minReplicas"] == 0
+
+
+def test_s3_datasets_reach_the_head_pod_only_from_the_bucket():
+    pods = s3_pods()
+    head, container = pods["head"]
+    (init,) = head["initContainers"]
+    command = init["command"]
+    assert command[:3] == ["aws", "s3", "sync"]
+    source, destination = [t for t in command[3:] if not t.startswith("-")]
+    assert source == f"s3://{BUCKET}/data/"
+    # written where the Ray container reads it, on the same local volume, as the image's user
+    assert local_folder(head, init, destination) == local_folder(head, container, destination)
+    assert init["securityContext"]["runAsUser"] == 1000
+    sets = set_flags(shlex.split(s3_rayjob()["spec"]["entrypoint"]))
+    for key, folder in (("data.covid_root", "covid-chestxray-dataset"),
+                        ("data.rsna_root", "rsna-pneumonia-detection-challenge")):
+        assert sets[key] == destination.rstrip("/") + "/" + folder
+        assert f"s3://{BUCKET}/data/{folder}" in README.read_text()  # uploaded where the head syncs from
+    assert not pods["worker"][0].get("initContainers")  # the workers read the store from the bucket
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # importing MLflow's server (SQLAlchemy)
+def test_s3_mlflow_servers_keep_their_artifacts_in_the_bucket():
+    # the launcher's, on the head: its database on the head's own disk, or the secrets file's URI
+    launcher = load(S3_LAUNCHER)
+    (server,) = [c for c in launcher["head_start_ray_commands"] if "mlflow server" in c]
+    tokens = shlex.split(server[server.index("mlflow server"):])
+    assert "--serve-artifacts" in tokens and tokens[tokens.index("--app-name") + 1] == "basic-auth"
+    assert tokens[tokens.index("--artifacts-destination") + 1] == f"s3://{BUCKET}/mlflow-artifacts"
+    database = re.fullmatch(r"\$\{MLFLOW_BACKEND_STORE_URI:-(sqlite:///(/\S+))\}",
+                            tokens[tokens.index("--backend-store-uri") + 1])
+    assert database and database[2].startswith(LOCAL + "/"), tokens
+    assert server.split("--host", 1)[1].split()[0] == "$(hostname", server  # the head's private address
+    # the Kubernetes Deployment's, with the pods' ServiceAccount
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    deployment, service = load_all(S3_MLFLOW)
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[:2] == ["mlflow", "server"] and "--serve-artifacts" in command
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    assert command[command.index("--artifacts-destination") + 1] == f"s3://{BUCKET}/mlflow-artifacts"
+    assert pod["serviceAccountName"] == load_all(S3_ACCOUNT)[0]["metadata"]["name"]
+    backend = re.fullmatch(r"\$\((\w+)\)", command[command.index("--backend-store-uri") + 1])
+    assert backend, command  # Kubernetes fills it in from the container's env
+    uri = env_of(container)[backend[1]]
+    assert uri.startswith("sqlite:////")
+    local_folder(pod, container, uri[len("sqlite:///"):])
+    # the RayJob reaches it by the Service's name, which the server allows
+    address = set_flags(shlex.split(s3_rayjob()["spec"]["entrypoint"]))["tracking.uri"]
+    tracking = re.fullmatch(r"http://([^/:]+):(\d+)/?", address)
+    assert tracking and tracking[1].split(".")[0] == service["metadata"]["name"]
+    assert int(tracking[2]) == service["spec"]["ports"][0]["port"]
+    allowed = command[command.index("--allowed-hosts") + 1].split(",")
+    assert is_allowed_host_header(allowed, f"{tracking[1]}:{tracking[2]}")
+
+
+def test_s3_recipes_take_the_buckets_credentials_from_roles_never_from_the_files():
+    for path in [*(CLUSTERS / n for n in (*S3_RECIPES, S3_POLICY)), README]:
+        text = path.read_text()
+        assert not AWS_KEY_ID.search(text), path.name
+        assert not AWS_CREDENTIAL.search(text), (path.name, AWS_CREDENTIAL.search(text))
+    # the launcher's nodes each have an instance profile (`ray up` would give workers none)
+    launcher = load(S3_LAUNCHER)
+    for name, node_type in launcher["available_node_types"].items():
+        assert ROLE_ARN.fullmatch(node_type["node_config"]["IamInstanceProfile"]["Arn"]), name
+    # no Kubernetes container is given an AWS key as a literal value: only Secrets or the ServiceAccount
+    for name in (S3_RAYJOB, S3_MLFLOW):
+        for document in load_all(name):
+            for mapping in walk(document):
+                if str(mapping.get("name", "")).startswith("AWS_") and "value" in mapping:
+                    assert mapping["name"] not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                   "AWS_SESSION_TOKEN"), name
+
+
+def test_the_credential_checks_catch_what_they_should():
+    for written in ('AWS_SECRET_ACCESS_KEY=abc123', 'aws_access_key_id = abc', '"AWS_SESSION_TOKEN": "xyz"',
+                    "export AWS_SECRET_ACCESS_KEY='abc'"):
+        assert AWS_CREDENTIAL.search(written), written
+    for referenced in ('--from-literal=AWS_SECRET_ACCESS_KEY="$S"', "AWS_SECRET_ACCESS_KEY=<key>",
+                       "`AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`", "AWS_ACCESS_KEY_ID=${KEY}"):
+        assert not AWS_CREDENTIAL.search(referenced), referenced
+    assert SHARED_FILE_SYSTEM.search("mount -t nfs4 fs-1.efs.us-east-1.amazonaws.com:/ /x")
+    assert SHARED_FILE_SYSTEM.search("persistentVolumeClaim: {claimName: cxr-shared}")
+    assert not SHARED_FILE_SYSTEM.search("refs/heads emptyDir: {sizeLimit: 5Gi}")
+
+
+def test_s3_launcher_delivers_its_secrets_from_outside_the_repository():
+    launcher = load(S3_LAUNCHER)
+    (target,) = [t for t in launcher["file_mounts"] if t != "~/cxr"]
+    source = Path(launcher["file_mounts"][target]).expanduser()
+    assert source.is_absolute() and not source.resolve().is_relative_to(ROOT), source  # not in git, not uploaded
+    folder = target.replace("~", "$HOME", 1)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in launcher[key] if "ray start" in c]
+        sourced = re.search(r"\. (~|\$HOME)(/\S+)/mlflow\.env", start)
+        assert sourced and "$HOME" + sourced[2] == folder and sourced.start() < start.index("ray start"), start
+    (server,) = [c for c in launcher["head_start_ray_commands"] if "mlflow server" in c]
+    assert f"MLFLOW_AUTH_CONFIG_PATH={folder}/basic_auth.ini" in server.replace("~", "$HOME")
+    assert "mlflow-server.env" in server
+
+
+def test_s3_policy_grants_the_one_bucket_only_and_every_recipe_names_that_bucket():
+    policy = json.loads((CLUSTERS / S3_POLICY).read_text())
+    actions, resources = set(), set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions |= set(statement["Action"])
+        resources |= {statement["Resource"]} if isinstance(statement["Resource"], str) else set(statement["Resource"])
+    assert resources == {f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"}
+    assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
+    assert {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= actions
+    for name in (S3_LAUNCHER, S3_RAYJOB, S3_MLFLOW):
+        buckets = set(re.findall(r"s3://([^/\s\"',]+)", without_comments((CLUSTERS / name).read_text())))
+        assert buckets == {BUCKET}, (name, buckets)
+
+
+def test_readme_chooses_between_shared_storage_and_the_bucket_and_names_the_s3_steps():
+    from tests.test_docs import link_problems, named_commands, parser_subcommands
+
+    text = README.read_text()
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert headings.index("Shared file system or object storage") < headings.index("1. Image")
+    s3_steps = headings.index("Object storage: the steps that differ")
+    assert headings.index("9. Teardown") < s3_steps < headings.index("One machine")
+    for needle in (f"ray up clusters/{S3_LAUNCHER}", f"kubectl apply -f clusters/{S3_RAYJOB}",
+                   f"kubectl apply -f clusters/{S3_MLFLOW}", f"kubectl apply -f clusters/{S3_ACCOUNT}",
+                   S3_POLICY, "CXR_CACHE_DIR", "cluster.cache_dir", "cluster.cache_max_gb", "AWS_ENDPOINT_URL",
+                   "psycopg2", "IRSA", "--artifacts-destination s3://"):
+        assert needle in text, needle
+    assert "is not enough for" not in text  # a URI storage_path is accepted now
+    # the anchors resolve and every `cxr <command>` is one the parser has
+    assert not link_problems(README), link_problems(README)
+    assert {name for _, name in named_commands(README)} <= parser_subcommands()
