@@ -87,8 +87,10 @@ class Prefix:
 
     def read_bytes(self) -> bytes:
         def read() -> bytes:
-            with self.fs.open_input_stream(self.path) as stream:
-                return stream.read()
+            # a random-access file knows its size and reads it in one request; a stream reads it
+            # piece by piece, each a ranged GET (measured against moto: 60 MB in 0.2 s against 14 s)
+            with self.fs.open_input_file(self.path) as file:
+                return file.read()
         return self._call("read it", read)
 
     def write_bytes(self, data: bytes) -> None:
@@ -128,7 +130,7 @@ class Prefix:
     def check_writable(self) -> None:
         """Write, read back and remove a small object here: StorageError naming the URI and the
         cause (wrong credentials, no such bucket, no endpoint) before anything depends on it."""
-        probe = self.child(PROBE)
+        probe = self.child(f"{PROBE}-{uuid.uuid4().hex}")  # one per caller: nodes check at once
         stamp = f"{os.getpid()} {time.time()}".encode()
         probe.write_bytes(stamp)
         if probe.read_bytes() != stamp:

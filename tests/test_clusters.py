@@ -636,7 +636,7 @@ def test_readme_chooses_between_shared_storage_and_the_bucket_and_names_the_s3_s
     assert headings.index("9. Teardown") < s3_steps < headings.index("One machine")
     for needle in (f"ray up clusters/{S3_LAUNCHER}", f"kubectl apply -f clusters/{S3_RAYJOB}",
                    f"kubectl apply -f clusters/{S3_MLFLOW}", f"kubectl apply -f clusters/{S3_ACCOUNT}",
-                   S3_POLICY, "CXR_CACHE_DIR", "cluster.cache_dir", "cluster.cache_max_gb", "AWS_ENDPOINT_URL",
+                   S3_POLICY, "CXR_CACHE_DIR", "cache.dir", "cache.max_gb", "AWS_ENDPOINT_URL",
                    "psycopg2", "IRSA", "--artifacts-destination s3://"):
         assert needle in text, needle
     assert "is not enough for" not in text  # a URI storage_path is accepted now

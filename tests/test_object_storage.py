@@ -11,8 +11,9 @@ it did not issue is refused, as S3 refuses it).
   (CXR_CACHE_DIR, as a node's local disk), the driver's workdir is the driver's alone, and the
   runs' storage is the bucket. The 4-run job finishes with every checkpoint and done.json an
   object there; a worker SIGKILLed after a checkpoint resumes on the other node from the bucket,
-  each epoch logged once; the same command from a fresh workdir trains nothing; `cxr doctor`
-  checks each node's storage and cache.
+  each epoch logged once; the same command from a fresh workdir trains nothing; `cxr prepare
+  --publish` puts a store and its splits there.
+- `cxr doctor`'s checks of a node's bucket and cache.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ BIN = Path(sys.executable).parent
 PAPER = str(ROOT / "configs" / "paper.yaml")
 BUCKET = "cxr-test"
 RUNS = sorted(f"fold{k}-{n}" for k in (1, 2) for n in ("xception", "resnet50v2"))
+SLOTS = 4  # logical CPUs and GPUs per node
 # the paper's config shrunk as tests/conftest.py's PAPER_SHRINK, with two phases of two epochs and
 # a checkpoint at each phase's end (the first is what a killed worker resumes from)
 SHRINK = [f"--set={item}" for item in (
@@ -91,12 +93,12 @@ def aws(s3, monkeypatch):
     return s3
 
 
-def objects(client, prefix: str) -> dict[str, int]:
-    """{key: size} of the bucket's objects under `prefix`."""
+def objects(client, prefix: str, field: str = "Size") -> dict:
+    """{key: its size (or another field of the listing)} of the bucket's objects under `prefix`."""
     found, token = {}, None
     while True:
         page = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
-        found.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+        found.update({o["Key"]: o[field] for o in page.get("Contents", [])})
         if not page.get("IsTruncated"):
             return found
         token = page["NextContinuationToken"]
@@ -192,10 +194,41 @@ def test_wrong_credentials_fail_at_start_naming_the_uri_and_the_cause(s3, tmp_pa
                           f"--set=tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-3000:]
-    assert f"{uri}/.cxr-write-check: could not write it" in run.stderr
+    assert re.search(rf"{uri}/\.cxr-write-check-[0-9a-f]{{32}}: could not write it", run.stderr), run.stderr[-3000:]
     assert "SIGNATURE_DOES_NOT_MATCH" in run.stderr
     assert not (tmp_path / "work" / "manifest.csv").exists() and not (tmp_path / "work" / "runs").exists()
     assert not objects(s3["client"], "refused/")
+
+
+def test_doctor_checks_a_nodes_bucket_and_its_own_cache(aws, tmp_path, monkeypatch):
+    """`cxr doctor`'s checks of one node (the job below runs them on both nodes first, as every
+    `cxr run` does): with object storage, `storage` and `cache` in place of `paths` and `disk`."""
+    from orchestrator.cluster.doctor import expectations, node_checks
+    from orchestrator.config import load_config
+
+    uri = f"s3://{BUCKET}/doctor"
+    store = folder(tmp_path / "work" / "store", {"images.npy": os.urandom(2**20)})
+    config = load_config(PAPER, [f"workdir={tmp_path / 'work'}", f"cluster.storage_path={uri}",
+                                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "node-disk" / "cache"))  # the node's own, over cache.dir
+
+    def checks(config) -> dict[str, tuple[bool, str]]:
+        return {name: (ok, detail) for name, ok, detail in node_checks({"gpus": 0}, expectations(config, "t", []))}
+
+    found = checks(config)
+    assert "paths" not in found and "disk" not in found
+    assert found["storage"] == (True, f"{uri} takes this node's writes")
+    ok, detail = found["cache"]
+    assert ok and detail.startswith(f"{tmp_path / 'node-disk' / 'cache'}: ") and "the store 0.00 GiB" in detail
+    assert not [k for k in objects(aws["client"], "doctor/") if ".cxr-write-check" in k]  # its probe removed
+    # a store over the cache's limit, a cache folder that cannot be made, a bucket that refuses the node
+    tight = load_config(PAPER, [f"workdir={tmp_path / 'work'}", f"cluster.storage_path={uri}", "cache.max_gb=0.0005"])
+    assert checks(tight)["cache"][0] is False and "the store alone is over cache.max_gb" in checks(tight)["cache"][1]
+    monkeypatch.setenv("CXR_CACHE_DIR", str(store / "images.npy" / "cache"))
+    assert checks(config)["cache"][0] is False and "is not writable here" in checks(config)["cache"][1]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    ok, detail = checks(config)["storage"]
+    assert not ok and detail.startswith(f"{uri}/.cxr-write-check-") and "SIGNATURE_DOES_NOT_MATCH" in detail
 
 
 # ---------------------------------------------------------------- two nodes, no shared folder
@@ -221,8 +254,8 @@ sys.stdin.read()
 
 class Killer(threading.Thread):
     """While the job runs: note every checkpoint cursor that appears in the bucket; once a run's
-    first checkpoint is complete there, hold its node's GPUs (its other run's too, as it ends) and
-    SIGKILL its worker, so that Ray Train can restart it only on the other node."""
+    first checkpoint is complete there, hold every GPU of its node (those of its runs as they end)
+    and SIGKILL its worker, so that Ray Train can restart it only on the other node."""
 
     def __init__(self, client, tracking: str, cluster: FixedCluster, job: subprocess.Popen):
         super().__init__(daemon=True)
@@ -254,7 +287,7 @@ class Killer(threading.Thread):
             if "cxr.worker_pid" not in tags:
                 continue
             node = tags["cxr.node_id"]
-            self.blocker = subprocess.Popen([sys.executable, "-c", BLOCK, self.cluster.address, node, "2"],
+            self.blocker = subprocess.Popen([sys.executable, "-c", BLOCK, self.cluster.address, node, str(SLOTS)],
                                             env=self.cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             text=True, start_new_session=True)
             assert self.blocker.stdout.readline().strip() == "queued"
@@ -270,10 +303,11 @@ def cxr(*args: str, cwd: Path, env: dict, timeout: float = 1200) -> subprocess.C
 
 @pytest.fixture(scope="module")
 def bucket_cluster(s3, tmp_path_factory):
-    """Two nodes of 2 CPUs and 2 logical GPUs, each with the bucket's credentials (as an instance
-    role gives them) and its own cache folder."""
+    """Two nodes of 4 CPUs and 4 logical GPUs, each with the bucket's credentials (as an instance
+    role gives them) and its own cache folder. Room for the 4 runs on either node: a killed run
+    restarts on the other one at once (its own node's devices are held), not after another run."""
     caches = [tmp_path_factory.mktemp(f"node{i}-disk") / "cache" for i in range(2)]
-    with FixedCluster(nodes=2, gpus_per_node=2, cpus_per_node=2, env={**NODE_ENV, **s3["env"]},
+    with FixedCluster(nodes=2, gpus_per_node=SLOTS, cpus_per_node=SLOTS, env={**NODE_ENV, **s3["env"]},
                       node_env=[{"CXR_CACHE_DIR": str(c)} for c in caches]) as cluster:
         yield {"cluster": cluster, "caches": caches}
     assert not cluster.leftovers
@@ -300,11 +334,10 @@ def bucket_job(s3, bucket_cluster, tmp_path_factory):
         killer.start()
         log, _ = job.communicate(timeout=1500)
         killer.join(timeout=30)
+        (driver / "job.log").write_text(log)  # kept with the test's folders, for a failure's story
         again = cxr("run", *common, f"--set=workdir={driver / 'fresh'}", cwd=driver, env=env)
-        doctor = cxr("doctor", "--config", PAPER, "--address", cluster.address, f"--set=tracking.uri={tracking}",
-                     f"--set=workdir={driver / 'work'}", f"--set=cluster.storage_path=s3://{BUCKET}/exp",
-                     "--set=cluster.allow_cpu_fallback=true", cwd=driver, env={**env, "COLUMNS": "400"}, timeout=600)
-        yield {"rc": job.returncode, "log": log, "killer": killer, "again": again, "doctor": doctor,
+        (driver / "again.log").write_text(again.stdout + again.stderr)
+        yield {"rc": job.returncode, "log": log, "killer": killer, "again": again,
                "tracking": tracking, "driver": driver, "caches": bucket_cluster["caches"],
                "nodes": cluster.node_ids, "client": s3["client"]}
     finally:
@@ -343,7 +376,7 @@ def test_the_four_runs_finish_with_every_checkpoint_and_done_json_in_the_bucket(
     for run in runs.values():
         assert any(run.data.params["workdir"].startswith(c) for c in caches), run.data.params["workdir"]
     for cache in bucket_job["caches"]:  # both nodes trained, each from its own copy of the store
-        assert len(list((cache / "store").iterdir())) == 1 and list((cache / "work").glob("*/runs/*"))
+        assert len(list((cache / "store").glob("[!.]*"))) == 1 and list((cache / "work").glob("*/runs/*"))
 
 
 def test_a_killed_worker_resumes_on_the_other_node_from_the_bucket_each_epoch_logged_once(bucket_job):
@@ -372,11 +405,28 @@ def test_the_same_command_from_a_fresh_workdir_trains_nothing(bucket_job):
     assert sorted(r.info.run_name for r in runs if r.info.run_name in RUNS) == RUNS  # no run opened twice
 
 
-def test_doctor_checks_each_nodes_storage_and_its_own_cache(bucket_job):
-    doctor = bucket_job["doctor"]
-    assert doctor.returncode == 0, doctor.stdout[-3000:] + doctor.stderr[-3000:]
-    for check in ("packages", "storage", "mlflow", "cache"):  # in place of paths and disk: nothing is shared
-        assert len(re.findall(rf"{check}\s+│\s+ok", doctor.stdout)) == 2, doctor.stdout
-    assert doctor.stdout.count(f"s3://{BUCKET}/exp takes this node's writes") == 2
-    for cache in bucket_job["caches"]:  # each node its own cache folder
-        assert f"{cache}: " in doctor.stdout, doctor.stdout
+def test_cxr_prepare_publishes_a_store_and_its_splits_by_their_keys(bucket_job, aws, tmp_path):
+    s3 = aws
+    work = bucket_job["driver"] / "work"
+    env = {**os.environ, **s3["env"]}
+    args = ["prepare", "--manifest", str(work / "manifest.csv"), "--out", str(work / "store"),
+            "--publish", f"s3://{BUCKET}/published", "--splits", str(work / "splits")]
+    first = cxr(*args, cwd=tmp_path, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    where = re.findall(r"published -> (\S+)", first.stdout)
+    assert [w.split("/")[-2] for w in where] == ["store", "splits"], first.stdout
+    stored = objects(s3["client"], "published/")
+    times = objects(s3["client"], "published/", "LastModified")
+    local = {f"store/{where[0].rsplit('/', 1)[1]}/{p.relative_to(work / 'store').as_posix()}": p.stat().st_size
+             for p in (work / "store").rglob("*") if p.is_file()}
+    assert {k[len("published/"):]: v for k, v in stored.items() if "/store/" in k} == local
+    assert any(k.endswith("/SHA256SUMS") for k in stored)
+    # a worker's copy of it is the store, byte for byte
+    copy = NodeCache(tmp_path / "cache", 1.0).fetch(Prefix(where[0]), "store", "k", "store.json")
+    assert (copy / "images.npy").read_bytes() == (work / "store" / "images.npy").read_bytes()
+    # published once: the same command finds it there and uploads nothing again
+    again = cxr(*args, cwd=tmp_path, env=env, timeout=300)
+    assert again.returncode == 0 and re.findall(r"published -> (\S+)", again.stdout) == where
+    assert "is on s3://" in again.stderr
+    assert objects(s3["client"], "published/", "LastModified") == times
+

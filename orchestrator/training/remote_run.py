@@ -55,8 +55,7 @@ def _wanted(name: str, complete: set[str], models: bool) -> bool:
 def _remove_all_but(paths: RunPaths, wanted: set[str]) -> None:
     """Every local file of the run that the bucket does not hold (its lock, and hidden files of
     writes in progress, excepted)."""
-    if not paths.root.is_dir():
-        paths.root.mkdir(parents=True)
+    if not paths.root.is_dir():  # made by the first download, if any
         return
     for file in sorted(paths.root.rglob("*"), reverse=True):
         name = file.relative_to(paths.root).as_posix()
