@@ -60,8 +60,9 @@ PAPER_SHRINK = [f"--set={item}" for item in (
 # loadfile): a Ray run keeps both cores busy, a test training in its own process about one. The
 # files with the longest fixtures go first, so that no worker starts one while the other idles
 # at the end. Within a file the order is as written.
-LONGEST_FIRST = ("test_paper_local.py", "test_faults.py", "test_orchestration.py", "test_shutdown.py",
-                 "test_learning.py", "test_tune.py", "test_trainer.py", "test_synth.py", "test_tune_reports.py")
+LONGEST_FIRST = ("test_paper_local.py", "test_faults.py", "test_orchestration.py", "test_object_storage.py",
+                 "test_shutdown.py", "test_learning.py", "test_tune.py", "test_trainer.py", "test_synth.py",
+                 "test_tune_reports.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -184,6 +184,12 @@ def test_a_runs_working_copy_becomes_the_buckets_run(aws, tmp_path):
     # records written through RunPaths are objects at once
     paths.write_done("abc", "f" * 64, "models:/m/1")
     assert json.loads(remote.child("done.json").read_bytes())["run_id"] == "abc"
+    # --restart-stale's move: copied aside, then gone from the run's prefix (no rename there)
+    before = objects(aws["client"], "unit/runs/fold1-xception/")
+    remote_run.move_aside(paths, f"s3://{BUCKET}/unit/runs/.stale/1/fold1-xception")
+    assert not [k for k in objects(aws["client"], "unit/runs/fold1-xception/") if not k.endswith("/")]
+    assert objects(aws["client"], "unit/runs/.stale/1/fold1-xception/") == {
+        k.replace("unit/runs/", "unit/runs/.stale/1/"): v for k, v in before.items() if not k.endswith("/")}
 
 
 def test_wrong_credentials_fail_at_start_naming_the_uri_and_the_cause(s3, tmp_path):

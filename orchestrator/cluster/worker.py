@@ -66,12 +66,12 @@ def _mark_failed(config_mapping: dict, run: dict) -> None:
 
     config = from_mapping(Config, config_mapping, where="the driver's config")
     paths = config.paths.run(**run)
-    if paths.remote:  # the run's records from its object storage, into a folder of this process
-        paths = RunPaths(Path(tempfile.mkdtemp(prefix="cxr-run-")), paths.remote)
-        remote_run.fetch(paths, models=False)
-    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths)
     try:
-        status = tracker.mark("FAILED")
+        with tempfile.TemporaryDirectory(prefix="cxr-run-") as scratch:
+            if paths.remote:  # the run's records from its object storage, into a folder of this process
+                paths = RunPaths(Path(scratch), paths.remote)
+                remote_run.fetch(paths, models=False)
+            status = RunTracker(config.tracking_uri, config.experiment_name, paths).mark("FAILED")
     except Exception:  # the run's own error is the one to see; the driver tries again at its end
         log.exception("%s: could not mark its MLflow run FAILED", run_name(**run))
         return

@@ -3,7 +3,8 @@ config's identity, its MLflow run opened (or continued), the run trained and tes
 (orchestrator.training.run), its results and model logged, then FINISHED, then done.json.
 
 A finished run (done.json) of the same fingerprint is not trained again; a run folder of another
-fingerprint is refused (orchestrator.training.identity.StaleRun).
+fingerprint is refused (orchestrator.training.identity.StaleRun). With object storage as the run
+storage, the run folder is first made the bucket's run (orchestrator.training.remote_run).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from orchestrator.layout import MODEL_URI, PROBABILITY_COLUMNS, TEST_ACCURACY, T
 from orchestrator.lock import FileLock
 from orchestrator.tracking.experiment import package_versions
 from orchestrator.tracking.runs import RunTracker
+from orchestrator.training import remote_run
 from orchestrator.training.identity import Identity, check_run
 from orchestrator.training.inputs import RunInputs, run_datasets
-from orchestrator.training import remote_run
 from orchestrator.training.run import Run, RunSetup
 
 log = logging.getLogger(__name__)
