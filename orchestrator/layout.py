@@ -199,10 +199,8 @@ class RunPaths:
     def phase_weights(self, phase: int) -> Path:
         return self.root / f"phase{phase}.weights.h5"
 
-    @property
-    def failed_once(self) -> Path:
-        """train.fail_at's marker: the failure is injected once."""
-        return self.root / "failed-once"
+    failed_once = property(lambda self: self.root / "failed-once",
+                           doc="train.fail_at's marker: the failure is injected once (published with the run).")
 
     # The run folder's records, read and written here only. Each is written atomically; one that
     # cannot be read back raises StateError naming it (the driver reconciles done.json and the
@@ -272,8 +270,13 @@ class WorkPaths:
 
     @classmethod
     def of(cls, workdir: str, storage_path: str = "") -> "WorkPaths":
+        """With object storage the runs' working copies are in `<workdir>/bucket/`, apart from runs stored in the workdir."""
         remote = storage_path.rstrip("/") if is_uri(storage_path) else ""
-        return cls(Path(workdir), None if remote else Path(storage_path or workdir), remote)
+        return cls(Path(workdir), Path(workdir) / "bucket" if remote else Path(storage_path or workdir), remote)
+
+    def remote_of(self, local: Path) -> str:
+        """Where a path of the runs' storage is on object storage ("" without it)."""
+        return f"{self.remote}/{local.relative_to(self.storage).as_posix()}" if self.remote else ""
 
     data = property(lambda self: self.root / "data")
 
@@ -339,15 +342,14 @@ class WorkPaths:
         return self.runs / run_name(fold, network)
 
     def run(self, fold: int, network: str) -> RunPaths:
-        name = run_name(fold, network)
-        return RunPaths(self.run_dir(fold, network), f"{self.remote}/runs/{name}" if self.remote else "")
+        return RunPaths(self.run_dir(fold, network), self.remote_of(self.run_dir(fold, network)))
 
     @property
     def ray_results(self) -> Path:
         return (self.storage or self.root) / "ray"
 
-    ray_storage = property(lambda self: f"{self.remote}/ray" if self.remote else str(self.ray_results.absolute()),
-                           doc="Ray Tune's and Train's storage_path: the URI, or the folder")
+    ray_storage = property(lambda self: self.remote_of(self.ray_results) or str(self.ray_results.absolute()),
+                           doc="Ray Tune's and Train's storage_path: on object storage, or the folder")
 
     def published(self, kind: str, key: str) -> str:
         """Where the store (`kind` store, by its key) or the splits (splits, by their hash) are

@@ -159,10 +159,18 @@ def test_the_node_cache_is_fetched_once_for_processes_asking_at_once_and_evicts_
     assert {out.strip() for out, _ in answers} == {str(cache / "store" / "key1")}
     assert sum("cached store key1" in err for _, err in answers) == 1, answers  # one download, two waited
     mapped = np.load(cache / "store" / "key1" / "images.npy", mmap_mode="r")
-    # a limit the two copies do not fit: the older goes when the newer comes; its reader keeps its pages
+    # a limit the two copies do not fit: the older stays while a process uses it...
+    user = subprocess.Popen([sys.executable, "-c", FETCH + "sys.stdout.flush(); sys.stdin.read()", str(cache),
+                             f"s3://{BUCKET}/unit/store/key1", "key1"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert user.stdout.readline().strip() == str(cache / "store" / "key1")
     small = NodeCache(cache, max_gb=data.nbytes * 1.5 / 2**30)
     newer = small.fetch(Prefix(f"s3://{BUCKET}/unit/store/key2"), "store", "key2", "MARK")
-    assert newer == cache / "store" / "key2" and not (cache / "store" / "key1").exists()
+    assert (cache / "store" / "key1" / "MARK").is_file()
+    user.communicate(timeout=60)
+    # ...and goes once none does; its reader keeps its pages
+    assert small.evict() == [cache / "store" / "key1"] and not (cache / "store" / "key1").exists()
+    assert newer == cache / "store" / "key2" and not list((cache / "store").glob(".key1.removing-*"))
     assert np.array_equal(mapped, data) and np.array_equal(np.load(newer / "images.npy"), data + 1)
 
 
@@ -249,8 +257,9 @@ class Hold:
     def ready(self):
         return True
 
-here = NodeAffinitySchedulingStrategy(sys.argv[2], soft=False)
-holds = [Hold.options(scheduling_strategy=here).remote() for _ in range(int(sys.argv[3]))]
+print("connected", flush=True)
+here = NodeAffinitySchedulingStrategy(sys.stdin.readline().strip(), soft=False)
+holds = [Hold.options(scheduling_strategy=here).remote() for _ in range(int(sys.argv[2]))]
 print("queued", flush=True)
 ray.get([h.ready.remote() for h in holds])
 print("holding", flush=True)
@@ -268,11 +277,14 @@ class Killer(threading.Thread):
         self.client, self.tracking, self.cluster, self.job = client, tracking, cluster, job
         self.seen: set[str] = set()
         self.killed: dict = {}
-        self.blocker: subprocess.Popen | None = None
         self.error = ""
+        # connected to the cluster before any run: from a checkpoint seen to the kill, a second or two
+        self.blocker = subprocess.Popen([sys.executable, "-c", BLOCK, cluster.address, str(SLOTS)], env=cluster.env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
 
     def run(self) -> None:
         try:
+            assert self.blocker.stdout.readline().strip() == "connected"
             while self.job.poll() is None:
                 keys = objects(self.client, "exp/runs/")
                 self.seen |= {k for k in keys if k.endswith("/cursor.json")}
@@ -293,13 +305,14 @@ class Killer(threading.Thread):
             if "cxr.worker_pid" not in tags:
                 continue
             node = tags["cxr.node_id"]
-            self.blocker = subprocess.Popen([sys.executable, "-c", BLOCK, self.cluster.address, node, str(SLOTS)],
-                                            env=self.cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            text=True, start_new_session=True)
+            self.blocker.stdin.write(node + "\n")
+            self.blocker.stdin.flush()
             assert self.blocker.stdout.readline().strip() == "queued"
-            time.sleep(3)  # the two requests wait on the node's raylet, ahead of any restart
+            time.sleep(1)  # the requests wait on the node's raylet, ahead of any restart
             os.kill(int(tags["cxr.worker_pid"]), signal.SIGKILL)
-            self.killed = {"run": name, "pid": tags["cxr.worker_pid"], "node": node, "run_id": found[0].info.run_id}
+            cursors = [k for k in objects(self.client, f"exp/runs/{name}/checkpoints/") if k.endswith("/cursor.json")]
+            self.killed = {"run": name, "pid": tags["cxr.worker_pid"], "node": node, "run_id": found[0].info.run_id,
+                           "epoch": str(int(max(cursors).split("ckpt-")[1].split("/")[0]))}
             return
 
 
@@ -347,7 +360,7 @@ def bucket_job(s3, bucket_cluster, tmp_path_factory):
                "tracking": tracking, "driver": driver, "caches": bucket_cluster["caches"],
                "nodes": cluster.node_ids, "client": s3["client"]}
     finally:
-        if "killer" in locals() and killer.blocker is not None:
+        if "killer" in locals():
             end_group(killer.blocker)
         end_group(server)
 
@@ -393,7 +406,9 @@ def test_a_killed_worker_resumes_on_the_other_node_from_the_bucket_each_epoch_lo
     tags = run.data.tags
     other = next(n for n in bucket_job["nodes"] if n != killed["node"])
     assert tags["cxr.node_id"] == other and tags["cxr.worker_pid"] != killed["pid"]
-    assert tags["cxr.resumed_from"] == "2", tags  # from the first phase's checkpoint, not from scratch
+    # from the newest checkpoint in the bucket when it was killed (the first phase's, before the
+    # second's was written), not from scratch
+    assert tags["cxr.resumed_from"] == killed["epoch"] and killed["epoch"] in ("2", "4"), (tags, killed)
     for key in ("loss", "accuracy", "val_loss"):
         steps = [m.step for m in MlflowClient(bucket_job["tracking"]).get_metric_history(killed["run_id"], key)]
         assert steps == [1, 2, 3, 4], (key, steps)

@@ -43,7 +43,6 @@ from orchestrator.cluster import connection
 from orchestrator.config import NAMED_WEIGHTS, Config, ConfigError, is_server_uri, sqlite_file
 
 log = logging.getLogger(__name__)
-CHECKS = ("packages", "gpus", "paths", "mlflow", "disk")  # with object storage: storage, cache for paths, disk
 TOKEN_FILE = ".cxr-preflight"  # written by the driver, read back by every node
 
 

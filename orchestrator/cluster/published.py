@@ -40,13 +40,16 @@ def publish_folders(storage: str, store: Path, splits: Path | None = None) -> li
     what `cluster.storage_path: <storage>` workers fetch. Returns where each went."""
     if not is_uri(storage):
         raise StorageError(f"{storage}: expected an object-storage URI to publish to, such as s3://bucket/prefix.")
+    if splits is not None and not (splits / SUMS_FILE).is_file():
+        raise StorageError(f"{splits}: no {SUMS_FILE}; expected a splits folder written by `cxr splits` or `cxr run`.")
     work = WorkPaths.of("", storage)
     keys = {STORE: StoreBuilder.written_key(store), **({SPLITS: split_hash(splits)} if splits else {})}
     if not keys[STORE]:
         raise StorageError(f"{store}: not a complete image store (no {STORE_META}); expected one to publish.")
     where = []
-    for kind, local, marker in ((STORE, store, STORE_META), (SPLITS, splits, SUMS_FILE))[:len(keys)]:
-        prefix = Prefix(work.published(kind, keys[kind]))
+    folders = {STORE: (store, STORE_META), SPLITS: (splits, SUMS_FILE)}
+    for kind in keys:  # the store, then the splits if given
+        (local, marker), prefix = folders[kind], Prefix(work.published(kind, keys[kind]))
         if prefix.child(marker).exists():
             log.info("%s %s is on %s already", kind, keys[kind][:12], prefix.uri)
         else:
@@ -67,7 +70,7 @@ def on_this_node(config: Config, keys: dict[str, str]) -> Config:
     splits = cache.fetch(Prefix(config.paths.published(SPLITS, keys[SPLITS])), SPLITS, keys[SPLITS], SUMS_FILE)
     # one working folder per storage and inputs: runs of another experiment on this node stay apart
     name = hashlib.sha256(f"{config.paths.remote}\n{keys[STORE]}\n{keys[SPLITS]}".encode()).hexdigest()[:16]
-    work = cache.root / "work" / name
+    work = cache.work / name
     work.mkdir(parents=True, exist_ok=True)
     for link, target in (("store", store), ("splits", splits)):
         _link(work / link, target)

@@ -12,6 +12,7 @@ with `restart_stale` moves them aside and trains them anew.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -20,6 +21,7 @@ import pandas as pd
 from data_pipeline.objects import Prefix
 from orchestrator.cluster import connection, grid
 from orchestrator.cluster.doctor import preflight
+from orchestrator.cluster.published import publish_inputs
 from orchestrator.config import Config, resolved
 from orchestrator.driver.data import prepare_inputs
 from orchestrator.driver.results import grid_results, print_summary
@@ -88,6 +90,8 @@ def _run_stages(config: Config, folds: list[int], networks: list[str], train_onl
     clock.timed("preflight", lambda: preflight(config))
     if not train_only:
         clock.timed("data stages", lambda: prepare_inputs(config))
+    else:  # `cxr train`: the workdir's inputs, on object storage for the workers if it is the run storage
+        publish_inputs(config)
     fetch_runs(config)  # on object storage: the runs' records, what the bucket says is done
     reconcile_runs(config)
     set_aside_stale(config, restart_stale)
@@ -97,6 +101,8 @@ def _run_stages(config: Config, folds: list[int], networks: list[str], train_onl
     try:
         launched = grid.run_grid(config, folds, networks, parent, verbose=verbose, lock_owner=lock_token)
     except BaseException:  # an error or Ctrl-C in the driver: no run, and not the parent, left RUNNING
+        with contextlib.suppress(Exception):  # the runs' MLflow ids, from object storage; the error stays the one seen
+            fetch_runs(config)
         finish_parent(config, parent, grid_results(config, folds, networks, {}))
         raise
     clock.stage("training runs", time.perf_counter() - started)

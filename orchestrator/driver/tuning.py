@@ -43,6 +43,9 @@ class TuneResult:
 def run_tune(config: Config, config_path: Path, verbose: bool = False) -> TuneResult:
     """The search of `config.tune` (loaded from `config_path`, the overlay's base)."""
     refuse_test_pool(config)
+    if config.paths.remote:  # its trials read the workdir's store and splits, which other nodes lack
+        raise ConfigError(f"cluster.storage_path: {config.cluster.storage_path}: `cxr tune` keeps its trials on the "
+                          f"driver's storage; expected a folder every node mounts (or none: the workdir).")
     config = resolved(config)
     with workdir_lock(config) as lock, terminated_on_sigterm():
         try:

@@ -20,7 +20,8 @@ class FailOnce(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not self.paths.failed_once.exists():
-            self.paths.failed_once.touch()  # once: the restarted run goes on
+            self.paths.failed_once.touch()  # once: the restarted run goes on (on any node: published)
+            self.paths.publish(self.paths.failed_once)
             raise InjectedFailure(f"{self.name}: failure injected by train.fail_at in phase {self.phase}")
 
 

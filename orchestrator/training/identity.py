@@ -234,8 +234,7 @@ def move_stale(config: Config, stale: list[Stale]) -> Path:
     for run in stale:
         moved = target / run.name
         shutil.move(str(run.paths.root), str(moved))
-        aside = f"{config.paths.remote}/runs/{moved.relative_to(config.paths.runs).as_posix()}"
-        remote_run.move_aside(run.paths, aside)  # object storage: copied there, then deleted
+        remote_run.move_aside(run.paths, config.paths.remote_of(moved))  # object storage: copied, then deleted
         tracker = RunTracker(config.tracking_uri, config.experiment_name, moved)
         status = tracker.end_stale(str(moved))
         log.warning("%s: %s run of other settings moved to %s%s", run.name, run.state, moved,

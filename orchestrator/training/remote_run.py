@@ -22,7 +22,6 @@ from data_pipeline.objects import Prefix, put_tree
 from orchestrator.layout import CURSOR, NETWORK_NAMES, RunPaths
 
 log = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
 
 
 def fetch(paths: RunPaths, models: bool = True) -> int:
@@ -33,9 +32,9 @@ def fetch(paths: RunPaths, models: bool = True) -> int:
         return 0
     prefix = Prefix(paths.remote)
     names = prefix.files()
-    complete = {name.rsplit("/", 1)[0] for name in names
-                if name.startswith(f"{CHECKPOINTS}/") and name.endswith(f"/{CURSOR}")}
-    wanted = [name for name in names if _wanted(name, complete, models)]
+    under = f"{_checkpoints(paths)}/"
+    complete = {name.rsplit("/", 1)[0] for name in names if name.startswith(under) and name.endswith(f"/{CURSOR}")}
+    wanted = [name for name in names if _wanted(name, under, complete, models)]
     _remove_all_but(paths, set(wanted))
     # each file written aside and renamed in; a checkpoint's cursor after its other files, so that
     # a fetch cut short leaves no checkpoint that looks complete
@@ -46,8 +45,8 @@ def fetch(paths: RunPaths, models: bool = True) -> int:
     return len(wanted)
 
 
-def _wanted(name: str, complete: set[str], models: bool) -> bool:
-    if not name.startswith(f"{CHECKPOINTS}/"):
+def _wanted(name: str, under: str, complete: set[str], models: bool) -> bool:
+    if not name.startswith(under):
         return True
     return name.rsplit("/", 1)[0] in complete and (models or name.endswith(f"/{CURSOR}"))
 
@@ -72,11 +71,16 @@ def publish_checkpoint(paths: RunPaths, checkpoint, kept: list) -> None:
         return
     if paths.history.is_file():
         paths.publish(paths.history)
-    prefix = Prefix(paths.remote).child(CHECKPOINTS)
+    prefix = Prefix(paths.remote).child(_checkpoints(paths))
     put_tree(checkpoint, prefix.child(checkpoint.name), marker=CURSOR)
     keep = {c.name for c in kept}
     for name in {n.split("/", 1)[0] for n in prefix.files()} - keep:
+        prefix.child(name, CURSOR).delete()  # first: never a cursor over half a checkpoint
         prefix.child(name).delete()
+
+
+def _checkpoints(paths: RunPaths) -> str:
+    return paths.checkpoints.relative_to(paths.root).as_posix()
 
 
 def discard_checkpoints(paths: RunPaths) -> None:
@@ -84,7 +88,7 @@ def discard_checkpoints(paths: RunPaths) -> None:
     shutil.rmtree(paths.checkpoints, ignore_errors=True)
     paths.best_weights.unlink(missing_ok=True)
     if paths.remote:
-        Prefix(paths.remote).child(CHECKPOINTS).delete()
+        Prefix(paths.remote).child(_checkpoints(paths)).delete()
 
 
 def fetch_runs(config) -> None:
@@ -96,10 +100,14 @@ def fetch_runs(config) -> None:
 
 
 def move_aside(paths: RunPaths, to: str) -> None:
-    """The run's objects copied under `to`, then removed (object storage has no rename)."""
+    """The run's objects copied under `to`, then removed (object storage has no rename), its
+    identity last: a move cut short still shows a run of other settings, moved again next time."""
     if not paths.remote:
         return
     source = Prefix(paths.remote)
-    for name in source.files():
+    names = source.files()
+    for name in names:
         Prefix(to).child(name).write_bytes(source.child(name).read_bytes())
-    source.delete()
+    identity = paths.identity.relative_to(paths.root).as_posix()
+    for name in sorted(names, key=lambda n: n == identity):
+        source.child(name).delete()
