@@ -141,6 +141,10 @@ class Prefix:
         finally:
             aside.unlink(missing_ok=True)
 
+    def copy_to(self, other: "Prefix") -> None:
+        """This object as `other`, copied by the store itself (S3: server-side, no bytes through here)."""
+        self._call(f"copy it to {other.uri}", self.fs.copy_file, self.path, other.path)
+
     def delete(self) -> None:
         """This object or every object under this prefix; nothing there is not an error."""
         info = self._call("look it up", self.fs.get_file_info, self.path)

@@ -107,7 +107,7 @@ def move_aside(paths: RunPaths, to: str) -> None:
     source = Prefix(paths.remote)
     names = source.files()
     for name in names:
-        Prefix(to).child(name).write_bytes(source.child(name).read_bytes())
+        source.child(name).copy_to(Prefix(to).child(name))
     identity = paths.identity.relative_to(paths.root).as_posix()
     for name in sorted(names, key=lambda n: n == identity):
         source.child(name).delete()
