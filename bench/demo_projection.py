@@ -18,7 +18,9 @@ import argparse
 from pathlib import Path
 
 from bench.scheduling import makespan
-from orchestrator.layout import NETWORK_COST, WorkPaths, run_name
+from models.catalog import NETWORK_COST
+from orchestrator.paths import WorkPaths, run_name
+from orchestrator.training.records import RunRecords
 
 
 def run_seconds(workdir: Path, folds: int, overhead: float) -> dict[str, float]:
@@ -26,7 +28,7 @@ def run_seconds(workdir: Path, folds: int, overhead: float) -> dict[str, float]:
     paths, seconds = WorkPaths(workdir), {}
     for fold in range(1, folds + 1):
         for network in NETWORK_COST:
-            timers = paths.run(fold, network).read_timing()
+            timers = RunRecords(paths.run(fold, network)).read_timing()
             if not timers:
                 raise SystemExit(f"{paths.run(fold, network).timing}: expected a finished run's timers, found none.")
             seconds[run_name(fold, network)] = sum(timers.values()) + overhead

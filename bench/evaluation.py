@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from bench.input_pipeline import write_pngs  # noqa: E402
 from data_pipeline.store import ImageStore, StoreSpec, build_serial  # noqa: E402
 from data_pipeline.tfdata import eval_stream  # noqa: E402
+from models.catalog import NETWORK_NAMES
 from models.networks import build  # noqa: E402
-from orchestrator.layout import NETWORK_NAMES  # noqa: E402
 
 
 def rate_ours(model: keras.Model, store: ImageStore, rows, batch: int) -> tuple[float, np.ndarray]:

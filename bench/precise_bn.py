@@ -33,8 +33,9 @@ from data_pipeline.store import build_serial  # noqa: E402
 from data_pipeline.synth import COVID_DIR, RSNA_DIR, write_synthetic  # noqa: E402
 from data_pipeline.tfdata import eval_stream, one_hot, training_stream  # noqa: E402
 from models.batchnorm import BatchNormStatistics  # noqa: E402
+from models.catalog import NETWORK_NAMES
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.layout import NETWORK_NAMES, RunPaths  # noqa: E402
+from orchestrator.paths import RunPaths
 from orchestrator.training.inputs import RunInputs  # noqa: E402
 from orchestrator.training.run import Phase, Run, RunSetup  # noqa: E402
 

@@ -29,10 +29,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_pipeline.synth import chest_image  # noqa: E402
+from models.catalog import NETWORK_NAMES
 from models.inference import Classifier  # noqa: E402
 from models.networks import build, without_optimizer  # noqa: E402
 from models.serving import MEMBER_FILE, log_classifier  # noqa: E402
-from orchestrator.layout import NETWORK_NAMES  # noqa: E402
 from orchestrator.serving.predict import model_folder, network_files, predict_files  # noqa: E402
 
 PATTERNS = ("covid", "pneumonia", "normal")

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline.files import StateError, read_json, sha256_bytes, sha256_file, write_json, write_table
+from data_pipeline.files import (
+    StateError,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    write_json,
+    write_table,
+)
 from data_pipeline.schema import CLASSES, MANIFEST_COLUMNS, DataError, read_source_csv
 from data_pipeline.sources import covid_chestxray, rsna_pneumonia
 from data_pipeline.sources.reader import nothing_skipped

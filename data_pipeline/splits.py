@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -437,3 +437,45 @@ def read_split(split_dir: Path, fold: int, subset: str) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: no such split file; expected fold{fold}/{subset}.csv under {split_dir}.")
     return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+@dataclass(frozen=True)
+class SplitMeta:
+    """What `write_splits` records beside the split files, as the runs and the report read it."""
+
+    spec: dict
+    validation: str = ""  # test_pool | training_pool | none
+    flags: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    manifest_sha256: str = ""
+
+    @property
+    def protocol(self) -> str:
+        return self.spec.get("protocol", "")
+
+    @classmethod
+    def read(cls, split_dir: Path) -> SplitMeta:
+        path = Path(split_dir) / META_FILE
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no such file; expected the metadata of a splits folder written by "
+                f"`cxr splits` (or `cxr run`)."
+            )
+        data = json.loads(path.read_text())
+        if not isinstance(data.get("spec"), dict):
+            raise DataError(
+                f"{path}: expected a 'spec' mapping (the split settings), found {data.get('spec')!r}."
+            )
+        return cls(
+            spec=data["spec"],
+            validation=data.get("validation", ""),
+            flags=list(data.get("flags", [])),
+            notes=list(data.get("notes", [])),
+            manifest_sha256=data.get("manifest_sha256", ""),
+        )
+
+    @classmethod
+    def read_if_any(cls, split_dir: Path | None) -> SplitMeta | None:
+        if split_dir is None or not (Path(split_dir) / META_FILE).is_file():
+            return None
+        return cls.read(split_dir)

@@ -26,7 +26,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data_pipeline.decode import DEFAULT, DecodeError, DecodeSpec, Source, decode_image, dicom_view_position, is_dicom
+from data_pipeline.decode import (
+    DEFAULT,
+    DecodeError,
+    DecodeSpec,
+    Source,
+    decode_image,
+    dicom_view_position,
+    is_dicom,
+)
 from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
 from data_pipeline.schema import DataError
 

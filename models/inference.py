@@ -17,7 +17,14 @@ from typing import Iterable, Sequence
 import keras
 import numpy as np
 
-from data_pipeline.decode import DEFAULT, DecodeError, DecodeSpec, Source, dicom_view_position, is_dicom
+from data_pipeline.decode import (
+    DEFAULT,
+    DecodeError,
+    DecodeSpec,
+    Source,
+    dicom_view_position,
+    is_dicom,
+)
 from data_pipeline.schema import DataError
 from data_pipeline.store import decode_resized
 from data_pipeline.tfdata import network_input

@@ -21,12 +21,14 @@ from typing import Any, Mapping
 import yaml
 
 from data_pipeline.augment import AugmentSpec
+from data_pipeline.columns import EPOCH_METRICS
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.objects import CacheSpec, is_uri
 from data_pipeline.splits import SplitSpec
 from data_pipeline.store import StoreSpec
+from models.catalog import NETWORKS
 from models.precisions import check_precision
-from orchestrator.layout import EPOCH_METRICS, NETWORKS, WorkPaths
+from orchestrator.paths import WorkPaths
 from orchestrator.training.search_space import TuneSpec
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -67,7 +69,7 @@ class ModelSpec:
     weights: str = "imagenet"  # imagenet | none | folder with Keras' no-top files | whole-network .weights.h5
 
 
-# One value per network (layout.NETWORKS), the paper's by default: `train.batch_size.xception: 30`,
+# One value per network (models.catalog.NETWORKS), the paper's by default: `train.batch_size.xception: 30`,
 # or one for all of them: `train.epochs: 2` (from_mapping spreads it)
 BatchSizes = dataclasses.make_dataclass("BatchSizes", [(n.name, int, n.batch_size) for n in NETWORKS], frozen=True)
 Epochs = dataclasses.make_dataclass("Epochs", [(n.name, int, 100) for n in NETWORKS], frozen=True)  # per phase

@@ -45,7 +45,13 @@ def import_tensorflow_quietly() -> None:
 def progress_bar(enabled: bool = True):
     """The one progress bar of the CLI's long loops (decoding the store, predicting):
     description, bar, done/total, time left."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=False)

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_pipeline.files import StateError, pid_alive, read_json, write_aside, write_json
+from models.catalog import NETWORK_NAMES
 from orchestrator.config import Config, ConfigError
-from orchestrator.layout import NETWORK_NAMES
 
 log = logging.getLogger(__name__)
 # `ray job submit` hands its driver the job's config, with the submission id `ray job stop` takes

@@ -24,12 +24,15 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 
 TIME_LIMIT_S = 10.0
 ADDRESS_LIMIT = 4 << 30  # beyond the child's start: a runaway allocation fails instead of the machine

@@ -3,7 +3,7 @@
 - data flows one way: `data_pipeline` and `models` never import `orchestrator`;
 - Ray is imported only under `orchestrator/cluster/`;
 - no import of `keras.src` or of Ray's `_internal` packages outside the one adapter module;
-- no module of `orchestrator/` over 400 lines, and no import cycle between its modules;
+- no import cycle between the modules of `orchestrator/`;
 - every imported third-party package is declared in pyproject.toml, and every declared one imported.
 """
 
@@ -12,14 +12,14 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("orchestrator", "models", "data_pipeline")
 ADAPTER = "models/keras_adapter.py"
-MAX_LINES = 400
 
 
 def sources(*folders: str) -> list[Path]:
@@ -70,14 +70,9 @@ def test_private_keras_and_ray_modules_only_in_the_adapter():
     assert not calls, calls
 
 
-def test_no_orchestrator_module_over_400_lines():
-    long = {relative(p): n for p in sources("orchestrator") if (n := len(p.read_text().splitlines())) > MAX_LINES}
-    assert not long, f"modules over {MAX_LINES} lines: {long}"
-
-
 def test_orchestrator_is_in_rooms_of_the_data_flow():
     top = sorted(p.name for p in (ROOT / "orchestrator").glob("*.py"))
-    assert top == ["__init__.py", "cli.py", "config.py", "console.py", "layout.py", "lock.py"], top
+    assert top == ["__init__.py", "cli.py", "config.py", "console.py", "lock.py", "paths.py"], top
     rooms = sorted(p.name for p in (ROOT / "orchestrator").iterdir() if (p / "__init__.py").is_file())
     assert rooms == ["cluster", "driver", "evaluation", "report", "serving", "tracking", "training"], rooms
 
@@ -197,8 +192,9 @@ def code_strings(path: Path) -> list[str]:
 
 def test_the_run_records_are_spelled_by_their_owner_only():
     """The MLflow run id, the parent's record and done.json (and the run folder's other state
-    files) are named in orchestrator/layout.py, and read and written through it."""
+    files) are named in orchestrator/paths.py, and read and written through their owners
+    (orchestrator/training/records.py, the identity and the checkpoints' cursor)."""
     records = ("done.json", "mlflow_run.json", "mlflow_parent.json", "identity.json", "timing.json", "cursor.json")
-    found = [f"{relative(p)}: {text!r}" for p in sources(*PACKAGES) if relative(p) != "orchestrator/layout.py"
+    found = [f"{relative(p)}: {text!r}" for p in sources(*PACKAGES) if relative(p) != "orchestrator/paths.py"
              for text in code_strings(p) if any(name in text for name in records)]
     assert not found, found

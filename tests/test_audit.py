@@ -10,9 +10,9 @@ import pytest
 from data_pipeline.manifest import build_manifest, write_manifest
 from data_pipeline.store import build_serial
 from data_pipeline.synth import COVID_DIR, RSNA_DIR, write_synthetic
-from orchestrator.evaluation.audit import SECTION, border_mask, run_audit, with_section
 from orchestrator.cli import main
 from orchestrator.config import load_config
+from orchestrator.evaluation.audit import SECTION, border_mask, run_audit, with_section
 
 
 def audited_workdir(root, marker: bool):

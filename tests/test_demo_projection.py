@@ -6,7 +6,9 @@ import pytest
 
 from bench.demo_projection import main
 from bench.scheduling import makespan
-from orchestrator.layout import NETWORK_COST, WorkPaths
+from models.catalog import NETWORK_COST
+from orchestrator.paths import WorkPaths
+from orchestrator.training.records import RunRecords
 
 
 def test_longest_first_onto_the_free_worker():
@@ -23,7 +25,7 @@ def test_the_projection_reads_each_runs_timers(tmp_path, capsys):
         for i, network in enumerate(NETWORK_COST):  # runs of 10, 20, 30 s of timers, + 5 s around each
             run = paths.run(fold, network)
             run.root.mkdir(parents=True)
-            run.write_timing({"steps": 10.0 * (i + 1) - 1, "tracing": 1.0})
+            RunRecords(run).write_timing({"steps": 10.0 * (i + 1) - 1, "tracing": 1.0})
     main(["--workdir", str(tmp_path), "--folds", "2", "--cores", "1,2,6", "--overhead", "5"])
     out = capsys.readouterr().out
     assert "6 runs, 150 core-seconds" in out

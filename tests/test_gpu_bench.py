@@ -17,8 +17,16 @@ import keras
 import numpy as np
 import pytest
 
-from bench.gpu_throughput import (NETWORKS, PAPER, forward_flops, half_way_back, makespan, next_batch, projection,
-                                  run_child)
+from bench.gpu_throughput import (
+    NETWORKS,
+    PAPER,
+    forward_flops,
+    half_way_back,
+    makespan,
+    next_batch,
+    projection,
+    run_child,
+)
 from models.batchnorm import BatchNormStatistics
 from models.networks import build
 from models.training import compile_network, load_for_training, precision_policy

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import layout
+from models.catalog import NETWORK_NAMES
 from orchestrator.config import BatchSizes, ConfigError, ModelSpec, TrainSpec, load_config
+from orchestrator.paths import CURSOR, RunPaths
+from orchestrator.tracking import names
 from orchestrator.training.identity import Identity, StaleRun, check_run, find_stale
 from tests.conftest import ROOT
 
@@ -21,7 +23,7 @@ CONFIGS = ROOT / "configs"
 
 
 def test_importing_the_driver_imports_neither_tensorflow_nor_keras():
-    code = ("import sys, orchestrator.driver.experiment, orchestrator.cli, orchestrator.layout, orchestrator.training.identity; "
+    code = ("import sys, orchestrator.driver.experiment, orchestrator.cli, orchestrator.paths, orchestrator.training.records, orchestrator.tracking.names, orchestrator.training.identity; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]"
@@ -33,9 +35,9 @@ def test_the_network_table_gives_the_builders_the_cli_and_the_config_their_names
     from models.networks import BUILDERS
     from orchestrator.cli import build_parser
 
-    assert tuple(BUILDERS) == layout.NETWORK_NAMES == ("xception", "resnet50v2", "concatenated")
+    assert tuple(BUILDERS) == NETWORK_NAMES == ("xception", "resnet50v2", "concatenated")
     assert dataclasses.asdict(BatchSizes()) == {"xception": 30, "resnet50v2": 30, "concatenated": 20}
-    assert [f.name for f in dataclasses.fields(BatchSizes)] == list(layout.NETWORK_NAMES)
+    assert [f.name for f in dataclasses.fields(BatchSizes)] == list(NETWORK_NAMES)
     with pytest.raises(SystemExit):  # a network outside the table is refused by the CLI
         build_parser().parse_args(["train-one", "--fold", "1", "--network", "vgg16"])
     with pytest.raises(SystemExit):
@@ -147,13 +149,13 @@ def test_a_fingerprint_covers_split_store_model_augment_and_train_but_not_loggin
     assert Identity.of(config_in(work)).changes(base.settings) == ["store_key: k1 -> k2"]
 
 
-def fake_run(paths: layout.RunPaths, identity: Identity, state: str) -> None:
+def fake_run(paths: RunPaths, identity: Identity, state: str) -> None:
     """A run folder as the trainer leaves it: opened, checkpointed or done, under `identity`."""
     identity.write(paths.identity)
     if state in ("checkpointed", "done"):
         checkpoint = paths.checkpoint(2)
         checkpoint.mkdir(parents=True)
-        (checkpoint / layout.CURSOR).write_text(json.dumps({"epoch": 2, "fingerprint": identity.fingerprint}))
+        (checkpoint / CURSOR).write_text(json.dumps({"epoch": 2, "fingerprint": identity.fingerprint}))
     if state == "done":
         paths.done.write_text(json.dumps({"run_id": "r", "fingerprint": identity.fingerprint}))
 
@@ -187,7 +189,7 @@ def test_run_folders_of_other_settings_are_found_and_named_with_what_changed(tmp
     mixed = new_config.paths.run(5, "concatenated")
     fake_run(mixed, Identity.of(new_config), "started")
     mixed.checkpoint(1).mkdir(parents=True)
-    (mixed.checkpoint(1) / layout.CURSOR).write_text(json.dumps({"epoch": 1, "fingerprint": old.fingerprint}))
+    (mixed.checkpoint(1) / CURSOR).write_text(json.dumps({"epoch": 1, "fingerprint": old.fingerprint}))
     assert "fold5-concatenated" in {s.name for s in find_stale(new_config, Identity.of(new_config))}
 
 
@@ -199,10 +201,10 @@ def test_a_report_refuses_runs_of_another_fingerprint_than_the_configs(tmp_path)
     config = config_in(workdir_with(tmp_path))
     current = Identity.of(config)
     changed = config_in(tmp_path, "train.learning_rate=1e-3")
-    tags = {"fold1-xception": {layout.FINGERPRINT: current.fingerprint},
-            "fold2-xception": {layout.FINGERPRINT: Identity.of(changed).fingerprint}}
+    tags = {"fold1-xception": {names.FINGERPRINT: current.fingerprint},
+            "fold2-xception": {names.FINGERPRINT: Identity.of(changed).fingerprint}}
     for run in tags.values():
-        run.update({layout.SPLIT_HASH: current.split_hash, layout.STORE_KEY: current.store_key})
+        run.update({names.SPLIT_HASH: current.split_hash, names.STORE_KEY: current.store_key})
     params = {"fold1-xception": flatten(resolved(config)), "fold2-xception": flatten(resolved(changed))}
     check_one_fingerprint({"fold1-xception": tags["fold1-xception"]}, params, current)
     with pytest.raises(DataError, match=r"(?s)differ from this config's.*fingerprint [0-9a-f]{12}: fold2-xception; "

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from data_pipeline.columns import FAILURE_COLUMNS, PREDICT_COLUMNS
 from data_pipeline.decode import DecodeError, decode_image, dicom_view_position, is_dicom
 from data_pipeline.store import ImageStore, StoreSpec, build_serial
 from data_pipeline.tfdata import eval_stream, network_input
@@ -24,7 +25,6 @@ from models.inference import Classifier, decode_batch
 from models.networks import build, without_optimizer
 from models.serving import MEMBER_FILE, log_classifier
 from orchestrator import cli
-from orchestrator.layout import FAILURE_COLUMNS, PREDICT_COLUMNS
 from orchestrator.serving.predict import image_files, model_folder, network_files
 from tests.conftest import fixture_path
 

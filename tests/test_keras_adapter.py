@@ -7,7 +7,12 @@ import keras
 import numpy as np
 import pytest
 
-from models.keras_adapter import build_training_state, legacy_image_data_generator, load_weights_only, save_weights_only
+from models.keras_adapter import (
+    build_training_state,
+    legacy_image_data_generator,
+    load_weights_only,
+    save_weights_only,
+)
 from models.training import compile_network
 
 

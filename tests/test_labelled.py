@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from data_pipeline.schema import CLASSES, DataError
-from data_pipeline.sources.labelled import (SOURCE_LABEL, map_labels, parse_label_map, read_labelled)
+from data_pipeline.sources.labelled import SOURCE_LABEL, map_labels, parse_label_map, read_labelled
 from tests.conftest import fixture_path, write_csv
 
 NORMAL = "images/kermany_via_uao/NORMAL2-IM-1145-0001.jpeg"

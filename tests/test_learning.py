@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from data_pipeline.schema import CLASSES
-from orchestrator.layout import EVALUATION_ROLE, ROLE
+from orchestrator.tracking.names import EVALUATION_ROLE, ROLE
 
 PROBABILITIES = [f"p_{c}" for c in CLASSES]
 

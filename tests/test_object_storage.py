@@ -34,8 +34,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.objects import NodeCache, Prefix, get_tree, put_tree
-from orchestrator.layout import RunPaths
+from orchestrator.paths import RunPaths
 from orchestrator.training import remote_run
+from orchestrator.training.records import RunRecords
 from tests.conftest import ROOT
 from tests.ray_clusters import FixedCluster, free_port, wait_for_url
 from tests.test_orchestration import NODE_ENV, end_group, start_server
@@ -188,9 +189,9 @@ def test_a_runs_working_copy_becomes_the_buckets_run(aws, tmp_path):
     assert remote_run.fetch(paths) == 3
     assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == [
         ".cxr.lock", "checkpoints/ckpt-000002/cursor.json", "checkpoints/ckpt-000002/model.keras", "mlflow_run.json"]
-    assert paths.read_mlflow_run() == "abc"
+    assert RunRecords(paths).read_mlflow_run() == "abc"
     # records written through RunPaths are objects at once
-    paths.write_done("abc", "f" * 64, "models:/m/1")
+    RunRecords(paths).write_done("abc", "f" * 64, "models:/m/1")
     assert json.loads(remote.child("done.json").read_bytes())["run_id"] == "abc"
     # --restart-stale's move: copied aside, then gone from the run's prefix (no rename there)
     before = objects(aws["client"], "unit/runs/fold1-xception/")

@@ -30,8 +30,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.tracking.experiment import parent_run
-from orchestrator.tracking.experiment import check_tracking
+from orchestrator.tracking.experiment import check_tracking, parent_run
 from tests.conftest import PAPER_SHRINK, ROOT
 from tests.ray_clusters import AutoscalingCluster, FixedCluster, free_port, wait_for_url
 from tests.test_clusters import submit_command

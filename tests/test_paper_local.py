@@ -23,20 +23,29 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.schema import PROBABILITY_COLUMNS
+from data_pipeline.synth import PHI_MARKERS
 from orchestrator.config import load_config, resolved
 from orchestrator.driver.data import ensure_splits
-from orchestrator.training.identity import set_aside_stale
-from orchestrator.training.identity import StaleRun
-from orchestrator.layout import (FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MODEL_CARD, RUN_ID, SPLIT_HASH,
-                                 TEST_ACCURACY, TEST_AUC, ensemble_artifact, ensemble_model_name,
-                                 registered_model_name)
+from orchestrator.tracking.names import (
+    FINGERPRINT,
+    FOLD,
+    FOLDS,
+    MEMBER_RUNS,
+    MODEL_CARD,
+    RUN_ID,
+    SPLIT_HASH,
+    TEST_ACCURACY,
+    TEST_AUC,
+    ensemble_artifact,
+    ensemble_model_name,
+    registered_model_name,
+)
+from orchestrator.training.identity import StaleRun, set_aside_stale
 from tests.conftest import PAPER_SHRINK, fixture_path
-from data_pipeline.synth import PHI_MARKERS
 from tests.hostile_files import png_claiming
 from tests.ray_clusters import free_port, outliving, short_temp_dir, wait_for_url
 from tests.test_orchestration import BIN, NODE_ENV, PAPER, RUNS, children, end_group
 from tests.test_tune_reports import assert_tune_matches, tune_results
-
 
 DICOM = "dicom/rsna_uao/008c19e8-a820-403a-930a-bc74a4053664.dcm"  # real files for the served model
 MARKERS = [value.encode() for value in PHI_MARKERS.values()]

@@ -13,9 +13,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from data_pipeline.schema import CLASSES, DataError
+from models.catalog import NETWORK_NAMES
 from orchestrator.cli import main
 from orchestrator.config import load_config
-from orchestrator.layout import NETWORK_NAMES
 from orchestrator.evaluation.metrics import bootstrap_weights, run_metrics, weighted_auc, wilson
 from orchestrator.report.build import make_report
 from orchestrator.report.inputs import RunResult

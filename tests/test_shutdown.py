@@ -13,8 +13,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.layout import RunPaths
-
+from orchestrator.paths import RunPaths
 from tests.test_faults import Driver
 
 ONE_RUN = ("--networks", "xception")

@@ -13,8 +13,16 @@ import pandas as pd
 import pytest
 
 from data_pipeline.schema import DataError
-from data_pipeline.splits import (SplitSpec, check_no_leakage, group_stratified_folds, hold_out_patients,
-                                  make_splits, patient_keys, read_split, write_splits)
+from data_pipeline.splits import (
+    SplitSpec,
+    check_no_leakage,
+    group_stratified_folds,
+    hold_out_patients,
+    make_splits,
+    patient_keys,
+    read_split,
+    write_splits,
+)
 from tests.conftest import ROOT, TINY_PHASES, fixture_path
 
 PHASES = [f"phase{n}" for n in range(1, 9)]

@@ -19,9 +19,11 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.files import StateError, new_build_dir, write_atomic
 from orchestrator.config import load_config
-from orchestrator.training.identity import Identity, find_stale
-from orchestrator.layout import FINGERPRINT, MODEL_URI, PARENT_RUN, TEST_ACCURACY, RunPaths
+from orchestrator.paths import RunPaths
+from orchestrator.tracking.names import FINGERPRINT, MODEL_URI, PARENT_RUN, TEST_ACCURACY
 from orchestrator.tracking.runs import RunTracker
+from orchestrator.training.identity import Identity, find_stale
+from orchestrator.training.records import RunRecords
 from tests.conftest import ROOT
 
 KILLED_WRITE = """
@@ -50,15 +52,15 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file_whole(tmp_path):
 def test_damaged_run_records_are_refused_by_name_or_rebuilt(tmp_path, caplog):
     paths = RunPaths(tmp_path / "fold1-xception")
     paths.root.mkdir()
-    for path, reader in ((paths.done, paths.read_done), (paths.mlflow_run, paths.read_mlflow_run)):
+    for path, reader in ((paths.done, RunRecords(paths).read_done), (paths.mlflow_run, RunRecords(paths).read_mlflow_run)):
         for damage in ("", '{"run_id": "ab', "[]", '{"other": 1}'):
             path.write_text(damage)
             with pytest.raises(StateError, match=str(path)):
                 reader()
         path.unlink()
-    assert paths.read_done() == {} and paths.read_mlflow_run() == ""
+    assert RunRecords(paths).read_done() == {} and RunRecords(paths).read_mlflow_run() == ""
     paths.timing.write_text('{"steps": 1')  # a measurement: it starts again, with a warning
-    assert paths.read_timing() == {} and "its timing starts again from zero" in caplog.text
+    assert RunRecords(paths).read_timing() == {} and "its timing starts again from zero" in caplog.text
 
 
 def test_a_damaged_identity_makes_the_run_stale_with_the_file_named(tmp_path):
@@ -87,7 +89,7 @@ def test_a_lost_or_damaged_mlflow_run_id_finds_its_run_again(tmp_path, caplog):
         paths.mlflow_run.write_text(damage) if damage else paths.mlflow_run.unlink()
         again = open_run(uri, tmp_path / "run", "fold1-xception", parent="p1")
         again.close("FAILED")
-        assert again.run_id == first.run_id and paths.read_mlflow_run() == first.run_id
+        assert again.run_id == first.run_id and RunRecords(paths).read_mlflow_run() == first.run_id
     assert "found its MLflow run" in caplog.text
     other = open_run(uri, tmp_path / "other", "fold1-xception", fingerprint="0" * 64)  # another fingerprint: its own
     other.close()
@@ -110,17 +112,17 @@ def test_reconcile_makes_done_json_and_mlflow_agree(tmp_path):
     a = finished(uri, tmp_path / "a", "fold1-xception")
     a.close("FINISHED")
     assert "wrote done.json" in a.reconcile("fold1-xception")
-    assert a.paths.read_done() == {"run_id": a.run_id, "fingerprint": "f" * 64, "model_uri": "models:/m-1"}
+    assert RunRecords(a.paths).read_done() == {"run_id": a.run_id, "fingerprint": "f" * 64, "model_uri": "models:/m-1"}
     assert a.reconcile("fold1-xception") == ""  # they agree now
     # done.json, and the run left RUNNING with all its results: FINISHED
     b = finished(uri, tmp_path / "b", "fold2-xception")
-    b.paths.write_done(b.run_id, "f" * 64, "models:/m-1")
+    RunRecords(b.paths).write_done(b.run_id, "f" * 64, "models:/m-1")
     assert "ended it FINISHED" in b.reconcile("fold2-xception")
     assert client.get_run(b.run_id).info.status == "FINISHED"
     b.close()
     # done.json, and a run without its results: done.json set aside, the run trains to its end
     c = finished(uri, tmp_path / "c", "fold3-xception", results=False)
-    c.paths.write_done(c.run_id, "f" * 64, "")
+    RunRecords(c.paths).write_done(c.run_id, "f" * 64, "")
     assert "moved done.json to done.json.set-aside-" in c.reconcile("fold3-xception")
     assert not c.paths.done.exists() and list(c.paths.root.glob("done.json.set-aside-*"))
     c.close("FAILED")
@@ -133,8 +135,7 @@ def test_reconcile_makes_done_json_and_mlflow_agree(tmp_path):
 
 def test_the_parent_run_is_found_again_by_its_workdir(tmp_path, caplog):
     from orchestrator.config import resolved
-    from orchestrator.tracking.experiment import parent_run
-    from orchestrator.tracking.experiment import check_tracking
+    from orchestrator.tracking.experiment import check_tracking, parent_run
 
     config = resolved(load_config(None, [f"workdir={tmp_path}/work", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
     check_tracking(config)

@@ -13,10 +13,16 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-
 from PIL import Image
 
-from data_pipeline.store import (ImageStore, StoreBuilder, StoreError, StoreSpec, build_serial, decode_resized)
+from data_pipeline.store import (
+    ImageStore,
+    StoreBuilder,
+    StoreError,
+    StoreSpec,
+    build_serial,
+    decode_resized,
+)
 from orchestrator.cluster.store_build import build_store
 from tests.conftest import TINY_PHASES
 

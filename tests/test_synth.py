@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from PIL import Image
 
+from data_pipeline import synth
 from data_pipeline.decode import decode_image
 from data_pipeline.manifest import build_manifest
-from data_pipeline import synth
 from data_pipeline.synth import COVID_DIR, RSNA_DIR, SCALES, write_synthetic
 from tests.conftest import fixture_path
 

@@ -16,14 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_pipeline.columns import HISTORY_COLUMNS, PREDICTION_COLUMNS
 from data_pipeline.schema import DataError
 from data_pipeline.splits import SplitSpec, make_splits, write_splits
 from data_pipeline.store import StoreSpec, build_serial
-from orchestrator.training import checkpoints
 from orchestrator.config import load_config
-from orchestrator.training.identity import StaleRun
-from orchestrator.layout import FINGERPRINT, HISTORY_COLUMNS, PREDICTION_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths
+from orchestrator.paths import RunPaths
+from orchestrator.tracking.names import FINGERPRINT, TEST_ACCURACY, TEST_AUC
+from orchestrator.training import checkpoints
 from orchestrator.training.faults import InjectedFailure
+from orchestrator.training.identity import StaleRun
 from orchestrator.training.inputs import RunInputs
 from orchestrator.training.run import INPUT_AND_LOOP, Phase, Run, RunSetup
 from orchestrator.training.train import train_and_evaluate

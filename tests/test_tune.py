@@ -17,7 +17,7 @@ import yaml
 
 from orchestrator import cli
 from orchestrator.config import load_config
-from orchestrator.layout import PARENT_RUN, ROLE, STOPPED_EARLY, TRIAL_ROLE, TUNE_ROLE
+from orchestrator.tracking.names import PARENT_RUN, ROLE, STOPPED_EARLY, TRIAL_ROLE, TUNE_ROLE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tune-demo.yaml"

@@ -15,8 +15,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis, ResultGrid
 
+from data_pipeline.columns import EPOCH_METRICS
 from orchestrator.config import load_config, resolved
-from orchestrator.layout import EPOCH_METRICS, TEST_ACCURACY, TEST_AUC, RunPaths
+from orchestrator.paths import RunPaths
+from orchestrator.tracking.names import TEST_ACCURACY, TEST_AUC
+from orchestrator.training.records import RunRecords
 from tests.conftest import PAPER_SHRINK, ROOT, local_ray
 from tests.ray_clusters import short_temp_dir
 
@@ -42,7 +45,7 @@ def assert_tune_matches(histories: dict[str, pd.DataFrame], tests: dict[str, dic
         assert (tuned["fold"] == int(fold)).all() and (tuned["network"] == network).all(), name
         assert tuned["training_iteration"].tolist() == tuned["step"].tolist() == list(range(1, len(written) + 1))
         assert tuned["phase"].tolist() == written["phase"].tolist(), name
-        run_id = paths.read_mlflow_run()
+        run_id = RunRecords(paths).read_mlflow_run()
         for key in EPOCH_METRICS:
             column = tuned[key] if key in tuned else pd.Series(math.nan, index=tuned.index)
             assert column.tolist() == pytest.approx(written[key].tolist(), rel=1e-9, nan_ok=True), (name, key)

@@ -16,8 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_pipeline.schema import (
+    MANIFEST_COLUMNS,
+    DataError,
+    count_values,
+    is_relative_inside,
+    read_source_csv,
+)
 from data_pipeline.sources.reader import SourceReader
-from data_pipeline.schema import MANIFEST_COLUMNS, DataError, count_values, is_relative_inside, read_source_csv
 
 SOURCE = "covid-chestxray"
 METADATA_CSV = "metadata.csv"

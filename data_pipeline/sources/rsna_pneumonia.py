@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline.schema import MANIFEST_COLUMNS, DataError, count_values, is_plain_file_name, read_source_csv
+from data_pipeline.schema import (
+    MANIFEST_COLUMNS,
+    DataError,
+    count_values,
+    is_plain_file_name,
+    read_source_csv,
+)
 from data_pipeline.sources.reader import SourceReader, nothing_skipped
 from data_pipeline.sources.rsna_persons import read_mapping, read_nih_entries, rsna_person_ids
 

@@ -13,6 +13,7 @@ import pandas as pd
 import ray
 from ray import tune
 
+from models.catalog import NETWORK_COST
 from orchestrator.cluster.connection import StageError, cluster_address, connect
 from orchestrator.cluster.progress import Progress, RunTable, trial_name
 from orchestrator.cluster.published import published_keys
@@ -20,7 +21,8 @@ from orchestrator.cluster.reports import histories
 from orchestrator.cluster.timeline import SlotTime, slot_time
 from orchestrator.cluster.worker import drive_one_run
 from orchestrator.config import ClusterSpec, Config, ConfigError, sqlite_file, to_mapping
-from orchestrator.layout import NETWORK_COST, run_name
+from orchestrator.paths import run_name
+from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def run_grid(config: Config, folds: list[int], networks: list[str], parent_run_i
     # that out; the driver has refused stale ones); longest networks first, so that no long run
     # is left alone at the end
     pending = [{"fold": f, "network": n} for n in sorted(networks, key=lambda n: -NETWORK_COST[n])
-               for f in folds if not config.paths.run(f, n).is_done()]
+               for f in folds if not RunRecords(config.paths.run(f, n)).is_done()]
     if not pending:
         log.info("all %d runs are complete", len(folds) * len(networks))
         return GridOutcome({})

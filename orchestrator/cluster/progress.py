@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 
 from orchestrator.cluster.timeline import ENDED, LAUNCHED
-from orchestrator.layout import run_name
+from orchestrator.paths import run_name
 
 LOG_WIDTH = 120  # the progress table's width where the output is not a terminal
 

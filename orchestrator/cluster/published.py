@@ -19,7 +19,7 @@ from data_pipeline.objects import Prefix, StorageError, is_uri, put_tree
 from data_pipeline.splits import SUMS_FILE, split_hash
 from data_pipeline.store import STORE_META, StoreBuilder
 from orchestrator.config import Config
-from orchestrator.layout import WorkPaths
+from orchestrator.paths import WorkPaths
 
 log = logging.getLogger(__name__)
 STORE, SPLITS = "store", "splits"  # their kinds: folders on the bucket and in each node's cache
@@ -49,7 +49,7 @@ def publish_folders(storage: str, store: Path, splits: Path | None = None) -> li
     where = []
     folders = {STORE: (store, STORE_META), SPLITS: (splits, SUMS_FILE)}
     for kind in keys:  # the store, then the splits if given
-        (local, marker), prefix = folders[kind], Prefix(work.published(kind, keys[kind]))
+        (local, marker), prefix = folders[kind], Prefix(work.uploaded(kind, keys[kind]))
         if prefix.child(marker).exists():
             log.info("%s %s is on %s already", kind, keys[kind][:12], prefix.uri)
         else:
@@ -66,8 +66,8 @@ def on_this_node(config: Config, keys: dict[str, str]) -> Config:
     if not config.paths.remote:
         return config
     cache = config.cache.node_cache()
-    store = cache.fetch(Prefix(config.paths.published(STORE, keys[STORE])), STORE, keys[STORE], STORE_META)
-    splits = cache.fetch(Prefix(config.paths.published(SPLITS, keys[SPLITS])), SPLITS, keys[SPLITS], SUMS_FILE)
+    store = cache.fetch(Prefix(config.paths.uploaded(STORE, keys[STORE])), STORE, keys[STORE], STORE_META)
+    splits = cache.fetch(Prefix(config.paths.uploaded(SPLITS, keys[SPLITS])), SPLITS, keys[SPLITS], SUMS_FILE)
     # one working folder per storage and inputs: runs of another experiment on this node stay apart
     name = hashlib.sha256(f"{config.paths.remote}\n{keys[STORE]}\n{keys[SPLITS]}".encode()).hexdigest()[:16]
     work = cache.work / name

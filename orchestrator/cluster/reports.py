@@ -47,7 +47,9 @@ import pandas as pd
 import ray
 from ray import tune
 
-from orchestrator.layout import HISTORY_COLUMNS, TEST_ACCURACY, TEST_AUC, run_name
+from data_pipeline.columns import HISTORY_COLUMNS
+from orchestrator.paths import run_name
+from orchestrator.tracking.names import TEST_ACCURACY, TEST_AUC
 
 POLL_SECONDS = 1.0  # how often a trial whose run trains in a Train worker reads its rows
 IDENTITY = ("fold", "network", "training_iteration")

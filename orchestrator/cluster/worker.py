@@ -14,7 +14,8 @@ from ray import train, tune
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from orchestrator.cluster.reports import epoch_reporter, fit_forwarding, report_outcome
-from orchestrator.layout import WORKER_PID, RunPaths, run_name
+from orchestrator.paths import RunPaths, run_name
+from orchestrator.tracking.names import WORKER_PID
 from orchestrator.training import remote_run
 
 log = logging.getLogger(__name__)

@@ -8,14 +8,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from data_pipeline.files import sha256_bytes
-from data_pipeline.manifest import build_manifest, is_current, manifest_key, read_manifest, write_manifest
-from data_pipeline.splits import make_splits, write_splits
+from data_pipeline.manifest import (
+    build_manifest,
+    is_current,
+    manifest_key,
+    read_manifest,
+    write_manifest,
+)
+from data_pipeline.splits import SplitMeta, make_splits, write_splits
 from data_pipeline.store import without_failures
 from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, stamp, write_synthetic
 from orchestrator.cluster.published import publish_inputs
 from orchestrator.cluster.store_build import build_store
 from orchestrator.config import Config, ConfigError
-from orchestrator.layout import SplitMeta
 
 log = logging.getLogger(__name__)
 

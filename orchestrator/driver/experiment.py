@@ -19,6 +19,7 @@ import time
 import pandas as pd
 
 from data_pipeline.objects import Prefix
+from models.catalog import NETWORK_NAMES
 from orchestrator.cluster import connection, grid
 from orchestrator.cluster.doctor import preflight
 from orchestrator.cluster.published import publish_inputs
@@ -26,12 +27,10 @@ from orchestrator.config import Config, resolved
 from orchestrator.driver.data import prepare_inputs
 from orchestrator.driver.results import grid_results, print_summary
 from orchestrator.driver.signals import interrupt_on_sigterm, terminated_on_sigterm
-from orchestrator.layout import NETWORK_NAMES
 from orchestrator.lock import workdir_lock
 from orchestrator.report.build import make_report
 from orchestrator.report.render import print_report
-from orchestrator.tracking.experiment import check_tracking
-from orchestrator.tracking.experiment import finish_parent, parent_run
+from orchestrator.tracking.experiment import check_tracking, finish_parent, parent_run
 from orchestrator.tracking.runs import adopt_finished, reconcile_runs
 from orchestrator.training.identity import set_aside_stale
 from orchestrator.training.remote_run import fetch_runs

@@ -11,8 +11,9 @@ from data_pipeline.schema import CLASSES
 from orchestrator.cluster.timeline import SlotTime, split_lines
 from orchestrator.config import Config
 from orchestrator.evaluation.metrics import accuracy
-from orchestrator.layout import run_name
+from orchestrator.paths import run_name
 from orchestrator.tracking.runs import fail_unfinished
+from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,13 @@ def collect(config: Config, folds: list[int], networks: list[str], outcome: dict
     for fold in folds:
         for network in networks:
             name, paths = run_name(fold, network), config.paths.run(fold, network)
-            row = {"run": name, "status": "done" if paths.is_done() else outcome.get(name, "missing")}
+            row = {"run": name, "status": "done" if RunRecords(paths).is_done() else outcome.get(name, "missing")}
             if paths.predictions.is_file() and row["status"] == "done":
                 p = pd.read_csv(paths.predictions)
                 covid = p[p["label"] == CLASSES[0]]
                 row.update(test_images=len(p), accuracy=round(100 * accuracy(p["label"], p["pred"]), 2),
                            covid_recall=f"{(covid['pred'] == CLASSES[0]).sum()}/{len(covid)}")
-            row.update({f"s_{k}": v for k, v in paths.read_timing().items()})
+            row.update({f"s_{k}": v for k, v in RunRecords(paths).read_timing().items()})
             rows.append(row)
     return pd.DataFrame(rows)
 

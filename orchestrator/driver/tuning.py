@@ -20,12 +20,12 @@ from pathlib import Path
 import yaml
 
 from data_pipeline.files import write_atomic, write_table
-from orchestrator import layout
 from orchestrator.cluster import connection
 from orchestrator.config import BASE, Config, ConfigError, flatten, resolved
 from orchestrator.driver.data import prepare_inputs
 from orchestrator.driver.signals import terminated_on_sigterm
 from orchestrator.lock import workdir_lock
+from orchestrator.tracking import names
 from orchestrator.tracking.experiment import call, check_tracking, ensure_experiment
 from orchestrator.training.search_space import NETWORK, best_overlay
 
@@ -77,8 +77,8 @@ def _search(config: Config, config_path: Path, verbose: bool, lock_token: str) -
     # created here, once: trials starting at once would race to create it
     found = ensure_experiment(config.tracking_uri, experiment, config.paths.mlruns)
     client = MlflowClient(config.tracking_uri)
-    tags = {layout.ROLE: layout.TUNE_ROLE, layout.PROTOCOL: config.splits.protocol,
-            layout.WORKDIR: str(config.paths.root), "cxr.config": str(config_path)}
+    tags = {names.ROLE: names.TUNE_ROLE, names.PROTOCOL: config.splits.protocol,
+            names.WORKDIR: str(config.paths.root), "cxr.config": str(config_path)}
     parent = call(client.create_run, found.experiment_id, run_name=f"tune {config.name} ({time.strftime('%Y-%m-%d %H:%M')})",
                   tags=tags, what="create_run").info.run_id
     for key, value in flatten(config.tune, "tune.").items():
@@ -105,11 +105,11 @@ def end_unclosed_trials(client, experiment_id: str, parent: str, table) -> None:
     one whose process Ray ended before the trial could say so is ended here: the same way when
     Tune says it was stopped, else FAILED."""
     stopped = set(table.loc[table["status"] == "stopped early", "trial"])
-    query = f"tags.`{layout.PARENT_RUN}` = '{parent}' and attributes.status = 'RUNNING'"
+    query = f"tags.`{names.PARENT_RUN}` = '{parent}' and attributes.status = 'RUNNING'"
     for run in client.search_runs([experiment_id], query):
         early = run.info.run_name.split(" ")[0] in stopped  # named "<trial> <run>"
         if early:
-            client.set_tag(run.info.run_id, layout.STOPPED_EARLY, "true")
+            client.set_tag(run.info.run_id, names.STOPPED_EARLY, "true")
         client.set_terminated(run.info.run_id, status="KILLED" if early else "FAILED")
 
 

@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.files import write_atomic, write_json
-from data_pipeline.schema import DataError
 from data_pipeline.manifest import read_manifest
+from data_pipeline.schema import DataError
 from data_pipeline.store import ImageStore, StoreBuilder
 from orchestrator.config import AuditSpec, Config
-from orchestrator.layout import TABLES_FILE
 from orchestrator.evaluation.metrics import bootstrap_weights, percentile_interval, weighted_auc
+from orchestrator.paths import TABLES_FILE
 
 log = logging.getLogger(__name__)
 SECTION = "## Source audit"

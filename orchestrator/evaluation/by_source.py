@@ -18,10 +18,11 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from data_pipeline.columns import SOURCE_COLUMN
 from data_pipeline.schema import CLASSES
 from data_pipeline.sources.covid_chestxray import SOURCE as COVID_SOURCE
 from data_pipeline.sources.rsna_pneumonia import SOURCE as RSNA_SOURCE
-from orchestrator.layout import NETWORK_NAMES, SOURCE_COLUMN
+from models.catalog import NETWORK_NAMES
 from orchestrator.evaluation.metrics import ratio, wilson
 
 TELLTALE_CLASS, TELLTALE_CALL = "pneumonia", "COVID-19"

@@ -13,8 +13,9 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from data_pipeline.columns import PATIENT_COLUMN
 from data_pipeline.schema import CLASSES
-from orchestrator.layout import NETWORK_NAMES, PATIENT_COLUMN
+from models.catalog import NETWORK_NAMES
 from orchestrator.evaluation.metrics import bootstrap_weights, percentile_interval, weighted_auc
 
 

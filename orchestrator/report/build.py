@@ -6,21 +6,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from data_pipeline.files import write_atomic, write_json, write_table
 from data_pipeline.schema import DataError
-from data_pipeline.splits import TEST_POOL_FLAG
-from orchestrator import layout
-from orchestrator.evaluation import pooling
+from data_pipeline.splits import TEST_POOL_FLAG, SplitMeta
 from orchestrator.config import Config
-from orchestrator.layout import AUDIT_FILE, TABLES_FILE, SplitMeta
-from orchestrator.report.inputs import (ReportInputs, attach_patients, attach_sources, from_folder, from_mlflow,
-                                        latest_parent, split_context)
+from orchestrator.evaluation import pooling
+from orchestrator.paths import AUDIT_FILE, TABLES_FILE
+from orchestrator.report.inputs import (
+    ReportInputs,
+    attach_patients,
+    attach_sources,
+    from_folder,
+    from_mlflow,
+    latest_parent,
+    split_context,
+)
 from orchestrator.report.notes import notes, source_notes
-from orchestrator.report.result import Report
 from orchestrator.report.render import draw_figures, markdown
-from orchestrator.report.tables import metrics_table, sorted_runs, source_tables, summary_table, table3, table4
+from orchestrator.report.result import Report
+from orchestrator.report.tables import (
+    metrics_table,
+    sorted_runs,
+    source_tables,
+    summary_table,
+    table3,
+    table4,
+)
 from orchestrator.report.to_mlflow import log_report
+from orchestrator.tracking import names
 
 
 def write_report(inputs: ReportInputs, out: Path, replicates: int = 1000, seed: int = 0,
@@ -84,13 +97,13 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     runs = attach_sources(runs, manifest or config.paths.manifest)
     splits = Path(splits or config.paths.splits)
     flags, split_notes = split_context(splits)
-    if (splits / SUMS_FILE).is_file() and split_hash(splits) not in {t.get(layout.SPLIT_HASH) for t in tags.values()}:
+    if (splits / SUMS_FILE).is_file() and split_hash(splits) not in {t.get(names.SPLIT_HASH) for t in tags.values()}:
         flags, split_notes = [], [f"the splits in {splits} are not the ones these runs used (hash differs); "
                                   f"their notes are left out."]
     # each run's tag says whether it selected on the test pool (selection `best` on s_test); with
     # `last` the s_test set was only watched, so the splits' flag does not apply to these runs
     flags = [flag for flag in flags if flag != TEST_POOL_FLAG]
-    test_pool = sorted(name for name, t in tags.items() if t.get(layout.SELECTION_ON_TEST_POOL) == "true")
+    test_pool = sorted(name for name, t in tags.items() if t.get(names.SELECTION_ON_TEST_POOL) == "true")
     inputs = ReportInputs(runs, config.splits.folds, f"MLflow run {run_id} (experiment {config.experiment_name})",
                           flags, split_notes, unit, parent_run_id=run_id)
     report = write_report(inputs, out, replicates, seed, test_pool)

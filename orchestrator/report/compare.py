@@ -17,11 +17,11 @@ import pandas as pd
 
 from data_pipeline.files import write_atomic, write_table
 from data_pipeline.schema import DataError
-from orchestrator.evaluation import figures
 from orchestrator.config import Config, resolved
-from orchestrator.layout import REPORT_ARTIFACTS
+from orchestrator.evaluation import figures
 from orchestrator.report.inputs import latest_parent, read_table
 from orchestrator.report.tables import BASELINE, TELLTALE_TABLE
+from orchestrator.tracking.names import REPORT_ARTIFACTS
 
 COLUMNS = ("config", "network", "accuracy", "accuracy_std", "recall_COVID-19", "recall_COVID-19_std",
            "covid_pneumonia_called_covid", "pooled_accuracy", "pooled_interval")

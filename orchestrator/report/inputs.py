@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_pipeline.columns import PATIENT_COLUMN, PREDICTION_REQUIRED, SOURCE_COLUMN
 from data_pipeline.schema import CLASSES, DataError
-from orchestrator import layout
+from data_pipeline.splits import SplitMeta
+from models.catalog import NETWORK_NAMES
 from orchestrator.evaluation import by_source
-from orchestrator.layout import (HISTORY_FILE, NETWORK_NAMES, PATIENT_COLUMN, PREDICTION_REQUIRED, PREDICTIONS_FILE,
-                                 SOURCE_COLUMN, SplitMeta, run_name)
+from orchestrator.paths import HISTORY_FILE, PREDICTIONS_FILE, WorkPaths, run_name
+from orchestrator.tracking import names
+from orchestrator.training.records import read_parent
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,7 @@ def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str
     except MlflowException as exc:
         raise DataError(f"--run-id {parent_run_id}: no such MLflow run at {uri} ({exc.error_code}).") from None
     children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`{layout.PARENT_RUN}` = '{parent_run_id}'",
+                                  filter_string=f"tags.`{names.PARENT_RUN}` = '{parent_run_id}'",
                                   order_by=["attributes.start_time ASC"], max_results=1000)
     runs, tags, params = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,18 +173,18 @@ def from_mlflow(uri: str, parent_run_id: str) -> tuple[list[RunResult], dict[str
     return list(runs.values()), tags, params
 
 
-def latest_parent(uri: str, experiment: str, workdir: layout.WorkPaths) -> str:
+def latest_parent(uri: str, experiment: str, workdir: WorkPaths) -> str:
     """The parent run of the config's latest `cxr run`: the workdir's record of it, else the
     newest run tagged `cxr.role=experiment` in the experiment."""
     from mlflow.tracking import MlflowClient
 
-    if recorded := workdir.read_parent():
+    if recorded := read_parent(workdir):
         return recorded
     record = workdir.parent_record
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id],
-                              filter_string=f"tags.`{layout.ROLE}` = '{layout.EXPERIMENT_ROLE}'",
+                              filter_string=f"tags.`{names.ROLE}` = '{names.EXPERIMENT_ROLE}'",
                               order_by=["attributes.start_time DESC"], max_results=1) if found else []
     if not runs:
         raise DataError(f"no `cxr run` found in MLflow experiment {experiment!r} at {uri} (and no {record}); "

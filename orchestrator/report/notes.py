@@ -11,7 +11,6 @@ from orchestrator.evaluation import by_source
 from orchestrator.report.inputs import ReportInputs, RunResult
 from orchestrator.report.tables import BASELINE, EXTRA_METRICS, TELLTALE_TABLE
 
-
 FEW_POSITIVES = 50
 
 

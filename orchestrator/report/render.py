@@ -8,12 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from data_pipeline.schema import CLASSES
+from models.catalog import NETWORK_NAMES
 from orchestrator.evaluation import figures
-from orchestrator.layout import NETWORK_NAMES, TABLES_FILE
 from orchestrator.evaluation.metrics import PAPER_METRICS
+from orchestrator.paths import TABLES_FILE
 from orchestrator.report.inputs import ReportInputs, RunResult
-from orchestrator.report.tables import BASELINE, EXTRA_METRICS, SOURCE_TABLES, matrix, sorted_runs
 from orchestrator.report.result import Report
+from orchestrator.report.tables import BASELINE, EXTRA_METRICS, SOURCE_TABLES, matrix, sorted_runs
 
 
 def draw_figures(runs: list[RunResult], folder: Path) -> dict[str, Path]:

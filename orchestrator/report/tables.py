@@ -7,11 +7,17 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.schema import CLASSES
+from models.catalog import NETWORK_NAMES
 from orchestrator.evaluation import by_source
-from orchestrator.layout import NETWORK_NAMES
-from orchestrator.evaluation.metrics import COUNTS, PAPER_METRICS, class_counts, confusion, paper_metrics, run_metrics
+from orchestrator.evaluation.metrics import (
+    COUNTS,
+    PAPER_METRICS,
+    class_counts,
+    confusion,
+    paper_metrics,
+    run_metrics,
+)
 from orchestrator.report.inputs import RunResult
-
 
 TABLE4_COLUMNS = ["accuracy", *(f"{m}_{c}" for m in PAPER_METRICS for c in CLASSES)]
 

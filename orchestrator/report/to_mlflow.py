@@ -10,11 +10,13 @@ import time
 import pandas as pd
 
 from data_pipeline.schema import DataError
+from models.catalog import NETWORK_NAMES
 from orchestrator.config import Config
-from orchestrator.layout import NETWORK_NAMES, REPORT_ARTIFACTS, TABLES_FILE
+from orchestrator.paths import TABLES_FILE
 from orchestrator.report.inputs import ReportInputs, latest_parent
-from orchestrator.report.tables import TABLE4_COLUMNS
 from orchestrator.report.result import Report
+from orchestrator.report.tables import TABLE4_COLUMNS
+from orchestrator.tracking.names import REPORT_ARTIFACTS
 
 log = logging.getLogger(__name__)
 

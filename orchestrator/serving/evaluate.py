@@ -20,11 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_pipeline.columns import EVALUATION_COLUMNS, FAILURE_COLUMNS
 from data_pipeline.files import write_json, write_table
 from data_pipeline.schema import CLASSES, DataError
 from data_pipeline.sources.labelled import SOURCE_LABEL, map_labels, parse_label_map, read_labelled
 from orchestrator.evaluation.external import external_metrics
-from orchestrator.layout import EVALUATION_COLUMNS, EVALUATION_DATA, FAILURE_COLUMNS, EvaluationPaths
+from orchestrator.paths import EvaluationPaths
+from orchestrator.tracking.names import EVALUATION_DATA
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,12 @@ def evaluate(model_uri: str, data: str, labels: str, out: Path, batch: int = 32,
              replicates: int = 1000) -> Evaluation:
     """Predict every image of `data`, measure, and write the outputs under `out`."""
     from models.inference import Classifier
-    from orchestrator.serving.predict import decode_limits, model_folder, network_files, predict_files
+    from orchestrator.serving.predict import (
+        decode_limits,
+        model_folder,
+        network_files,
+        predict_files,
+    )
 
     images, known = read_labelled(data)
     mapping = {**known, **parse_label_map(labels)}
@@ -69,7 +76,11 @@ def evaluate(model_uri: str, data: str, labels: str, out: Path, batch: int = 32,
 
 
 def write_outputs(paths: EvaluationPaths, table: pd.DataFrame, failures: pd.DataFrame, metrics: dict) -> None:
-    from orchestrator.evaluation.figures import confusion_matrix_figure, reliability_figure, roc_figure
+    from orchestrator.evaluation.figures import (
+        confusion_matrix_figure,
+        reliability_figure,
+        roc_figure,
+    )
 
     paths.root.mkdir(parents=True, exist_ok=True)
     write_table(table, paths.predictions)

@@ -14,11 +14,13 @@ import json
 
 import pandas as pd
 
+from data_pipeline.columns import SOURCE_COLUMN
 from data_pipeline.schema import CLASSES
+from data_pipeline.splits import SplitMeta
 from orchestrator.config import Config
 from orchestrator.evaluation.metrics import class_counts, confusion, wilson
-from orchestrator.layout import NODE_CPUS, NODE_MEMORY_GB, SOURCE_COLUMN, TF_GPUS, SplitMeta
 from orchestrator.report.tables import TELLTALE_TABLE
+from orchestrator.tracking.names import NODE_CPUS, NODE_MEMORY_GB, TF_GPUS
 
 INTENDED_USE = ("**Intended use: research only.** It reproduces and audits Rahimzadeh & Attar (2020). It is not "
                 "a diagnostic device, has not been validated for clinical use, and must not be used to diagnose, "

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_pipeline.columns import FAILURE_COLUMNS, PREDICT_COLUMNS, prediction_cells
 from data_pipeline.decode import DEFAULT, IMAGE_SUFFIXES, DecodeSpec
 from data_pipeline.files import write_table
 from data_pipeline.schema import CLASSES, DataError, read_source_csv
 from orchestrator.console import progress_bar
-from orchestrator.layout import FAILURE_COLUMNS, PREDICT_COLUMNS, failures_file, prediction_cells
+from orchestrator.paths import failures_file
 
 log = logging.getLogger(__name__)
 MODEL_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "file:/")

@@ -32,11 +32,30 @@ import pandas as pd
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
+from models.catalog import NETWORK_NAMES
 from orchestrator.config import Config
-from orchestrator.layout import (ENSEMBLE_ALIAS, FINGERPRINT, FOLD, FOLDS, MEMBER_RUNS, MEMBERS_MEAN, MODEL_ARTIFACT,
-                                 MODEL_CARD, NETWORK, NETWORK_NAMES, RUN_ID, SPLIT_HASH, STALE, TEST_ACCURACY, TEST_AUC,
-                                 ensemble_artifact, ensemble_model_name, fold_alias, registered_model_name)
 from orchestrator.serving.model_card import card_description, ensemble_card, run_card, with_external
+from orchestrator.tracking.names import (
+    ENSEMBLE_ALIAS,
+    FINGERPRINT,
+    FOLD,
+    FOLDS,
+    MEMBER_RUNS,
+    MEMBERS_MEAN,
+    MODEL_ARTIFACT,
+    MODEL_CARD,
+    NETWORK,
+    RUN_ID,
+    SPLIT_HASH,
+    STALE,
+    TEST_ACCURACY,
+    TEST_AUC,
+    ensemble_artifact,
+    ensemble_model_name,
+    fold_alias,
+    registered_model_name,
+)
+from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 COLUMNS = ("name", "version", "aliases", "folds", TEST_AUC, TEST_ACCURACY, "stale", "run_id", "uri")
@@ -78,7 +97,7 @@ def finished_runs(config: Config) -> list[dict]:
     runs = []
     for network in NETWORK_NAMES:
         for fold in range(1, config.splits.folds + 1):
-            record = config.paths.run(fold, network).read_done()
+            record = RunRecords(config.paths.run(fold, network)).read_done()
             if record.get("run_id"):  # runs finished before models were published have no model_uri
                 runs.append({"fold": fold, "network": network, "run_id": record["run_id"],
                              "model_uri": record.get("model_uri") or f"runs:/{record['run_id']}/{MODEL_ARTIFACT}"})

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.exceptions import UndefinedMetricWarning
 
 from data_pipeline.schema import CLASSES
-from orchestrator.layout import EVALUATED_MODEL, EVALUATION_DATA, EVALUATION_ROLE, ROLE
+from orchestrator.tracking.names import EVALUATED_MODEL, EVALUATION_DATA, EVALUATION_ROLE, ROLE
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "cxr-evaluations"  # the evaluations of models that MLflow does not know

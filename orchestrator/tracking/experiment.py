@@ -28,8 +28,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.files import StateError, write_table
-from orchestrator import layout
 from orchestrator.config import Config, ConfigError, is_server_uri, sqlite_file
+from orchestrator.tracking import names
+from orchestrator.training.records import read_parent, write_parent
 
 log = logging.getLogger(__name__)
 SERVED_ARTIFACTS = "mlflow-artifacts:"  # the location of artifacts a server stores for its clients
@@ -158,13 +159,13 @@ def parent_run(config: Config) -> str:
     client = mlflow.tracking.MlflowClient(config.tracking_uri)
     record = config.paths.parent_record
     try:
-        run_id = config.paths.read_parent()
+        run_id = read_parent(config.paths)
     except StateError as exc:
         run_id = _find_parent(client, config)
         if not run_id:
             raise
         log.warning("%s; found the parent run %s by its workdir tag, and rewrote the record", exc, run_id)
-        config.paths.write_parent(run_id)
+        write_parent(config.paths, run_id)
     if run_id:
         try:
             stage = call(client.get_run, run_id, what="get_run").info.lifecycle_stage  # active | deleted
@@ -183,11 +184,11 @@ def parent_run(config: Config) -> str:
     if not run_id:
         experiment = call(client.get_experiment_by_name, config.experiment_name, what="experiment")
         name = f"{config.name or 'experiment'} ({time.strftime('%Y-%m-%d %H:%M')})"
-        tags = {layout.PROTOCOL: config.splits.protocol, layout.ROLE: layout.EXPERIMENT_ROLE,
-                layout.WORKDIR: str(config.paths.root)}
+        tags = {names.PROTOCOL: config.splits.protocol, names.ROLE: names.EXPERIMENT_ROLE,
+                names.WORKDIR: str(config.paths.root)}
         run_id = call(client.create_run, experiment.experiment_id, run_name=name, tags=tags,
                       what="create_run").info.run_id
-    config.paths.write_parent(run_id)
+    write_parent(config.paths, run_id)
     return run_id
 
 
@@ -196,8 +197,8 @@ def _find_parent(client, config: Config) -> str:
     experiment = call(client.get_experiment_by_name, config.experiment_name, what="experiment")
     if experiment is None:
         return ""
-    query = (f"tags.`{layout.ROLE}` = '{layout.EXPERIMENT_ROLE}' and "
-             f"tags.`{layout.WORKDIR}` = '{config.paths.root}'")
+    query = (f"tags.`{names.ROLE}` = '{names.EXPERIMENT_ROLE}' and "
+             f"tags.`{names.WORKDIR}` = '{config.paths.root}'")
     runs = call(client.search_runs, [experiment.experiment_id], query, order_by=["attributes.start_time DESC"],
                 what="search_runs")
     return runs[0].info.run_id if runs else ""

@@ -26,11 +26,28 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.files import StateError
+from models.catalog import NETWORK_NAMES
 from orchestrator.config import Config
-from orchestrator.layout import (CUDA_BUILD, CUDNN_BUILD, FINGERPRINT, MODEL_ARTIFACT, MODEL_URI, NODE_CPUS, NODE_ID, NODE_IP,
-                                 NODE_MEMORY_GB, NETWORK_NAMES, PARENT_RUN, RAY_GPU_IDS, STALE, TEST_ACCURACY, TEST_AUC,
-                                 TF_GPUS, RunPaths, run_name)
+from orchestrator.paths import RunPaths, run_name
 from orchestrator.tracking.experiment import call, ensure_experiment
+from orchestrator.tracking.names import (
+    CUDA_BUILD,
+    CUDNN_BUILD,
+    FINGERPRINT,
+    MODEL_ARTIFACT,
+    MODEL_URI,
+    NODE_CPUS,
+    NODE_ID,
+    NODE_IP,
+    NODE_MEMORY_GB,
+    PARENT_RUN,
+    RAY_GPU_IDS,
+    STALE,
+    TEST_ACCURACY,
+    TEST_AUC,
+    TF_GPUS,
+)
+from orchestrator.training.records import RunRecords, read_parent
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +61,7 @@ class RunTracker:
         self.artifact_root = artifact_root
         self.experiment = experiment
         self.paths = run if isinstance(run, RunPaths) else RunPaths(Path(run))
+        self.records = RunRecords(self.paths)
         self.client = MlflowClient(self.uri)
         self.run_id = ""
         self.logged: set[tuple[str, int]] = set()  # (metric, step) pairs the run holds
@@ -65,7 +83,7 @@ class RunTracker:
             tags = {**tags, PARENT_RUN: parent_run_id} if parent_run_id else tags
             created = call(self.client.create_run, experiment.experiment_id, run_name=run_name, tags=tags,
                            what="create_run")
-            self.paths.write_mlflow_run(created.info.run_id)  # at once: a restart continues this run
+            self.records.write_mlflow_run(created.info.run_id)  # at once: a restart continues this run
             # system metrics (CPU, memory, disk, network; GPUs where NVML answers) every 10 s while
             # the run trains, by MLflow's own monitor thread: system/* in the run's metrics
             call(mlflow.start_run, run_id=created.info.run_id, log_system_metrics=True, what="start_run")
@@ -80,7 +98,7 @@ class RunTracker:
         """The run folder's MLflow run: from its id file, else found in MLflow (a kill between the
         run's creation and the file's write, or a damaged file), the file then rewritten."""
         try:
-            known = self.paths.read_mlflow_run()
+            known = self.records.read_mlflow_run()
         except StateError as exc:
             log.warning("%s; looking for the run in MLflow instead", exc)
             known = ""
@@ -90,7 +108,7 @@ class RunTracker:
         if found:
             log.warning("%s: found its MLflow run %s by name, parent and fingerprint (its id file %s was missing or "
                         "damaged); continuing it", run_name, found, self.paths.mlflow_run)
-            self.paths.write_mlflow_run(found)
+            self.records.write_mlflow_run(found)
         return found
 
     def find(self, run_name: str, parent_run_id: str, fingerprint: str) -> str:
@@ -117,11 +135,11 @@ class RunTracker:
           done.json is moved aside and the run trains again;
         - done.json damaged and the run not finished: moved aside, and the run resumes."""
         try:
-            done, damage = self.paths.read_done(), ""
+            done, damage = self.records.read_done(), ""
         except StateError as exc:
             done, damage = {}, str(exc)
         try:
-            run_id = self.paths.read_mlflow_run() or done.get("run_id", "")
+            run_id = self.records.read_mlflow_run() or done.get("run_id", "")
         except StateError:
             run_id = done.get("run_id", "")
         if not run_id:
@@ -137,8 +155,8 @@ class RunTracker:
         status, tags = run.info.status, run.data.tags
         if status == "FINISHED" and not done:
             model_uri = tags.get(MODEL_URI, f"runs:/{run_id}/{MODEL_ARTIFACT}")
-            self.paths.write_done(run_id, tags.get(FINGERPRINT, ""), model_uri)
-            self.paths.write_mlflow_run(run_id)
+            self.records.write_done(run_id, tags.get(FINGERPRINT, ""), model_uri)
+            self.records.write_mlflow_run(run_id)
             record = self.paths.done.name
             state = f"its {record} was damaged" if damage else f"it had no {record}"
             return f"its MLflow run {run_id} is FINISHED but {state} (killed between the two); wrote {record} from it"
@@ -156,7 +174,7 @@ class RunTracker:
         """Make `parent_run_id` this run folder's MLflow parent (a run begun by `cxr train-one`, or
         under a parent whose record was lost, belongs to the workdir's parent and its report);
         returns what was done, or ""."""
-        run_id = self.paths.read_mlflow_run()
+        run_id = self.records.read_mlflow_run()
         if not run_id:
             return ""
         tags = call(self.client.get_run, run_id, what="get_run").data.tags
@@ -167,7 +185,7 @@ class RunTracker:
 
     def _set_aside_done(self, what: str, why: str) -> str:
         """done.json moved aside (kept, never deleted), so that the run is trained to its end."""
-        aside = self.paths.set_aside_done()
+        aside = self.records.set_aside_done()
         return f"{what.rstrip('.')}; {why}: moved {self.paths.done.name} to {aside.name}, and the run trains to its end"
 
     def epochs(self, epochs_per_phase: int) -> list[dict]:
@@ -182,7 +200,7 @@ class RunTracker:
 
     def test_metrics(self) -> dict[str, float]:
         """The run's test accuracy and AUC as its MLflow run holds them ({} before they are logged)."""
-        run_id = self.run_id or self.paths.read_mlflow_run()
+        run_id = self.run_id or self.records.read_mlflow_run()
         if not run_id:
             return {}
         metrics = call(self.client.get_run, run_id, what="get_run").data.metrics
@@ -255,7 +273,7 @@ class RunTracker:
         """End this run folder's MLflow run as `status` (e.g. FAILED) from outside the run, if it is
         still RUNNING: a worker killed by SIGKILL, the kernel's OOM killer or the loss of its node
         could not end it itself. Returns the status the run has afterwards ("" if none was opened)."""
-        run_id = self.paths.read_mlflow_run()
+        run_id = self.records.read_mlflow_run()
         if not run_id:
             return ""
         current = call(self.client.get_run, run_id, what="get_run").info.status
@@ -270,7 +288,7 @@ class RunTracker:
         settings must not reach a report either), tagged with where its folder went, as are its
         registered model versions."""
         try:
-            run_id = self.paths.read_mlflow_run() or self.paths.read_done().get("run_id", "")
+            run_id = self.records.read_mlflow_run() or self.records.read_done().get("run_id", "")
         except StateError as exc:
             log.warning("%s; its MLflow run, if any, is left as it is", exc)
             return ""
@@ -299,7 +317,7 @@ def reconcile_runs(config: Config) -> None:
     """Every run folder of the grid made to agree with its MLflow run before any is skipped or
     launched (RunTracker.reconcile); each finding is one warning line."""
     try:
-        parent = config.paths.read_parent()
+        parent = read_parent(config.paths)
     except StateError:
         parent = ""  # parent_run finds it again
     for fold in range(1, config.splits.folds + 1):
@@ -317,7 +335,7 @@ def adopt_finished(config: Config, parent: str) -> None:
     for fold in range(1, config.splits.folds + 1):
         for network in NETWORK_NAMES:
             paths = config.paths.run(fold, network)
-            if paths.is_done():
+            if RunRecords(paths).is_done():
                 found = RunTracker(config.tracking_uri, config.experiment_name, paths).adopt(parent)
                 if found:
                     log.warning("%s: %s", run_name(fold, network), found)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from data_pipeline.files import StateError, new_build_dir, read_json, replace_dir, write_json
-from orchestrator.layout import CURSOR, RunPaths
+from orchestrator.paths import CURSOR, RunPaths
+from orchestrator.training.records import RunRecords
 from orchestrator.training.remote_run import publish_checkpoint
 
 log = logging.getLogger(__name__)
@@ -97,4 +98,4 @@ def record_cursor(paths: RunPaths, cursor: Cursor) -> None:
     checkpoint = paths.checkpoint(cursor.epoch)
     if (checkpoint / CURSOR).is_file():
         cursor.write(checkpoint / CURSOR)
-        paths.publish(checkpoint / CURSOR)
+        RunRecords(paths).upload(checkpoint / CURSOR)

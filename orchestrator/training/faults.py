@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import keras
 
-from orchestrator.layout import RunPaths
+from orchestrator.paths import RunPaths
+from orchestrator.training.records import RunRecords
 
 
 class InjectedFailure(RuntimeError):
@@ -21,7 +22,7 @@ class FailOnce(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not self.paths.failed_once.exists():
             self.paths.failed_once.touch()  # once: the restarted run goes on (on any node: published)
-            self.paths.publish(self.paths.failed_once)
+            RunRecords(self.paths).upload(self.paths.failed_once)
             raise InjectedFailure(f"{self.name}: failure injected by train.fail_at in phase {self.phase}")
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_pipeline.columns import HISTORY_COLUMNS
 from data_pipeline.files import StateError, write_table
-from orchestrator.layout import HISTORY_COLUMNS, RunPaths
+from orchestrator.paths import RunPaths
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,12 @@ from data_pipeline.files import StateError, read_json, write_json
 from data_pipeline.schema import DataError
 from data_pipeline.splits import SUMS_FILE, split_hash
 from data_pipeline.store import StoreBuilder
+from models.catalog import NETWORK_NAMES
 from orchestrator.config import Config, ConfigError, flatten, resolved
+from orchestrator.paths import RunPaths
+from orchestrator.tracking.names import FINGERPRINT, SPLIT_HASH, STORE_KEY
 from orchestrator.training import checkpoints
-from orchestrator.layout import FINGERPRINT, NETWORK_NAMES, SPLIT_HASH, STORE_KEY, RunPaths
+from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 SPLIT, STORE = "split_hash", "store_key"
@@ -134,7 +137,7 @@ def recorded_fingerprints(paths: RunPaths) -> dict[str, str]:
     identity.json. A folder holding files but none of these is of a version before fingerprints ("")."""
     found = {}
     if paths.done.is_file():
-        found["done"] = paths.read_done().get("fingerprint", "")
+        found["done"] = RunRecords(paths).read_done().get("fingerprint", "")
     cursor = checkpoints.newest_cursor(paths)
     if cursor is not None:
         found["checkpointed"] = cursor.fingerprint

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline.splits import read_split, split_file
+from data_pipeline.splits import SplitMeta, read_split, split_file
 from data_pipeline.store import ImageStore
-from orchestrator.layout import SplitMeta
 
 
 @dataclass(frozen=True)

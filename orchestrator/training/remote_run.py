@@ -19,7 +19,9 @@ import logging
 import shutil
 
 from data_pipeline.objects import Prefix, put_tree
-from orchestrator.layout import CURSOR, NETWORK_NAMES, RunPaths
+from models.catalog import NETWORK_NAMES
+from orchestrator.paths import CURSOR, RunPaths
+from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def publish_checkpoint(paths: RunPaths, checkpoint, kept: list) -> None:
     if not paths.remote:
         return
     if paths.history.is_file():
-        paths.publish(paths.history)
+        RunRecords(paths).upload(paths.history)
     prefix = Prefix(paths.remote).child(_checkpoints(paths))
     put_tree(checkpoint, prefix.child(checkpoint.name), marker=CURSOR)
     keep = {c.name for c in kept}

@@ -30,24 +30,38 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.augment import AugmentSpec
+from data_pipeline.columns import (
+    EPOCH_METRICS,
+    HISTORY_COLUMNS,
+    PATIENT_COLUMN,
+    SOURCE_COLUMN,
+    prediction_cells,
+)
 from data_pipeline.files import write_table
 from data_pipeline.schema import DataError
 from data_pipeline.tfdata import eval_stream, one_hot, training_stream
 from models.batchnorm import BatchNormStatistics
 from models.keras_adapter import load_weights_only, save_weights_only
 from models.networks import BUILDERS, build
-from models.training import (build_state, compile_network, load_for_training, optimizer_start, precision_policy,
-                             restart_from)
+from models.training import (
+    build_state,
+    compile_network,
+    load_for_training,
+    optimizer_start,
+    precision_policy,
+    restart_from,
+)
 from orchestrator.config import TrainSpec
 from orchestrator.evaluation.metrics import accuracy
-from orchestrator.layout import (BEST_WEIGHTS, CHECKPOINT_MODEL, EPOCH_METRICS, EPOCHS_REDONE, HISTORY_COLUMNS,
-                                 PATIENT_COLUMN, RESUMED_FROM, SOURCE_COLUMN, RunPaths, prediction_cells, run_name)
+from orchestrator.paths import BEST_WEIGHTS, CHECKPOINT_MODEL, RunPaths, run_name
+from orchestrator.tracking.names import EPOCHS_REDONE, RESUMED_FROM
 from orchestrator.training import checkpoints, traced
 from orchestrator.training.checkpoints import Cursor
 from orchestrator.training.epoch_end import EpochEnd
 from orchestrator.training.faults import fault_callbacks
 from orchestrator.training.history import load_history
 from orchestrator.training.inputs import RunInputs
+from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +128,10 @@ class Run:
 
     def save_timing(self) -> dict[str, float]:
         """Add this process's seconds to the run's timing.json (summed over restarts)."""
-        total = self.paths.read_timing()
+        total = RunRecords(self.paths).read_timing()
         for key, value in self.seconds.items():
             total[key] = round(total.get(key, 0.0) + value, 3)
-        self.paths.write_timing(total)
+        RunRecords(self.paths).write_timing(total)
         self.seconds.clear()  # counted now: a second call adds only what came after
         return total
 

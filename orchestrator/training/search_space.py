@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.layout import EPOCH_METRICS, NETWORK_NAMES
+from data_pipeline.columns import EPOCH_METRICS
+from models.catalog import NETWORK_NAMES
 
 # a point's name -> (section, key); batch_size and epochs are per network, of the network trained
 SETTINGS = {"learning_rate": ("train", "learning_rate"), "batch_size": ("train", "batch_size"),

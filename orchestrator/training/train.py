@@ -17,18 +17,20 @@ from typing import Callable
 
 import pandas as pd
 
-from data_pipeline.schema import CLASSES
-from orchestrator import layout
+from data_pipeline.schema import CLASSES, PROBABILITY_COLUMNS
 from orchestrator.config import flatten
 from orchestrator.evaluation.figures import confusion_matrix_figure
 from orchestrator.evaluation.metrics import accuracy, confusion, macro_auc
-from orchestrator.layout import MODEL_URI, PROBABILITY_COLUMNS, TEST_ACCURACY, TEST_AUC, RunPaths, run_name
 from orchestrator.lock import FileLock
+from orchestrator.paths import RunPaths, run_name
+from orchestrator.tracking import names
 from orchestrator.tracking.experiment import package_versions
+from orchestrator.tracking.names import MODEL_URI, TEST_ACCURACY, TEST_AUC
 from orchestrator.tracking.runs import RunTracker
 from orchestrator.training import remote_run
 from orchestrator.training.identity import Identity, check_run
 from orchestrator.training.inputs import RunInputs, run_datasets
+from orchestrator.training.records import RunRecords
 from orchestrator.training.run import Run, RunSetup
 
 log = logging.getLogger(__name__)
@@ -68,21 +70,21 @@ def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, rep
     if found := tracker.reconcile(name, parent_run_id):  # a kill between MLflow's FINISHED and done.json
         log.warning("%s: %s", name, found)
     check_run(paths, identity)
-    if paths.is_done():
+    if RunRecords(paths).is_done():
         log.info("%s is complete (%s); skipping", name, paths.done)
         discard_checkpoints(paths)  # a kill may have come between done.json and this
         return paths.root
     inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases)
     if not paths.identity.is_file():
-        paths.publish(identity.write(paths.identity))  # first, so that nothing in the folder predates it
-    tags = {layout.FOLD: str(fold), layout.NETWORK: network, layout.PROTOCOL: inputs.split_meta.protocol,
-            layout.VALIDATION: inputs.split_meta.validation, layout.SOURCE_NAME: "cxr (orchestrator.training)",
-            layout.SELECTION_ON_TEST_POOL: str(inputs.split_meta.validation == "test_pool"
+        RunRecords(paths).upload(identity.write(paths.identity))  # first, so that nothing in the folder predates it
+    tags = {names.FOLD: str(fold), names.NETWORK: network, names.PROTOCOL: inputs.split_meta.protocol,
+            names.VALIDATION: inputs.split_meta.validation, names.SOURCE_NAME: "cxr (orchestrator.training)",
+            names.SELECTION_ON_TEST_POOL: str(inputs.split_meta.validation == "test_pool"
                                                and config.train.selection == "best").lower(),
-            layout.FINGERPRINT: identity.fingerprint, **package_versions()}
+            names.FINGERPRINT: identity.fingerprint, **package_versions()}
     # set on every attempt, like the placement: what the run is, and where this attempt runs
-    identity_tags = {layout.FINGERPRINT: identity.fingerprint, layout.SPLIT_HASH: identity.split_hash,
-                     layout.STORE_KEY: identity.store_key, **(placement or {})}
+    identity_tags = {names.FINGERPRINT: identity.fingerprint, names.SPLIT_HASH: identity.split_hash,
+                     names.STORE_KEY: identity.store_key, **(placement or {})}
     run = None
     try:  # from the run's opening on, any error ends it FAILED (Ctrl-C: KILLED), never RUNNING
         params = {**flatten(config), "fold": str(fold), "network": network}
@@ -105,8 +107,8 @@ def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, rep
     # done.json. A kill between the last two leaves a FINISHED run that `reconcile` completes.
     with run.timed("run close"):
         tracker.close("FINISHED")
-        paths.publish(paths.predictions, paths.history)  # before done.json, which says they are there
-        paths.write_done(tracker.run_id, identity.fingerprint, run.model_uri)
+        RunRecords(paths).upload(paths.predictions, paths.history)  # before done.json, which says they are there
+        RunRecords(paths).write_done(tracker.run_id, identity.fingerprint, run.model_uri)
         discard_checkpoints(paths)
     run.save_timing()
     if keep_traced:  # for this process's next run of the same network

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import layout
 from orchestrator.config import flatten
-from orchestrator.layout import run_name
 from orchestrator.lock import FileLock
+from orchestrator.paths import run_name
+from orchestrator.tracking import names
 from orchestrator.tracking.experiment import package_versions
 from orchestrator.tracking.runs import RunTracker
 from orchestrator.training.identity import Identity
@@ -47,10 +47,10 @@ def _train_trial(config, fold, network, parent_run_id, params, report, placement
     trial = Path(config.cluster.storage_path).name
     tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root, config.paths.mlruns)
     inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases, test=False)
-    tags = {layout.ROLE: layout.TRIAL_ROLE, layout.FOLD: str(fold), layout.NETWORK: network,
-            layout.PROTOCOL: inputs.split_meta.protocol, layout.VALIDATION: inputs.split_meta.validation,
-            layout.FINGERPRINT: identity.fingerprint, layout.SPLIT_HASH: identity.split_hash,
-            layout.SOURCE_NAME: "cxr tune (orchestrator.training.trial)", **package_versions(), **(placement or {})}
+    tags = {names.ROLE: names.TRIAL_ROLE, names.FOLD: str(fold), names.NETWORK: network,
+            names.PROTOCOL: inputs.split_meta.protocol, names.VALIDATION: inputs.split_meta.validation,
+            names.FINGERPRINT: identity.fingerprint, names.SPLIT_HASH: identity.split_hash,
+            names.SOURCE_NAME: "cxr tune (orchestrator.training.trial)", **package_versions(), **(placement or {})}
     run = None
     try:
         all_params = {**flatten(config), "fold": str(fold), "network": network, **params}
@@ -68,7 +68,7 @@ def _train_trial(config, fold, network, parent_run_id, params, report, placement
     except BaseException as exc:
         # SystemExit: Ray Tune ends a trial its scheduler stopped at the trial's next report
         if isinstance(exc, SystemExit) and tracker.run_id:
-            tracker.set_tags({layout.STOPPED_EARLY: "true"})
+            tracker.set_tags({names.STOPPED_EARLY: "true"})
         tracker.close("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     finally:

@@ -1,0 +1,25 @@
+"""The paper's three networks as a table: their names, the paper's batch sizes and their relative
+cost. It imports no TensorFlow, so the driver, the config and the report read it too;
+models.networks holds the builders under the same names (a test holds the two together)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    batch_size: int  # the paper's (Table 2)
+    cost: int  # relative time per run: the longest runs are launched first
+
+
+# In the paper's tables' order. The CLI's choices, the config's batch sizes, the launch order and
+# the report's rows all come from here.
+NETWORKS: tuple[Network, ...] = (
+    Network("xception", 30, 1),
+    Network("resnet50v2", 30, 1),
+    Network("concatenated", 20, 2),
+)
+NETWORK_NAMES: tuple[str, ...] = tuple(n.name for n in NETWORKS)
+NETWORK_COST: dict[str, int] = {n.name: n.cost for n in NETWORKS}
