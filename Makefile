@@ -10,7 +10,7 @@ EXTRAS := test,jpeg$(if $(GPU),$(comma)gpu)
 STAMP := $(VENV)/.installed-$(or $(GPU),cpu)
 DEMO := work/demo
 
-.PHONY: install test demo clean
+.PHONY: install test lint demo clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 test: install
+	# the style first: formatting and lint (pyflakes, import order, bugbear, complexity), as
+	# configured in pyproject.toml
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
 	# two workers, a test file each at a time, longest first (tests/conftest.py): 2 cores, some
 	# tests using one; `pytest` alone runs the same tests one after another
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder

@@ -1,4 +1,4 @@
-"""Benchmark: `train.run_eagerly` against graph mode for a run of a few steps, as in the tests.
+"""Benchmark: `execution.run_eagerly` against graph mode for a run of a few steps, as in the tests.
 
 Run: .venv/bin/python -m bench.eager_tiny_runs [--networks xception,concatenated] [--size 72]
      [--phases 2] [--steps 2] [--batch 8]

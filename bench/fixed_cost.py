@@ -1,5 +1,5 @@
 """Benchmark: the demo's training runs with each process's traced network restarted for its next
-run of the same kind (`train.reuse_traced`, orchestrator.training.traced) against a trace per run.
+run of the same kind (`execution.reuse_traced`, orchestrator.training.traced) against a trace per run.
 
 Run: .venv/bin/python -m bench.fixed_cost [--folds 1,2,3] [--networks resnet50v2] [--set KEY=VALUE ...]
 
@@ -49,7 +49,7 @@ def arm(base: Path, workdir: Path, reuse: bool, folds: str, networks: str, overr
     for part in ("manifest.csv", "manifest.json", "splits", "store"):
         source = base / part
         (shutil.copytree if source.is_dir() else shutil.copy)(source, workdir / part)
-    sets = [f"workdir={workdir}", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}", f"train.reuse_traced={reuse}",
+    sets = [f"workdir={workdir}", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}", f"execution.reuse_traced={reuse}",
             *overrides]
     command = [str(CXR), "train", "--config", str(CONFIG), "--folds", folds, "--networks", networks,
                *[a for s in sets for a in ("--set", s)]]

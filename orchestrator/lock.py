@@ -29,7 +29,8 @@ from pathlib import Path
 
 from data_pipeline.files import StateError, pid_alive, read_json, write_aside, write_json
 from models.catalog import NETWORK_NAMES
-from orchestrator.config import Config, ConfigError
+from orchestrator.config import ConfigError
+from orchestrator.paths import WorkPaths
 
 log = logging.getLogger(__name__)
 # `ray job submit` hands its driver the job's config, with the submission id `ray job stop` takes
@@ -232,20 +233,20 @@ def unlock(path: Path, what: str, stale_after: float) -> str:
     return f"{what}: removed the lock of {holder.describe()}: {reason}"
 
 
-def workdir_lock(config: Config) -> FileLock:
-    """The lock of `config`'s workdir, held by the one driver working in it (`cxr run`, `cxr
-    train`, `cxr train-one`); read-only commands take none."""
-    return FileLock(config.paths.lock, f"workdir {config.paths.root}", config.cluster.lock_stale_seconds)
+def workdir_lock(work: WorkPaths, lock_stale_seconds: float) -> FileLock:
+    """The lock of the workdir, held by the one driver working in it (`cxr run`, `cxr train`,
+    `cxr train-one`); read-only commands take none. `lock_stale_seconds`: the config's
+    cluster.lock_stale_seconds."""
+    return FileLock(work.lock, f"workdir {work.root}", lock_stale_seconds)
 
 
-def unlock_workdir(config: Config) -> list[str]:
-    """`cxr unlock`: the workdir's lock, and the run folders' locks left by dead trainers, each
-    removed when its holder is gone (`unlock`); one line each."""
-    stale_after = config.cluster.lock_stale_seconds
-    lines = [unlock(config.paths.lock, f"workdir {config.paths.root}", stale_after)]
-    for fold in range(1, config.splits.folds + 1):
+def unlock_workdir(work: WorkPaths, folds: int, lock_stale_seconds: float) -> list[str]:
+    """`cxr unlock`: the workdir's lock, and the locks of its `folds` x networks run folders left
+    by dead trainers, each removed when its holder is gone (`unlock`); one line each."""
+    lines = [unlock(work.lock, f"workdir {work.root}", lock_stale_seconds)]
+    for fold in range(1, folds + 1):
         for network in NETWORK_NAMES:
-            paths = config.paths.run(fold, network)
+            paths = work.run(fold, network)
             if paths.lock.is_file():
-                lines.append(unlock(paths.lock, f"run folder {paths.root}", stale_after))
+                lines.append(unlock(paths.lock, f"run folder {paths.root}", lock_stale_seconds))
     return lines

@@ -49,11 +49,11 @@ PAPER_SHRINK = [f"--set={item}" for item in (
     "data.synthetic=tiny", "model.weights=none", "store.image_size=72",
     "splits.phases=1", "splits.test_covid=6", "splits.test_covid_pneumonia=2", "splits.phase_normal=70",
     "splits.phase_pneumonia=52", "splits.s_test_normal=5", "splits.s_test_pneumonia=5",
-    "train.epochs=1", "train.steps_per_epoch=1", "train.eval_batch_size=64", "train.log_checkpoints=none",
+    "train.epochs=1", "train.steps_per_epoch=1", "execution.eval_batch_size=64", "checkpoint.log=none",
     "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}", "train.batchnorm_batches=1",
-    "train.run_eagerly=true", "train.batchnorm=moving",
+    "execution.run_eagerly=true", "train.batchnorm=moving",
     # runs of a minute restart from scratch rather than write checkpoints (test_trainer resumes them)
-    "train.checkpoint_min_seconds=600")]
+    "checkpoint.min_seconds=600")]
 
 
 # `make test` runs the suite on two pytest workers, one file at a time each (pytest-xdist's
@@ -172,6 +172,7 @@ def learned_run(tmp_path_factory):
     from data_pipeline.store import build_serial
     from data_pipeline.synth import COVID_DIR, RSNA_DIR, write_synthetic
     from orchestrator.config import load_config
+    from orchestrator.training.job import RunJob
     from orchestrator.training.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("learned")
@@ -181,5 +182,5 @@ def learned_run(tmp_path_factory):
     build_serial(manifest, config.paths.store, config.store)
     write_splits(make_splits(manifest, config.splits), config.paths.splits)
     start = time.monotonic()
-    run_dir = train_and_evaluate(config, 1, "xception")
+    run_dir = train_and_evaluate(RunJob.of(config, 1, "xception"))
     return SimpleNamespace(config=config, run_dir=run_dir, seconds=time.monotonic() - start)

@@ -28,13 +28,13 @@ def audited_workdir(root, marker: bool):
 @pytest.fixture(scope="module")
 def marked(tmp_path_factory):
     config = audited_workdir(tmp_path_factory.mktemp("marked"), marker=True)
-    return config, run_audit(config)
+    return config, run_audit(config.paths, config.audit)
 
 
 @pytest.fixture(scope="module")
 def unmarked(tmp_path_factory):
     config = audited_workdir(tmp_path_factory.mktemp("unmarked"), marker=False)
-    return config, run_audit(config)
+    return config, run_audit(config.paths, config.audit)
 
 
 def test_the_probe_finds_a_marker_burned_into_one_source(marked):

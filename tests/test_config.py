@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import pytest
 
 from data_pipeline.splits import SplitSpec
-from orchestrator.config import Config, ConfigError, load_config, resolved
+from orchestrator.config import (
+    MOVED,
+    Config,
+    ConfigError,
+    MovedKeyWarning,
+    flatten,
+    load_config,
+    resolved,
+)
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -48,7 +57,7 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("augment:\n  zoom: five\n", r"augment.zoom: expected float"),
     ("splits: 3\n", r"splits: expected a mapping"),
     ("splits:\n  protocol: clever\n", r"splits.protocol: expected one of \['paper', 'import', 'sound'\], received 'clever'"),
-    ("train:\n  run_eagerly: true\n  xla: true\n", r"train.run_eagerly and train.xla: expected at most one"),
+    ("execution:\n  run_eagerly: true\ntrain:\n  xla: true\n", r"execution.run_eagerly and train.xla: expected at most one"),
     ("train:\n  batchnorm: frozen\n", r"train.batchnorm: expected 'precise' or 'moving', received 'frozen'"),
     ("train:\n  learning_rate: 1e-4x\n", r"train.learning_rate: expected float, received str '1e-4x'"),
     ("train:\n  epochs: {resnet50v2: 0}\n", r"train.epochs.resnet50v2: expected at least 1, received 0"),
@@ -112,3 +121,40 @@ def test_some_networks_values_go_over_one_value_for_all(tmp_path):
     assert (paper.xception, paper.resnet50v2) == (100, 50)
     with pytest.raises(ConfigError, match=r"--set 'splits.seed.x=1': 'seed' is not a section"):
         load_config(None, ["splits.seed=3", "splits.seed.x=1"])
+
+
+# ---------------------------------------------------------------- keys that moved
+
+
+def test_a_moved_key_works_in_its_old_place_with_a_warning_naming_the_new_one(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  keep_checkpoints: 3\n  run_eagerly: true\n")
+    with pytest.warns(MovedKeyWarning, match=r"train.keep_checkpoints is now checkpoint.keep"):
+        config = load_config(old)
+    assert config.checkpoint.keep == 3 and config.execution.run_eagerly
+    with pytest.warns(MovedKeyWarning, match=r"--set: train.fail_at is now execution.fail_at"):
+        config = load_config(None, ["train.fail_at=fold1-xception:2"])
+    assert config.execution.fail_at == "fold1-xception:2"
+    assert set(MOVED.values()) <= set(flatten(Config()))  # every new place exists
+
+
+def test_a_moved_key_given_in_both_places_is_refused(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("train:\n  checkpoint_every: 3\ncheckpoint:\n  every: 5\n")
+    with pytest.raises(ConfigError, match=r"train.checkpoint_every and checkpoint.every: expected only "
+                                          r"checkpoint.every"):
+        load_config(both)
+
+
+def test_an_overlay_may_still_use_an_old_key_over_a_base_that_uses_the_new_one(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(f"base: {ROOT / 'configs' / 'paper.yaml'}\ntrain:\n  checkpoint_every: 3\n")
+    with pytest.warns(MovedKeyWarning):
+        assert load_config(overlay).checkpoint.every == 3
+
+
+def test_the_configs_in_the_repository_use_no_moved_key():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MovedKeyWarning)
+        for path in CONFIGS:
+            load_config(path)

@@ -1,14 +1,16 @@
 """The documentation (README.md and docs/*.md) against the code: every relative link resolves,
 every `cxr <subcommand>` it names is one the parser has, the README stays short enough to read in
-five minutes, and no issue number or work-log phrase ("stop 12") slips in.
+five minutes, and no issue number, work-log phrase ("stop 12") or commit id of this repository
+slips in: the pages describe the project as it is, and git keeps its history.
 
-No network, no TensorFlow: it reads Markdown files and builds the argparse parser.
+No network, no TensorFlow: it reads Markdown files, builds the argparse parser and asks git.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -24,18 +26,28 @@ FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 # An inline code span: backticks, content, the same number of backticks; never across a blank line.
 CODE_SPAN = re.compile(r"(`+)(?:(?!\n[ \t]*\n).)+?\1", re.S)
 # [text](target) and ![alt](target), with an optional "title"; [label]: target definitions.
-INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+INLINE_LINK = re.compile(
+    r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)"
+)
 LINK_DEFINITION = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$", re.M)
 EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|//)", re.I)  # http:, https:, mailto:, ...
 HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)[ \t#]*$")
 # `cxr <subcommand>`, also after -v; not cxr-demo, cxr.fingerprint or CXR_FIXTURES.
 CXR_COMMAND = re.compile(r"(?<![\w-])cxr(?:[ \t]+(?:-v|--verbose))?[ \t]+([a-z][a-z0-9_-]*)")
 
-ISSUE_ANYWHERE = [re.compile(r"\bissues?[ \t]+#?\d+", re.I), re.compile(r"\bPRs?[ \t]+#?\d+\b"),
-                  re.compile(r"\bpull requests?[ \t]+#?\d+", re.I)]
+ISSUE_ANYWHERE = [
+    re.compile(r"\bissues?[ \t]+#?\d+", re.I),
+    re.compile(r"\bPRs?[ \t]+#?\d+\b"),
+    re.compile(r"\bpull requests?[ \t]+#?\d+", re.I),
+]
 ISSUE_IN_PROSE = re.compile(r"(?<![\w&/])#\d+\b")  # "#13"; code (URLs, shell) is left out
-DIARY = [re.compile(r"\bstops?[ \t]+\d+\b", re.I),
-         re.compile(r"\b(?:this|last|previous|next|each|every)[ \t]+stop(?:'s)?\b", re.I)]
+DIARY = [
+    re.compile(r"\bstops?[ \t]+\d+\b", re.I),
+    re.compile(r"\b(?:this|last|previous|next|each|every)[ \t]+stop(?:'s)?\b", re.I),
+]
+# 7 to 40 hex digits standing alone: a commit id, abbreviated or whole, if git resolves it to one
+# of this repository's commits (another repository's, such as a dataset's pinned version, does not)
+HEX_TOKEN = re.compile(r"(?<!\w)[0-9A-Fa-f]{7,40}(?!\w)")
 
 
 def pages() -> list[Path]:
@@ -57,8 +69,12 @@ def without_fences(text: str) -> str:
     for line in text.splitlines():
         opened = FENCE.match(line)
         if fence:
-            if opened and opened.group(1)[0] == fence[0] and len(opened.group(1)) >= len(fence) \
-                    and not line.strip()[len(opened.group(1)):].strip():
+            if (
+                opened
+                and opened.group(1)[0] == fence[0]
+                and len(opened.group(1)) >= len(fence)
+                and not line.strip()[len(opened.group(1)) :].strip()
+            ):
                 fence = ""
             lines.append("")
         elif opened:
@@ -83,7 +99,8 @@ def slug(heading: str) -> str:
 def anchors(path: Path) -> set[str]:
     found: set[str] = set()
     counts: dict[str, int] = {}
-    for line in without_fences(path.read_text(encoding="utf-8")).splitlines():  # `code` kept: it names
+    # `code` is kept: a heading's code span names its anchor too
+    for line in without_fences(path.read_text(encoding="utf-8")).splitlines():
         if (m := HEADING.match(line)) is None:
             continue
         base = slug(m.group(2))
@@ -102,6 +119,7 @@ def links(path: Path) -> list[tuple[int, str]]:
 
 def link_problems(path: Path, root: Path = ROOT) -> list[str]:
     """What is wrong with each relative link of a page in `root`, one line each."""
+
     def name(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
@@ -133,7 +151,9 @@ def parser_subcommands() -> set[str]:
 
     parser = build_parser()
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert len(subparsers) == 1, f"expected one set of subcommands in build_parser(), found {len(subparsers)}"
+    assert len(subparsers) == 1, (
+        f"expected one set of subcommands in build_parser(), found {len(subparsers)}"
+    )
     return set(subparsers[0].choices)
 
 
@@ -142,11 +162,48 @@ def named_commands(path: Path) -> list[tuple[int, str]]:
     return [(line_of(text, m.start()), m.group(1)) for m in CXR_COMMAND.finditer(text)]
 
 
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def in_git_checkout() -> bool:
+    """Whether ROOT is the top of a git checkout that git will read (not a copy, not a folder
+    inside another repository)."""
+    try:
+        top = git("rev-parse", "--show-toplevel")
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return top.returncode == 0 and Path(top.stdout.strip()).resolve() == ROOT
+
+
+def commit_ids(text: str) -> list[tuple[int, str]]:
+    """(line, token) for each token of `text` that git resolves to a commit of this repository."""
+    found, known = [], {}
+    for m in HEX_TOKEN.finditer(text):
+        token = m.group(0)
+        if token not in known:
+            known[token] = (
+                git("rev-parse", "--verify", "--quiet", f"{token}^{{commit}}").returncode == 0
+            )
+        if known[token]:
+            found.append((line_of(text, m.start()), token))
+    return found
+
+
 def test_the_documentation_pages_exist():
     assert README.is_file(), "README.md is missing"
     names = {p.name for p in DOCS.glob("*.md")}
-    expected = {"data.md", "protocols.md", "training.md", "cluster.md", "tracking.md", "serving.md",
-                "soundness.md", "performance.md", "development.md"}
+    expected = {
+        "data.md",
+        "protocols.md",
+        "training.md",
+        "cluster.md",
+        "tracking.md",
+        "serving.md",
+        "soundness.md",
+        "performance.md",
+        "development.md",
+    }
     assert expected <= names, f"docs/ lacks {sorted(expected - names)}"
 
 
@@ -159,21 +216,30 @@ def test_relative_links_resolve(path):
 @pytest.mark.parametrize("path", pages(), ids=page_id)
 def test_named_cxr_commands_exist(path):
     known = parser_subcommands()
-    unknown = [f"{page_id(path)}:{line}: `cxr {name}` is not a subcommand of orchestrator.cli.build_parser()"
-               for line, name in named_commands(path) if name not in known]
-    assert not unknown, "\n".join(unknown) + f"\n(the parser's subcommands: {', '.join(sorted(known))})"
+    unknown = [
+        f"{page_id(path)}:{line}: `cxr {name}` is not a subcommand of "
+        "orchestrator.cli.build_parser()"
+        for line, name in named_commands(path)
+        if name not in known
+    ]
+    assert not unknown, (
+        "\n".join(unknown) + f"\n(the parser's subcommands: {', '.join(sorted(known))})"
+    )
 
 
 def test_the_readme_names_every_subcommand():
     named = {name for _, name in named_commands(README)}
     missing = sorted(parser_subcommands() - named)
-    assert not missing, f"README.md: the command table lacks {', '.join('cxr ' + m for m in missing)}"
+    assert not missing, (
+        f"README.md: the command table lacks {', '.join('cxr ' + m for m in missing)}"
+    )
 
 
 def test_the_readme_is_short():
     n = len(README.read_text(encoding="utf-8").splitlines())
-    assert n <= MAX_README_LINES, (f"README.md has {n} lines, more than {MAX_README_LINES}: "
-                                   "move the detail into docs/")
+    assert n <= MAX_README_LINES, (
+        f"README.md has {n} lines, more than {MAX_README_LINES}: move the detail into docs/"
+    )
 
 
 @pytest.mark.parametrize("path", pages(), ids=page_id)
@@ -182,11 +248,18 @@ def test_no_issue_numbers_or_diary(path):
     text_prose = prose(text)
     problems = []
     for pattern in [*ISSUE_ANYWHERE, *DIARY]:
-        problems += [f"{page_id(path)}:{line_of(text, m.start())}: {m.group(0)!r}" for m in pattern.finditer(text)]
-    problems += [f"{page_id(path)}:{line_of(text_prose, m.start())}: {m.group(0)!r} (an issue number)"
-                 for m in ISSUE_IN_PROSE.finditer(text_prose)]
-    assert not problems, ("issue numbers or work-log phrases; say what the software does instead:\n"
-                          + "\n".join(problems))
+        problems += [
+            f"{page_id(path)}:{line_of(text, m.start())}: {m.group(0)!r}"
+            for m in pattern.finditer(text)
+        ]
+    problems += [
+        f"{page_id(path)}:{line_of(text_prose, m.start())}: {m.group(0)!r} (an issue number)"
+        for m in ISSUE_IN_PROSE.finditer(text_prose)
+    ]
+    assert not problems, (
+        "issue numbers or work-log phrases; say what the software does instead:\n"
+        + "\n".join(problems)
+    )
 
 
 def test_the_checks_catch_what_they_should(tmp_path):
@@ -195,11 +268,13 @@ def test_the_checks_catch_what_they_should(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "other.md").write_text("# Other page\n", encoding="utf-8")
     page = tmp_path / "docs" / "page.md"
-    page.write_text("# Title\n\n[ok](#title) [gone](missing.md) [anchor](#nowhere) [web](https://example.org)\n"
-                    "[there](other.md#other-page) [not there](other.md#nope) [out](../../x.md) [up](../docs)\n"
-                    "`[code](not-a-link.md)`\n\n```\n[fenced](not-a-link-either.md)\n# not a heading\n```\n"
-                    "See issue 13 and #14; `#15` is code. cxr frobnicate, cxr-demo, cxr.tag, stop 3\n",
-                    encoding="utf-8")
+    page.write_text(
+        "# Title\n\n[ok](#title) [gone](missing.md) [anchor](#nowhere) [web](https://example.org)\n"
+        "[there](other.md#other-page) [not there](other.md#nope) [out](../../x.md) [up](../docs)\n"
+        "`[code](not-a-link.md)`\n\n```\n[fenced](not-a-link-either.md)\n# not a heading\n```\n"
+        "See issue 13 and #14; `#15` is code. cxr frobnicate, cxr-demo, cxr.tag, stop 3\n",
+        encoding="utf-8",
+    )
     assert link_problems(page, tmp_path) == [
         "docs/page.md:3: link (missing.md): docs/missing.md does not exist",
         "docs/page.md:3: link (#nowhere): no heading of docs/page.md has the anchor #nowhere",
@@ -212,5 +287,35 @@ def test_the_checks_catch_what_they_should(tmp_path):
     assert ISSUE_IN_PROSE.findall(prose(text)) == ["#14"]
     assert DIARY[0].findall(text) == ["stop 3"]
     assert slug("The manifest: `cxr manifest`") == "the-manifest-cxr-manifest"
-    assert slug("covid-chestxray-dataset, at the paper's version") == \
-        "covid-chestxray-dataset-at-the-papers-version"
+    assert (
+        slug("covid-chestxray-dataset, at the paper's version")
+        == "covid-chestxray-dataset-at-the-papers-version"
+    )
+
+
+@pytest.mark.parametrize("path", [*pages(), ROOT / "clusters" / "README.md"], ids=page_id)
+def test_no_commit_ids_of_this_repository(path):
+    """A page says what the project is; "at commit abc1234" is history, which git keeps."""
+    if not in_git_checkout():
+        pytest.skip(f"{ROOT} is not a git checkout: no commits to look for")
+    found = commit_ids(path.read_text(encoding="utf-8"))
+    assert not found, (
+        "commit ids of this repository; describe the project as it is now, and "
+        "leave its history to git:\n"
+        + "\n".join(f"{page_id(path)}:{line}: {token}" for line, token in found)
+    )
+
+
+def test_the_commit_id_check_finds_one():
+    """The check on a page of its own: this repository's commits, short and whole, are found;
+    another repository's commit, a SHA-256 and hex digits inside a word are not."""
+    if not in_git_checkout():
+        pytest.skip(f"{ROOT} is not a git checkout: no commits to look for")
+    whole = git("rev-parse", "HEAD").stdout.strip()
+    short = git("rev-parse", "--short=7", "HEAD").stdout.strip()
+    text = (
+        f"# Page\n\nMeasured at {short}, then at `{whole}`.\n"
+        "The dataset's commit 626cdf2e06f605008acb89fb27317e2aeb5740e6 stays.\n"
+        f"SHA-256 {'ab' * 32}; x{short}y and {short}_tag are not ids.\n"
+    )
+    assert commit_ids(text) == [(3, short), (3, whole)]

@@ -38,7 +38,7 @@ COMMAND = [str(BIN / "cxr"), "run", "--config", PAPER, *PAPER_SHRINK, "--folds",
            "--networks", "xception,resnet50v2", *(f"--set={item}" for item in (
                "cluster.gpus_per_run=0", "cluster.max_failures=4", "tracking.register=false",
                "splits.phases=2", "splits.phase_normal=35", "splits.phase_pneumonia=26",
-               "train.checkpoint_min_seconds=0"))]
+               "checkpoint.min_seconds=0"))]
 CRASHPOINTS = ROOT / "tests" / "crashpoints"
 SEEDED_KILLS = int(os.environ.get("CXR_KILL_ROUNDS", "1"))  # more rounds: more moments (slower)
 

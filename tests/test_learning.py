@@ -173,12 +173,13 @@ def test_cxr_evaluate_gives_the_hand_counted_numbers_beside_the_model_version(le
     import mlflow
 
     from orchestrator import cli
+    from orchestrator.driver.experiment import card_inputs
     from orchestrator.serving.registry import register_models
     from orchestrator.tracking.evaluation_run import evaluations_of
 
     config = learned_run.config
     monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)
-    (registered,) = register_models(config, "")
+    (registered,) = register_models(config.tracking_uri, card_inputs(config), config.model_limits, "")
     data, out = evaluation_set(tmp_path / "set", tmp_path), tmp_path / "out"
     assert cli.main(["evaluate", "--model", f"models:/{registered.name}@fold1", "--data", str(data),
                      "--out", str(out)]) == 0

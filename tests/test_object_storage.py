@@ -51,9 +51,9 @@ SLOTS = 4  # logical CPUs and GPUs per node
 SHRINK = [f"--set={item}" for item in (
     "model.weights=none", "store.image_size=72", "splits.phases=2", "splits.test_covid=6",
     "splits.test_covid_pneumonia=2", "splits.phase_normal=35", "splits.phase_pneumonia=26", "splits.s_test_normal=5",
-    "splits.s_test_pneumonia=5", "train.epochs=2", "train.steps_per_epoch=1", "train.eval_batch_size=64",
-    "train.log_checkpoints=none", "train.batch_size=4", "train.batchnorm_batches=1", "train.run_eagerly=true",
-    "train.batchnorm=moving", "train.checkpoint_min_seconds=0", "train.keep_checkpoints=1",
+    "splits.s_test_pneumonia=5", "train.epochs=2", "train.steps_per_epoch=1", "execution.eval_batch_size=64",
+    "checkpoint.log=none", "train.batch_size=4", "train.batchnorm_batches=1", "execution.run_eagerly=true",
+    "train.batchnorm=moving", "checkpoint.min_seconds=0", "checkpoint.keep=1",
     "cluster.allow_cpu_fallback=true", "tracking.register=false")]
 
 
@@ -218,7 +218,7 @@ def test_wrong_credentials_fail_at_start_naming_the_uri_and_the_cause(s3, tmp_pa
 def test_doctor_checks_a_nodes_bucket_and_its_own_cache(aws, tmp_path, monkeypatch):
     """`cxr doctor`'s checks of one node (the job below runs them on both nodes first, as every
     `cxr run` does): with object storage, `storage` and `cache` in place of `paths` and `disk`."""
-    from orchestrator.cluster.doctor import expectations, node_checks
+    from orchestrator.cluster.doctor import Requirements, expectations, node_checks
     from orchestrator.config import load_config
 
     uri = f"s3://{BUCKET}/doctor"
@@ -228,7 +228,7 @@ def test_doctor_checks_a_nodes_bucket_and_its_own_cache(aws, tmp_path, monkeypat
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "node-disk" / "cache"))  # the node's own, over cache.dir
 
     def checks(config) -> dict[str, tuple[bool, str]]:
-        return {name: (ok, detail) for name, ok, detail in node_checks({"gpus": 0}, expectations(config, "t", []))}
+        return {name: (ok, detail) for name, ok, detail in node_checks({"gpus": 0}, expectations(Requirements.of(config), "t", []))}
 
     found = checks(config)
     assert "paths" not in found and "disk" not in found

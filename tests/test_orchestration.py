@@ -113,7 +113,7 @@ def test_an_unreachable_tracking_server_fails_at_once_and_leaves_mlflow_patient(
                                                       f"tracking.uri=http://127.0.0.1:{free_port()}"])
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"tracking.uri: the MLflow tracking server at http://127.0.0.1:\d+ is not reachable"):
-        check_tracking(config)
+        check_tracking(config.tracking_target, config.paths.mlruns)
     assert time.monotonic() - start < 30
     # the short retries were for the probe only: workers started later upload with MLflow's defaults
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
@@ -127,22 +127,23 @@ def test_an_experiment_whose_artifacts_bypass_the_server_is_refused(mlflow_serve
                                                       "tracking.experiment=bypass"])
     with pytest.raises(ConfigError, match=r"keeps experiment 'bypass''s artifacts at .*/art, where every "
                                           r"worker would write them itself.*--serve-artifacts"):
-        check_tracking(config)
+        check_tracking(config.tracking_target, config.paths.mlruns)
 
 
 def test_a_workdir_keeps_one_parent_run_across_cxr_runs(tmp_path):
     """A later `cxr run` on a finished workdir continues its parent (the report reads the runs
     it skipped from there); a parent the tracking store does not hold is a clear error."""
     config = load_config(ROOT / "configs/demo.yaml", [f"workdir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
-    check_tracking(config)
-    first = parent_run(config)
+    check_tracking(config.tracking_target, config.paths.mlruns)
+    parent = (config.tracking_target, config.paths, config.splits.protocol)
+    first = parent_run(*parent)
     MlflowClient(config.tracking.uri).set_terminated(first, "FINISHED")
-    assert parent_run(config) == first
+    assert parent_run(*parent) == first
     assert MlflowClient(config.tracking.uri).get_run(first).info.status == "RUNNING"
     (tmp_path / "mlflow_parent.json").write_text('{"run_id": "0123456789abcdef0123456789abcdef"}')
     with pytest.raises(ConfigError, match=r"mlflow_parent.json: the workdir's parent MLflow run 0123456789abcdef"
                                           r"0123456789abcdef is not in the tracking store"):
-        parent_run(config)
+        parent_run(*parent)
 
 
 # ---------------------------------------------------------------- an autoscaling cluster

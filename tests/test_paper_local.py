@@ -40,7 +40,7 @@ from orchestrator.tracking.names import (
     ensemble_model_name,
     registered_model_name,
 )
-from orchestrator.training.identity import StaleRun, set_aside_stale
+from orchestrator.training.identity import Identity, StaleRun, set_aside_stale
 from tests.conftest import PAPER_SHRINK, fixture_path
 from tests.hostile_files import png_claiming
 from tests.ray_clusters import free_port, outliving, short_temp_dir, wait_for_url
@@ -374,7 +374,8 @@ def test_a_changed_split_stops_the_command_and_restart_stale_trains_anew(paper_l
     config = resolved(load_config(PAPER, overrides))
     ensure_splits(config)  # as `cxr run` does first: the seed changes the split files, hence their hash
     with pytest.raises(StaleRun) as stopped:
-        set_aside_stale(config, restart=False)
+        set_aside_stale(config.paths, config.splits.folds, config.tracking_target,
+                        Identity.of(config.paths, config.recipe), restart=False)
     message = str(stopped.value)
     assert "15 run folder(s) hold runs of other settings" in message and "--restart-stale" in message
     assert all(f"{name} (done)" in message for name in RUNS)

@@ -68,9 +68,9 @@ def test_a_damaged_identity_makes_the_run_stale_with_the_file_named(tmp_path):
     paths = config.paths.run(1, "xception")
     paths.root.mkdir(parents=True)
     (paths.root / ".cxr.lock").write_text("{}")  # a lock file alone does not make a folder started
-    assert find_stale(config, Identity.of(config)) == []
+    assert find_stale(config.paths, config.splits.folds, Identity.of(config.paths, config.recipe)) == []
     paths.identity.write_text('{"fingerprint": "12')
-    (stale,) = find_stale(config, Identity.of(config))
+    (stale,) = find_stale(config.paths, config.splits.folds, Identity.of(config.paths, config.recipe))
     assert stale.name == "fold1-xception" and str(paths.identity) in stale.changes[0]
 
 
@@ -138,12 +138,13 @@ def test_the_parent_run_is_found_again_by_its_workdir(tmp_path, caplog):
     from orchestrator.tracking.experiment import check_tracking, parent_run
 
     config = resolved(load_config(None, [f"workdir={tmp_path}/work", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
-    check_tracking(config)
-    first = parent_run(config)
+    check_tracking(config.tracking_target, config.paths.mlruns)
+    parent = (config.tracking_target, config.paths, config.splits.protocol)
+    first = parent_run(*parent)
     config.paths.parent_record.write_text('{"run_id": "')
-    assert parent_run(config) == first and "found the parent run" in caplog.text
+    assert parent_run(*parent) == first and "found the parent run" in caplog.text
     config.paths.parent_record.unlink()  # killed between the run's creation and its record
-    assert parent_run(config) == first
+    assert parent_run(*parent) == first
     children = MlflowClient(config.tracking_uri).search_runs(
         [MlflowClient(config.tracking_uri).get_experiment_by_name(config.experiment_name).experiment_id])
     assert len(children) == 1 and PARENT_RUN not in children[0].data.tags

@@ -29,11 +29,12 @@ from orchestrator.training.identity import StaleRun
 from orchestrator.training.inputs import RunInputs
 from orchestrator.training.run import INPUT_AND_LOOP, Phase, Run, RunSetup
 from orchestrator.training.train import train_and_evaluate
+from orchestrator.training.job import RunJob
 from tests.conftest import ROOT
 
 SETTINGS = ["model.weights=none", "splits.phases=2", "store.image_size=72", "train.epochs=2", "train.steps_per_epoch=1",
             "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}", "train.selection=best",
-            "train.eval_batch_size=32", "train.keep_checkpoints=1"]
+            "execution.eval_batch_size=32", "checkpoint.keep=1"]
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +62,9 @@ def runs_of(config) -> list:
 
 def test_a_full_run_trains_every_phase_and_logs_it(workdir):
     # eager: 4 steps cost less than tracing them (graph mode: test_changing_phase..., test_learning.py)
-    config = config_for(workdir, "full", "train.log_checkpoints=weights", "train.run_eagerly=true")
+    config = config_for(workdir, "full", "checkpoint.log=weights", "execution.run_eagerly=true")
     began = time.perf_counter()
-    root = train_and_evaluate(config, 1, "xception")
+    root = train_and_evaluate(RunJob.of(config, 1, "xception"))
     wall = time.perf_counter() - began
     # the trainer's timers cover its time (cxr run's printed split rests on them): fit's own time
     # between the timed parts (input pipeline, batches, loop) is a part of its own
@@ -107,15 +108,15 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
     accuracy = (predictions["label"] == predictions["pred"]).mean()
     assert TEST_AUC in run.data.metrics and run.data.metrics[TEST_ACCURACY] == pytest.approx(accuracy)
 
-    assert train_and_evaluate(config, 1, "xception") == root  # finished: skipped, no second run
+    assert train_and_evaluate(RunJob.of(config, 1, "xception")) == root  # finished: skipped, no second run
     assert len(runs_of(config)) == 1
     fingerprint = json.loads((root / "done.json").read_text())["fingerprint"]
     assert run.data.tags[FINGERPRINT] == fingerprint and len(fingerprint) == 64
     # the same folder under other settings is neither skipped nor retrained in place
-    changed = config_for(workdir, "full", "train.log_checkpoints=weights", "train.run_eagerly=true",
+    changed = config_for(workdir, "full", "checkpoint.log=weights", "execution.run_eagerly=true",
                          "train.learning_rate=1e-3")
     with pytest.raises(StaleRun, match=r"(?s)fold1-xception \(done\).*train.learning_rate: 0.0001 -> 0.001"):
-        train_and_evaluate(changed, 1, "xception")
+        train_and_evaluate(RunJob.of(changed, 1, "xception"))
     assert len(runs_of(config)) == 1
 
 
@@ -165,7 +166,7 @@ def test_a_data_error_after_the_run_opens_ends_it_failed(workdir, tiny_manifest,
     config = load_config(None, [f"workdir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
                                 "tracking.experiment=no-val", *SETTINGS])
     with pytest.raises(DataError, match="train.selection is 'best' but the splits have no val.csv for fold 1"):
-        train_and_evaluate(config, 1, "xception")
+        train_and_evaluate(RunJob.of(config, 1, "xception"))
     (run,) = runs_of(config)
     assert run.info.status == "FAILED"
 
@@ -174,10 +175,10 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
     """One epoch per phase: the failure comes right after phase 1's checkpoint, before its end is
     logged. The resumed run logs phase 1's summary and weights, and selects among the best weights
     saved with the checkpoint, not one written after it (whose epoch the crash lost)."""
-    config = config_for(workdir, "phase-end", "train.epochs=1", "train.run_eagerly=true", "train.batchnorm=moving",
-                        "train.log_checkpoints=weights", "train.fail_at=fold5-xception:1")
+    config = config_for(workdir, "phase-end", "train.epochs=1", "execution.run_eagerly=true", "train.batchnorm=moving",
+                        "checkpoint.log=weights", "execution.fail_at=fold5-xception:1")
     with pytest.raises(InjectedFailure):
-        train_and_evaluate(config, 5, "xception")
+        train_and_evaluate(RunJob.of(config, 5, "xception"))
     assert runs_of(config)[0].info.status == "FAILED"  # a crash ends the run FAILED, never RUNNING
     paths = config.paths.run(5, "xception")
     (checkpoint,) = checkpoints.complete(paths)
@@ -186,7 +187,7 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
     assert (checkpoint / "best.weights.h5").read_bytes() == paths.best_weights.read_bytes()
     paths.best_weights.write_bytes(b"the best weights of an epoch after the checkpoint, lost with the crash")
 
-    train_and_evaluate(config, 5, "xception")
+    train_and_evaluate(RunJob.of(config, 5, "xception"))
     (run,) = runs_of(config)
     client = mlflow.tracking.MlflowClient(config.tracking.uri)
     assert run.info.status == "FINISHED"
@@ -202,8 +203,8 @@ def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, t
     the checkpoint before (saying so, and tagging the epoch trained twice), with its history
     rebuilt from the epochs MLflow holds, and ends with the epochs of an uninterrupted run."""
     # 4 steps in 2 processes; Keras' moving batch-norm averages: no statistics recomputed per phase
-    settings = ["train.epochs=2", "train.checkpoint_every=1", "train.run_eagerly=true", "train.batchnorm=moving",
-                "train.keep_checkpoints=2"]
+    settings = ["train.epochs=2", "checkpoint.every=1", "execution.run_eagerly=true", "train.batchnorm=moving",
+                "checkpoint.keep=2"]
     config = config_for(workdir, "resume", *settings)
     command = [sys.executable, "-m", "orchestrator.cli", "train-one", "--fold", "4", "--network", "xception",
                "--set", f"workdir={workdir}", "--set", f"tracking.uri={config.tracking.uri}",
@@ -245,16 +246,16 @@ def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, t
 
 
 def test_no_checkpoint_that_loads_restarts_the_run_from_its_start(workdir, caplog):
-    config = config_for(workdir, "unloadable", "train.epochs=1", "train.checkpoint_every=1",
-                        "train.keep_checkpoints=1", "train.run_eagerly=true", "train.batchnorm=moving",
-                        "train.fail_at=fold1-resnet50v2:2")
+    config = config_for(workdir, "unloadable", "train.epochs=1", "checkpoint.every=1",
+                        "checkpoint.keep=1", "execution.run_eagerly=true", "train.batchnorm=moving",
+                        "execution.fail_at=fold1-resnet50v2:2")
     with pytest.raises(InjectedFailure):
-        train_and_evaluate(config, 1, "resnet50v2")
+        train_and_evaluate(RunJob.of(config, 1, "resnet50v2"))
     paths = config.paths.run(1, "resnet50v2")
     (only,) = checkpoints.complete(paths)
     (only / "model.keras").write_bytes(b"")
     with caplog.at_level("WARNING", logger="orchestrator.training.run"):
-        train_and_evaluate(config, 1, "resnet50v2")
+        train_and_evaluate(RunJob.of(config, 1, "resnet50v2"))
     assert "none of its checkpoints loads (ckpt-000002); it starts again from its first epoch" in caplog.text
     assert pd.read_csv(paths.history)["step"].tolist() == [1, 2]
     (run,) = runs_of(config)

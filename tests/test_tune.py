@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tune-demo.yaml"
 TINY = [f"--set={item}" for item in (
     "data.synthetic=tiny", "splits.phases=2", "splits.phase_normal=8", "splits.phase_pneumonia=6",
-    "train.epochs=2", "train.validation_freq=1", "train.steps_per_epoch=1", "train.run_eagerly=true",
+    "train.epochs=2", "train.validation_freq=1", "train.steps_per_epoch=1", "execution.run_eagerly=true",
     "train.batchnorm=moving", "tune.trials=6", "tune.max_concurrent=1", "tune.grace_period=1",
     "tune.learning_rate=[1.0e-6, 1.0e-1]")]
 

@@ -19,6 +19,7 @@ from data_pipeline.columns import EPOCH_METRICS
 from orchestrator.config import load_config, resolved
 from orchestrator.paths import RunPaths
 from orchestrator.tracking.names import TEST_ACCURACY, TEST_AUC
+from orchestrator.training.job import RunJob
 from orchestrator.training.records import RunRecords
 from tests.conftest import PAPER_SHRINK, ROOT, local_ray
 from tests.ray_clusters import short_temp_dir
@@ -61,7 +62,7 @@ def assert_tune_matches(histories: dict[str, pd.DataFrame], tests: dict[str, dic
 def tiny_grid(tmp_path_factory):
     """configs/paper.yaml shrunk to one run (fold 1, Xception) of 3 epochs, validated at the
     second only, through `run_grid` in this process on a local Ray of its own. The run fails once
-    after its first epoch's report (train.fail_at), before any checkpoint: Tune restarts the
+    after its first epoch's report (execution.fail_at), before any checkpoint: Tune restarts the
     trial, which trains and reports that epoch again."""
     from orchestrator.cluster import grid
     from orchestrator.driver.data import prepare_inputs
@@ -70,16 +71,18 @@ def tiny_grid(tmp_path_factory):
     work = tmp_path_factory.mktemp("tune") / "work"
     overrides = [a.removeprefix("--set=") for a in PAPER_SHRINK] + [
         f"workdir={work}", f"tracking.uri=sqlite:///{work}/mlflow.db", "cluster.gpus_per_run=0",
-        "train.epochs=3", "train.validation_freq=2", "train.fail_at=fold1-xception:1"]
+        "train.epochs=3", "train.validation_freq=2", "execution.fail_at=fold1-xception:1"]
     config = resolved(load_config(ROOT / "configs" / "paper.yaml", overrides))
-    check_tracking(config)
+    check_tracking(config.tracking_target, config.paths.mlruns)
     temp = short_temp_dir()
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("RAY_TMPDIR", temp)  # the local Ray's own temp folder, beside any other Ray here
             with local_ray():
                 prepare_inputs(config)
-                outcome = grid.run_grid(config, [1], ["xception"], parent_run(config))
+                parent = parent_run(config.tracking_target, config.paths, config.splits.protocol)
+                outcome = grid.run_grid([RunJob.of(config, 1, "xception")], config.paths, config.cluster,
+                                       config.cache, config.experiment_name, parent)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return {"outcome": outcome, "config": config}

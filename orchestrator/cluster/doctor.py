@@ -39,8 +39,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from data_pipeline.objects import CacheSpec
 from orchestrator.cluster import connection
-from orchestrator.config import NAMED_WEIGHTS, Config, ConfigError, is_server_uri, sqlite_file
+from orchestrator.config import (
+    NAMED_WEIGHTS,
+    Config,
+    ConfigError,
+    TrackingTarget,
+    is_server_uri,
+    sqlite_file,
+)
+from orchestrator.paths import WorkPaths
 
 log = logging.getLogger(__name__)
 TOKEN_FILE = ".cxr-preflight"  # written by the driver, read back by every node
@@ -58,15 +67,38 @@ class Check:
     detail: str
 
 
-def run_checks(config: Config) -> list[Check]:
+@dataclass(frozen=True)
+class Requirements:
+    """What every node must offer the runs: the driver's workdir and run storage, the files the
+    runs read (raw datasets, a weights file), the tracking store, the cache and disk space."""
+
+    work: WorkPaths
+    tracking: TrackingTarget
+    cache: CacheSpec
+    inputs: tuple[Path, ...] = ()
+    min_free_gb: float = 5.0
+    allow_cpu_fallback: bool = False
+
+    @classmethod
+    def of(cls, config: Config) -> Requirements:
+        """The requirements of a resolved config's runs."""
+        data = config.data
+        inputs = [Path(p) for p in (data.covid_root, data.rsna_root) if p and not data.synthetic]
+        if config.model.weights not in NAMED_WEIGHTS:
+            inputs.append(Path(config.model.weights))
+        return cls(config.paths, config.tracking_target, config.cache, tuple(inputs),
+                   config.cluster.min_free_gb, config.cluster.allow_cpu_fallback)
+
+
+def run_checks(need: Requirements) -> list[Check]:
     """Every check on every alive node (the config resolved, Ray connected)."""
     token = uuid.uuid4().hex
-    roots = [] if config.paths.remote else sorted({config.paths.root, config.paths.storage})
+    roots = [] if need.work.remote else sorted({need.work.root, need.work.storage})
     for root in roots:
         root.mkdir(parents=True, exist_ok=True)
         (root / TOKEN_FILE).write_text(token)
     try:
-        answers = connection.on_every_node(node_checks, expectations(config, token, roots))
+        answers = connection.on_every_node(node_checks, expectations(need, token, roots))
     finally:
         for root in roots:
             (root / TOKEN_FILE).unlink(missing_ok=True)
@@ -79,26 +111,24 @@ def run_checks(config: Config) -> list[Check]:
     return checks
 
 
-def expectations(config: Config, token: str, roots: list[Path]) -> dict:
+def expectations(need: Requirements, token: str, roots: list[Path]) -> dict:
     """What every node must find: the driver's package versions, files and settings."""
     from orchestrator.tracking.experiment import package_versions
 
-    paths = config.paths
-    if paths.remote:  # nothing shared but the bucket: the datasets are decoded on the driver's node
-        store = sum(f.stat().st_size for f in paths.store.rglob("*") if f.is_file()) if paths.store.is_dir() else 0
-        return {"versions": package_versions(), "remote": paths.remote, "cache": dataclasses.asdict(config.cache),
-                "store_gb": store / 2**30, "uri": config.tracking_uri, "experiment": config.experiment_name,
-                "min_free_gb": config.cluster.min_free_gb, "allow_cpu_fallback": config.cluster.allow_cpu_fallback}
-    inputs = [Path(p) for p in (config.data.covid_root, config.data.rsna_root) if p and not config.data.synthetic]
-    if config.model.weights not in NAMED_WEIGHTS:
-        inputs.append(Path(config.model.weights))
-    return {"versions": package_versions(), "token": token, "roots": [str(r) for r in roots],
-            "listings": {str(p): sorted(os.listdir(p)) for p in (paths.store, paths.splits) if p.is_dir()},
+    work = need.work
+    common = {"versions": package_versions(), "uri": need.tracking.uri,
+              "experiment": need.tracking.experiment, "min_free_gb": need.min_free_gb,
+              "allow_cpu_fallback": need.allow_cpu_fallback}
+    if work.remote:  # nothing shared but the bucket: the datasets are decoded on the driver's node
+        files = work.store.rglob("*") if work.store.is_dir() else ()
+        store = sum(f.stat().st_size for f in files if f.is_file())
+        return {**common, "remote": work.remote, "cache": dataclasses.asdict(need.cache),
+                "store_gb": store / 2**30}
+    return {**common, "token": token, "roots": [str(r) for r in roots],
+            "listings": {str(p): sorted(os.listdir(p)) for p in (work.store, work.splits) if p.is_dir()},
             # the datasets are large: their entry counts (a file's size) stand for their listings
-            "inputs": {str(p): _entries(p) for p in inputs if p.exists()},
-            "uri": config.tracking_uri, "experiment": config.experiment_name,
-            "storage": str(paths.storage), "min_free_gb": config.cluster.min_free_gb,
-            "allow_cpu_fallback": config.cluster.allow_cpu_fallback}
+            "inputs": {str(p): _entries(p) for p in need.inputs if p.exists()},
+            "storage": str(work.storage)}
 
 
 def _entries(path: Path) -> int:
@@ -259,27 +289,26 @@ def failures(checks: list[Check]) -> str:
     return "; ".join(f"node {c.node}, check {c.name}: {c.detail}" for c in checks if not c.ok)
 
 
-def preflight(config: Config, console: Console | None = None) -> None:
+def preflight(need: Requirements, console: Console | None = None) -> None:
     """`cxr run`'s first step: the checks, the table printed on failure; PreflightError names them."""
-    checks = run_checks(config)
+    checks = run_checks(need)
     if failed := failures(checks):
         (console or Console(stderr=True)).print(render(checks))
         raise PreflightError(f"preflight (`cxr doctor`) failed: {failed}")
-    if warning := open_server_warning(config.tracking_uri):
+    if warning := open_server_warning(need.tracking.uri):
         log.warning("%s", warning)
 
 
-def doctor(config: Config) -> int:
-    """`cxr doctor`: the table of every check; 0 if all pass, else 1 (the failures named on stderr)."""
-    from orchestrator.config import resolved
+def doctor(need: Requirements, address: str) -> int:
+    """`cxr doctor`: the table of every check; 0 if all pass, else 1 (the failures named on
+    stderr). `need`: a resolved config's requirements; `address`: the cluster's (cluster.address)."""
     from orchestrator.tracking.experiment import check_tracking
 
-    config = resolved(config)
-    check_tracking(config)
-    connection.connect(config.cluster.address or None)
-    checks = run_checks(config)
+    check_tracking(need.tracking, need.work.mlruns)
+    connection.connect(address or None)
+    checks = run_checks(need)
     Console().print(render(checks))
-    if warning := open_server_warning(config.tracking_uri):
+    if warning := open_server_warning(need.tracking.uri):
         print(f"cxr doctor: WARNING: {warning}", file=sys.stderr)
     if failed := failures(checks):
         print(f"cxr doctor: {failed}", file=sys.stderr)

@@ -13,15 +13,17 @@ import pandas as pd
 import ray
 from ray import tune
 
+from data_pipeline.objects import CacheSpec
 from models.catalog import NETWORK_COST
 from orchestrator.cluster.connection import StageError, cluster_address, connect
 from orchestrator.cluster.progress import Progress, RunTable, trial_name
-from orchestrator.cluster.published import published_keys
 from orchestrator.cluster.reports import histories
 from orchestrator.cluster.timeline import SlotTime, slot_time
-from orchestrator.cluster.worker import drive_one_run
-from orchestrator.config import ClusterSpec, Config, ConfigError, sqlite_file, to_mapping
-from orchestrator.paths import run_name
+from orchestrator.cluster.uploads import uploaded_keys
+from orchestrator.cluster.worker import RunRequest, drive_one_run
+from orchestrator.config import ClusterSpec, ConfigError, sqlite_file
+from orchestrator.paths import WorkPaths, run_name
+from orchestrator.training.job import RunJob
 from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
@@ -38,56 +40,58 @@ class GridOutcome:
     test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def run_grid(config: Config, folds: list[int], networks: list[str], parent_run_id: str,
-             verbose: bool = False, lock_owner: str = "") -> GridOutcome:
-    """Every fold x network run as a Ray Tune trial that drives a one-worker Ray Train run.
+def run_grid(jobs: list[RunJob], work: WorkPaths, cluster: ClusterSpec, cache: CacheSpec,
+             experiment: str, parent_run_id: str, verbose: bool = False,
+             lock_owner: str = "") -> GridOutcome:
+    """Every run of `jobs` (fold x network) as a Ray Tune trial that drives a one-worker Ray Train
+    run; `work` is the driver's workdir, `experiment` the MLflow experiment's name.
 
     The Tune trial only launches the Train run (the pattern current Ray recommends; a Trainer is
     no longer passed to a Tuner); the Train worker holds the device and runs the single-run
     trainer. Returns the runs' outcomes and slot time (orchestrator.cluster.timeline), and the
     epochs and test metrics each run reported to Tune.
     """
-    connect(config.cluster.address or None, verbose=verbose)
+    connect(cluster.address or None, verbose=verbose)
     # finished runs are not launched again (a trial would start a TensorFlow worker only to find
-    # that out; the driver has refused stale ones); longest networks first, so that no long run
-    # is left alone at the end
-    pending = [{"fold": f, "network": n} for n in sorted(networks, key=lambda n: -NETWORK_COST[n])
-               for f in folds if not RunRecords(config.paths.run(f, n)).is_done()]
+    # that out; the driver has refused stale ones); the longest first, so that no long run is
+    # left alone at the end
+    pending = [job for job in sorted(jobs, key=lambda j: -NETWORK_COST[j.network])
+               if not RunRecords(job.paths).is_done()]
     if not pending:
-        log.info("all %d runs are complete", len(folds) * len(networks))
+        log.info("all %d runs are complete", len(jobs))
         return GridOutcome({})
-    gpus, cpus = run_gpus(config.cluster), config.cluster.cpus_per_run
-    slots = concurrency(config.cluster, gpus, cpus, len(pending))
+    gpus, cpus = run_gpus(cluster), cluster.cpus_per_run
+    slots = concurrency(cluster, gpus, cpus, len(pending))
     log.info("%d runs to go of %d, %s GPU and %s CPU each, at most %d at a time", len(pending),
-             len(folds) * len(networks), gpus, cpus, slots)
-    storage = config.paths.ray_storage  # a folder, or object storage (Ray writes there through pyarrow)
+             len(jobs), gpus, cpus, slots)
+    storage = work.ray_storage  # a folder, or object storage (Ray writes there through pyarrow)
     board = Progress.remote()
-    in_trial = trains_in_trial(config.cluster)
-    settings = {"config": to_mapping(config), "parent_run_id": parent_run_id, "gpus": gpus, "cpus": cpus,
-                "storage": storage, "max_failures": config.cluster.max_failures, "verbose": verbose,
-                "progress": board, "lock_owner": lock_owner, "in_trial": in_trial,
-                "published": published_keys(config) if config.paths.remote else {}}
+    in_trial = trains_in_trial(cluster)
+    uploaded = uploaded_keys(work) if work.remote else {}
+    requests = {run_name(job.fold, job.network): RunRequest(
+        job=job, parent_run_id=parent_run_id, gpus=gpus, cpus=cpus, storage=storage,
+        max_failures=cluster.max_failures, in_trial=in_trial,
+        allow_cpu_fallback=cluster.allow_cpu_fallback, cache=cache, uploaded=uploaded,
+        progress=board, verbose=verbose, lock_owner=lock_owner) for job in pending}
     # In Ray Train's local mode the trial trains: it holds the run's devices, and Tune restarts it
     # from its checkpoint when it dies. Otherwise it only drives its Train run: it reserves a little
     # memory and no CPU, so that the workers, which hold the devices, limit concurrency, and Ray
     # Train restarts them.
     trial = {"CPU": cpus, **({"GPU": gpus} if gpus else {})} if in_trial else {"CPU": 0, "memory": 256 * 2**20}
-    table = RunTable({run_name(**run): config.splits.phases * getattr(config.train.epochs, run["network"])
-                      for run in pending},
-                     progress=board)
+    table = RunTable({run_name(job.fold, job.network): job.epochs for job in pending}, progress=board)
     if not verbose:  # Tune's own output engine prints a configuration box even at verbose=0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(drive_one_run, settings=settings), trial),
-        param_space={"run": tune.grid_search(pending)},
+        tune.with_resources(tune.with_parameters(drive_one_run, requests=requests), trial),
+        param_space={"run": tune.grid_search([{"fold": j.fold, "network": j.network} for j in pending])},
         # reuse_actors: a trial's process drives (or, in local mode, trains) the next run too:
         # fewer Python processes to start, and TensorFlow imported once per process
         tune_config=tune.TuneConfig(max_concurrent_trials=slots, trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_name, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{config.experiment_name}-grid", storage_path=storage,
+        run_config=tune.RunConfig(name=f"{experiment}-grid", storage_path=storage,
                                   verbose=2 if verbose else 0, callbacks=[table],
                                   failure_config=tune.FailureConfig(
-                                      max_failures=config.cluster.max_failures if in_trial else 1)),
+                                      max_failures=cluster.max_failures if in_trial else 1)),
     )
     started, stamps = time.perf_counter(), {}
     try:
@@ -140,7 +144,7 @@ def concurrency(cluster: ClusterSpec, gpus: float, cpus: float, pending: int) ->
 
 def trains_in_trial(cluster: ClusterSpec) -> bool:
     """Whether the runs train in their Tune trials (Ray Train's local mode: no controller and no
-    worker process per run, about 20 CPU-seconds less each on this machine's 2 cores) rather than
+    worker process per run: two processes fewer to start, see docs/performance.md) rather than
     in a Ray Train worker: `auto` on a local Ray, which has one node and nothing to place; a
     cluster keeps one Train worker per run, placed on its devices, with Train's restarts."""
     if cluster.train_local_mode == "auto":
@@ -156,18 +160,17 @@ def spans_nodes(cluster: ClusterSpec) -> bool:
     return run_gpus(cluster) > ray.cluster_resources().get("GPU", 0)
 
 
-def check_requests(config: Config) -> None:
+def check_requests(cluster: ClusterSpec, tracking_uri: str, shared_storage: bool) -> None:
     """What the runs will ask of this cluster, checked before the data stages: the GPUs of a run
     (`run_gpus`), and a tracking store every node it may run on can reach."""
-    run_gpus(config.cluster)
-    check_tracking_reach(config)
+    run_gpus(cluster)
+    check_tracking_reach(cluster, tracking_uri, shared_storage)
 
 
-def check_tracking_reach(config: Config) -> None:
+def check_tracking_reach(cluster: ClusterSpec, uri: str, shared_storage: bool) -> None:
     """A sqlite file is one machine's: refused, before any worker starts, when the runs may run on
-    other nodes, unless the config says its path is on shared storage."""
-    uri = config.tracking_uri
-    if sqlite_file(uri) is not None and not config.tracking.shared_storage and spans_nodes(config.cluster):
+    other nodes, unless the config says its path is on shared storage (`shared_storage`)."""
+    if sqlite_file(uri) is not None and not shared_storage and spans_nodes(cluster):
         raise ConfigError(f"tracking.uri: {uri} is a sqlite file on the driver's machine, and the runs may run "
                           f"on other nodes of this cluster, whose runs would land in databases of their own. "
                           f"Expected a tracking server (`mlflow server --serve-artifacts`; tracking.uri or "

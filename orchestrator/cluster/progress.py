@@ -28,7 +28,7 @@ class Progress:
     `cxr run`.
 
     Ray Tune's own channel from a Train run to its trial (TuneReportCallback) starts a queue
-    actor per run: one more Python process of 3-5 CPU-seconds each time, for a few rows."""
+    actor per run: one more Python process to start each time, for a few rows."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[str, dict]] = []  # the table's, until it takes them

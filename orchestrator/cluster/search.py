@@ -23,7 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from orchestrator.cluster.connection import StageError, connect
 from orchestrator.cluster.grid import concurrency, run_gpus
-from orchestrator.config import Config, to_mapping
+from orchestrator.config import Config, TrainSpec
 from orchestrator.training.search_space import NETWORK, RANGES, TuneSpec
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,28 @@ def param_space(spec: TuneSpec) -> dict:
     return {NETWORK: spec.networks[0], **space}
 
 
-def validations(config: Config) -> int:
+def validations(spec: TuneSpec, train: TrainSpec, phases: int) -> int:
     """The most validations a trial reports: one per phase (train.validation_freq 0), else one
     every validation_freq epochs of the most epochs the space allows."""
-    spec, train = config.tune, config.train
     epochs = max(spec.epochs or (max(getattr(train.epochs, n) for n in spec.networks),))
     if not train.validation_freq:
-        return config.splits.phases
-    return config.splits.phases * epochs // train.validation_freq
+        return phases
+    return phases * epochs // train.validation_freq
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """What each trial needs, typed and frozen: it crosses the Ray boundary as it is. A trial
+    trains the searched config (`base`) with its point's values (search_space.apply_sample)."""
+
+    base: Config
+    parent_run_id: str
+    experiment: str
+    gpus: float
+    cpus: float
+    trials: str  # the folder of the trials' own folders
+    verbose: bool = False
+    lock_owner: str = ""
 
 
 def run_search(config: Config, parent_run_id: str, experiment: str, verbose: bool = False,
@@ -69,15 +83,14 @@ def run_search(config: Config, parent_run_id: str, experiment: str, verbose: boo
     spec = config.tune
     gpus, cpus = run_gpus(config.cluster), config.cluster.cpus_per_run
     slots = spec.max_concurrent or concurrency(config.cluster, gpus, cpus, spec.trials)
-    most = validations(config)
-    settings = {"config": to_mapping(config), "parent_run_id": parent_run_id, "experiment": experiment,
-                "gpus": gpus, "cpus": cpus, "verbose": verbose, "lock_owner": lock_owner,
-                "trials": str(config.paths.tune / "trials")}
+    most = validations(spec, config.train, config.splits.phases)
+    request = SearchRequest(config, parent_run_id, experiment, gpus, cpus,
+                            str(config.paths.tune / "trials"), verbose, lock_owner)
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(tune_trial, settings=settings), resources),
+        tune.with_resources(tune.with_parameters(tune_trial, request=request), resources),
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.trials,
                                     search_alg=search_algorithm(spec, slots), scheduler=scheduler(spec, most),
@@ -119,34 +132,34 @@ def scheduler(spec: TuneSpec, most: int):
                          grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
 
 
-def tune_trial(point: dict, settings: dict) -> None:
+def tune_trial(point: dict, request: SearchRequest) -> None:
     """One trial, in its Tune trial's process: the config of `point`, its own folder under
     tune/trials/, its device share claimed, each validation reported to Tune."""
     from orchestrator.console import import_tensorflow_quietly, quiet_third_parties
 
-    if not settings["verbose"]:
+    if not request.verbose:
         quiet_third_parties()
         import_tensorflow_quietly()
         logging.getLogger("orchestrator").setLevel(logging.WARNING)
     from orchestrator.cluster.devices import claim_devices
-    from orchestrator.config import from_mapping
+    from orchestrator.training.job import RunJob
     from orchestrator.training.search_space import apply_sample
     from orchestrator.training.trial import train_trial
 
-    base = from_mapping(Config, settings["config"], where="the driver's config")
-    name = tune.get_context().get_trial_name()
+    base, name = request.base, tune.get_context().get_trial_name()
     config = apply_sample(base, point)
-    config = replace(config, cluster=replace(config.cluster, storage_path=str(Path(settings["trials"]) / name)),
-                     tracking=replace(config.tracking, experiment=settings["experiment"]))
-    placement = claim_devices(settings["gpus"], max(1, int(settings["cpus"])), config.cluster.allow_cpu_fallback)
+    config = replace(config, cluster=replace(config.cluster, storage_path=str(Path(request.trials) / name)),
+                     tracking=replace(config.tracking, experiment=request.experiment))
+    placement = claim_devices(request.gpus, max(1, int(request.cpus)), config.cluster.allow_cpu_fallback)
     metric = base.tune.metric
 
     def report(row: dict) -> None:  # only validated epochs: the scheduler compares the metric
         if row.get(metric) is not None and not math.isnan(row[metric]):
             tune.report({k: v for k, v in row.items() if v is not None})
 
-    train_trial(config, base.tune.fold, point[NETWORK], settings["parent_run_id"],
-                {f"sampled.{k}": str(v) for k, v in point.items()}, report, placement, settings["lock_owner"])
+    job = RunJob.of(config, base.tune.fold, point[NETWORK])
+    train_trial(job, request.parent_run_id, {f"sampled.{k}": str(v) for k, v in point.items()}, report,
+                placement, request.lock_owner)
 
 
 class TrialLines(tune.Callback):

@@ -18,8 +18,8 @@ from data_pipeline.manifest import (
 from data_pipeline.splits import SplitMeta, make_splits, write_splits
 from data_pipeline.store import without_failures
 from data_pipeline.synth import COVID_DIR, MARKER, RSNA_DIR, stamp, write_synthetic
-from orchestrator.cluster.published import publish_inputs
 from orchestrator.cluster.store_build import build_store
+from orchestrator.cluster.uploads import upload_inputs
 from orchestrator.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 def prepare_inputs(config: Config) -> None:
     """The data stages; with object storage (cluster.storage_path s3://...) the raw files are
     decoded on the driver's node only (no other node need see them), and the store and splits
-    are then published there for the workers (orchestrator.cluster.published)."""
+    are then published there for the workers (orchestrator.cluster.uploads)."""
     covid_root, rsna_root = ensure_data(config)
     ensure_manifest(config, covid_root, rsna_root)
     build_store(read_manifest(config.paths.manifest), config.paths.store, config.store,
                 address=config.cluster.address or None, limits=config.decode, on_driver_node=bool(config.paths.remote))
     ensure_splits(config)
-    publish_inputs(config)
+    upload_inputs(config.paths)
 
 
 def ensure_data(config: Config) -> tuple[Path, Path]:

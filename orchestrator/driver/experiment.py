@@ -21,8 +21,8 @@ import pandas as pd
 from data_pipeline.objects import Prefix
 from models.catalog import NETWORK_NAMES
 from orchestrator.cluster import connection, grid
-from orchestrator.cluster.doctor import preflight
-from orchestrator.cluster.published import publish_inputs
+from orchestrator.cluster.doctor import Requirements, preflight
+from orchestrator.cluster.uploads import upload_inputs
 from orchestrator.config import Config, resolved
 from orchestrator.driver.data import prepare_inputs
 from orchestrator.driver.results import grid_results, print_summary
@@ -30,9 +30,11 @@ from orchestrator.driver.signals import interrupt_on_sigterm, terminated_on_sigt
 from orchestrator.lock import workdir_lock
 from orchestrator.report.build import make_report
 from orchestrator.report.render import print_report
+from orchestrator.serving.model_card import CardInputs
 from orchestrator.tracking.experiment import check_tracking, finish_parent, parent_run
 from orchestrator.tracking.runs import adopt_finished, reconcile_runs
-from orchestrator.training.identity import set_aside_stale
+from orchestrator.training.identity import Identity, set_aside_stale
+from orchestrator.training.job import RunJob
 from orchestrator.training.remote_run import fetch_runs
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
     config = resolved(config)
     folds = folds or list(range(1, config.splits.folds + 1))
     networks = networks or list(NETWORK_NAMES)
-    with workdir_lock(config) as lock, terminated_on_sigterm():
+    stale_after = config.cluster.lock_stale_seconds
+    with workdir_lock(config.paths, stale_after) as lock, terminated_on_sigterm():
         try:
             return _run_stages(config, folds, networks, train_only, verbose, restart_stale, lock.token)
         finally:
@@ -80,37 +83,42 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
 def _run_stages(config: Config, folds: list[int], networks: list[str], train_only: bool, verbose: bool,
                 restart_stale: bool, lock_token: str) -> pd.DataFrame:
     clock = Stopwatch()
-    check_tracking(config)  # first: an unreachable server fails now, not in 15 workers later
-    if config.paths.remote:  # and object storage that refuses this driver's writes
-        Prefix(config.paths.remote).check_writable()
+    tracking, work = config.tracking_target, config.paths
+    # first: an unreachable server fails now, not in 15 workers later
+    check_tracking(tracking, work.mlruns)
+    if work.remote:  # and object storage that refuses this driver's writes
+        Prefix(work.remote).check_writable()
     clock.timed("Ray start", lambda: connection.connect(config.cluster.address or None, verbose=verbose))
     interrupt_on_sigterm()  # again: ray.init replaced it
-    grid.check_requests(config)  # what this cluster can never hold fails now, not after the data stages
-    clock.timed("preflight", lambda: preflight(config))
+    # what this cluster can never hold fails now, not after the data stages
+    grid.check_requests(config.cluster, tracking.uri, config.tracking.shared_storage)
+    clock.timed("preflight", lambda: preflight(Requirements.of(config)))
     if not train_only:
         clock.timed("data stages", lambda: prepare_inputs(config))
     else:  # `cxr train`: the workdir's inputs, on object storage for the workers if it is the run storage
-        publish_inputs(config)
-    fetch_runs(config)  # on object storage: the runs' records, what the bucket says is done
-    reconcile_runs(config)
-    set_aside_stale(config, restart_stale)
-    parent = parent_run(config)
-    adopt_finished(config, parent)
+        upload_inputs(work)
+    fetch_runs(work, config.splits.folds)  # on object storage: the runs' records, what the bucket says is done
+    reconcile_runs(tracking, work, config.splits.folds)
+    set_aside_stale(work, config.splits.folds, tracking, Identity.of(work, config.recipe), restart_stale)
+    parent = parent_run(tracking, work, config.splits.protocol)
+    adopt_finished(tracking, work, config.splits.folds, parent)
     started = time.perf_counter()
     try:
-        launched = grid.run_grid(config, folds, networks, parent, verbose=verbose, lock_owner=lock_token)
+        jobs = [RunJob.of(config, fold, network) for network in networks for fold in folds]
+        launched = grid.run_grid(jobs, work, config.cluster, config.cache, tracking.experiment, parent,
+                                 verbose=verbose, lock_owner=lock_token)
     except BaseException:  # an error or Ctrl-C in the driver: no run, and not the parent, left RUNNING
         with contextlib.suppress(Exception):  # the runs' MLflow ids, from object storage; the error stays the one seen
-            fetch_runs(config)
-        finish_parent(config, parent, grid_results(config, folds, networks, {}))
+            fetch_runs(work, config.splits.folds)
+        finish_parent(tracking.uri, work, parent, grid_results(config, folds, networks, {}))
         raise
     clock.stage("training runs", time.perf_counter() - started)
-    fetch_runs(config)
+    fetch_runs(work, config.splits.folds)
     results = grid_results(config, folds, networks, launched.runs)
     try:
         report = _finish_stages(config, parent, results, clock)
     finally:
-        finish_parent(config, parent, results)
+        finish_parent(tracking.uri, work, parent, results)
     print_summary(results, clock, launched.slot_time)
     if report is not None:
         print_report(report)
@@ -146,7 +154,14 @@ def publish(config: Config, parent: str) -> None:
     """The finished runs' models, and the fold ensembles, in the Model Registry (`cxr models`)."""
     from orchestrator.serving.registry import register_models, registry_table
 
-    registered = register_models(config, parent)
+    card = card_inputs(config)
+    registered = register_models(config.tracking_uri, card, config.model_limits, parent)
     new = sum(r.new for r in registered)
     print(f"\nmodel registry ({len(registered)} versions for these runs, {new} new, starred; `cxr models` "
           f"lists them):\n{registry_table(registered).to_string(index=False)}")
+
+
+def card_inputs(config: Config) -> CardInputs:
+    """What the model cards of this config's runs say of it (orchestrator.serving.model_card)."""
+    return CardInputs(config.name, config.paths, config.splits, config.train.selection,
+                      config.model.weights, config.store.image_size, config.data.synthetic)

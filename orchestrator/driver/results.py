@@ -41,7 +41,8 @@ def grid_results(config: Config, folds: list[int], networks: list[str], outcome:
     could not end its run itself."""
     results = collect(config, folds, networks, outcome)
     done = set(results.loc[results["status"] == "done", "run"])
-    fail_unfinished(config, [(f, n) for f in folds for n in networks if run_name(f, n) not in done])
+    unfinished = [(f, n) for f in folds for n in networks if run_name(f, n) not in done]
+    fail_unfinished(config.tracking_target, config.paths, unfinished)
     return results
 
 

@@ -47,7 +47,8 @@ def run_tune(config: Config, config_path: Path, verbose: bool = False) -> TuneRe
         raise ConfigError(f"cluster.storage_path: {config.cluster.storage_path}: `cxr tune` keeps its trials on the "
                           f"driver's storage; expected a folder every node mounts (or none: the workdir).")
     config = resolved(config)
-    with workdir_lock(config) as lock, terminated_on_sigterm():
+    stale_after = config.cluster.lock_stale_seconds
+    with workdir_lock(config.paths, stale_after) as lock, terminated_on_sigterm():
         try:
             return _search(config, Path(config_path), verbose, lock.token)
         finally:
@@ -70,7 +71,7 @@ def _search(config: Config, config_path: Path, verbose: bool, lock_token: str) -
 
     from orchestrator.cluster.search import run_search
 
-    check_tracking(config)
+    check_tracking(config.tracking_target, config.paths.mlruns)
     connection.connect(config.cluster.address or None, verbose=verbose)
     prepare_inputs(config)
     experiment = f"{config.experiment_name}-tune"

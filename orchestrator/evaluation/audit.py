@@ -30,9 +30,9 @@ from data_pipeline.files import write_atomic, write_json
 from data_pipeline.manifest import read_manifest
 from data_pipeline.schema import DataError
 from data_pipeline.store import ImageStore, StoreBuilder
-from orchestrator.config import AuditSpec, Config
+from orchestrator.config import AuditSpec
 from orchestrator.evaluation.metrics import bootstrap_weights, percentile_interval, weighted_auc
-from orchestrator.paths import TABLES_FILE
+from orchestrator.paths import TABLES_FILE, WorkPaths
 
 log = logging.getLogger(__name__)
 SECTION = "## Source audit"
@@ -117,31 +117,33 @@ def view_tests(table: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def audit_inputs(config: Config) -> tuple[ImageStore, pd.DataFrame]:
+def audit_inputs(work: WorkPaths) -> tuple[ImageStore, pd.DataFrame]:
     """The store and, per stored image, its source, view, class and patient."""
-    paths = config.paths
-    if not StoreBuilder.written_key(paths.store) or not paths.manifest.is_file():
-        raise DataError(f"{config.workdir}: expected the manifest and the image store of this config "
-                        f"({paths.manifest}, {paths.store}); run `cxr run` (or `cxr manifest` and `cxr prepare`) first.")
-    store = ImageStore.open(paths.store)
-    manifest = read_manifest(paths.manifest)
+    if not StoreBuilder.written_key(work.store) or not work.manifest.is_file():
+        raise DataError(f"{work.root}: expected the manifest and the image store of this config "
+                        f"({work.manifest}, {work.store}); run `cxr run` (or `cxr manifest` and "
+                        f"`cxr prepare`) first.")
+    store = ImageStore.open(work.store)
+    manifest = read_manifest(work.manifest)
     table = store.index.merge(manifest[["image_id", "label", "patient_id"]], on="image_id", how="left")
     if table["label"].isna().any():
-        raise DataError(f"{paths.store}: {int(table['label'].isna().sum())} stored image(s) are not in {paths.manifest}; "
-                        f"the store is of another manifest: rebuild it (`cxr prepare`).")
+        raise DataError(f"{work.store}: {int(table['label'].isna().sum())} stored image(s) are not "
+                        f"in {work.manifest}; the store is of another manifest: rebuild it "
+                        f"(`cxr prepare`).")
     return store, table
 
 
-def run_audit(config: Config) -> dict:
-    """Both probes and the view tables; writes audit.json and the report's section."""
-    store, table = audit_inputs(config)
+def run_audit(work: WorkPaths, spec: AuditSpec) -> dict:
+    """Both probes and the view tables of the workdir's store; writes audit.json and the
+    report's section."""
+    store, table = audit_inputs(work)
     sources = sorted(table["source"].unique())
     if len(sources) != 2:
-        raise DataError(f"{config.paths.store}: the source probe needs images of two sources; found {sources}.")
+        raise DataError(f"{work.store}: the source probe needs images of two sources; "
+                        f"found {sources}.")
     target = (table["source"] == sources[0]).to_numpy().astype(int)
     patients = (table["source"] + "/" + table["patient_id"]).to_numpy()
     images = store.images[table["row"].to_numpy()]
-    spec = config.audit
     # whole-image intensity carries the disease too (COVID-19's haze brightens the lungs, and only
     # one source has COVID-19): that probe compares the sources within the class both hold
     shared = (table["label"] == SHARED_CLASS).to_numpy()
@@ -154,22 +156,23 @@ def run_audit(config: Config) -> dict:
         "probes": {"border": probe(border_features(images, spec.border), target, patients, spec),
                    "intensity": probe(intensity_features(images[within]), target[within], patients[within], spec)},
         "views": view_table(table).to_dict(orient="records"), "view_tests": view_tests(table)}
-    write_audit(config, audit)
+    write_audit(work, audit)
     return audit
 
 
-def audit_lines(audit: dict, config: Config) -> list[str]:
+def audit_lines(audit: dict, work: WorkPaths) -> list[str]:
     """`cxr audit`'s lines: each probe's AUC with its interval, each view test, where the files are."""
     lines = [f"source probe, {name}: AUC {r['auc']:.3f} (95% interval {r['ci_low']:.3f}-{r['ci_high']:.3f}, "
              f"{r['images']} images)" for name, r in audit["probes"].items()]
     lines += [f"{name}: chi2 {t['chi2']:.2f}, dof {t['dof']}, p {t['p']:.3g}" for name, t in audit["view_tests"].items()]
-    return lines + [f"audit: {config.paths.audit} and its section of the report's tables ({config.paths.report})"]
+    return lines + [f"audit: {work.audit} and its section of the report's tables ({work.report})"]
 
 
-def write_audit(config: Config, audit: dict) -> Path:
-    out = config.paths.audit
+def write_audit(work: WorkPaths, audit: dict) -> Path:
+    """audit.json, and its section of the report's tables.md (the rest of it kept)."""
+    out = work.audit
     write_json(out, audit, indent=2)
-    tables = config.paths.report / TABLES_FILE
+    tables = work.report / TABLES_FILE
     kept = tables.read_text() if tables.is_file() else ""
     write_atomic(tables, with_section(kept, audit_markdown(audit)))
     return out

@@ -75,8 +75,9 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
                 splits: Path | None = None, out: Path | None = None, replicates: int = 1000,
                 seed: int = 0) -> Report:
     """`cxr report`: from the parent MLflow run `run_id` (default: the config's latest `cxr run`),
-    logging the report back to it; or from a `predictions` folder (nothing logged). The config
-    gives the tracking settings, the workdir and the number of folds."""
+    logging the report back to it; or from a `predictions` folder (nothing logged). The whole
+    config, as the command's entry point: it gives the tracking settings, the workdir, the number
+    of folds and the recipe whose fingerprint the runs must share."""
     from data_pipeline.splits import SUMS_FILE, split_hash
     from orchestrator.training.identity import Identity, check_one_fingerprint
 
@@ -92,7 +93,9 @@ def make_report(config: Config, run_id: str = "", predictions: Path | None = Non
     uri = config.tracking_uri
     run_id = run_id or latest_parent(uri, config.experiment_name, config.paths)
     found, tags, params = from_mlflow(uri, run_id)
-    check_one_fingerprint(tags, params, Identity.of(config) if Identity.workdir_ready(config) else None)
+    work = config.paths
+    expected = Identity.of(work, config.recipe) if Identity.workdir_ready(work) else None
+    check_one_fingerprint(tags, params, expected)
     runs, unit = attach_patients(found, manifest or config.paths.manifest)
     runs = attach_sources(runs, manifest or config.paths.manifest)
     splits = Path(splits or config.paths.splits)

@@ -17,8 +17,9 @@ import pandas as pd
 
 from data_pipeline.files import write_atomic, write_table
 from data_pipeline.schema import DataError
-from orchestrator.config import Config, resolved
+from orchestrator.config import TrackingTarget
 from orchestrator.evaluation import figures
+from orchestrator.paths import WorkPaths
 from orchestrator.report.inputs import latest_parent, read_table
 from orchestrator.report.tables import BASELINE, TELLTALE_TABLE
 from orchestrator.tracking.names import REPORT_ARTIFACTS
@@ -37,27 +38,31 @@ class Protocol:
     pooled: pd.DataFrame | None
 
 
-def load_protocol(config: Config) -> Protocol:
-    """A config's latest `cxr run`: its logged report files, read from MLflow."""
+def load_protocol(tracking: TrackingTarget, work: WorkPaths) -> Protocol:
+    """A config's latest `cxr run`: its logged report files, read from MLflow. `tracking` and
+    `work` are the config's, resolved (orchestrator.config.resolved)."""
     from mlflow.artifacts import download_artifacts
 
-    config = resolved(config)
-    parent = latest_parent(config.tracking_uri, config.experiment_name, config.paths)
+    parent = latest_parent(tracking.uri, tracking.experiment, work)
     with tempfile.TemporaryDirectory(prefix="cxr-compare-") as scratch:
         def fetch(name: str) -> Path | None:
             try:
-                return Path(download_artifacts(run_id=parent, artifact_path=f"{REPORT_ARTIFACTS}/{name}",
-                                               dst_path=scratch, tracking_uri=config.tracking_uri))
+                where = f"{REPORT_ARTIFACTS}/{name}"
+                return Path(download_artifacts(run_id=parent, artifact_path=where,
+                                               dst_path=scratch, tracking_uri=tracking.uri))
             except Exception:  # MLflow raises several kinds for a missing artifact; a missing table is optional
                 return None
 
         table4, meta = fetch("table4.csv"), fetch("report.json")
         if table4 is None or meta is None:
-            raise DataError(f"{config.name}: its parent run {parent} ({config.tracking_uri}) holds no report; "
-                            f"expected {REPORT_ARTIFACTS}/table4.csv and report.json: run `cxr report --config` on it.")
+            raise DataError(f"{tracking.config_name}: its parent run {parent} ({tracking.uri}) "
+                            f"holds no report; expected {REPORT_ARTIFACTS}/table4.csv and "
+                            f"report.json: run `cxr report --config` on it.")
         telltale, pooled = fetch(TELLTALE_TABLE), fetch("pooled.csv")
-        return Protocol(config.name, parent, read_table(table4), json.loads(meta.read_text())["notes"],
-                        read_table(telltale) if telltale else None, read_table(pooled) if pooled else None)
+        notes = json.loads(meta.read_text())["notes"]
+        return Protocol(tracking.config_name, parent, read_table(table4), notes,
+                        read_table(telltale) if telltale else None,
+                        read_table(pooled) if pooled else None)
 
 
 def comparison(protocols: list[Protocol]) -> pd.DataFrame:
@@ -123,9 +128,11 @@ def _spread(mean: float, std: float) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std == std else "")
 
 
-def write_comparison(configs: list[Config], out: Path) -> tuple[pd.DataFrame, Path]:
-    """compare.csv, compare.md and compare.png under `out`."""
-    protocols = [load_protocol(c) for c in configs]
+def write_comparison(configs: list[tuple[TrackingTarget, WorkPaths]],
+                     out: Path) -> tuple[pd.DataFrame, Path]:
+    """compare.csv, compare.md and compare.png under `out`, of the latest `cxr run` of each
+    config (its tracking target and workdir, resolved: `load_protocol`)."""
+    protocols = [load_protocol(tracking, work) for tracking, work in configs]
     table = comparison(protocols)
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "compare.csv")

@@ -11,8 +11,8 @@ import pandas as pd
 
 from data_pipeline.schema import DataError
 from models.catalog import NETWORK_NAMES
-from orchestrator.config import Config
-from orchestrator.paths import TABLES_FILE
+from orchestrator.config import TrackingTarget
+from orchestrator.paths import TABLES_FILE, WorkPaths
 from orchestrator.report.inputs import ReportInputs, latest_parent
 from orchestrator.report.result import Report
 from orchestrator.report.tables import TABLE4_COLUMNS
@@ -45,20 +45,20 @@ def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:
             client.log_artifact(run.run_id, str(curves), REPORT_ARTIFACTS)
 
 
-def log_audit(config: Config) -> str:
+def log_audit(tracking: TrackingTarget, work: WorkPaths) -> str:
     """audit.json, its tables.md and the probes' AUCs on the workdir's parent MLflow run; returns
     its id, or "" when there is none yet (no `cxr run`: the files stand alone)."""
     from mlflow.tracking import MlflowClient
 
     try:
-        parent_run_id = latest_parent(config.tracking_uri, config.experiment_name, config.paths)
+        parent_run_id = latest_parent(tracking.uri, tracking.experiment, work)
     except DataError as exc:
         log.warning("not logged to MLflow: %s", exc)
         return ""
-    client = MlflowClient(config.tracking_uri)
-    audit = json.loads(config.paths.audit.read_text())
+    client = MlflowClient(tracking.uri)
+    audit = json.loads(work.audit.read_text())
     for name, result in audit["probes"].items():
         client.log_metric(parent_run_id, f"audit_{name}_auc", result["auc"])
-    client.log_artifact(parent_run_id, str(config.paths.audit), REPORT_ARTIFACTS)
-    client.log_artifact(parent_run_id, str(config.paths.report / TABLES_FILE), REPORT_ARTIFACTS)
+    client.log_artifact(parent_run_id, str(work.audit), REPORT_ARTIFACTS)
+    client.log_artifact(parent_run_id, str(work.report / TABLES_FILE), REPORT_ARTIFACTS)
     return parent_run_id

@@ -11,14 +11,16 @@ machine it trained on, and its intended use: research, not diagnosis.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from data_pipeline.columns import SOURCE_COLUMN
 from data_pipeline.schema import CLASSES
-from data_pipeline.splits import SplitMeta
-from orchestrator.config import Config
+from data_pipeline.splits import SplitMeta, SplitSpec
 from orchestrator.evaluation.metrics import class_counts, confusion, wilson
+from orchestrator.paths import WorkPaths
 from orchestrator.report.tables import TELLTALE_TABLE
 from orchestrator.tracking.names import NODE_CPUS, NODE_MEMORY_GB, TF_GPUS
 
@@ -30,50 +32,69 @@ EXTERNAL = "## External validation"
 CARD_LIMIT = 5000  # characters of a version's description: MLflow's SQL stores keep 5,000
 
 
-def run_card(config: Config, name: str, version: str, run: dict, tags: dict[str, str]) -> str:
+@dataclass(frozen=True)
+class CardInputs:
+    """What a card says of the config its model trained under, gathered once where the whole
+    config is at hand (the driver: orchestrator.driver.experiment.card_inputs)."""
+
+    config_name: str
+    work: WorkPaths  # the splits' flags, the manifest's counts, the runs' predictions, the report
+    splits: SplitSpec
+    selection: str  # train.selection
+    weights: str  # model.weights
+    image_size: int  # store.image_size
+    synthetic: str  # data.synthetic: "" for the real datasets
+
+
+def run_card(card: CardInputs, name: str, version: str, run: dict, tags: dict[str, str]) -> str:
     """The card of one fold's run (`run`: fold, network, run_id; `tags`: its MLflow run's)."""
-    predictions = pd.read_csv(config.paths.run(run["fold"], run["network"]).predictions)
+    predictions = pd.read_csv(card.work.run(run["fold"], run["network"]).predictions)
     lines = [f"# {name} version {version}", "",
-             f"{run['network']}, fold {run['fold']} of config `{config.name}`'s `cxr run` (MLflow run "
-             f"{run['run_id']}): image files in, the probabilities of {', '.join(CLASSES)} out.", "",
+             f"{run['network']}, fold {run['fold']} of config `{card.config_name}`'s `cxr run` "
+             f"(MLflow run {run['run_id']}): image files in, the probabilities of "
+             f"{', '.join(CLASSES)} out.", "",
              INTENDED_USE, ""]
-    lines += _protocol(config) + _data(config) + _test_figures(predictions) + _source_checks(config, run["network"])
+    lines += _protocol(card) + _data(card.work.manifest, card.synthetic)
+    lines += _test_figures(predictions) + _source_checks(card.work, run["network"])
     lines += [EXTERNAL, "", NO_EXTERNAL, ""] + _machine(tags)
     return "\n".join(lines)
 
 
-def ensemble_card(config: Config, name: str, version: str, network: str, folds: str, means: dict[str, float]) -> str:
+def ensemble_card(card: CardInputs, name: str, version: str, network: str, folds: str,
+                  means: dict[str, float]) -> str:
     """The card of a network's fold ensemble: it has no test set of its own."""
     figures = ", ".join(f"{key} {value:.4f}" for key, value in means.items()) or "none"
     lines = [f"# {name} version {version}", "",
-             f"The mean of the class probabilities of {network}'s folds {folds} of config `{config.name}`'s "
-             f"`cxr run`.", "", INTENDED_USE, ""]
-    lines += _protocol(config) + _data(config)
+             f"The mean of the class probabilities of {network}'s folds {folds} of config "
+             f"`{card.config_name}`'s `cxr run`.", "", INTENDED_USE, ""]
+    lines += _protocol(card) + _data(card.work.manifest, card.synthetic)
     lines += ["## Test figures", "",
               "None of its own: each fold's test set held images that other folds trained on. The folds' mean "
               f"test figures: {figures} (each fold's card has its own, with intervals).", ""]
-    lines += _source_checks(config, network) + [EXTERNAL, "", NO_EXTERNAL, ""]
+    lines += _source_checks(card.work, network) + [EXTERNAL, "", NO_EXTERNAL, ""]
     return "\n".join(lines)
 
 
-def _protocol(config: Config) -> list[str]:
-    meta = SplitMeta.read_if_any(config.paths.splits)
+def _protocol(card: CardInputs) -> list[str]:
+    meta = SplitMeta.read_if_any(card.work.splits)
+    splits, size = card.splits, card.image_size
     lines = ["## Protocol", "",
-             f"Protocol `{config.splits.protocol}`, {config.splits.folds} folds x {config.splits.phases} phases, "
-             f"validation `{config.splits.validation}`, checkpoint selection `{config.train.selection}`, "
-             f"weights `{config.model.weights}`, {config.store.image_size}x{config.store.image_size} images.", ""]
+             f"Protocol `{splits.protocol}`, {splits.folds} folds x {splits.phases} phases, "
+             f"validation `{splits.validation}`, checkpoint selection `{card.selection}`, "
+             f"weights `{card.weights}`, {size}x{size} images.", ""]
     if meta is not None:
         lines += [f"- FLAG: {flag}" for flag in meta.flags] + [f"- {note}" for note in meta.notes]
         lines.append("")
     return lines
 
 
-def _data(config: Config) -> list[str]:
-    if not config.paths.manifest.is_file():
-        return ["## Data", "", f"No manifest at {config.paths.manifest}.", ""]
-    manifest = pd.read_csv(config.paths.manifest)
+def _data(manifest_file: Path, synthetic: str) -> list[str]:
+    """Images per source and class of the manifest; `synthetic`: data.synthetic."""
+    if not manifest_file.is_file():
+        return ["## Data", "", f"No manifest at {manifest_file}.", ""]
+    manifest = pd.read_csv(manifest_file)
     counts = manifest.groupby([SOURCE_COLUMN, "label"]).size()
-    origin = f"synthetic lookalike data (`{config.data.synthetic}`)" if config.data.synthetic else "the real datasets"
+    origin = f"synthetic lookalike data (`{synthetic}`)" if synthetic else "the real datasets"
     return (["## Data", "", f"From {origin}: images per source and class.", "", "| source | class | images |",
              "| --- | --- | --- |"] + [f"| {source} | {label} | {n} |" for (source, label), n in counts.items()] + [""])
 
@@ -94,10 +115,10 @@ def _test_figures(predictions: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
-def _source_checks(config: Config, network: str) -> list[str]:
+def _source_checks(work: WorkPaths, network: str) -> list[str]:
     """The report's tell-tale row of `network` and `cxr audit`'s probes, where the workdir has them."""
     lines = ["## Source checks", ""]
-    telltale = config.paths.report / TELLTALE_TABLE
+    telltale = work.report / TELLTALE_TABLE
     rows = pd.read_csv(telltale) if telltale.is_file() else pd.DataFrame()
     row = rows[rows["network"] == network] if not rows.empty else rows
     if not row.empty:
@@ -107,8 +128,8 @@ def _source_checks(config: Config, network: str) -> list[str]:
                      f"{r.rsna_high:.1f}); {'far above' if r.far_above else 'not far above'} RSNA's.")
     else:
         lines.append("- Tell-tale: not in this workdir's report.")
-    if config.paths.audit.is_file():
-        probes = json.loads(config.paths.audit.read_text()).get("probes", {})
+    if work.audit.is_file():
+        probes = json.loads(work.audit.read_text()).get("probes", {})
         lines += [f"- `cxr audit`, {probe} probe: AUC {p['auc']:.3f} ({p['ci_low']:.3f}-{p['ci_high']:.3f})"
                   for probe, p in probes.items()]
     else:

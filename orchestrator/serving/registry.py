@@ -33,8 +33,14 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from models.catalog import NETWORK_NAMES
-from orchestrator.config import Config
-from orchestrator.serving.model_card import card_description, ensemble_card, run_card, with_external
+from orchestrator.paths import WorkPaths
+from orchestrator.serving.model_card import (
+    CardInputs,
+    card_description,
+    ensemble_card,
+    run_card,
+    with_external,
+)
 from orchestrator.tracking.names import (
     ENSEMBLE_ALIAS,
     FINGERPRINT,
@@ -74,38 +80,40 @@ class Registered:
         return f"models:/{self.name}/{self.version}"
 
 
-def register_models(config: Config, parent_run_id: str) -> list[Registered]:
-    """Register every finished run of `config` not registered yet, and each network's fold
-    ensemble (of two folds or more) when its runs changed. Returns what the registry holds
-    for them."""
-    mlflow.set_tracking_uri(config.tracking_uri)
-    client = MlflowClient(config.tracking_uri)
-    done = finished_runs(config)
+def register_models(tracking_uri: str, card: CardInputs, limits: dict[str, int],
+                    parent_run_id: str) -> list[Registered]:
+    """Register every finished run of the config (`card`: its name, workdir and protocol) not
+    registered yet, and each network's fold ensemble (of two folds or more) when its runs
+    changed; `limits`: what one request to an ensemble may hold (Config.model_limits). Returns
+    what the registry holds for them."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    done = finished_runs(card.work, card.splits.folds)
     out = []
     for network in NETWORK_NAMES:
         runs = [r for r in done if r["network"] == network]
-        out += [register_run(client, config, run) for run in runs]
+        out += [register_run(client, card, run) for run in runs]
         if runs:
-            alias_folds(client, registered_model_name(config.name, network))
+            alias_folds(client, registered_model_name(card.config_name, network))
         if len(runs) >= 2:
-            out.append(register_ensemble(client, config, network, runs, parent_run_id))
+            out.append(register_ensemble(client, card, limits, network, runs, parent_run_id))
     return out
 
 
-def finished_runs(config: Config) -> list[dict]:
+def finished_runs(work: WorkPaths, folds: int) -> list[dict]:
     """{fold, network, run_id, model_uri} of each run folder with a done.json, in fold order."""
     runs = []
     for network in NETWORK_NAMES:
-        for fold in range(1, config.splits.folds + 1):
-            record = RunRecords(config.paths.run(fold, network)).read_done()
+        for fold in range(1, folds + 1):
+            record = RunRecords(work.run(fold, network)).read_done()
             if record.get("run_id"):  # runs finished before models were published have no model_uri
                 runs.append({"fold": fold, "network": network, "run_id": record["run_id"],
                              "model_uri": record.get("model_uri") or f"runs:/{record['run_id']}/{MODEL_ARTIFACT}"})
     return runs
 
 
-def register_run(client: MlflowClient, config: Config, run: dict) -> Registered:
-    name = registered_model_name(config.name, run["network"])
+def register_run(client: MlflowClient, card: CardInputs, run: dict) -> Registered:
+    name = registered_model_name(card.config_name, run["network"])
     existing = versions(client, name, f"tags.{RUN_ID} = '{run['run_id']}'")
     if existing:
         return Registered(name, existing[0].version, False, run["network"])
@@ -115,9 +123,9 @@ def register_run(client: MlflowClient, config: Config, run: dict) -> Registered:
             **{key: f"{data.metrics[key]:.6f}" for key in (TEST_AUC, TEST_ACCURACY) if key in data.metrics}}
     with _quietly():
         version = mlflow.register_model(run["model_uri"], name, tags=tags)
-    card = run_card(config, name, str(version.version), run, data.tags)
-    client.log_text(run["run_id"], card, MODEL_CARD)
-    client.update_model_version(name, version.version, description=card_description(card))
+    text = run_card(card, name, str(version.version), run, data.tags)
+    client.log_text(run["run_id"], text, MODEL_CARD)
+    client.update_model_version(name, version.version, description=card_description(text))
     log.debug("registered %s version %s (run %s)", name, version.version, run["run_id"])
     return Registered(name, str(version.version), True, run["network"])
 
@@ -132,11 +140,11 @@ def alias_folds(client: MlflowClient, name: str) -> None:
             client.set_registered_model_alias(name, fold_alias(int(fold)), version)
 
 
-def register_ensemble(client: MlflowClient, config: Config, network: str, runs: list[dict],
-                      parent_run_id: str) -> Registered:
+def register_ensemble(client: MlflowClient, card: CardInputs, limits: dict[str, int], network: str,
+                      runs: list[dict], parent_run_id: str) -> Registered:
     from models.serving import log_classifier
 
-    name = ensemble_model_name(config.name, network)
+    name = ensemble_model_name(card.config_name, network)
     members = ",".join(r["run_id"] for r in runs)
     latest = versions(client, name)
     if latest and latest[0].tags.get(MEMBER_RUNS) == members:
@@ -148,14 +156,14 @@ def register_ensemble(client: MlflowClient, config: Config, network: str, runs: 
     # the parent run holds the ensemble; ending it here is undone by the driver's finish_parent
     with mlflow.start_run(run_id=parent_run_id):
         info = log_classifier(ensemble_artifact(network), [member_file_uri(r["run_id"]) for r in runs],
-                              config.model_limits)
+                              limits)
     tags = {NETWORK: network, FOLDS: ",".join(str(r["fold"]) for r in runs), MEMBER_RUNS: members,
             **{f"{MEMBERS_MEAN}{key}": f"{value:.6f}" for key, value in means.items()}}
     with _quietly():
         version = mlflow.register_model(info.model_uri, name, tags=tags)
-    card = ensemble_card(config, name, str(version.version), network, tags[FOLDS], means)
-    client.log_text(parent_run_id, card, f"{ensemble_artifact(network)}/{MODEL_CARD}")
-    client.update_model_version(name, version.version, description=card_description(card))
+    text = ensemble_card(card, name, str(version.version), network, tags[FOLDS], means)
+    client.log_text(parent_run_id, text, f"{ensemble_artifact(network)}/{MODEL_CARD}")
+    client.update_model_version(name, version.version, description=card_description(text))
     client.set_registered_model_alias(name, ENSEMBLE_ALIAS, version.version)
     log.debug("registered %s version %s (folds %s)", name, version.version, tags[FOLDS])
     return Registered(name, str(version.version), True, network, ensemble=True)

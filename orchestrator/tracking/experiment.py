@@ -28,7 +28,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.files import StateError, write_table
-from orchestrator.config import Config, ConfigError, is_server_uri, sqlite_file
+from orchestrator.config import ConfigError, TrackingTarget, is_server_uri, sqlite_file
+from orchestrator.paths import WorkPaths
 from orchestrator.tracking import names
 from orchestrator.training.records import read_parent, write_parent
 
@@ -115,21 +116,22 @@ def ui_hint(uri: str, experiment: str) -> str:
     return f"MLflow UI on these runs: mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{page}"
 
 
-def check_tracking(config: Config) -> None:
+def check_tracking(tracking: TrackingTarget, artifact_root: Path) -> None:
     """Create the sqlite database here, before any worker starts (concurrent creation races),
     or check that the tracking server answers and serves the artifacts; fail at once with a clear
-    message if not."""
-    uri = config.tracking_uri
+    message if not. `artifact_root`: a sqlite store's artifacts (the workdir's mlruns/)."""
+    uri = tracking.uri
     try:
         with probing(uri):
-            experiment = ensure_experiment(uri, config.experiment_name, config.paths.mlruns)
+            experiment = ensure_experiment(uri, tracking.experiment, artifact_root)
     except Exception as exc:  # MLflow raises several types for a server that is down
         raise ConfigError(f"tracking.uri: the MLflow tracking server at {uri} is not reachable "
                           f"({type(exc).__name__}: {str(exc)[:300]}). Start it, or point tracking.uri "
                           f"(or MLFLOW_TRACKING_URI) at one that runs.") from None
     location = experiment.artifact_location
     if is_server_uri(uri) and not location.startswith(SERVED_ARTIFACTS):
-        raise ConfigError(f"tracking.uri: the MLflow server at {uri} keeps experiment {config.experiment_name!r}'s "
+        raise ConfigError(f"tracking.uri: the MLflow server at {uri} keeps experiment "
+                          f"{tracking.experiment!r}'s "
                           f"artifacts at {location}, where every worker would write them itself. Expected a "
                           f"server that serves them ({SERVED_ARTIFACTS}/...): `mlflow server --serve-artifacts "
                           f"--artifacts-destination <folder or bucket>`, and an experiment created on it.")
@@ -149,23 +151,23 @@ def probing(uri: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------- the parent run
 
-def parent_run(config: Config) -> str:
+def parent_run(tracking: TrackingTarget, work: WorkPaths, protocol: str) -> str:
     """The parent MLflow run of the workdir's runs: created by its first `cxr run`, continued by
     every later one (the finished runs it skips stay its children, so the report finds them).
     Its id is kept in the workdir; a damaged or lost record is found again by the parent's
-    workdir tag."""
+    workdir tag. `protocol` (splits.protocol) is tagged on a new parent."""
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(config.tracking_uri)
-    record = config.paths.parent_record
+    client = mlflow.tracking.MlflowClient(tracking.uri)
+    record = work.parent_record
     try:
-        run_id = read_parent(config.paths)
+        run_id = read_parent(work)
     except StateError as exc:
-        run_id = _find_parent(client, config)
+        run_id = _find_parent(client, tracking.experiment, work.root)
         if not run_id:
             raise
         log.warning("%s; found the parent run %s by its workdir tag, and rewrote the record", exc, run_id)
-        write_parent(config.paths, run_id)
+        write_parent(work, run_id)
     if run_id:
         try:
             stage = call(client.get_run, run_id, what="get_run").info.lifecycle_stage  # active | deleted
@@ -175,40 +177,43 @@ def parent_run(config: Config) -> str:
             stage = None
         if stage != "active":
             raise ConfigError(f"{record}: the workdir's parent MLflow run {run_id} is {stage or 'not'} in the "
-                              f"tracking store {config.tracking_uri}; use the tracking.uri it was "
+                              f"tracking store {tracking.uri}; use the tracking.uri it was "
                               f"created with (or restore the run), or a fresh workdir.")
         call(client.update_run, run_id, status="RUNNING", what="update_run")
         log.info("continuing the parent MLflow run %s", run_id)
         return run_id
-    run_id = _find_parent(client, config)  # created, and killed before its record was written
+    # created, and killed before its record was written
+    run_id = _find_parent(client, tracking.experiment, work.root)
     if not run_id:
-        experiment = call(client.get_experiment_by_name, config.experiment_name, what="experiment")
-        name = f"{config.name or 'experiment'} ({time.strftime('%Y-%m-%d %H:%M')})"
-        tags = {names.PROTOCOL: config.splits.protocol, names.ROLE: names.EXPERIMENT_ROLE,
-                names.WORKDIR: str(config.paths.root)}
+        experiment = call(client.get_experiment_by_name, tracking.experiment, what="experiment")
+        name = f"{tracking.config_name or 'experiment'} ({time.strftime('%Y-%m-%d %H:%M')})"
+        tags = {names.PROTOCOL: protocol, names.ROLE: names.EXPERIMENT_ROLE,
+                names.WORKDIR: str(work.root)}
         run_id = call(client.create_run, experiment.experiment_id, run_name=name, tags=tags,
                       what="create_run").info.run_id
-    write_parent(config.paths, run_id)
+    write_parent(work, run_id)
     return run_id
 
 
-def _find_parent(client, config: Config) -> str:
+def _find_parent(client, experiment_name: str, workdir: Path) -> str:
     """The newest active parent run of this experiment tagged with this workdir, or ""."""
-    experiment = call(client.get_experiment_by_name, config.experiment_name, what="experiment")
+    experiment = call(client.get_experiment_by_name, experiment_name, what="experiment")
     if experiment is None:
         return ""
     query = (f"tags.`{names.ROLE}` = '{names.EXPERIMENT_ROLE}' and "
-             f"tags.`{names.WORKDIR}` = '{config.paths.root}'")
+             f"tags.`{names.WORKDIR}` = '{workdir}'")
     runs = call(client.search_runs, [experiment.experiment_id], query, order_by=["attributes.start_time DESC"],
                 what="search_runs")
     return runs[0].info.run_id if runs else ""
 
 
-def finish_parent(config: Config, parent: str, results: pd.DataFrame) -> None:
+def finish_parent(uri: str, work: WorkPaths, parent: str, results: pd.DataFrame) -> None:
+    """End the parent run with the runs' results: their table (the workdir's runs.csv) and
+    counts; FAILED unless every run is done."""
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(config.tracking_uri)
-    table = write_table(results, config.paths.results)
+    client = mlflow.tracking.MlflowClient(uri)
+    table = write_table(results, work.results)
     call(client.log_artifact, parent, str(table), what="log_artifact")
     call(client.log_metric, parent, "runs_complete", int((results["status"] == "done").sum()), what="log_metric")
     call(client.log_metric, parent, "runs_total", len(results), what="log_metric")

@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.files import StateError
 from models.catalog import NETWORK_NAMES
-from orchestrator.config import Config
-from orchestrator.paths import RunPaths, run_name
+from orchestrator.config import TrackingTarget
+from orchestrator.paths import RunPaths, WorkPaths, run_name
 from orchestrator.tracking.experiment import call, ensure_experiment
 from orchestrator.tracking.names import (
     CUDA_BUILD,
@@ -313,39 +313,40 @@ def placement_tags(node_ip: str, node_id: str, gpu_ids: list[str], tf_gpus: list
 
 # ---------------------------------------------------------------- the grid's run folders
 
-def reconcile_runs(config: Config) -> None:
-    """Every run folder of the grid made to agree with its MLflow run before any is skipped or
-    launched (RunTracker.reconcile); each finding is one warning line."""
+def reconcile_runs(tracking: TrackingTarget, work: WorkPaths, folds: int) -> None:
+    """Every run folder of the grid (`folds` x networks) made to agree with its MLflow run before
+    any is skipped or launched (RunTracker.reconcile); each finding is one warning line."""
     try:
-        parent = read_parent(config.paths)
+        parent = read_parent(work)
     except StateError:
         parent = ""  # parent_run finds it again
-    for fold in range(1, config.splits.folds + 1):
+    for fold in range(1, folds + 1):
         for network in NETWORK_NAMES:
-            paths = config.paths.run(fold, network)
+            paths = work.run(fold, network)
             if paths.root.is_dir():
-                tracker = RunTracker(config.tracking_uri, config.experiment_name, paths)
+                tracker = RunTracker(tracking.uri, tracking.experiment, paths)
                 if found := tracker.reconcile(run_name(fold, network), parent):
                     log.warning("%s: %s", run_name(fold, network), found)
 
 
-def adopt_finished(config: Config, parent: str) -> None:
-    """The finished runs of the grid made children of the workdir's parent run, where they are not
-    (begun by `cxr train-one`, or under a parent whose record was lost): the report reads them there."""
-    for fold in range(1, config.splits.folds + 1):
+def adopt_finished(tracking: TrackingTarget, work: WorkPaths, folds: int, parent: str) -> None:
+    """The finished runs of the grid (`folds` x networks) made children of the workdir's parent
+    run, where they are not (begun by `cxr train-one`, or under a parent whose record was lost):
+    the report reads them there."""
+    for fold in range(1, folds + 1):
         for network in NETWORK_NAMES:
-            paths = config.paths.run(fold, network)
+            paths = work.run(fold, network)
             if RunRecords(paths).is_done():
-                found = RunTracker(config.tracking_uri, config.experiment_name, paths).adopt(parent)
+                found = RunTracker(tracking.uri, tracking.experiment, paths).adopt(parent)
                 if found:
                     log.warning("%s: %s", run_name(fold, network), found)
 
 
-def fail_unfinished(config: Config, runs: list[tuple[int, str]]) -> None:
+def fail_unfinished(tracking: TrackingTarget, work: WorkPaths, runs: list[tuple[int, str]]) -> None:
     """The MLflow runs of these (fold, network) runs FAILED where still RUNNING: a trial process
     killed with its worker (SIGKILL, the OOM killer, a lost node) could not end its run itself."""
     for fold, network in runs:
-        tracker = RunTracker(config.tracking_uri, config.experiment_name, config.paths.run(fold, network))
+        tracker = RunTracker(tracking.uri, tracking.experiment, work.run(fold, network))
         try:
             tracker.mark("FAILED")
         except StateError as exc:  # the next `cxr run` reconciles it

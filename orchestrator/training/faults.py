@@ -1,4 +1,4 @@
-"""Failure injection for the tests (train.fail_at): a run fails once, at the end of a phase's first
+"""Failure injection for the tests (execution.fail_at): a run fails once, at the end of a phase's first
 epoch, after that epoch's checkpoint; the restarted run goes on. Kept out of the training loop:
 a Keras callback added only when the setting names this run."""
 
@@ -11,7 +11,7 @@ from orchestrator.training.records import RunRecords
 
 
 class InjectedFailure(RuntimeError):
-    """Raised once by `train.fail_at`, to test that a run survives a worker failure."""
+    """Raised once by `execution.fail_at`, to test that a run survives a worker failure."""
 
 
 class FailOnce(keras.callbacks.Callback):
@@ -23,7 +23,7 @@ class FailOnce(keras.callbacks.Callback):
         if not self.paths.failed_once.exists():
             self.paths.failed_once.touch()  # once: the restarted run goes on (on any node: published)
             RunRecords(self.paths).upload(self.paths.failed_once)
-            raise InjectedFailure(f"{self.name}: failure injected by train.fail_at in phase {self.phase}")
+            raise InjectedFailure(f"{self.name}: failure injected by execution.fail_at in phase {self.phase}")
 
 
 def fault_callbacks(fail_at: str, name: str, phase: int, paths: RunPaths) -> list[keras.callbacks.Callback]:

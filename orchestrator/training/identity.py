@@ -1,9 +1,10 @@
 """Run identity: what decides a run's result, as one fingerprint.
 
-A run's fingerprint hashes the split (its hash), the image store (its key) and the `model`,
-`augment` and `train` settings, except the train settings that cannot change what the run
-learns (RESULT_FREE: logging, checkpoint cadence, fault injection, evaluation batching, eager
-mode). It is written when the run first opens (identity.json, with the settings it covers), into
+A run's fingerprint hashes what the run learns: the split (its hash), the image store (its key)
+and the `model`, `augment` and `train` sections whole. How a run is carried out (checkpoints,
+execution, tracking, the cluster) lives in other sections, so no list of result-free settings is
+kept. Fingerprints written before those settings left `train` are the same: they hashed `train`
+without them. It is written when the run first opens (identity.json, with the settings it covers), into
 every checkpoint's cursor, into done.json, and as the MLflow tag `cxr.fingerprint`.
 
 A run folder whose fingerprint is not the config's is stale: it is never resumed, skipped as
@@ -27,18 +28,15 @@ from data_pipeline.schema import DataError
 from data_pipeline.splits import SUMS_FILE, split_hash
 from data_pipeline.store import StoreBuilder
 from models.catalog import NETWORK_NAMES
-from orchestrator.config import Config, ConfigError, flatten, resolved
-from orchestrator.paths import RunPaths
+from orchestrator.config import NAMED_WEIGHTS, ConfigError, Recipe, TrackingTarget, flatten
+from orchestrator.paths import RunPaths, WorkPaths
 from orchestrator.tracking.names import FINGERPRINT, SPLIT_HASH, STORE_KEY
 from orchestrator.training import checkpoints
 from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 SPLIT, STORE = "split_hash", "store_key"
-SECTIONS = ("model", "augment", "train")  # the config sections a fingerprint covers
-# train settings that change how a run is carried out or recorded, never what it learns
-RESULT_FREE = ("log_checkpoints", "fail_at", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints",
-               "eval_batch_size", "run_eagerly", "reuse_traced")
+SECTIONS = ("model", "augment", "train")  # the config sections a fingerprint covers, whole
 
 
 class StaleRun(ConfigError):
@@ -51,17 +49,14 @@ class Identity:
     settings: dict[str, str]  # what the fingerprint covers, dotted: split_hash, store_key, model.*, ...
 
     @classmethod
-    def of(cls, config: Config) -> "Identity":
-        """The identity of `config`'s runs, from its settings and the split and store in its workdir."""
-        config = resolved(config)  # a weights path means the same file from any folder
-        splits, store = config.paths.splits, config.paths.store
+    def of(cls, work: WorkPaths, recipe: Recipe) -> Identity:
+        """The identity of the runs of `recipe` on the split and store in `work`."""
+        splits, store = work.splits, work.store
         settings = {SPLIT: split_hash(splits) if (splits / SUMS_FILE).is_file() else "",
                     STORE: StoreBuilder.written_key(store)}
+        recipe = _absolute_weights(recipe)  # a weights path means the same file from any folder
         for section in SECTIONS:
-            values = dataclasses.asdict(getattr(config, section))
-            if section == "train":
-                values = {k: v for k, v in values.items() if k not in RESULT_FREE}
-            settings.update(flatten(values, f"{section}."))
+            settings.update(flatten(getattr(recipe, section), f"{section}."))
         return cls.from_settings(settings)
 
     @property
@@ -73,9 +68,9 @@ class Identity:
         return self.settings[STORE]
 
     @staticmethod
-    def workdir_ready(config: Config) -> bool:
-        """Whether the config's workdir holds the split and the store its identity is made of."""
-        return (config.paths.splits / SUMS_FILE).is_file() and bool(StoreBuilder.written_key(config.paths.store))
+    def workdir_ready(work: WorkPaths) -> bool:
+        """Whether the workdir holds the split and the store an identity is made of."""
+        return (work.splits / SUMS_FILE).is_file() and bool(StoreBuilder.written_key(work.store))
 
     @classmethod
     def from_settings(cls, settings: dict[str, str]) -> "Identity":
@@ -103,17 +98,25 @@ class Identity:
         return differences(recorded, self.settings)
 
 
+def _absolute_weights(recipe: Recipe) -> Recipe:
+    weights = recipe.model.weights
+    if weights in NAMED_WEIGHTS or Path(weights).is_absolute():
+        return recipe
+    model = dataclasses.replace(recipe.model, weights=str(Path.cwd() / weights))
+    return dataclasses.replace(recipe, model=model)
+
+
 def _short(value: str) -> str:
     return value[:12] if len(value) == 64 else value
 
 
 def recorded_settings(tags: dict[str, str], params: dict[str, str]) -> dict[str, str]:
-    """The covered settings of an MLflow run: its split and store tags and its config params."""
+    """The covered settings of an MLflow run: its split and store tags and its config params.
+    A run logged before some settings left the covered sections holds them among its params
+    (`train.fail_at`): only the settings the sections hold today count."""
+    covered = {key for section in SECTIONS for key in flatten(getattr(Recipe(), section), f"{section}.")}
     settings = {SPLIT: tags.get(SPLIT_HASH, ""), STORE: tags.get(STORE_KEY, "")}
-    for key, value in params.items():
-        section, _, name = key.partition(".")
-        if section in SECTIONS and not (section == "train" and name in RESULT_FREE):
-            settings[key] = value
+    settings.update({key: value for key, value in params.items() if key in covered})
     return settings
 
 
@@ -166,11 +169,11 @@ def stale_run(paths: RunPaths, current: Identity) -> Stale | None:
     return Stale(paths.root.name, paths, state, changes)
 
 
-def find_stale(config: Config, current: Identity) -> list[Stale]:
-    """The stale run folders of the whole grid (every fold and network of the config): a stale run
-    outside the folds asked for would still reach the parent run's report."""
-    runs = [stale_run(config.paths.run(fold, network), current)
-            for fold in range(1, config.splits.folds + 1) for network in NETWORK_NAMES]
+def find_stale(work: WorkPaths, folds: int, current: Identity) -> list[Stale]:
+    """The stale run folders of the whole grid (every fold and network): a stale run outside the
+    folds asked for would still reach the parent run's report."""
+    runs = [stale_run(work.run(fold, network), current)
+            for fold in range(1, folds + 1) for network in NETWORK_NAMES]
     return [run for run in runs if run is not None]
 
 
@@ -226,33 +229,34 @@ def check_run(paths: RunPaths, current: Identity) -> None:
         raise refuse([stale])
 
 
-def move_stale(config: Config, stale: list[Stale]) -> Path:
+def move_stale(work: WorkPaths, tracking: TrackingTarget, stale: list[Stale]) -> Path:
     """Move the stale run folders to runs/.stale/<time>/ and end their MLflow runs KILLED, tagged
     with where the folder went. Returns that folder."""
     from orchestrator.tracking.runs import RunTracker
     from orchestrator.training import remote_run
 
-    target = config.paths.stale / time.strftime("%Y%m%d-%H%M%S")
+    target = work.stale / time.strftime("%Y%m%d-%H%M%S")
     target.mkdir(parents=True, exist_ok=True)
     for run in stale:
         moved = target / run.name
         shutil.move(str(run.paths.root), str(moved))
-        remote_run.move_aside(run.paths, config.paths.remote_of(moved))  # object storage: copied, then deleted
-        tracker = RunTracker(config.tracking_uri, config.experiment_name, moved)
+        remote_run.move_aside(run.paths, work.remote_of(moved))  # object storage: copied, then deleted
+        tracker = RunTracker(tracking.uri, tracking.experiment, moved)
         status = tracker.end_stale(str(moved))
         log.warning("%s: %s run of other settings moved to %s%s", run.name, run.state, moved,
                     f"; its MLflow run is {status}" if status else "")
     return target
 
-def set_aside_stale(config: Config, restart: bool) -> None:
-    """Stop on run folders of other settings than the config's (naming them and what changed),
-    or, when `restart`, move them to runs/.stale/<time>/ with their MLflow runs KILLED."""
-    stale = find_stale(config, Identity.of(config))
+def set_aside_stale(work: WorkPaths, folds: int, tracking: TrackingTarget, current: Identity,
+                    restart: bool) -> None:
+    """Stop on run folders of other settings than `current` (naming them and what changed), or,
+    when `restart`, move them to runs/.stale/<time>/ with their MLflow runs KILLED."""
+    stale = find_stale(work, folds, current)
     if not stale:
         return
     if not restart:
         raise refuse(stale)
-    where = move_stale(config, stale)
+    where = move_stale(work, tracking, stale)
     log.warning("moved %d run(s) of other settings to %s; they are trained anew", len(stale), where)
 
 

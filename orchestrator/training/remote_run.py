@@ -20,7 +20,7 @@ import shutil
 
 from data_pipeline.objects import Prefix, put_tree
 from models.catalog import NETWORK_NAMES
-from orchestrator.paths import CURSOR, RunPaths
+from orchestrator.paths import CURSOR, RunPaths, WorkPaths
 from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,12 @@ def discard_checkpoints(paths: RunPaths) -> None:
         Prefix(paths.remote).child(_checkpoints(paths)).delete()
 
 
-def fetch_runs(config) -> None:
-    """The records of every run of the grid (an orchestrator.config.Config's folds x networks)
-    into the driver's run folders, which then say what the bucket says; nothing without a remote."""
-    for fold in range(1, config.splits.folds + 1):
-        for network in NETWORK_NAMES if config.paths.remote else ():
-            fetch(config.paths.run(fold, network), models=False)
+def fetch_runs(work: WorkPaths, folds: int) -> None:
+    """The records of every run of the grid (`folds` x the networks) into the driver's run
+    folders, which then say what the bucket says; nothing without a remote."""
+    for fold in range(1, folds + 1):
+        for network in NETWORK_NAMES if work.remote else ():
+            fetch(work.run(fold, network), models=False)
 
 
 def move_aside(paths: RunPaths, to: str) -> None:

@@ -7,7 +7,7 @@
 
 Checkpoints (`runs/fold{k}-{network}/checkpoints/ckpt-<global epoch>/`: the native `.keras` model
 with its optimizer state, the best weights so far, and a cursor) are written every
-`checkpoint_every` epochs and at each phase end; a new Run restarts from the newest one that
+`checkpoint.every` epochs and at each phase end; a new Run restarts from the newest one that
 loads. The input streams are stateless functions of (seed, epoch), so a resumed run sees the
 same batches as an uninterrupted one and ends with the same number of epochs; what it had logged
 is not logged twice, and what it had not (a phase's end) is logged then.
@@ -21,7 +21,7 @@ import shutil
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,7 +51,7 @@ from models.training import (
     precision_policy,
     restart_from,
 )
-from orchestrator.config import TrainSpec
+from orchestrator.config import CheckpointSpec, ExecutionSpec, TrainSpec
 from orchestrator.evaluation.metrics import accuracy
 from orchestrator.paths import BEST_WEIGHTS, CHECKPOINT_MODEL, RunPaths, run_name
 from orchestrator.tracking.names import EPOCHS_REDONE, RESUMED_FROM
@@ -61,6 +61,7 @@ from orchestrator.training.epoch_end import EpochEnd
 from orchestrator.training.faults import fault_callbacks
 from orchestrator.training.history import load_history
 from orchestrator.training.inputs import RunInputs
+from orchestrator.training.job import RunJob
 from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,23 @@ INPUT_AND_LOOP = "input and fit loop"
 
 @dataclass(frozen=True)
 class RunSetup:
-    """What one run is: its network and fold, and the settings that decide what it learns."""
+    """What one run is (its network and fold, and the settings that decide what it learns), and
+    how it runs."""
     network: str
     fold: int
     train: TrainSpec
     augment: AugmentSpec | None = None  # None: no augmentation
     weights: str = "none"  # the backbones' start: imagenet, a local file, none
     fingerprint: str = ""  # orchestrator.training.identity's: kept in every cursor
+    # how it runs: checkpoint cadence and logging, eager mode, evaluation batches, fault injection
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    execution: ExecutionSpec = field(default_factory=ExecutionSpec)
+
+    @classmethod
+    def of(cls, job: RunJob, fingerprint: str) -> RunSetup:
+        recipe = job.recipe
+        return cls(job.network, job.fold, recipe.train, recipe.augment, recipe.model.weights,
+                   fingerprint, job.checkpoint, job.execution)
 
 
 @dataclass(frozen=True)
@@ -155,20 +166,20 @@ class Run:
         keras.utils.set_random_seed(self.seed)
         with precision_policy(self.spec.mixed_precision):
             fresh = build(self.network, self.inputs.store.image_size, self.setup.weights)
-        key = traced.key_of(self.network, self.inputs.store.image_size, self.spec)
-        if self.spec.reuse_traced and (kept := traced.take(key)) is not None:
+        key = traced.key_of(self.network, self.inputs.store.image_size, self.spec, self.setup.execution.run_eagerly)
+        if self.setup.execution.reuse_traced and (kept := traced.take(key)) is not None:
             log.info("%s: restarting this process's traced %s from its fresh weights", self.name, self.network)
             self.statistics, self.optimizer_start = kept.statistics, kept.optimizer_start
             return restart_from(kept.model, fresh, kept.optimizer_start)
         model = compile_network(fresh, self.spec.learning_rate, jit_compile=self.spec.xla,
-                                run_eagerly=self.spec.run_eagerly, warmup_steps=self.spec.warmup_steps)
+                                run_eagerly=self.setup.execution.run_eagerly, warmup_steps=self.spec.warmup_steps)
         self.optimizer_start = optimizer_start(model)
         return model
 
     def keep_traced(self) -> None:
         """Hand the finished run's model to this process's next run of the same kind (traced)."""
-        if self.spec.reuse_traced and self.optimizer_start is not None:
-            key = traced.key_of(self.network, self.inputs.store.image_size, self.spec)
+        if self.setup.execution.reuse_traced and self.optimizer_start is not None:
+            key = traced.key_of(self.network, self.inputs.store.image_size, self.spec, self.setup.execution.run_eagerly)
             traced.keep(traced.Traced(key, self.model, self.optimizer_start, self.statistics))
 
     def _resume(self) -> keras.Model | None:
@@ -196,7 +207,7 @@ class Run:
                 log.info("resuming %s from %s", self.name, checkpoint.name)
             if self.tracker is not None:
                 self.tracker.set_tags({RESUMED_FROM: str(cursor.epoch)})
-            model.run_eagerly = self.spec.run_eagerly  # a setting of this process, not of the model
+            model.run_eagerly = self.setup.execution.run_eagerly  # a setting of this process, not of the model
             self._restore_best(checkpoint)
             self.cursor = cursor
             return build_state(model)
@@ -261,8 +272,8 @@ class Run:
         phase = self.phase
         steps = self._steps(phase.rows)
         # validation is the callback's (after the batch-norm statistics), not fit's; an injected
-        # failure (train.fail_at, tests) comes after the epoch's checkpoint
-        callbacks = [EpochEnd(self), *fault_callbacks(self.spec.fail_at, self.name, phase.number, self.paths)]
+        # failure (execution.fail_at, tests) comes after the epoch's checkpoint
+        callbacks = [EpochEnd(self), *fault_callbacks(self.setup.execution.fail_at, self.name, phase.number, self.paths)]
         timed, began = sum(self.seconds.values()), time.perf_counter()
         model.fit(self._stream(phase.rows, start, phase.last_epoch - start, steps), initial_epoch=start,
                   epochs=phase.last_epoch, steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
@@ -293,15 +304,15 @@ class Run:
         return row
 
     def _checkpoint_due(self, epoch: int) -> bool:
-        every, phase = self.spec.checkpoint_every, self.phase
+        every, phase = self.setup.checkpoint.every, self.phase
         due = epoch == phase.last_epoch or bool(every and (epoch - phase.first_epoch) % every == 0)
-        return due and time.monotonic() - self.last_checkpoint >= self.spec.checkpoint_min_seconds
+        return due and time.monotonic() - self.last_checkpoint >= self.setup.checkpoint.min_seconds
 
     def _validate(self, model: keras.Model, epoch: int) -> dict[str, float]:
         self._fresh_statistics(model, self.phase.rows, epoch)
         with self.timed("validation"):
             if self.val_stream is None:  # made once: each new tf.data pipeline traces its functions again
-                self.val_stream = eval_stream(self.inputs.store, self.inputs.val, self.spec.eval_batch_size)
+                self.val_stream = eval_stream(self.inputs.store, self.inputs.val, self.setup.execution.eval_batch_size)
             probabilities = predict_stream(model, self.val_stream)
         targets = one_hot(self.inputs.val["label"])
         # Keras' categorical cross-entropy (probabilities clipped to [1e-7, 1 - 1e-7]) and accuracy
@@ -310,7 +321,7 @@ class Run:
 
     def predict(self, model: keras.Model, rows: pd.DataFrame) -> np.ndarray:
         """Class probabilities of `rows`, in order, in inference mode."""
-        return predict_stream(model, eval_stream(self.inputs.store, rows, self.spec.eval_batch_size))
+        return predict_stream(model, eval_stream(self.inputs.store, rows, self.setup.execution.eval_batch_size))
 
     def _fresh_statistics(self, model: keras.Model, rows: pd.DataFrame, epoch: int) -> None:
         """Precise batch norm: the population statistics of the training batches of `epoch` (the
@@ -333,7 +344,7 @@ class Run:
                 shutil.copyfile(self.paths.best_weights, folder / BEST_WEIGHTS)
 
         with self.timed("checkpoints"):
-            target = checkpoints.write(self.paths, cursor, save, keep=self.spec.keep_checkpoints)
+            target = checkpoints.write(self.paths, cursor, save, keep=self.setup.checkpoint.keep)
         self.last_checkpoint = time.monotonic()
         self._log_pending()
         return target
@@ -372,11 +383,11 @@ class Run:
 
     def _log_phase(self, model: keras.Model, phase: int, summary: dict) -> None:
         self.tracker.log_metrics(summary, step=phase)
-        if self.spec.log_checkpoints == "weights":
+        if self.setup.checkpoint.log == "weights":
             weights = save_weights_only(model, self.paths.phase_weights(phase))
             self.tracker.log_artifact(weights, "checkpoints")
             weights.unlink()
-        elif self.spec.log_checkpoints == "full":
+        elif self.setup.checkpoint.log == "full":
             self.tracker.log_artifact(checkpoints.complete(self.paths)[-1] / CHECKPOINT_MODEL, f"checkpoints/phase{phase}")
 
     # ------------------------------------------------------------ selection and evaluation

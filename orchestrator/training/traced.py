@@ -1,7 +1,7 @@
 """A process's traced network, kept for its next run of the same kind.
 
-Tracing is a fixed cost of every run: TensorFlow traces the train step (17-40 s a network at
-72x72 on one CPU core), the batch-norm probe and the predict step before the first of each runs.
+Tracing is a fixed cost of every run (docs/performance.md measures it): TensorFlow traces the
+train step, the batch-norm probe and the predict step before the first of each runs.
 Where one process trains several runs (a local Ray trains in its reused Tune trials), the next
 run of the same network and settings takes the last one's compiled model and restarts it from
 the variables of a network freshly built under its own seed (models.training.restart_from): the
@@ -33,11 +33,11 @@ class Traced:
 _kept: Traced | None = None
 
 
-def key_of(network: str, image_size: int, spec) -> tuple:
+def key_of(network: str, image_size: int, spec, run_eagerly: bool) -> tuple:
     """What a traced model's steps depend on: the network, its input, and the compilation
-    (`spec`, an orchestrator.config.TrainSpec)."""
+    (`spec`, an orchestrator.config.TrainSpec, and eager mode)."""
     return (network, image_size, spec.learning_rate, spec.warmup_steps, spec.mixed_precision, spec.xla,
-            spec.run_eagerly, spec.batchnorm)
+            run_eagerly, spec.batchnorm)
 
 
 def take(key: Hashable) -> Traced | None:

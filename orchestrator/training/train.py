@@ -18,7 +18,6 @@ from typing import Callable
 import pandas as pd
 
 from data_pipeline.schema import CLASSES, PROBABILITY_COLUMNS
-from orchestrator.config import flatten
 from orchestrator.evaluation.figures import confusion_matrix_figure
 from orchestrator.evaluation.metrics import accuracy, confusion, macro_auc
 from orchestrator.lock import FileLock
@@ -30,72 +29,73 @@ from orchestrator.tracking.runs import RunTracker
 from orchestrator.training import remote_run
 from orchestrator.training.identity import Identity, check_run
 from orchestrator.training.inputs import RunInputs, run_datasets
+from orchestrator.training.job import RunJob
 from orchestrator.training.records import RunRecords
 from orchestrator.training.run import Run, RunSetup
 
 log = logging.getLogger(__name__)
 
 
-def train_and_evaluate(config, fold: int, network: str, parent_run_id: str = "",
+def train_and_evaluate(job: RunJob, parent_run_id: str = "",
                        report: Callable[[dict], None] | None = None, placement: dict[str, str] | None = None,
                        lock_owner: str = "", keep_traced: bool = False) -> Path:
-    """Train and evaluate one run of `config` (an orchestrator.config.Config), tracked in MLflow.
+    """Train and evaluate one run (`job`, orchestrator.training.job.RunJob), tracked in MLflow.
 
     `placement`: tags saying where this attempt runs (node, GPUs), set again by a resumed run.
     `lock_owner`: the token of the driver's workdir lock, whose earlier attempts at this run may
     hold the run folder's lock (orchestrator.lock). `keep_traced`: this process trains more runs,
     so the finished run's traced model is kept for the next of its kind (orchestrator.training.traced,
-    as `train.reuse_traced` allows). Returns the run folder. A finished run
+    as `execution.reuse_traced` allows). Returns the run folder. A finished run
     (done.json) of the same fingerprint is not trained again; a run folder of another
     fingerprint is refused (orchestrator.training.identity.StaleRun).
     """
-    paths = config.paths.run(fold, network)
-    stale_after = config.cluster.lock_stale_seconds
+    paths = job.paths
+    stale_after = job.lock_stale_seconds
     lock = FileLock(paths.lock, f"run folder {paths.root}", stale_after, owner=lock_owner,
-                    command=f"the trainer of {run_name(fold, network)}")
+                    command=f"the trainer of {run_name(job.fold, job.network)}")
     lock.acquire(wait=stale_after * 1.25)  # an earlier attempt that died: its heartbeat goes stale
     try:
         remote_run.fetch(paths)  # on object storage: the bucket's run, whatever this node held
-        return _train_and_evaluate(config, fold, network, parent_run_id, report, placement, keep_traced)
+        return _train_and_evaluate(job, parent_run_id, report, placement, keep_traced)
     finally:
         lock.release()
 
 
-def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, report, placement,
-                        keep_traced: bool) -> Path:
+def _train_and_evaluate(job: RunJob, parent_run_id: str, report, placement, keep_traced: bool) -> Path:
     started = time.perf_counter()  # the run's set-up, timed: lock, MLflow run, inputs
-    paths, name = config.paths.run(fold, network), run_name(fold, network)
-    identity = Identity.of(config)
-    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths, config.paths.mlruns)
+    fold, network, work = job.fold, job.network, job.work
+    paths, name, records = job.paths, run_name(fold, network), RunRecords(job.paths)
+    identity = Identity.of(work, job.recipe)
+    tracker = RunTracker(job.tracking.uri, job.tracking.experiment, paths, work.mlruns)
     if found := tracker.reconcile(name, parent_run_id):  # a kill between MLflow's FINISHED and done.json
         log.warning("%s: %s", name, found)
     check_run(paths, identity)
-    if RunRecords(paths).is_done():
+    if records.is_done():
         log.info("%s is complete (%s); skipping", name, paths.done)
         discard_checkpoints(paths)  # a kill may have come between done.json and this
         return paths.root
-    inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases)
+    inputs = RunInputs.load(work.store, work.splits, fold, job.phases)
     if not paths.identity.is_file():
-        RunRecords(paths).upload(identity.write(paths.identity))  # first, so that nothing in the folder predates it
+        records.upload(identity.write(paths.identity))  # first, so that nothing in the folder predates it
     tags = {names.FOLD: str(fold), names.NETWORK: network, names.PROTOCOL: inputs.split_meta.protocol,
             names.VALIDATION: inputs.split_meta.validation, names.SOURCE_NAME: "cxr (orchestrator.training)",
             names.SELECTION_ON_TEST_POOL: str(inputs.split_meta.validation == "test_pool"
-                                               and config.train.selection == "best").lower(),
+                                              and job.recipe.train.selection == "best").lower(),
             names.FINGERPRINT: identity.fingerprint, **package_versions()}
     # set on every attempt, like the placement: what the run is, and where this attempt runs
     identity_tags = {names.FINGERPRINT: identity.fingerprint, names.SPLIT_HASH: identity.split_hash,
                      names.STORE_KEY: identity.store_key, **(placement or {})}
     run = None
     try:  # from the run's opening on, any error ends it FAILED (Ctrl-C: KILLED), never RUNNING
-        params = {**flatten(config), "fold": str(fold), "network": network}
+        params = {**job.params, "fold": str(fold), "network": network}
         if tracker.open(name, tags, params, parent_run_id):
-            tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=identity.split_hash[:16])
+            tracker.log_datasets(run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16])
         tracker.set_tags(identity_tags)
-        setup = RunSetup(network, fold, config.train, config.augment, config.model.weights, identity.fingerprint)
+        setup = RunSetup.of(job, identity.fingerprint)
         run = Run(setup, inputs, paths, tracker, report)
         run.seconds["run set-up"] += time.perf_counter() - started
         predictions = pd.read_csv(run.train())
-        log_results(run, tracker, predictions, f"fold {fold}, {network}", config.model_limits)
+        log_results(run, tracker, predictions, f"fold {fold}, {network}", job.model_limits)
         tracker.log_metrics({f"seconds_{k}": v for k, v in run.save_timing().items()})
     except BaseException as exc:
         if run is not None:
@@ -107,8 +107,8 @@ def _train_and_evaluate(config, fold: int, network: str, parent_run_id: str, rep
     # done.json. A kill between the last two leaves a FINISHED run that `reconcile` completes.
     with run.timed("run close"):
         tracker.close("FINISHED")
-        RunRecords(paths).upload(paths.predictions, paths.history)  # before done.json, which says they are there
-        RunRecords(paths).write_done(tracker.run_id, identity.fingerprint, run.model_uri)
+        records.upload(paths.predictions, paths.history)  # before done.json, which says they are there
+        records.write_done(tracker.run_id, identity.fingerprint, run.model_uri)
         discard_checkpoints(paths)
     run.save_timing()
     if keep_traced:  # for this process's next run of the same network

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.config import flatten
 from orchestrator.lock import FileLock
 from orchestrator.paths import run_name
 from orchestrator.tracking import names
@@ -23,40 +22,42 @@ from orchestrator.tracking.experiment import package_versions
 from orchestrator.tracking.runs import RunTracker
 from orchestrator.training.identity import Identity
 from orchestrator.training.inputs import RunInputs, run_datasets
+from orchestrator.training.job import RunJob
 from orchestrator.training.run import Run, RunSetup
 
 
-def train_trial(config, fold: int, network: str, parent_run_id: str, params: dict[str, str],
+def train_trial(job: RunJob, parent_run_id: str, params: dict[str, str],
                 report: Callable[[dict], None], placement: dict[str, str] | None = None,
                 lock_owner: str = "") -> str:
-    """Train one trial of `config` (its storage path the trial's folder); returns its MLflow run id.
+    """Train one trial (`job`, its run storage the trial's folder); returns its MLflow run id.
     `params`: the sampled settings, logged beside the config's. `report` gets each epoch's row."""
-    paths = config.paths.run(fold, network)
-    lock = FileLock(paths.lock, f"trial folder {paths.root}", config.cluster.lock_stale_seconds, owner=lock_owner,
+    paths = job.paths
+    lock = FileLock(paths.lock, f"trial folder {paths.root}", job.lock_stale_seconds, owner=lock_owner,
                     command=f"the trial {paths.root.parent.parent.name}")
-    lock.acquire(wait=config.cluster.lock_stale_seconds * 1.25)
+    lock.acquire(wait=job.lock_stale_seconds * 1.25)
     try:
-        return _train_trial(config, fold, network, parent_run_id, params, report, placement)
+        return _train_trial(job, parent_run_id, params, report, placement)
     finally:
         lock.release()
 
 
-def _train_trial(config, fold, network, parent_run_id, params, report, placement) -> str:
+def _train_trial(job: RunJob, parent_run_id, params, report, placement) -> str:
     started = time.perf_counter()
-    paths, identity = config.paths.run(fold, network), Identity.of(config)
-    trial = Path(config.cluster.storage_path).name
-    tracker = RunTracker(config.tracking_uri, config.experiment_name, paths.root, config.paths.mlruns)
-    inputs = RunInputs.load(config.paths.store, config.paths.splits, fold, config.splits.phases, test=False)
+    fold, network, work = job.fold, job.network, job.work
+    paths, identity = job.paths, Identity.of(work, job.recipe)
+    trial = Path(work.storage).name
+    tracker = RunTracker(job.tracking.uri, job.tracking.experiment, paths.root, work.mlruns)
+    inputs = RunInputs.load(work.store, work.splits, fold, job.phases, test=False)
     tags = {names.ROLE: names.TRIAL_ROLE, names.FOLD: str(fold), names.NETWORK: network,
             names.PROTOCOL: inputs.split_meta.protocol, names.VALIDATION: inputs.split_meta.validation,
             names.FINGERPRINT: identity.fingerprint, names.SPLIT_HASH: identity.split_hash,
             names.SOURCE_NAME: "cxr tune (orchestrator.training.trial)", **package_versions(), **(placement or {})}
     run = None
     try:
-        all_params = {**flatten(config), "fold": str(fold), "network": network, **params}
+        all_params = {**job.params, "fold": str(fold), "network": network, **params}
         if tracker.open(f"{trial} {run_name(fold, network)}", tags, all_params, parent_run_id):
-            tracker.log_datasets(run_datasets(inputs, config.paths.splits, fold), digest=identity.split_hash[:16])
-        setup = RunSetup(network, fold, config.train, config.augment, config.model.weights, identity.fingerprint)
+            tracker.log_datasets(run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16])
+        setup = RunSetup.of(job, identity.fingerprint)
 
         def reported(row: dict) -> None:  # a trial is never resumed: each epoch to MLflow at once, then to Tune
             tracker.log_epochs([row])
