@@ -30,7 +30,9 @@ def run_seconds(workdir: Path, folds: int, overhead: float) -> dict[str, float]:
         for network in NETWORK_COST:
             timers = RunRecords(paths.run(fold, network)).read_timing()
             if not timers:
-                raise SystemExit(f"{paths.run(fold, network).timing}: expected a finished run's timers, found none.")
+                raise SystemExit(
+                    f"{paths.run(fold, network).timing}: expected a finished run's timers, found none."
+                )
             seconds[run_name(fold, network)] = sum(timers.values()) + overhead
     return seconds
 
@@ -39,14 +41,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("work/demo"))
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--cores", default="2,8,16", help="core counts to project, one run per core")
-    parser.add_argument("--overhead", type=float, default=5.0, help="seconds per run around the trainer")
+    parser.add_argument(
+        "--cores", default="2,8,16", help="core counts to project, one run per core"
+    )
+    parser.add_argument(
+        "--overhead", type=float, default=5.0, help="seconds per run around the trainer"
+    )
     args = parser.parse_args(argv)
     seconds = run_seconds(args.workdir, args.folds, args.overhead)
-    print(f"{len(seconds)} runs, {sum(seconds.values()):,.0f} core-seconds, the longest "
-          f"{max(seconds, key=seconds.get)} {max(seconds.values()):,.0f} s")
+    print(
+        f"{len(seconds)} runs, {sum(seconds.values()):,.0f} core-seconds, the longest "
+        f"{max(seconds, key=seconds.get)} {max(seconds.values()):,.0f} s"
+    )
     for cores in (int(c) for c in args.cores.split(",")):
-        print(f"{cores:>3} cores: training stage about {makespan(list(seconds.values()), cores):,.0f} s")
+        print(
+            f"{cores:>3} cores: training stage about {makespan(list(seconds.values()), cores):,.0f} s"
+        )
 
 
 if __name__ == "__main__":

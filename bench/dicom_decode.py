@@ -32,7 +32,9 @@ def default_files() -> list[Path]:
     for i in range(4):
         path = out / f"{i}.dcm"
         item = RsnaImage(i, str(i), "normal", (), "PA", "M", "50")
-        write_rsna_dicom(path, chest_image(np.random.default_rng(i), (1024, 1024), "normal"), item, 0)
+        write_rsna_dicom(
+            path, chest_image(np.random.default_rng(i), (1024, 1024), "normal"), item, 0
+        )
         files.append(path)
     return files
 
@@ -47,15 +49,22 @@ def rate(datasets: list[pydicom.Dataset], plugin: str, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("files", nargs="*", type=Path)
     parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args()
     files = args.files or default_files()
     datasets = [pydicom.dcmread(f) for f in files]  # parse once: we time pixel decoding only
-    for ds, f in zip(datasets, files):
-        a, b = pixel_array(ds, decoding_plugin="pillow"), pixel_array(ds, decoding_plugin="pylibjpeg")
-        print(f"{f.name}: {a.shape}, max |pillow - pylibjpeg| = {int(np.abs(a.astype(int) - b).max())}")
+    for ds, f in zip(datasets, files, strict=False):
+        a, b = (
+            pixel_array(ds, decoding_plugin="pillow"),
+            pixel_array(ds, decoding_plugin="pylibjpeg"),
+        )
+        print(
+            f"{f.name}: {a.shape}, max |pillow - pylibjpeg| = {int(np.abs(a.astype(int) - b).max())}"
+        )
     pillow = rate(datasets, "pillow", args.repeats)
     libjpeg = rate(datasets, "pylibjpeg", args.repeats)
     print(f"pillow:    {pillow:8.1f} images/s")

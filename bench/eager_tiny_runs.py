@@ -26,14 +26,25 @@ def one_mode(network: str, eager: bool, size: int, phases: int, steps: int, batc
     from models.networks import build
 
     model = build(network, size, "none")
-    model.compile(optimizer=keras.optimizers.Nadam(1e-4), loss="categorical_crossentropy", metrics=["accuracy"],
-                  run_eagerly=eager)
+    model.compile(
+        optimizer=keras.optimizers.Nadam(1e-4),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        run_eagerly=eager,
+    )
     rng = np.random.default_rng(0)
     x = rng.random((steps * batch, size, size, 3), dtype=np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 3, steps * batch), 3)
     start = time.perf_counter()
     for _ in range(phases):  # one compiled model across phases, as the trainer does
-        model.fit(x, y, batch_size=batch, epochs=1, validation_data=(x[:2 * batch], y[:2 * batch]), verbose=0)
+        model.fit(
+            x,
+            y,
+            batch_size=batch,
+            epochs=1,
+            validation_data=(x[: 2 * batch], y[: 2 * batch]),
+            verbose=0,
+        )
     model.predict(x, batch_size=64, verbose=0)
     return time.perf_counter() - start
 
@@ -49,21 +60,52 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:  # one measurement, in its own process
         network, eager = args.child.split(":")
-        print(json.dumps(one_mode(network, eager == "eager", args.size, args.phases, args.steps, args.batch)))
+        print(
+            json.dumps(
+                one_mode(network, eager == "eager", args.size, args.phases, args.steps, args.batch)
+            )
+        )
         return
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1",
-           "TF_NUM_INTEROP_THREADS": "1"}
-    print(f"{args.phases} phases x {args.steps} steps of batch {args.batch} at {args.size} px, validation and "
-          f"predict; one thread")
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "OMP_NUM_THREADS": "1",
+        "TF_NUM_INTRAOP_THREADS": "1",
+        "TF_NUM_INTEROP_THREADS": "1",
+    }
+    print(
+        f"{args.phases} phases x {args.steps} steps of batch {args.batch} at {args.size} px, validation and "
+        f"predict; one thread"
+    )
     for network in args.networks.split(","):
         seconds = {}
         for mode in ("graph", "eager"):
-            out = subprocess.run([sys.executable, "-m", "bench.eager_tiny_runs", "--child", f"{network}:{mode}",
-                                  "--size", str(args.size), "--phases", str(args.phases), "--steps", str(args.steps),
-                                  "--batch", str(args.batch)], capture_output=True, text=True, env=env, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.eager_tiny_runs",
+                    "--child",
+                    f"{network}:{mode}",
+                    "--size",
+                    str(args.size),
+                    "--phases",
+                    str(args.phases),
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             seconds[mode] = float(out.stdout.strip().splitlines()[-1])
-        print(f"{network:>13}: graph {seconds['graph']:.1f} s, eager {seconds['eager']:.1f} s, "
-              f"graph / eager time ratio {seconds['graph'] / seconds['eager']:.2f}")
+        print(
+            f"{network:>13}: graph {seconds['graph']:.1f} s, eager {seconds['eager']:.1f} s, "
+            f"graph / eager time ratio {seconds['graph'] / seconds['eager']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def rate_authors(model: keras.Model, rows, size: int) -> tuple[float, np.ndarray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--network", default="xception", choices=NETWORK_NAMES)
     parser.add_argument("--size", type=int, default=300)
     parser.add_argument("--images", type=int, default=120)
@@ -62,10 +64,14 @@ def main() -> None:
         folder = Path(tmp) / "png"
         folder.mkdir()
         rows = write_pngs(folder, args.images, args.size)
-        store = ImageStore.open(build_serial(rows, Path(tmp) / "store", StoreSpec(image_size=args.size)))
+        store = ImageStore.open(
+            build_serial(rows, Path(tmp) / "store", StoreSpec(image_size=args.size))
+        )
         ours, p_ours = rate_ours(model, store, rows, args.batch)
         authors, p_authors = rate_authors(model, rows, args.size)
-    print(f"{args.network} at {args.size}x{args.size}, {args.images} images, CPU cores: {os.cpu_count()}")
+    print(
+        f"{args.network} at {args.size}x{args.size}, {args.images} images, CPU cores: {os.cpu_count()}"
+    )
     print(f"same predictions: max |difference| = {np.abs(p_ours - p_authors).max():.2e}")
     print(f"ours (batched, {args.batch} per batch):     {ours:8.1f} images/s")
     print(f"authors (model.predict per image):  {authors:8.1f} images/s")

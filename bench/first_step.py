@@ -41,21 +41,35 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 
 def first_step(network: str, size: int, ours: bool) -> float:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-c", CHILD, network, str(size), "ours" if ours else "keras"],
-                          capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, network, str(size), "ours" if ours else "keras"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--networks", default="xception,resnet50v2,concatenated")
     parser.add_argument("--size", type=int, default=72)
     args = parser.parse_args()
-    print(f"first training step (build, trace, run) at {args.size}x{args.size}, batch 8, Nadam, one thread")
+    print(
+        f"first training step (build, trace, run) at {args.size}x{args.size}, batch 8, Nadam, one thread"
+    )
     for network in args.networks.split(","):
-        keras_default, ours = first_step(network, args.size, False), first_step(network, args.size, True)
-        print(f"{network:>13}: Keras default {keras_default:6.1f} s   ours (state built first) {ours:6.1f} s   "
-              f"ratio {keras_default / ours:.1f}x")
+        keras_default, ours = (
+            first_step(network, args.size, False),
+            first_step(network, args.size, True),
+        )
+        print(
+            f"{network:>13}: Keras default {keras_default:6.1f} s   ours (state built first) {ours:6.1f} s   "
+            f"ratio {keras_default / ours:.1f}x"
+        )
 
 
 if __name__ == "__main__":

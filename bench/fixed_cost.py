@@ -32,37 +32,86 @@ def prepare(base: Path, overrides: list[str]) -> None:
     data = base / "data"
     steps = [
         [str(CXR), "synth", "--out", str(data), "--scale", "demo"],
-        [str(CXR), "manifest", "--covid-root", str(data / "covid-chestxray-dataset"),
-         "--rsna-root", str(data / "rsna-pneumonia-detection-challenge"), "--out", str(base / "manifest.csv")],
-        [str(CXR), "prepare", "--config", str(CONFIG), *sets, "--manifest", str(base / "manifest.csv"),
-         "--out", str(base / "store")],
-        [str(CXR), "splits", "--config", str(CONFIG), *sets, "--manifest", str(base / "manifest.csv"),
-         "--out", str(base / "splits")],
+        [
+            str(CXR),
+            "manifest",
+            "--covid-root",
+            str(data / "covid-chestxray-dataset"),
+            "--rsna-root",
+            str(data / "rsna-pneumonia-detection-challenge"),
+            "--out",
+            str(base / "manifest.csv"),
+        ],
+        [
+            str(CXR),
+            "prepare",
+            "--config",
+            str(CONFIG),
+            *sets,
+            "--manifest",
+            str(base / "manifest.csv"),
+            "--out",
+            str(base / "store"),
+        ],
+        [
+            str(CXR),
+            "splits",
+            "--config",
+            str(CONFIG),
+            *sets,
+            "--manifest",
+            str(base / "manifest.csv"),
+            "--out",
+            str(base / "splits"),
+        ],
     ]
     for command in steps:
         subprocess.run(command, check=True, capture_output=True, text=True)
 
 
-def arm(base: Path, workdir: Path, reuse: bool, folds: str, networks: str, overrides: list[str]) -> dict:
+def arm(
+    base: Path, workdir: Path, reuse: bool, folds: str, networks: str, overrides: list[str]
+) -> dict:
     """`cxr train` of the runs in a copy of `base`; its training-stage seconds and printed split."""
     workdir.mkdir(parents=True)
     for part in ("manifest.csv", "manifest.json", "splits", "store"):
         source = base / part
         (shutil.copytree if source.is_dir() else shutil.copy)(source, workdir / part)
-    sets = [f"workdir={workdir}", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}", f"execution.reuse_traced={reuse}",
-            *overrides]
-    command = [str(CXR), "train", "--config", str(CONFIG), "--folds", folds, "--networks", networks,
-               *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        f"workdir={workdir}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"execution.reuse_traced={reuse}",
+        *overrides,
+    ]
+    command = [
+        str(CXR),
+        "train",
+        "--config",
+        str(CONFIG),
+        "--folds",
+        folds,
+        "--networks",
+        networks,
+        *[a for s in sets for a in ("--set", s)],
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     stage = re.search(r"training runs (\d+) s", done.stdout)
-    split = next((line for line in done.stdout.splitlines() if line.startswith("slot time of the runs")), "")
-    inside = next((line for line in done.stdout.splitlines() if line.startswith("inside the runs")), "")
-    return {"wall": wall, "training": float(stage.group(1)) if stage else float("nan"), "split": split,
-            "inside": inside}
+    split = next(
+        (line for line in done.stdout.splitlines() if line.startswith("slot time of the runs")), ""
+    )
+    inside = next(
+        (line for line in done.stdout.splitlines() if line.startswith("inside the runs")), ""
+    )
+    return {
+        "wall": wall,
+        "training": float(stage.group(1)) if stage else float("nan"),
+        "split": split,
+        "inside": inside,
+    }
 
 
 def main() -> None:
@@ -76,13 +125,26 @@ def main() -> None:
         prepare(root / "base", args.overrides)
         results = {}
         for name, reuse in (("trace per run", False), ("traced network restarted", True)):
-            results[name] = arm(root / "base", root / name.replace(" ", "-"), reuse, args.folds, args.networks,
-                                args.overrides)
-            print(f"{name}: training runs {results[name]['training']:.0f} s (command {results[name]['wall']:.0f} s)")
+            results[name] = arm(
+                root / "base",
+                root / name.replace(" ", "-"),
+                reuse,
+                args.folds,
+                args.networks,
+                args.overrides,
+            )
+            print(
+                f"{name}: training runs {results[name]['training']:.0f} s (command {results[name]['wall']:.0f} s)"
+            )
             print(f"  {results[name]['inside']}\n  {results[name]['split']}")
-    base, ours = results["trace per run"]["training"], results["traced network restarted"]["training"]
-    print(f"runs folds {args.folds} x {args.networks}: training stage {base:.0f} s -> {ours:.0f} s, "
-          f"ratio {base / ours:.2f}x")
+    base, ours = (
+        results["trace per run"]["training"],
+        results["traced network restarted"]["training"],
+    )
+    print(
+        f"runs folds {args.folds} x {args.networks}: training stage {base:.0f} s -> {ours:.0f} s, "
+        f"ratio {base / ours:.2f}x"
+    )
 
 
 if __name__ == "__main__":

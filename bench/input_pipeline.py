@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the figures
+os.environ.setdefault(
+    "TF_CPP_MIN_LOG_LEVEL", "2"
+)  # keep TensorFlow's start-up chatter out of the figures
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -43,9 +45,19 @@ def write_pngs(folder: Path, n: int, side: int) -> pd.DataFrame:
     for i in range(n):
         label = list(PATTERNS)[i % 3]
         name = f"img{i:05d}.png"
-        Image.fromarray(chest_image(np.random.default_rng(i), (side, side), PATTERNS[label])).save(folder / name)
-        rows.append({"image_id": name, "path": str(folder / name), "label": label, "source": "bench",
-                     "patient_id": str(i), "view": "PA"})
+        Image.fromarray(chest_image(np.random.default_rng(i), (side, side), PATTERNS[label])).save(
+            folder / name
+        )
+        rows.append(
+            {
+                "image_id": name,
+                "path": str(folder / name),
+                "label": label,
+                "source": "bench",
+                "patient_id": str(i),
+                "view": "PA",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -63,13 +75,27 @@ def rate_ours(store: ImageStore, rows: pd.DataFrame, epochs: int) -> float:
 def rate_authors(folder: Path, rows: pd.DataFrame, epochs: int) -> float:
     from models.keras_adapter import legacy_image_data_generator
 
-    generator = legacy_image_data_generator(horizontal_flip=True, vertical_flip=True, zoom_range=0.05, rotation_range=360,
-                                           width_shift_range=0.05, height_shift_range=0.05, shear_range=0.05,
-                                           rescale=1 / 255)
-    flow = generator.flow_from_dataframe(rows.rename(columns={"image_id": "filename", "label": "class"}),
-                                         directory=str(folder), x_col="filename", y_col="class",
-                                         target_size=(SIZE, SIZE), batch_size=BATCH, class_mode="categorical",
-                                         shuffle=True, seed=0)
+    generator = legacy_image_data_generator(
+        horizontal_flip=True,
+        vertical_flip=True,
+        zoom_range=0.05,
+        rotation_range=360,
+        width_shift_range=0.05,
+        height_shift_range=0.05,
+        shear_range=0.05,
+        rescale=1 / 255,
+    )
+    flow = generator.flow_from_dataframe(
+        rows.rename(columns={"image_id": "filename", "label": "class"}),
+        directory=str(folder),
+        x_col="filename",
+        y_col="class",
+        target_size=(SIZE, SIZE),
+        batch_size=BATCH,
+        class_mode="categorical",
+        shuffle=True,
+        seed=0,
+    )
     next(flow)  # warm up
     batches = epochs * len(flow)
     start, seen = time.perf_counter(), 0
@@ -80,11 +106,17 @@ def rate_authors(folder: Path, rows: pd.DataFrame, epochs: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=10, help="epochs timed for ours")
-    parser.add_argument("--baseline-epochs", type=int, default=1, help="epochs timed for the authors' loader")
-    parser.add_argument("--source-size", type=int, default=SIZE, help="side of the PNG files (default 300)")
+    parser.add_argument(
+        "--baseline-epochs", type=int, default=1, help="epochs timed for the authors' loader"
+    )
+    parser.add_argument(
+        "--source-size", type=int, default=SIZE, help="side of the PNG files (default 300)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "png"
@@ -93,8 +125,10 @@ def main() -> None:
         store = ImageStore.open(build_serial(rows, Path(tmp) / "store", StoreSpec(image_size=SIZE)))
         ours = rate_ours(store, rows, args.epochs)
         authors = rate_authors(folder, rows, args.baseline_epochs)
-    print(f"images: {args.images} PNG files of {args.source_size}x{args.source_size}, batches of {BATCH} at "
-          f"{SIZE}x{SIZE}, Table 2 augmentations")
+    print(
+        f"images: {args.images} PNG files of {args.source_size}x{args.source_size}, batches of {BATCH} at "
+        f"{SIZE}x{SIZE}, Table 2 augmentations"
+    )
     print(f"ours (store + tf.data):                  {ours:8.1f} images/s")
     print(f"authors (ImageDataGenerator, PNG files): {authors:8.1f} images/s")
     print(f"ratio: {ours / authors:.1f}x")

@@ -41,7 +41,9 @@ from orchestrator.training.run import Phase, Run, RunSetup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-NO_AUGMENT = AugmentSpec(horizontal_flip=False, vertical_flip=False, rotation=0, zoom=0, shift=0, shear=0)
+NO_AUGMENT = AugmentSpec(
+    horizontal_flip=False, vertical_flip=False, rotation=0, zoom=0, shift=0, shear=0
+)
 
 
 def workdir(config) -> None:
@@ -55,53 +57,94 @@ def workdir(config) -> None:
 def scores(run: Run, model, rows: pd.DataFrame) -> tuple[float, float]:
     """Accuracy, and the mean over classes of the probabilities' std across images."""
     probabilities = run.predict(model, rows)
-    return (float((probabilities.argmax(1) == one_hot(rows["label"]).argmax(1)).mean()),
-            float(probabilities.std(axis=0).mean()))
+    return (
+        float((probabilities.argmax(1) == one_hot(rows["label"]).argmax(1)).mean()),
+        float(probabilities.std(axis=0).mean()),
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--network", default="xception", choices=NETWORK_NAMES)
     parser.add_argument("--fold", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(ROOT / "configs" / "demo.yaml", [f"workdir={tmp}", "train.batchnorm=moving",
-                                                              "train.selection=last", *args.set])
+        config = load_config(
+            ROOT / "configs" / "demo.yaml",
+            [f"workdir={tmp}", "train.batchnorm=moving", "train.selection=last", *args.set],
+        )
         workdir(config)
-        inputs = RunInputs.load(config.paths.store, config.paths.splits, args.fold, config.splits.phases)
-        run = Run(RunSetup(args.network, args.fold, config.train, config.augment), inputs, RunPaths(Path(tmp) / "run"))
+        inputs = RunInputs.load(
+            config.paths.store, config.paths.splits, args.fold, config.splits.phases
+        )
+        run = Run(
+            RunSetup(args.network, args.fold, config.train, config.augment),
+            inputs,
+            RunPaths(Path(tmp) / "run"),
+        )
         epochs = getattr(config.train.epochs, args.network)
         start = time.perf_counter()
         model = run.model()
         for phase, rows in enumerate(inputs.phases, start=1):
-            run.phase = Phase(phase, rows, first_epoch=(phase - 1) * epochs, last_epoch=phase * epochs)
+            run.phase = Phase(
+                phase, rows, first_epoch=(phase - 1) * epochs, last_epoch=phase * epochs
+            )
             run._fit_phase(model, (phase - 1) * epochs)
-        print(f"{args.network}: {int(model.optimizer.iterations)} steps of {run.batch_size} images in "
-              f"{time.perf_counter() - start:.0f} s; batch-norm momentum 0.99")
+        print(
+            f"{args.network}: {int(model.optimizer.iterations)} steps of {run.batch_size} images in "
+            f"{time.perf_counter() - start:.0f} s; batch-norm momentum 0.99"
+        )
         training = pd.concat(inputs.phases).drop_duplicates("image_id")
-        plain = np.concatenate([x for x, _ in training_stream(inputs.store, training, 64, 0, NO_AUGMENT)])
+        plain = np.concatenate(
+            [x for x, _ in training_stream(inputs.store, training, 64, 0, NO_AUGMENT)]
+        )
         evaluation = np.concatenate([x for x, _ in eval_stream(inputs.store, training, 64)])
-        same = np.array_equal(np.sort(plain.reshape(len(plain), -1), axis=0),
-                              np.sort(evaluation.reshape(len(evaluation), -1), axis=0))
+        same = np.array_equal(
+            np.sort(plain.reshape(len(plain), -1), axis=0),
+            np.sort(evaluation.reshape(len(evaluation), -1), axis=0),
+        )
         print(f"training stream without augmentation == evaluation stream (same pixels): {same}")
 
         moving_test, moving_train = scores(run, model, inputs.test), scores(run, model, training)
-        stream = training_stream(inputs.store, inputs.phases[-1], run.batch_size, run.seed, config.augment,
-                                 first_epoch=run.cursor.epoch - 1, steps_per_epoch=config.train.batchnorm_batches)
+        stream = training_stream(
+            inputs.store,
+            inputs.phases[-1],
+            run.batch_size,
+            run.seed,
+            config.augment,
+            first_epoch=run.cursor.epoch - 1,
+            steps_per_epoch=config.train.batchnorm_batches,
+        )
         layers = BatchNormStatistics(model).recompute(stream)
         precise_test, precise_train = scores(run, model, inputs.test), scores(run, model, training)
         print(f"\n{'layer':<26} {'moving var':>10} {'population var':>15} {'ratio':>7}")
         for layer in layers[::5]:
-            print(f"{layer.name:<26} {layer.moving_variance:10.4f} {layer.variance:15.5f} "
-                  f"{layer.moving_variance / max(layer.variance, 1e-12):7.1f}")
-        print(f"(the moving variance starts at 1.0; after {int(model.optimizer.iterations)} steps "
-              f"0.99^{int(model.optimizer.iterations)} = {0.99 ** int(model.optimizer.iterations):.3f} of it remains)")
-        print(f"\n{'statistics':<10} {'test accuracy':>14} {'train accuracy':>15} {'probability std':>16}")
-        print(f"{'moving':<10} {moving_test[0]:14.3f} {moving_train[0]:15.3f} {moving_test[1]:16.4f}")
-        print(f"{'precise':<10} {precise_test[0]:14.3f} {precise_train[0]:15.3f} {precise_test[1]:16.4f}")
-        print(f"test images {len(inputs.test)}; calling all normal scores "
-              f"{(inputs.test['label'] == 'normal').mean():.3f}")
+            print(
+                f"{layer.name:<26} {layer.moving_variance:10.4f} {layer.variance:15.5f} "
+                f"{layer.moving_variance / max(layer.variance, 1e-12):7.1f}"
+            )
+        print(
+            f"(the moving variance starts at 1.0; after {int(model.optimizer.iterations)} steps "
+            f"0.99^{int(model.optimizer.iterations)} = {0.99 ** int(model.optimizer.iterations):.3f} of it remains)"
+        )
+        print(
+            f"\n{'statistics':<10} {'test accuracy':>14} {'train accuracy':>15} {'probability std':>16}"
+        )
+        print(
+            f"{'moving':<10} {moving_test[0]:14.3f} {moving_train[0]:15.3f} {moving_test[1]:16.4f}"
+        )
+        print(
+            f"{'precise':<10} {precise_test[0]:14.3f} {precise_train[0]:15.3f} {precise_test[1]:16.4f}"
+        )
+        print(
+            f"test images {len(inputs.test)}; calling all normal scores "
+            f"{(inputs.test['label'] == 'normal').mean():.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def write_files(folder: Path, n: int, side: int) -> list[Path]:
     paths = []
     for i in range(n):
         path = folder / f"img{i:05d}.png"
-        Image.fromarray(chest_image(np.random.default_rng(i), (side, side), PATTERNS[i % 3])).save(path)
+        Image.fromarray(chest_image(np.random.default_rng(i), (side, side), PATTERNS[i % 3])).save(
+            path
+        )
         paths.append(path)
     return paths
 
@@ -55,7 +57,9 @@ def published(network: str, size: int, tmp: Path) -> Classifier:
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     with mlflow.start_run() as run:
         log_classifier("model", [str(file)])
-    return Classifier.load(network_files(model_folder(f"runs:/{run.info.run_id}/model", tmp / "download")))
+    return Classifier.load(
+        network_files(model_folder(f"runs:/{run.info.run_id}/model", tmp / "download"))
+    )
 
 
 def rate_ours(classifier: Classifier, files: list[Path], batch: int) -> tuple[float, np.ndarray]:
@@ -78,7 +82,9 @@ def rate_authors(model: keras.Model, files: list[Path], size: int) -> tuple[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--network", default="xception", choices=NETWORK_NAMES)
     parser.add_argument("--size", type=int, default=300)
     parser.add_argument("--images", type=int, default=64)
@@ -92,9 +98,13 @@ def main() -> None:
         classifier = published(args.network, args.size, Path(tmp))
         ours, p_ours = rate_ours(classifier, files, args.batch)
         authors, p_authors = rate_authors(classifier.members[0], files, args.size)
-    print(f"{args.network} at {args.size}x{args.size}, {args.images} PNG files of {args.side}x{args.side}, "
-          f"CPU cores: {os.cpu_count()}")
-    print(f"probabilities: max |difference| = {np.abs(p_ours - p_authors).max():.2e} (the two resizes differ)")
+    print(
+        f"{args.network} at {args.size}x{args.size}, {args.images} PNG files of {args.side}x{args.side}, "
+        f"CPU cores: {os.cpu_count()}"
+    )
+    print(
+        f"probabilities: max |difference| = {np.abs(p_ours - p_authors).max():.2e} (the two resizes differ)"
+    )
     print(f"cxr predict (batches of {args.batch}):     {ours:8.2f} images/s")
     print(f"authors (load_img + predict per image): {authors:8.2f} images/s")
     print(f"ratio: {ours / authors:.2f}x")

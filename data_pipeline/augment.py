@@ -31,24 +31,29 @@ FILL_MODES = ("nearest", "reflect", "constant", "wrap")
 class AugmentSpec:
     horizontal_flip: bool = True
     vertical_flip: bool = True
-    rotation: float = 360.0     # degrees
-    zoom: float = 0.05          # fraction
-    shift: float = 0.05         # fraction of width / height
-    shear: float = 0.05         # shear factor
+    rotation: float = 360.0  # degrees
+    zoom: float = 0.05  # fraction
+    shift: float = 0.05  # fraction of width / height
+    shear: float = 0.05  # shear factor
     fill_mode: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.fill_mode not in FILL_MODES:
-            raise ValueError(f"augment.fill_mode: expected one of {list(FILL_MODES)}, received {self.fill_mode!r}.")
+            raise ValueError(
+                f"augment.fill_mode: expected one of {list(FILL_MODES)}, received {self.fill_mode!r}."
+            )
         for name in ("rotation", "zoom", "shift", "shear"):
             if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name}: expected a value >= 0, received {getattr(self, name)}.")
+                raise ValueError(
+                    f"augment.{name}: expected a value >= 0, received {getattr(self, name)}."
+                )
         if self.zoom >= 1:
             raise ValueError(f"augment.zoom: expected a fraction below 1, received {self.zoom}.")
 
 
-def affine_transforms(batch: tf.Tensor, height: tf.Tensor, width: tf.Tensor, spec: AugmentSpec,
-                      seed: tf.Tensor) -> tf.Tensor:
+def affine_transforms(
+    batch: tf.Tensor, height: tf.Tensor, width: tf.Tensor, spec: AugmentSpec, seed: tf.Tensor
+) -> tf.Tensor:
     """(batch, 8) projective transforms mapping output pixel (x, y) to the input pixel to sample.
 
     input = c + Flip . Rotate . Shear . Zoom . (output - c) + shift, with c the image centre, so
@@ -65,10 +70,16 @@ def affine_transforms(batch: tf.Tensor, height: tf.Tensor, width: tf.Tensor, spe
         return tf.where(uniform(i, 0.0, 1.0) < 0.5, -1.0, 1.0) if enabled else tf.ones([batch])
 
     angle = uniform(0, -1.0, 1.0) * (spec.rotation * math.pi / 180.0)
-    zoom_x, zoom_y = uniform(1, 1 - spec.zoom, 1 + spec.zoom), uniform(2, 1 - spec.zoom, 1 + spec.zoom)
+    zoom_x, zoom_y = (
+        uniform(1, 1 - spec.zoom, 1 + spec.zoom),
+        uniform(2, 1 - spec.zoom, 1 + spec.zoom),
+    )
     shear = uniform(3, -spec.shear, spec.shear)
     w, h = tf.cast(width, tf.float32), tf.cast(height, tf.float32)
-    shift_x, shift_y = uniform(4, -spec.shift, spec.shift) * w, uniform(5, -spec.shift, spec.shift) * h
+    shift_x, shift_y = (
+        uniform(4, -spec.shift, spec.shift) * w,
+        uniform(5, -spec.shift, spec.shift) * h,
+    )
     flip_x, flip_y = flip(6, spec.horizontal_flip), flip(7, spec.vertical_flip)
 
     cos, sin = tf.cos(angle), tf.sin(angle)
@@ -91,5 +102,10 @@ def augment_batch(images: tf.Tensor, spec: AugmentSpec, seed: tf.Tensor) -> tf.T
     shape = tf.shape(images)
     transforms = affine_transforms(shape[0], shape[1], shape[2], spec, seed)
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode=spec.fill_mode.upper())
+        images=images,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode=spec.fill_mode.upper(),
+    )

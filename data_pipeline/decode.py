@@ -46,8 +46,14 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 PLUGIN_BY_TRANSFER_SYNTAX = {JPEGBaseline8Bit: "pillow"}
 Source = Union[Path, str, bytes]  # a file's path, or its contents
 IN_MEMORY = "<bytes>"  # how errors name a file given by its contents
-IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg"})  # the files folders are searched for
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # what Pillow may open (MPO: JPEGs from cameras); nothing else
+IMAGE_SUFFIXES = frozenset(
+    {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
+)  # the files folders are searched for
+IMAGE_FORMATS = (
+    "PNG",
+    "JPEG",
+    "MPO",
+)  # what Pillow may open (MPO: JPEGs from cameras); nothing else
 HEADER_BYTES = 1 << 20  # of a DICOM's header, read before its size is known
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as little-endian bytes
 
@@ -57,11 +63,14 @@ class DecodeSpec:
     """`decode:` in a config. The default covers the largest real radiographs: RSNA's and NIH's
     are at most about 4,300 x 4,300 (18.5 megapixels), computed-radiography plates of 43 x 43 cm
     at 0.1 mm reach 18.5 too, and a few detectors 6,000 x 5,000; 40 megapixels leaves room."""
+
     max_pixels: int = 40_000_000
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1024:
-            raise ValueError(f"decode.max_pixels: expected at least 1024 pixels, received {self.max_pixels}.")
+            raise ValueError(
+                f"decode.max_pixels: expected at least 1024 pixels, received {self.max_pixels}."
+            )
 
 
 DEFAULT = DecodeSpec()
@@ -87,8 +96,10 @@ class DecodeError(ValueError):
 
 
 def too_large(width: int, height: int, frames: int, spec: DecodeSpec) -> str:
-    return (f"the image declares {width} x {height} pixels{f' x {frames} frames' if frames > 1 else ''}, more "
-            f"than decode.max_pixels ({spec.max_pixels:,})")
+    return (
+        f"the image declares {width} x {height} pixels{f' x {frames} frames' if frames > 1 else ''}, more "
+        f"than decode.max_pixels ({spec.max_pixels:,})"
+    )
 
 
 def decode_image(source: Source, spec: DecodeSpec = DEFAULT) -> np.ndarray:
@@ -104,7 +115,11 @@ def decode_image(source: Source, spec: DecodeSpec = DEFAULT) -> np.ndarray:
         # Pillow warns, not refuses, between its limit and twice it: a refusal here
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with _open(source) as f:
-            image = _decode_dicom(f, name, spec) if _is_dicom(head, source) else _decode_pillow(f, name, spec)
+            image = (
+                _decode_dicom(f, name, spec)
+                if _is_dicom(head, source)
+                else _decode_pillow(f, name, spec)
+            )
     if image.ndim != 2 or image.size == 0:
         raise DecodeError(name, NOT_2D)
     return image
@@ -167,6 +182,7 @@ class _pillow_limit:
 
 # ---------------------------------------------------------------- DICOM
 
+
 def _decode_dicom(f: BinaryIO, name: str, spec: DecodeSpec) -> np.ndarray:
     ds = _read_dicom(f, name, spec)
     if "PixelData" not in ds:  # none, or one the file's end cut off (pydicom then drops it)
@@ -178,8 +194,9 @@ def _decode_dicom(f: BinaryIO, name: str, spec: DecodeSpec) -> np.ndarray:
     try:
         raw = pixel_array(ds, decoding_plugin=plugin) if plugin else ds.pixel_array
     except Image.DecompressionBombError:  # the JPEG inside declares more than its header said
-        raise DecodeError(name, f"the image inside declares more than decode.max_pixels ({spec.max_pixels:,})") \
-            from None
+        raise DecodeError(
+            name, f"the image inside declares more than decode.max_pixels ({spec.max_pixels:,})"
+        ) from None
     except Exception:  # pixel decoders raise many unrelated types
         raise DecodeError(name, BROKEN_PIXELS) from None
     try:
@@ -188,14 +205,19 @@ def _decode_dicom(f: BinaryIO, name: str, spec: DecodeSpec) -> np.ndarray:
         raise DecodeError(name, BROKEN_PIXELS) from None
 
 
-def _read_dicom(f: BinaryIO, name: str, spec: DecodeSpec, header_only: bool = False) -> pydicom.Dataset:
+def _read_dicom(
+    f: BinaryIO, name: str, spec: DecodeSpec, header_only: bool = False
+) -> pydicom.Dataset:
     """The dataset, read with pydicom; a Deflated one inflated here with a bound (pydicom inflates
     the whole stream at once: a 158 KB file can hold gigabytes)."""
     head = f.read(HEADER_BYTES)
     try:
         meta_end = _file_meta_end(head)
         meta = pydicom.dcmread(io.BytesIO(head[:meta_end]), force=True) if meta_end else None
-        if meta is not None and meta.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        if (
+            meta is not None
+            and meta.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        ):
             return _inflated(meta, head[meta_end:] + f.read(), name, spec, header_only)
         f.seek(0)
         return pydicom.dcmread(f, force=True, stop_before_pixels=header_only)
@@ -214,13 +236,17 @@ def _file_meta_end(data: bytes) -> int:
     return 144 + length
 
 
-def _inflated(meta: pydicom.Dataset, deflated: bytes, name: str, spec: DecodeSpec, header_only: bool):
+def _inflated(
+    meta: pydicom.Dataset, deflated: bytes, name: str, spec: DecodeSpec, header_only: bool
+):
     """A Deflated Explicit VR Little Endian dataset, inflated in two bounded steps: the header
     first (at most HEADER_BYTES), then exactly as many more bytes as its image declares."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
         body = inflater.decompress(deflated, HEADER_BYTES)
-        header = read_dataset(io.BytesIO(body), False, True, stop_when=lambda tag, vr, length: tag == 0x7FE00010)
+        header = read_dataset(
+            io.BytesIO(body), False, True, stop_when=lambda tag, vr, length: tag == 0x7FE00010
+        )
     except (zlib.error, EOFError, ValueError, struct.error):
         raise DecodeError(name, BROKEN_HEADER) from None
     if not header_only:
@@ -228,24 +254,41 @@ def _inflated(meta: pydicom.Dataset, deflated: bytes, name: str, spec: DecodeSpe
             raise DecodeError(name, NO_PIXELS if "Rows" not in header else BROKEN_HEADER)
         _check_size(header, name, spec)
         rows, columns = int(header.Rows), int(header.Columns)
-        samples, bits = int(header.get("SamplesPerPixel", 1) or 1), int(header.get("BitsAllocated", 16) or 16)
+        samples, bits = (
+            int(header.get("SamplesPerPixel", 1) or 1),
+            int(header.get("BitsAllocated", 16) or 16),
+        )
         bound = HEADER_BYTES + rows * columns * samples * ((bits + 7) // 8) + 1024
         try:
             body += inflater.decompress(inflater.unconsumed_tail, bound - len(body))
         except zlib.error:
             raise DecodeError(name, BROKEN_PIXELS) from None
         if inflater.unconsumed_tail:
-            raise DecodeError(name, f"the deflated data inflates to more than the {bound:,} bytes its header "
-                                    f"declares")
+            raise DecodeError(
+                name,
+                f"the deflated data inflates to more than the {bound:,} bytes its header declares",
+            )
     try:
-        dataset = read_dataset(io.BytesIO(body), False, True,
-                               stop_when=(lambda tag, vr, length: tag == 0x7FE00010) if header_only else None)
+        dataset = read_dataset(
+            io.BytesIO(body),
+            False,
+            True,
+            stop_when=(lambda tag, vr, length: tag == 0x7FE00010) if header_only else None,
+        )
     except (EOFError, ValueError, struct.error):
         raise DecodeError(name, BROKEN_HEADER) from None
     file_meta = meta.file_meta
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # inflated: what pydicom's pixel readers expect
-    return FileDataset(name, dataset, preamble=b"\0" * 128, file_meta=file_meta, is_implicit_VR=False,
-                       is_little_endian=True)
+    file_meta.TransferSyntaxUID = (
+        ExplicitVRLittleEndian  # inflated: what pydicom's pixel readers expect
+    )
+    return FileDataset(
+        name,
+        dataset,
+        preamble=b"\0" * 128,
+        file_meta=file_meta,
+        is_implicit_VR=False,
+        is_little_endian=True,
+    )
 
 
 def _check_size(ds: pydicom.Dataset, name: str, spec: DecodeSpec) -> None:
@@ -277,17 +320,25 @@ def _display_values(ds: pydicom.Dataset, raw: np.ndarray) -> np.ndarray:
             raw = apply_modality_lut(raw, ds).astype(np.float32)
             slope, intercept = 1.0, 0.0
         else:  # the modality LUT's rescale (PS3.3 C.11.1): stored values to output units
-            slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+            slope, intercept = (
+                float(ds.get("RescaleSlope", 1) or 1),
+                float(ds.get("RescaleIntercept", 0) or 0),
+            )
         rescale = lambda block: block.astype(np.float32) * np.float32(slope) + np.float32(intercept)  # noqa: E731
         if lut:  # the first VOI LUT (PS3.3 C.11.2.1.1), pydicom's; its output depth to 0..255
             depth = float(2 ** int(lut[0].LUTDescriptor[2]) - 1)
-            to_display = lambda block: _stretch(apply_voi_lut(rescale(block), ds, index=0, prefer_lut=True),  # noqa: E731
-                                                0.0, depth)
+            to_display = lambda block: _stretch(
+                apply_voi_lut(rescale(block), ds, index=0, prefer_lut=True),  # noqa: E731
+                0.0,
+                depth,
+            )
         elif window is not None:
             function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
             to_display = lambda block: _apply_window(rescale(block), *window, function)  # noqa: E731
         else:  # no VOI: the range of the output units, stretched
-            lo, hi = sorted((float(raw.min()) * slope + intercept, float(raw.max()) * slope + intercept))
+            lo, hi = sorted(
+                (float(raw.min()) * slope + intercept, float(raw.max()) * slope + intercept)
+            )
             to_display = lambda block: _stretch(rescale(block), lo, hi)  # noqa: E731
         image = _by_rows(raw, to_display)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
@@ -300,7 +351,7 @@ def _by_rows(values: np.ndarray, to_display) -> np.ndarray:
     out = np.empty(values.shape, dtype=np.uint8)
     step = max(1, (1 << 22) // max(1, values[0].size))
     for start in range(0, len(values), step):
-        out[start:start + step] = to_display(values[start:start + step])
+        out[start : start + step] = to_display(values[start : start + step])
     return out
 
 
@@ -320,7 +371,9 @@ def _apply_window(values: np.ndarray, centre: float, width: float, function: str
     elif function == "LINEAR_EXACT":
         unit = (values - np.float32(centre)) / np.float32(width) + np.float32(0.5)
     else:  # LINEAR, the default
-        unit = (values - np.float32(centre - 0.5)) / np.float32(max(width - 1.0, 1e-9)) + np.float32(0.5)
+        unit = (values - np.float32(centre - 0.5)) / np.float32(
+            max(width - 1.0, 1e-9)
+        ) + np.float32(0.5)
     return np.rint(np.clip(unit, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
 
 

@@ -30,6 +30,7 @@ class StateError(DataError):
 
 # ---------------------------------------------------------------- single files
 
+
 def write_atomic(path: Path, data: str | bytes) -> Path:
     """Write `data` to `path` aside, fsync it, and rename it in (then fsync the folder, so that
     the rename itself survives a power cut). A kill at any moment leaves the old file or the new."""
@@ -87,10 +88,14 @@ def read_json(path: Path, what: str, remedy: str) -> dict | None:
         record = json.loads(text)
     except ValueError:
         found = f"{len(text)} bytes" if text.strip() else "an empty file"
-        raise StateError(f"{path}: expected {what} as a JSON object, found {found} that is not one (cut short?). "
-                         f"{remedy}") from None
+        raise StateError(
+            f"{path}: expected {what} as a JSON object, found {found} that is not one (cut short?). "
+            f"{remedy}"
+        ) from None
     if not isinstance(record, dict):
-        raise StateError(f"{path}: expected {what} as a JSON object, found {type(record).__name__}. {remedy}")
+        raise StateError(
+            f"{path}: expected {what} as a JSON object, found {type(record).__name__}. {remedy}"
+        )
     return record
 
 
@@ -105,6 +110,7 @@ def _sync_dir(folder: Path) -> None:
 
 
 # ---------------------------------------------------------------- folders
+
 
 def new_build_dir(target: Path) -> Path:
     """A hidden folder beside `target` to build into (same filesystem, so it can be renamed).
@@ -126,7 +132,7 @@ def remove_leftovers(target: Path) -> None:
     host = socket.gethostname()
     for kind in ("building", "old"):
         for leftover in target.parent.glob(f".{target.name}.{kind}-{host}-*"):
-            pid = leftover.name[len(f".{target.name}.{kind}-{host}-"):].split("-")[0]
+            pid = leftover.name[len(f".{target.name}.{kind}-{host}-") :].split("-")[0]
             if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
 
@@ -159,8 +165,10 @@ def replace_dir(new: Path, target: Path, marker: str) -> None:
     """
     if target.exists() and not (target / marker).exists() and any(target.iterdir()):
         shutil.rmtree(new, ignore_errors=True)
-        raise DataError(f"{target}: exists and is not an earlier output of this step (no {marker}); "
-                        f"expected a new or empty folder. Choose another --out or remove it.")
+        raise DataError(
+            f"{target}: exists and is not an earlier output of this step (no {marker}); "
+            f"expected a new or empty folder. Choose another --out or remove it."
+        )
     _sync_tree(new)
     old = None
     if target.exists():

@@ -57,6 +57,7 @@ def _filesystem(root: str, environment: tuple) -> tuple[pafs.FileSystem, str]:
 @dataclass(frozen=True)
 class Prefix:
     """A place on object storage: `s3://bucket/some/prefix` and the objects under it."""
+
     uri: str
 
     @cached_property
@@ -64,14 +65,22 @@ class Prefix:
         scheme, _, rest = self.uri.partition("://")
         bucket, _, key = rest.partition("/")
         if "?" in self.uri or not bucket:
-            raise StorageError(f"{self.uri}: expected scheme://bucket/prefix without a query (the endpoint "
-                               f"and credentials come from AWS_ENDPOINT_URL and the other AWS_* variables).")
-        environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "AZURE_"))))
+            raise StorageError(
+                f"{self.uri}: expected scheme://bucket/prefix without a query (the endpoint "
+                f"and credentials come from AWS_ENDPOINT_URL and the other AWS_* variables)."
+            )
+        environment = tuple(
+            sorted(
+                (k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "AZURE_"))
+            )
+        )
         try:
             fs, base = _filesystem(f"{scheme}://{bucket}", environment)
         except (OSError, ValueError) as exc:
-            raise StorageError(f"{self.uri}: not a storage URI pyarrow can open ({exc}); expected e.g. "
-                               f"s3://bucket/prefix.") from None
+            raise StorageError(
+                f"{self.uri}: not a storage URI pyarrow can open ({exc}); expected e.g. "
+                f"s3://bucket/prefix."
+            ) from None
         return fs, "/".join(p for p in (base.rstrip("/"), key.strip("/")) if p)
 
     @property
@@ -89,7 +98,9 @@ class Prefix:
         try:
             return action(*args)
         except OSError as exc:
-            raise StorageError(f"{self.uri}: could not {what} ({str(exc).strip()[:400]}).") from None
+            raise StorageError(
+                f"{self.uri}: could not {what} ({str(exc).strip()[:400]})."
+            ) from None
 
     def exists(self) -> bool:
         info = self._call("look it up", self.fs.get_file_info, self.path)
@@ -100,8 +111,10 @@ class Prefix:
         info = self._call("look it up", self.fs.get_file_info, self.path)
         if info.type != pafs.FileType.Directory:
             return []
-        listed = self._call("list it", self.fs.get_file_info, pafs.FileSelector(self.path, recursive=True))
-        return sorted(i.path[len(self.path) + 1:] for i in listed if i.type == pafs.FileType.File)
+        listed = self._call(
+            "list it", self.fs.get_file_info, pafs.FileSelector(self.path, recursive=True)
+        )
+        return sorted(i.path[len(self.path) + 1 :] for i in listed if i.type == pafs.FileType.File)
 
     def read_bytes(self) -> bytes:
         def read() -> bytes:
@@ -109,21 +122,26 @@ class Prefix:
             # a stream reads small pieces, each a request (against moto: 60 MB in 0.2 s, not 14 s)
             with self.fs.open_input_file(self.path) as file:
                 return file.read()
+
         return self._call("read it", read)
 
     def write_bytes(self, data: bytes) -> None:
         """One object, written whole (S3 and its kin show an object only once it is complete)."""
+
         def write() -> None:
             with self.fs.open_output_stream(self.path) as stream:
                 stream.write(data)
+
         self._call("write it", write)
 
     def upload(self, local: Path) -> None:
         """The local file `local` as this object, in chunks."""
+
         def write() -> None:
             with open(local, "rb") as source, self.fs.open_output_stream(self.path) as stream:
                 while chunk := source.read(CHUNK):
                     stream.write(chunk)
+
         self._call("write it", write)
 
     def download(self, local: Path) -> None:
@@ -135,6 +153,7 @@ class Prefix:
             with self.fs.open_input_file(self.path) as source, open(aside, "wb") as target:
                 while chunk := source.read(CHUNK):
                     target.write(chunk)
+
         try:
             self._call("read it", read)
             aside.replace(local)
@@ -170,7 +189,9 @@ def put_tree(local: Path, prefix: Prefix, marker: str) -> None:
     presence says the folder is complete there)."""
     files = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
     if marker not in files:
-        raise StorageError(f"{local}: no {marker}; expected a complete folder to publish to {prefix.uri}.")
+        raise StorageError(
+            f"{local}: no {marker}; expected a complete folder to publish to {prefix.uri}."
+        )
     prefix.child(marker).delete()
     prefix.delete()
     for name in [f for f in files if f != marker] + [marker]:
@@ -204,6 +225,7 @@ class NodeCache:
     (the others of the node wait, then use its copy), and every process using an entry holds it
     shared for as long as it lives, so an entry in use is never removed. Runs' working folders
     live under `work`, which is never evicted."""
+
     root: Path
     max_gb: float
 
@@ -216,14 +238,24 @@ class NodeCache:
         target = self.root / kind / key
         target.parent.mkdir(parents=True, exist_ok=True)
         lock = open(target.parent / f".{key}.lock", "a")
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process of this node may be fetching or removing it
+        fcntl.flock(
+            lock, fcntl.LOCK_EX
+        )  # another process of this node may be fetching or removing it
         try:
             if not (target / marker).is_file():
                 started = time.perf_counter()
                 if not get_tree(prefix, target, marker):
-                    raise StorageError(f"{prefix.uri}: no {marker} there; expected the {kind} published by "
-                                       f"`cxr prepare` or `cxr run` (key {key}).")
-                log.info("cached %s %s from %s in %.1f s", kind, key[:12], prefix.uri, time.perf_counter() - started)
+                    raise StorageError(
+                        f"{prefix.uri}: no {marker} there; expected the {kind} published by "
+                        f"`cxr prepare` or `cxr run` (key {key})."
+                    )
+                log.info(
+                    "cached %s %s from %s in %.1f s",
+                    kind,
+                    key[:12],
+                    prefix.uri,
+                    time.perf_counter() - started,
+                )
             os.utime(target)  # recently used (eviction goes by the folder's time)
             fcntl.flock(lock, fcntl.LOCK_SH)  # in use while this process lives
         except BaseException:
@@ -234,10 +266,17 @@ class NodeCache:
         return target
 
     def entries(self) -> list[Path]:
-        return [p for p in self.root.glob("*/*") if p.is_dir() and not p.name.startswith(".") and p.parent != self.work]
+        return [
+            p
+            for p in self.root.glob("*/*")
+            if p.is_dir() and not p.name.startswith(".") and p.parent != self.work
+        ]
 
     def size_gb(self) -> float:
-        return sum(f.stat().st_size for p in self.entries() for f in p.rglob("*") if f.is_file()) / 2**30
+        return (
+            sum(f.stat().st_size for p in self.entries() for f in p.rglob("*") if f.is_file())
+            / 2**30
+        )
 
     def evict(self) -> list[Path]:
         """Remove the least recently used entries no process uses, until the cache fits `max_gb`.
@@ -268,7 +307,8 @@ CACHE_ENV = "CXR_CACHE_DIR"  # a node's own cache folder: wins over the config's
 @dataclass(frozen=True)
 class CacheSpec:
     """The node-local cache of what is published on object storage: where, and how much."""
-    dir: str = ""          # "": the node's $CXR_CACHE_DIR, else ~/.cache/cxr
+
+    dir: str = ""  # "": the node's $CXR_CACHE_DIR, else ~/.cache/cxr
     max_gb: float = 100.0  # least recently used copies are removed beyond it
 
     def __post_init__(self) -> None:
@@ -277,4 +317,6 @@ class CacheSpec:
 
     def node_cache(self) -> NodeCache:
         """This node's cache: its $CXR_CACHE_DIR, else the config's folder, else ~/.cache/cxr."""
-        return NodeCache(Path(os.environ.get(CACHE_ENV) or self.dir or "~/.cache/cxr").expanduser(), self.max_gb)
+        return NodeCache(
+            Path(os.environ.get(CACHE_ENV) or self.dir or "~/.cache/cxr").expanduser(), self.max_gb
+        )

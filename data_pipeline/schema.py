@@ -15,7 +15,13 @@ PROBABILITY_COLUMNS: tuple[str, ...] = tuple(f"p_{c}" for c in CLASSES)
 # DICOM header, which is read when the image store is built, not when the manifest is.
 # `finding` keeps the source's own label text so that every class assignment can be audited.
 MANIFEST_COLUMNS: tuple[str, ...] = (
-    "image_id", "path", "label", "patient_id", "source", "view", "finding",
+    "image_id",
+    "path",
+    "label",
+    "patient_id",
+    "source",
+    "view",
+    "finding",
 )
 
 
@@ -34,7 +40,9 @@ def read_source_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty; expected a header with columns {list(required)}.") from None
+        raise DataError(
+            f"{path}: the file is empty; expected a header with columns {list(required)}."
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc}).") from None
     missing = [c for c in required if c not in table.columns]

@@ -38,10 +38,15 @@ from data_pipeline.sources.rsna_pneumonia import SOURCE as RSNA_SOURCE
 log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ["image_id", "label", "patient_id", "source"]
-META_FILE, SUMS_FILE = "splits.json", "SHA256SUMS"  # the split settings and flags; every file's hash
+META_FILE, SUMS_FILE = (
+    "splits.json",
+    "SHA256SUMS",
+)  # the split settings and flags; every file's hash
 PROTOCOLS = ("paper", "import", "sound")
-TEST_POOL_FLAG = ("checkpoint selection on a validation set drawn from the test pool (the paper's "
-                  "s_test): test-set selection, results are optimistic")
+TEST_POOL_FLAG = (
+    "checkpoint selection on a validation set drawn from the test pool (the paper's "
+    "s_test): test-set selection, results are optimistic"
+)
 
 
 @dataclass(frozen=True)
@@ -50,26 +55,34 @@ class SplitSpec:
     seed: int = 0
     folds: int = 5
     phases: int = 8
-    test_covid: int = 31            # paper: COVID-19 test images per fold (whole patients)
-    test_covid_pneumonia: int = 8   # paper: covid-dataset pneumonia test images per fold
-    phase_normal: int = 250         # RSNA normal images unique to each phase
-    phase_pneumonia: int = 200      # RSNA pneumonia images unique to each phase
-    validation: str = "none"        # paper/import: none | test_pool; sound always has its own
-    s_test_normal: int = 300        # test_pool: normal / pneumonia images of the s_test set
+    test_covid: int = 31  # paper: COVID-19 test images per fold (whole patients)
+    test_covid_pneumonia: int = 8  # paper: covid-dataset pneumonia test images per fold
+    phase_normal: int = 250  # RSNA normal images unique to each phase
+    phase_pneumonia: int = 200  # RSNA pneumonia images unique to each phase
+    validation: str = "none"  # paper/import: none | test_pool; sound always has its own
+    s_test_normal: int = 300  # test_pool: normal / pneumonia images of the s_test set
     s_test_pneumonia: int = 300
-    val_folds: int = 10             # sound: validation = 1 of this many patient-grouped parts of the pool
-    import_dir: str = ""            # import: folder with All.csv and foldK/trainN.csv
+    val_folds: int = 10  # sound: validation = 1 of this many patient-grouped parts of the pool
+    import_dir: str = ""  # import: folder with All.csv and foldK/trainN.csv
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"splits.protocol: expected one of {list(PROTOCOLS)}, received {self.protocol!r}.")
+            raise ValueError(
+                f"splits.protocol: expected one of {list(PROTOCOLS)}, received {self.protocol!r}."
+            )
         if self.validation not in ("none", "test_pool"):
-            raise ValueError(f"splits.validation: expected 'none' or 'test_pool', received {self.validation!r}.")
+            raise ValueError(
+                f"splits.validation: expected 'none' or 'test_pool', received {self.validation!r}."
+            )
         if self.protocol == "sound" and self.validation == "test_pool":
-            raise ValueError("splits.validation: 'test_pool' selects on test images; the sound protocol "
-                             "carves its own validation set from the training pool. Use 'none'.")
+            raise ValueError(
+                "splits.validation: 'test_pool' selects on test images; the sound protocol "
+                "carves its own validation set from the training pool. Use 'none'."
+            )
         if self.protocol == "import" and not self.import_dir:
-            raise ValueError("splits.import_dir: the import protocol needs the folder of the authors' split files.")
+            raise ValueError(
+                "splits.import_dir: the import protocol needs the folder of the authors' split files."
+            )
         if self.val_folds < 2:
             raise ValueError(f"splits.val_folds: expected at least 2, received {self.val_folds}.")
 
@@ -91,16 +104,22 @@ def make_splits(manifest: pd.DataFrame, spec: SplitSpec) -> Splits:
     manifest = manifest.sort_values(["source", "image_id"], kind="stable").reset_index(drop=True)
     if rsna_grouped_by_person(manifest):
         rsna = manifest[manifest["source"] == RSNA_SOURCE]
-        notes = [f"RSNA images are grouped by person: {rsna['patient_id'].nunique()} persons for {len(rsna)} "
-                 f"images, from RSNA's mapping to NIH ChestX-ray14 and NIH's patient ids."]
+        notes = [
+            f"RSNA images are grouped by person: {rsna['patient_id'].nunique()} persons for {len(rsna)} "
+            f"images, from RSNA's mapping to NIH ChestX-ray14 and NIH's patient ids."
+        ]
     else:
-        notes = ["RSNA ids are per image, not per person: without RSNA's mapping to NIH ChestX-ray14 "
-                 "(data.rsna_mapping, data.nih_entries) RSNA images are grouped by image, and one person's "
-                 "images could sit on both sides."]
+        notes = [
+            "RSNA ids are per image, not per person: without RSNA's mapping to NIH ChestX-ray14 "
+            "(data.rsna_mapping, data.nih_entries) RSNA images are grouped by image, and one person's "
+            "images could sit on both sides."
+        ]
     if spec.protocol == "paper":
         folds = {k: _paper_fold(manifest, spec, k) for k in range(1, spec.folds + 1)}
-        notes.append("Folds are drawn independently, as in the paper: a patient may be tested in "
-                     "several folds, so the folds are not independent estimates.")
+        notes.append(
+            "Folds are drawn independently, as in the paper: a patient may be tested in "
+            "several folds, so the folds are not independent estimates."
+        )
     elif spec.protocol == "import":
         folds = _import_folds(manifest, spec)
         notes.append("Splits are the authors' own files; their folds overlap in test patients.")
@@ -110,8 +129,12 @@ def make_splits(manifest: pd.DataFrame, spec: SplitSpec) -> Splits:
     if spec.validation == "test_pool":
         for k, fold in folds.items():
             fold["val"] = _s_test(fold["test"], spec, k)
-    splits = Splits(spec=spec, folds=folds, notes=tuple(notes),
-                    flags=(TEST_POOL_FLAG,) if spec.validation == "test_pool" else ())
+    splits = Splits(
+        spec=spec,
+        folds=folds,
+        notes=tuple(notes),
+        flags=(TEST_POOL_FLAG,) if spec.validation == "test_pool" else (),
+    )
     check_splits(splits)
     return splits
 
@@ -123,9 +146,10 @@ def check_splits(splits: Splits) -> None:
 
 # ---------------------------------------------------------------- leakage
 
+
 def patient_keys(rows: pd.DataFrame) -> set[tuple[str, str]]:
     """Patients are only comparable within a source (covid id `2` is not RSNA's `2`)."""
-    return set(zip(rows["source"], rows["patient_id"]))
+    return set(zip(rows["source"], rows["patient_id"], strict=False))
 
 
 def check_no_leakage(fold: Fold, k: int, val_from_test_pool: bool = False) -> None:
@@ -141,19 +165,30 @@ def check_no_leakage(fold: Fold, k: int, val_from_test_pool: bool = False) -> No
         leaked = sorted(patient_keys(fold[held]) & patient_keys(fold[used]))
         if leaked:
             shown = ", ".join(f"{s}:{p}" for s, p in leaked[:20])
-            raise DataError(f"fold {k}: {len(leaked)} patient(s) of the {held} set also appear in {used}: "
-                            f"{shown}{' ...' if len(leaked) > 20 else ''}.")
+            raise DataError(
+                f"fold {k}: {len(leaked)} patient(s) of the {held} set also appear in {used}: "
+                f"{shown}{' ...' if len(leaked) > 20 else ''}."
+            )
 
 
 # ---------------------------------------------------------------- paper
+
 
 def _paper_fold(manifest: pd.DataFrame, spec: SplitSpec, k: int) -> Fold:
     rng = np.random.default_rng([spec.seed, k])
     covid = manifest[manifest["source"] == COVID_SOURCE]
     rsna = manifest[manifest["source"] == RSNA_SOURCE]
-    test_parts = [hold_out_patients(covid[covid["label"] == "COVID-19"], spec.test_covid, rng, f"fold {k} COVID-19"),
-                  hold_out_patients(covid[covid["label"] == "pneumonia"], spec.test_covid_pneumonia, rng,
-                                    f"fold {k} covid-dataset pneumonia")]
+    test_parts = [
+        hold_out_patients(
+            covid[covid["label"] == "COVID-19"], spec.test_covid, rng, f"fold {k} COVID-19"
+        ),
+        hold_out_patients(
+            covid[covid["label"] == "pneumonia"],
+            spec.test_covid_pneumonia,
+            rng,
+            f"fold {k} covid-dataset pneumonia",
+        ),
+    ]
     held = pd.concat(test_parts)
     shared = covid[~covid["image_id"].isin(held["image_id"])]
     fold = _phases(shared, rsna, spec, rng, spec.phase_normal, spec.phase_pneumonia)
@@ -162,7 +197,9 @@ def _paper_fold(manifest: pd.DataFrame, spec: SplitSpec, k: int) -> Fold:
     return fold
 
 
-def hold_out_patients(rows: pd.DataFrame, n_images: int, rng: np.random.Generator, what: str) -> pd.DataFrame:
+def hold_out_patients(
+    rows: pd.DataFrame, n_images: int, rng: np.random.Generator, what: str
+) -> pd.DataFrame:
     """Whole patients, taken in a random order, holding out exactly `n_images` images.
 
     Walking the shuffled patients, one is taken when the rest can still complete the count
@@ -180,9 +217,11 @@ def hold_out_patients(rows: pd.DataFrame, n_images: int, rng: np.random.Generato
     for i in range(len(order) - 1, -1, -1):
         reachable[i] = reachable[i + 1]
         if counts[i] <= n_images:  # a patient with more images than wanted can never be taken
-            reachable[i, counts[i]:] |= reachable[i + 1, : n_images + 1 - counts[i]]
+            reachable[i, counts[i] :] |= reachable[i + 1, : n_images + 1 - counts[i]]
     if not reachable[0, n_images]:
-        raise DataError(f"{what}: no set of whole patients has exactly {n_images} images; change the configured count.")
+        raise DataError(
+            f"{what}: no set of whole patients has exactly {n_images} images; change the configured count."
+        )
     chosen, remaining = [], n_images
     for i, patient in enumerate(order):
         if remaining == 0:
@@ -193,20 +232,34 @@ def hold_out_patients(rows: pd.DataFrame, n_images: int, rng: np.random.Generato
     return rows[rows["patient_id"].isin(chosen)]
 
 
-def _phases(shared: pd.DataFrame, rsna: pd.DataFrame, spec: SplitSpec, rng: np.random.Generator,
-            n_normal: int, n_pneumonia: int) -> Fold:
+def _phases(
+    shared: pd.DataFrame,
+    rsna: pd.DataFrame,
+    spec: SplitSpec,
+    rng: np.random.Generator,
+    n_normal: int,
+    n_pneumonia: int,
+) -> Fold:
     """`spec.phases` phase sets: the shared part plus disjoint RSNA draws of each class."""
     normal = _permuted(rsna[rsna["label"] == "normal"], rng)
     pneumonia = _permuted(rsna[rsna["label"] == "pneumonia"], rng)
     for name, pool, n in (("normal", normal, n_normal), ("pneumonia", pneumonia, n_pneumonia)):
         if n * spec.phases > len(pool):
-            raise DataError(f"{spec.phases} phases x {n} RSNA {name} images need {n * spec.phases}, "
-                            f"only {len(pool)} are available; lower splits.phase_{name}.")
+            raise DataError(
+                f"{spec.phases} phases x {n} RSNA {name} images need {n * spec.phases}, "
+                f"only {len(pool)} are available; lower splits.phase_{name}."
+            )
     fold = {}
     for i in range(spec.phases):
-        unique = pd.concat([normal.iloc[i * n_normal:(i + 1) * n_normal],
-                            pneumonia.iloc[i * n_pneumonia:(i + 1) * n_pneumonia]])
-        fold[f"phase{i + 1}"] = pd.concat([shared.assign(part="shared"), unique.assign(part="unique")])
+        unique = pd.concat(
+            [
+                normal.iloc[i * n_normal : (i + 1) * n_normal],
+                pneumonia.iloc[i * n_pneumonia : (i + 1) * n_pneumonia],
+            ]
+        )
+        fold[f"phase{i + 1}"] = pd.concat(
+            [shared.assign(part="shared"), unique.assign(part="unique")]
+        )
     return fold
 
 
@@ -226,16 +279,22 @@ def _s_test(test: pd.DataFrame, spec: SplitSpec, k: int) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- import
 
+
 def _import_folds(manifest: pd.DataFrame, spec: SplitSpec) -> dict[int, Fold]:
     root = Path(spec.import_dir)
     by_name = _manifest_by_authors_name(manifest)
     every = _read_authors_file(root / "All.csv", by_name)
     folds = {}
     for k in range(1, spec.folds + 1):
-        phases = [_read_authors_file(root / f"fold{k}" / f"train{n}.csv", by_name) for n in range(1, spec.phases + 1)]
+        phases = [
+            _read_authors_file(root / f"fold{k}" / f"train{n}.csv", by_name)
+            for n in range(1, spec.phases + 1)
+        ]
         shared_ids = set.intersection(*(set(p["image_id"]) for p in phases))
-        fold = {f"phase{n}": p.assign(part=np.where(p["image_id"].isin(shared_ids), "shared", "unique"))
-                for n, p in enumerate(phases, start=1)}
+        fold = {
+            f"phase{n}": p.assign(part=np.where(p["image_id"].isin(shared_ids), "shared", "unique"))
+            for n, p in enumerate(phases, start=1)
+        }
         trained = set().union(*(set(p["image_id"]) for p in phases))
         fold["test"] = every[~every["image_id"].isin(trained)]
         folds[k] = fold
@@ -244,7 +303,9 @@ def _import_folds(manifest: pd.DataFrame, spec: SplitSpec) -> dict[int, Fold]:
 
 def _manifest_by_authors_name(manifest: pd.DataFrame) -> pd.DataFrame:
     """The authors name RSNA images `<patientId>.png` and covid-dataset images by file name."""
-    names = manifest["image_id"].where(manifest["source"] != RSNA_SOURCE, manifest["image_id"] + ".png")
+    names = manifest["image_id"].where(
+        manifest["source"] != RSNA_SOURCE, manifest["image_id"] + ".png"
+    )
     return manifest.assign(authors_name=names).set_index("authors_name")
 
 
@@ -257,17 +318,28 @@ def _read_authors_file(path: Path, by_name: pd.DataFrame) -> pd.DataFrame:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(table.columns)}.")
     unknown = table.loc[~table["filename"].isin(by_name.index), "filename"]
     if not unknown.empty:
-        raise DataError(f"{path}: {len(unknown)} image(s) are not in the manifest: {unknown.tolist()[:10]}.")
+        raise DataError(
+            f"{path}: {len(unknown)} image(s) are not in the manifest: {unknown.tolist()[:10]}."
+        )
     rows = by_name.loc[table["filename"]].reset_index(drop=True)
     disagree = table["class"].to_numpy() != rows["label"].to_numpy()
     if disagree.any():
-        shown = list(zip(table.loc[disagree, "filename"], table.loc[disagree, "class"], rows.loc[disagree, "label"]))
-        raise DataError(f"{path}: column 'class' disagrees with the manifest for {int(disagree.sum())} image(s) "
-                        f"(file, theirs, ours): {shown[:10]}.")
+        shown = list(
+            zip(
+                table.loc[disagree, "filename"],
+                table.loc[disagree, "class"],
+                rows.loc[disagree, "label"], strict=False,
+            )
+        )
+        raise DataError(
+            f"{path}: column 'class' disagrees with the manifest for {int(disagree.sum())} image(s) "
+            f"(file, theirs, ours): {shown[:10]}."
+        )
     return rows
 
 
 # ---------------------------------------------------------------- sound
+
 
 def _sound_folds(manifest: pd.DataFrame, spec: SplitSpec) -> tuple[dict[int, Fold], list[str]]:
     groups = (manifest["source"] + ":" + manifest["patient_id"]).to_numpy()
@@ -277,8 +349,9 @@ def _sound_folds(manifest: pd.DataFrame, spec: SplitSpec) -> tuple[dict[int, Fol
     folds, notes = {}, []
     for k in range(1, spec.folds + 1):
         pool = manifest[fold_of != k]
-        inner = group_stratified_folds(strata[fold_of != k], groups[fold_of != k], spec.val_folds,
-                                       seed=spec.seed * 1000 + k)
+        inner = group_stratified_folds(
+            strata[fold_of != k], groups[fold_of != k], spec.val_folds, seed=spec.seed * 1000 + k
+        )
         val, rest = pool[inner == 0], pool[inner != 0]
         rsna = rest[rest["source"] == RSNA_SOURCE]
         per_phase = {}
@@ -286,19 +359,29 @@ def _sound_folds(manifest: pd.DataFrame, spec: SplitSpec) -> tuple[dict[int, Fol
             available = int((rsna["label"] == label).sum())
             per_phase[label] = min(wanted, available // spec.phases)
             if per_phase[label] < wanted:
-                notes.append(f"fold {k}: the training pool has {available} RSNA {label} images, so each of "
-                             f"the {spec.phases} phases gets {per_phase[label]} instead of {wanted}.")
+                notes.append(
+                    f"fold {k}: the training pool has {available} RSNA {label} images, so each of "
+                    f"the {spec.phases} phases gets {per_phase[label]} instead of {wanted}."
+                )
                 log.warning(notes[-1])
         rng = np.random.default_rng([spec.seed, k])
-        fold = _phases(rest[rest["source"] == COVID_SOURCE], rsna, spec, rng, per_phase["normal"],
-                       per_phase["pneumonia"])
+        fold = _phases(
+            rest[rest["source"] == COVID_SOURCE],
+            rsna,
+            spec,
+            rng,
+            per_phase["normal"],
+            per_phase["pneumonia"],
+        )
         fold["val"] = val
         fold["test"] = manifest[fold_of == k]
         folds[k] = fold
     return folds, notes
 
 
-def group_stratified_folds(strata: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+def group_stratified_folds(
+    strata: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
+) -> np.ndarray:
     """The fold (0 .. n_splits-1) of each row: every group whole in one fold, every stratum spread
     as evenly as the groups allow.
 
@@ -315,7 +398,9 @@ def group_stratified_folds(strata: np.ndarray, groups: np.ndarray, n_splits: int
     np.add.at(per_group, (group_of, stratum_of), 1)
     sizes, totals = per_group.sum(axis=1), per_group.sum(axis=0)
     if len(group_names) < n_splits:
-        raise DataError(f"splits: {n_splits} folds need at least {n_splits} patients; found {len(group_names)}.")
+        raise DataError(
+            f"splits: {n_splits} folds need at least {n_splits} patients; found {len(group_names)}."
+        )
     counts = np.zeros((n_splits, len(strata_names)), dtype=np.int64)
     fold_of_group = np.empty(len(group_names), dtype=np.int64)
 
@@ -337,7 +422,9 @@ def _least_spread_fold(counts: np.ndarray, group: np.ndarray, totals: np.ndarray
     """The fold whose taking `group` leaves the strata's per-fold shares least spread; ties go to
     the smallest fold."""
     n_splits = len(counts)
-    trial = np.repeat(counts[None].astype(float), n_splits, axis=0)  # trial[f]: counts if f takes it
+    trial = np.repeat(
+        counts[None].astype(float), n_splits, axis=0
+    )  # trial[f]: counts if f takes it
     trial[np.arange(n_splits), np.arange(n_splits)] += group
     spread = (trial / np.maximum(totals, 1)).std(axis=1).mean(axis=1)
     tied = np.flatnonzero(np.isclose(spread, spread.min()))
@@ -358,6 +445,7 @@ def _deal(stratum: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- files
 
+
 def write_splits(splits: Splits, out: Path, manifest_path: Path | None = None) -> str:
     """Write every fold's CSVs, summary.csv, splits.json and SHA256SUMS; returns the split hash.
 
@@ -375,8 +463,12 @@ def write_splits(splits: Splits, out: Path, manifest_path: Path | None = None) -
                 table = rows[columns].sort_values(["source", "image_id"], kind="stable")
                 files[f"fold{k}/{name}.csv"] = table.to_csv(index=False, lineterminator="\n")
         files["summary.csv"] = summary(splits).to_csv(index=False, lineterminator="\n")
-        meta = {"spec": asdict(splits.spec), "notes": list(splits.notes),
-                "validation": _validation_kind(splits.spec), "flags": list(splits.flags)}
+        meta = {
+            "spec": asdict(splits.spec),
+            "notes": list(splits.notes),
+            "validation": _validation_kind(splits.spec),
+            "flags": list(splits.flags),
+        }
         if manifest_path is not None:
             meta["manifest_sha256"] = sha256_bytes(Path(manifest_path).read_bytes())
         files[META_FILE] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
@@ -412,18 +504,33 @@ def summary(splits: Splits) -> pd.DataFrame:
         for name, rows in fold.items():
             counts = rows["label"].value_counts()
             people = rows.groupby("label")["patient_id"].nunique()
-            records.extend({"fold": k, "subset": name, "label": label, "count": int(counts.get(label, 0)),
-                            "patients": int(people.get(label, 0))} for label in CLASSES)
-    return pd.DataFrame.from_records(records, columns=["fold", "subset", "label", "count", "patients"])
+            records.extend(
+                {
+                    "fold": k,
+                    "subset": name,
+                    "label": label,
+                    "count": int(counts.get(label, 0)),
+                    "patients": int(people.get(label, 0)),
+                }
+                for label in CLASSES
+            )
+    return pd.DataFrame.from_records(
+        records, columns=["fold", "subset", "label", "count", "patients"]
+    )
 
 
 def describe(splits: Splits) -> list[str]:
     """`cxr splits`' lines: images per subset and label (a range where the folds differ, as the
     sound protocol's do), then the notes and flags."""
     ranges = summary(splits).groupby(["subset", "label"], sort=False)["count"].agg(["min", "max"])
-    cells = ranges.apply(lambda r: str(r["min"]) if r["min"] == r["max"] else f"{r['min']}-{r['max']}", axis=1)
-    return ([f"images per fold ({splits.spec.folds} folds):", cells.unstack("label").to_string()]
-            + [f"note: {note}" for note in splits.notes] + [f"FLAG: {flag}" for flag in splits.flags])
+    cells = ranges.apply(
+        lambda r: str(r["min"]) if r["min"] == r["max"] else f"{r['min']}-{r['max']}", axis=1
+    )
+    return (
+        [f"images per fold ({splits.spec.folds} folds):", cells.unstack("label").to_string()]
+        + [f"note: {note}" for note in splits.notes]
+        + [f"FLAG: {flag}" for flag in splits.flags]
+    )
 
 
 def split_file(split_dir: Path, fold: int, subset: str) -> Path:
@@ -435,7 +542,9 @@ def read_split(split_dir: Path, fold: int, subset: str) -> pd.DataFrame:
     """One subset of one fold (e.g. `phase3`, `val`, `test`) as written by `write_splits`."""
     path = split_file(split_dir, fold, subset)
     if not path.is_file():
-        raise DataError(f"{path}: no such split file; expected fold{fold}/{subset}.csv under {split_dir}.")
+        raise DataError(
+            f"{path}: no such split file; expected fold{fold}/{subset}.csv under {split_dir}."
+        )
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 

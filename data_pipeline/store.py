@@ -39,19 +39,23 @@ from data_pipeline.files import new_build_dir, replace_dir, sha256_bytes
 from data_pipeline.schema import DataError
 
 log = logging.getLogger(__name__)
-STORE_VERSION = 2  # bump when decoding or resizing changes: old stores then rebuild (2: float32, bounded)
+STORE_VERSION = (
+    2  # bump when decoding or resizing changes: old stores then rebuild (2: float32, bounded)
+)
 STORE_META = "store.json"  # written last: a store holding it is complete (also on object storage)
 
 
 @dataclass(frozen=True)
 class StoreSpec:
-    image_size: int = 300          # the paper's 300x300
-    exclude_failed: bool = False   # leave undecodable images out (reported) instead of failing
-    chunk_size: int = 32           # images per decoding task
+    image_size: int = 300  # the paper's 300x300
+    exclude_failed: bool = False  # leave undecodable images out (reported) instead of failing
+    chunk_size: int = 32  # images per decoding task
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
-            raise ValueError(f"store.image_size: expected at least 32 pixels, received {self.image_size}.")
+            raise ValueError(
+                f"store.image_size: expected at least 32 pixels, received {self.image_size}."
+            )
         if self.chunk_size < 1:
             raise ValueError(f"store.chunk_size: expected at least 1, received {self.chunk_size}.")
 
@@ -76,7 +80,9 @@ class ChunkResult:
     failures: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
 
 
-def decode_chunk(items: list[tuple[int, str, str]], size: int, limits: DecodeSpec = DEFAULT) -> ChunkResult:
+def decode_chunk(
+    items: list[tuple[int, str, str]], size: int, limits: DecodeSpec = DEFAULT
+) -> ChunkResult:
     """Decode (position, path, manifest view) items; a bad file becomes a failure, not a crash."""
     result = ChunkResult()
     for position, path, view in items:
@@ -98,16 +104,27 @@ def store_key(manifest: pd.DataFrame, spec: StoreSpec, limits: DecodeSpec = DEFA
     file rebuilds), the image size, the failure policy, the decoder's limits and its version."""
     stats = [os.stat(p) if os.path.exists(p) else None for p in manifest["path"]]
     listing = manifest[["image_id", "path"]].assign(
-        bytes=[st.st_size if st else -1 for st in stats], mtime=[st.st_mtime_ns if st else -1 for st in stats])
+        bytes=[st.st_size if st else -1 for st in stats],
+        mtime=[st.st_mtime_ns if st else -1 for st in stats],
+    )
     text = listing.to_csv(index=False, lineterminator="\n")
-    return sha256_bytes(f"v{STORE_VERSION}/{spec.image_size}/{spec.exclude_failed}/{limits.max_pixels}/{text}".encode())
+    return sha256_bytes(
+        f"v{STORE_VERSION}/{spec.image_size}/{spec.exclude_failed}/{limits.max_pixels}/{text}".encode()
+    )
 
 
 class StoreBuilder:
     """Collects decoded chunks into a hidden folder; `finish` renames it into place."""
 
-    def __init__(self, out: Path, manifest: pd.DataFrame, spec: StoreSpec, limits: DecodeSpec = DEFAULT):
-        self.out, self.manifest, self.spec, self.limits = Path(out), manifest.reset_index(drop=True), spec, limits
+    def __init__(
+        self, out: Path, manifest: pd.DataFrame, spec: StoreSpec, limits: DecodeSpec = DEFAULT
+    ):
+        self.out, self.manifest, self.spec, self.limits = (
+            Path(out),
+            manifest.reset_index(drop=True),
+            spec,
+            limits,
+        )
         self.key = store_key(self.manifest, spec, limits)
         self._tmp: Path | None = None
         self._images: np.ndarray | None = None
@@ -126,18 +143,22 @@ class StoreBuilder:
         return json.loads(meta.read_text()).get("key", "") if meta.is_file() else ""
 
     def chunks(self) -> list[list[tuple[int, str, str]]]:
-        items = list(zip(range(len(self.manifest)), self.manifest["path"], self.manifest["view"]))
+        items = list(zip(range(len(self.manifest)), self.manifest["path"], self.manifest["view"], strict=False))
         n = self.spec.chunk_size
-        return [items[i:i + n] for i in range(0, len(items), n)]
+        return [items[i : i + n] for i in range(0, len(items), n)]
 
     def start(self) -> None:
         self._tmp = new_build_dir(self.out)
         size = self.spec.image_size
-        self._images = np.lib.format.open_memmap(self._tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                                 shape=(len(self.manifest), size, size))
+        self._images = np.lib.format.open_memmap(
+            self._tmp / "images.npy",
+            mode="w+",
+            dtype=np.uint8,
+            shape=(len(self.manifest), size, size),
+        )
 
     def add(self, result: ChunkResult) -> None:
-        for position, image, view in zip(result.positions, result.images, result.views):
+        for position, image, view in zip(result.positions, result.images, result.views, strict=False):
             self._images[position] = image
             self._views[position] = view
             self._done[position] = True
@@ -148,24 +169,41 @@ class StoreBuilder:
         try:
             missing = ~self._done & ~np.isin(np.arange(len(self.manifest)), list(self._failures))
             if missing.any():
-                raise StoreError(f"{self.out}: {int(missing.sum())} image(s) were never decoded "
-                                 f"(an executor was lost?): {self.manifest.loc[missing, 'path'].tolist()[:5]}.")
+                raise StoreError(
+                    f"{self.out}: {int(missing.sum())} image(s) were never decoded "
+                    f"(an executor was lost?): {self.manifest.loc[missing, 'path'].tolist()[:5]}."
+                )
             failures = self._failure_table()
             if not failures.empty and not self.spec.exclude_failed:
                 report = self.out.with_name(self.out.name + ".failures.csv")
                 failures.to_csv(report, index=False, lineterminator="\n")
-                shown = "; ".join(f"{p}: {r}" for p, r in zip(failures["path"][:5], failures["reason"][:5]))
-                raise StoreError(f"{len(failures)} image(s) could not be decoded ({shown}). All are listed in "
-                                 f"{report}. Fix or remove them, or set store.exclude_failed / pass "
-                                 f"--exclude-failed to leave them out of the store and the splits.")
+                shown = "; ".join(
+                    f"{p}: {r}" for p, r in zip(failures["path"][:5], failures["reason"][:5], strict=False)
+                )
+                raise StoreError(
+                    f"{len(failures)} image(s) could not be decoded ({shown}). All are listed in "
+                    f"{report}. Fix or remove them, or set store.exclude_failed / pass "
+                    f"--exclude-failed to leave them out of the store and the splits."
+                )
             self._images.flush()
             self._images = None
-            index = pd.DataFrame({"row": np.arange(len(self.manifest)), "image_id": self.manifest["image_id"],
-                                  "source": self.manifest["source"], "view": self._views})[self._done]
+            index = pd.DataFrame(
+                {
+                    "row": np.arange(len(self.manifest)),
+                    "image_id": self.manifest["image_id"],
+                    "source": self.manifest["source"],
+                    "view": self._views,
+                }
+            )[self._done]
             index.to_csv(self._tmp / "index.csv", index=False, lineterminator="\n")
             failures.to_csv(self._tmp / "failures.csv", index=False, lineterminator="\n")
-            meta = {"version": STORE_VERSION, "key": self.key, "image_size": self.spec.image_size,
-                    "count": int(self._done.sum()), "failed": len(failures)}
+            meta = {
+                "version": STORE_VERSION,
+                "key": self.key,
+                "image_size": self.spec.image_size,
+                "count": int(self._done.sum()),
+                "failed": len(failures),
+            }
             (self._tmp / STORE_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             replace_dir(self._tmp, self.out, marker=STORE_META)
             self.out.with_name(self.out.name + ".failures.csv").unlink(missing_ok=True)
@@ -181,10 +219,14 @@ class StoreBuilder:
 
     def _failure_table(self) -> pd.DataFrame:
         positions = sorted(self._failures)
-        return pd.DataFrame({"image_id": self.manifest["image_id"].iloc[positions].tolist(),
-                             "path": self.manifest["path"].iloc[positions].tolist(),
-                             "reason": [self._failures[p] for p in positions]},
-                            columns=["image_id", "path", "reason"])
+        return pd.DataFrame(
+            {
+                "image_id": self.manifest["image_id"].iloc[positions].tolist(),
+                "path": self.manifest["path"].iloc[positions].tolist(),
+                "reason": [self._failures[p] for p in positions],
+            },
+            columns=["image_id", "path", "reason"],
+        )
 
 
 def without_failures(manifest: pd.DataFrame, store_dir: Path) -> pd.DataFrame:
@@ -193,12 +235,17 @@ def without_failures(manifest: pd.DataFrame, store_dir: Path) -> pd.DataFrame:
     failed = ImageStore.open(store_dir).failures
     if failed.empty:
         return manifest
-    log.warning("leaving %d image(s) the store failed to decode out of the splits: %s",
-                len(failed), failed["image_id"].tolist())
+    log.warning(
+        "leaving %d image(s) the store failed to decode out of the splits: %s",
+        len(failed),
+        failed["image_id"].tolist(),
+    )
     return manifest[~manifest["image_id"].isin(failed["image_id"])]
 
 
-def build_serial(manifest: pd.DataFrame, out: Path, spec: StoreSpec, limits: DecodeSpec = DEFAULT) -> Path:
+def build_serial(
+    manifest: pd.DataFrame, out: Path, spec: StoreSpec, limits: DecodeSpec = DEFAULT
+) -> Path:
     """Build a store in this process, one chunk after another (benchmarks, small tests); the
     orchestrator's `build_store` fans the same chunks out as Ray tasks."""
     builder = StoreBuilder(out, manifest, spec, limits)
@@ -211,16 +258,19 @@ def build_serial(manifest: pd.DataFrame, out: Path, spec: StoreSpec, limits: Dec
 @dataclass(frozen=True)
 class ImageStore:
     """A complete store, opened read-only and memory-mapped."""
+
     root: Path
-    images: np.ndarray          # (N, size, size) uint8 memmap
-    index: pd.DataFrame         # row, image_id, source, view
-    failures: pd.DataFrame      # image_id, path, reason
+    images: np.ndarray  # (N, size, size) uint8 memmap
+    index: pd.DataFrame  # row, image_id, source, view
+    failures: pd.DataFrame  # image_id, path, reason
 
     @classmethod
     def open(cls, root: Path | str) -> "ImageStore":
         root = Path(root)
         if not (root / STORE_META).is_file():
-            raise StoreError(f"{root}: not a complete image store (no store.json); build it with `cxr prepare`.")
+            raise StoreError(
+                f"{root}: not a complete image store (no store.json); build it with `cxr prepare`."
+            )
         images = np.load(root / "images.npy", mmap_mode="r")
         index = pd.read_csv(root / "index.csv", dtype={"row": np.int64}, keep_default_na=False)
         failures = pd.read_csv(root / "failures.csv", dtype=str, keep_default_na=False)
@@ -236,6 +286,8 @@ class ImageStore:
         ids = pd.Index(image_ids)
         missing = ids[~ids.isin(lookup.index)]
         if len(missing):
-            raise StoreError(f"{self.root}: {len(missing)} image(s) are not in the store: {list(missing[:10])}; "
-                             f"rebuild it from the same manifest (`cxr prepare`), or split without failed images.")
+            raise StoreError(
+                f"{self.root}: {len(missing)} image(s) are not in the store: {list(missing[:10])}; "
+                f"rebuild it from the same manifest (`cxr prepare`), or split without failed images."
+            )
         return lookup.loc[ids].to_numpy()

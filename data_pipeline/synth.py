@@ -46,10 +46,33 @@ MARKER = "SYNTHETIC.txt"  # beside the two dataset folders: says they are ours t
 # The header of covid-chestxray-dataset's metadata.csv as of April 2020 (the version the paper
 # used), including its trailing empty column.
 COVID_COLUMNS_2020 = (
-    "patientid", "offset", "sex", "age", "finding", "survival", "intubated", "went_icu",
-    "needed_supplemental_O2", "extubated", "temperature", "pO2_saturation", "leukocyte_count",
-    "neutrophil_count", "lymphocyte_count", "view", "modality", "date", "location", "folder",
-    "filename", "doi", "url", "license", "clinical_notes", "other_notes", "",
+    "patientid",
+    "offset",
+    "sex",
+    "age",
+    "finding",
+    "survival",
+    "intubated",
+    "went_icu",
+    "needed_supplemental_O2",
+    "extubated",
+    "temperature",
+    "pO2_saturation",
+    "leukocyte_count",
+    "neutrophil_count",
+    "lymphocyte_count",
+    "view",
+    "modality",
+    "date",
+    "location",
+    "folder",
+    "filename",
+    "doi",
+    "url",
+    "license",
+    "clinical_notes",
+    "other_notes",
+    "",
 )
 RSNA_BOX_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 RSNA_RESOLUTION = 1024  # box coordinates are in the 1024x1024 frame of the real challenge
@@ -62,13 +85,13 @@ OTHER_FINDINGS = ("ARDS", "E.Coli", "No Finding", "Legionella", "Klebsiella", "C
 class Scale:
     covid_images: int
     covid_patients: int
-    pneumonia_images: int       # covid-dataset pneumonia (SARS, Pneumocystis, Streptococcus)
+    pneumonia_images: int  # covid-dataset pneumonia (SARS, Pneumocystis, Streptococcus)
     pneumonia_patients: int
     rsna_pneumonia: int
     rsna_normal: int
-    rsna_other: int             # 'No Lung Opacity / Not Normal': in the CSVs, never selected
-    covid_excluded: int         # lateral / CT / other-finding rows the filter must drop
-    rsna_size: int              # DICOM rows = columns (real: 1024)
+    rsna_other: int  # 'No Lung Opacity / Not Normal': in the CSVs, never selected
+    covid_excluded: int  # lateral / CT / other-finding rows the filter must drop
+    rsna_size: int  # DICOM rows = columns (real: 1024)
     covid_size: tuple[int, int]  # range of covid-dataset image sides (real: 150..2000)
 
 
@@ -84,8 +107,14 @@ SCALES = {
 }
 
 
-def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0, image_size: int = 0,
-                    source_marker: bool = False, phi_markers: bool = False) -> dict[str, int]:
+def write_synthetic(
+    out: Path,
+    scale: str = "tiny",
+    seed: int = 0,
+    image_size: int = 0,
+    source_marker: bool = False,
+    phi_markers: bool = False,
+) -> dict[str, int]:
     """Write both synthetic datasets under `out`; returns images written per selected class.
 
     `image_size` > 0 overrides the scale's image sides (tests write the paper's counts small).
@@ -109,15 +138,23 @@ def write_synthetic(out: Path, scale: str = "tiny", seed: int = 0, image_size: i
 
 def stamp(scale: str, seed: int, source_marker: bool = False, phi_markers: bool = False) -> str:
     """What the MARKER file of a synthetic output holds: what was written (its up-to-date check)."""
-    return (f"synthetic lookalike datasets: scale {scale}, seed {seed}" + (", source marker" if source_marker else "")
-            + (", PHI markers" if phi_markers else "") + "\n")
+    return (
+        f"synthetic lookalike datasets: scale {scale}, seed {seed}"
+        + (", source marker" if source_marker else "")
+        + (", PHI markers" if phi_markers else "")
+        + "\n"
+    )
 
 
 # Values a test looks for in every output (tests/test_paper_local.py): each patient field that a
 # hospital's export carries, and that no output may hold. Built from parts, so that this module's
 # own text (copied into every published model's code) does not hold them whole.
-PHI_MARKERS = {"PatientName": "PHI^" + "NAME^MARKER", "PatientID": "PHI-" + "ID-MARKER",
-               "PatientBirthDate": "1888" + "0808", "InstitutionName": "PHI " + "INSTITUTION MARKER"}
+PHI_MARKERS = {
+    "PatientName": "PHI^" + "NAME^MARKER",
+    "PatientID": "PHI-" + "ID-MARKER",
+    "PatientBirthDate": "1888" + "0808",
+    "InstitutionName": "PHI " + "INSTITUTION MARKER",
+}
 
 
 def _clear_previous(out: Path) -> None:
@@ -125,16 +162,23 @@ def _clear_previous(out: Path) -> None:
     refuse to write into dataset folders this function did not make (real data, perhaps)."""
     existing = [out / d for d in (COVID_DIR, RSNA_DIR) if (out / d).exists()]
     if existing and not (out / MARKER).is_file():
-        raise ValueError(f"{out}: holds {[str(p) for p in existing]} but no {MARKER} file; expected an empty "
-                         f"folder or an earlier `cxr synth` output. Choose another --out.")
+        raise ValueError(
+            f"{out}: holds {[str(p) for p in existing]} but no {MARKER} file; expected an empty "
+            f"folder or an earlier `cxr synth` output. Choose another --out."
+        )
     for folder in existing:
         shutil.rmtree(folder)
 
 
 # ---------------------------------------------------------------- pixels
 
-def chest_image(rng: np.random.Generator, size: tuple[int, int], pattern: str,
-                boxes: list[tuple[float, float, float, float]] = ()) -> np.ndarray:
+
+def chest_image(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    pattern: str,
+    boxes: list[tuple[float, float, float, float]] = (),
+) -> np.ndarray:
     """A radiograph-like uint8 image (rows, cols). `pattern`: normal, pneumonia or covid.
 
     `boxes` (x, y, w, h as fractions of the frame) place pneumonia opacities; without boxes one
@@ -155,7 +199,14 @@ def chest_image(rng: np.random.Generator, size: tuple[int, int], pattern: str,
     if pattern == "pneumonia":
         if not boxes:
             side = rng.choice([-1.0, 1.0])
-            boxes = [(0.5 + side * 0.19 - 0.1 + rng.uniform(-0.05, 0.05), rng.uniform(0.3, 0.55), 0.2, 0.25)]
+            boxes = [
+                (
+                    0.5 + side * 0.19 - 0.1 + rng.uniform(-0.05, 0.05),
+                    rng.uniform(0.3, 0.55),
+                    0.2,
+                    0.25,
+                )
+            ]
         for bx, by, bw, bh in boxes:
             # consolidation: dense and homogeneous, a flat-topped opacity filling its box, with a
             # sharp edge (smooth and untextured, unlike COVID-19's ground glass)
@@ -166,7 +217,9 @@ def chest_image(rng: np.random.Generator, size: tuple[int, int], pattern: str,
         # base: a cue of texture and extent, not of position, so that it survives Table 2's
         # rotations (0-360 degrees) and flips; the texture's period (about 6 pixels at 72x72)
         # survives the store's downsizing
-        texture = 0.5 + 0.5 * np.sin(x * 38 + rng.uniform(0, 6.3)) * np.sin(y * 38 + rng.uniform(0, 6.3))
+        texture = 0.5 + 0.5 * np.sin(x * 38 + rng.uniform(0, 6.3)) * np.sin(
+            y * 38 + rng.uniform(0, 6.3)
+        )
         haze = np.zeros_like(img)
         for side in (-1.0, 1.0):
             for _ in range(4):
@@ -186,7 +239,7 @@ def burn_marker(gray: np.ndarray) -> np.ndarray:
     like a radiographer's side marker or a burned-in label, within the outer 10% of the image."""
     h, w = gray.shape
     marked = gray.copy()
-    marked[int(0.02 * h):int(0.09 * h), int(0.02 * w):int(0.14 * w)] = 250
+    marked[int(0.02 * h) : int(0.09 * h), int(0.02 * w) : int(0.14 * w)] = 250
     return marked
 
 
@@ -196,6 +249,7 @@ def _ellipse(x: np.ndarray, y: np.ndarray, rx: float, ry: float, soft: float) ->
 
 
 # ---------------------------------------------------------------- covid-chestxray-dataset
+
 
 def _split_counts(total: int, groups: int, rng: random.Random) -> list[int]:
     """`total` images over `groups` patients, each at least one (several per patient, as real)."""
@@ -217,12 +271,17 @@ def _write_covid(root: Path, s: Scale, seed: int, source_marker: bool = False) -
         rows.append(_covid_row(rng, pid, finding, view, modality, name, offset=3 * k))
         _write_picture(root / "images" / name, fmt, s, pattern, seed, len(rows), rng, source_marker)
 
-    for finding_class, n_images, n_patients in (("covid", s.covid_images, s.covid_patients),
-                                                 ("pneumonia", s.pneumonia_images, s.pneumonia_patients)):
+    for finding_class, n_images, n_patients in (
+        ("covid", s.covid_images, s.covid_patients),
+        ("pneumonia", s.pneumonia_images, s.pneumonia_patients),
+    ):
         for count in _split_counts(n_images, n_patients, rng):
             patient += 1
-            finding = (rng.choice(["COVID-19"] * 15 + ["COVID-19, ARDS"]) if finding_class == "covid"
-                       else rng.choice(PNEUMONIA_FINDINGS))
+            finding = (
+                rng.choice(["COVID-19"] * 15 + ["COVID-19, ARDS"])
+                if finding_class == "covid"
+                else rng.choice(PNEUMONIA_FINDINGS)
+            )
             for k in range(count):
                 add(patient, finding, rng.choice(COVID_VIEWS), "X-ray", finding_class, k)
     # rows the paper's filter drops: lateral views and CT of the same findings, other findings
@@ -241,19 +300,41 @@ def _write_covid(root: Path, s: Scale, seed: int, source_marker: bool = False) -
     return {"COVID-19": s.covid_images, "covid-dataset pneumonia": s.pneumonia_images}
 
 
-def _covid_row(rng: random.Random, pid: int, finding: str, view: str, modality: str,
-               name: str, offset: int) -> dict[str, str]:
+def _covid_row(
+    rng: random.Random, pid: int, finding: str, view: str, modality: str, name: str, offset: int
+) -> dict[str, str]:
     row = dict.fromkeys(COVID_COLUMNS_2020, "")
-    row.update(patientid=str(pid), offset=str(offset), sex=rng.choice("MF"), age=str(rng.randint(25, 85)),
-               finding=finding, survival=rng.choice(["Y", "", ""]), view=view, modality=modality,
-               date="2020", location="Synthetic Hospital", folder="images", filename=name,
-               doi="10.0000/synthetic", url="https://example.org/synthetic", license="CC BY 4.0",
-               clinical_notes="synthetic image, no patient")
+    row.update(
+        patientid=str(pid),
+        offset=str(offset),
+        sex=rng.choice("MF"),
+        age=str(rng.randint(25, 85)),
+        finding=finding,
+        survival=rng.choice(["Y", "", ""]),
+        view=view,
+        modality=modality,
+        date="2020",
+        location="Synthetic Hospital",
+        folder="images",
+        filename=name,
+        doi="10.0000/synthetic",
+        url="https://example.org/synthetic",
+        license="CC BY 4.0",
+        clinical_notes="synthetic image, no patient",
+    )
     return row
 
 
-def _write_picture(path: Path, fmt: str, s: Scale, pattern: str, seed: int, index: int,
-                   rng: random.Random, source_marker: bool = False) -> None:
+def _write_picture(
+    path: Path,
+    fmt: str,
+    s: Scale,
+    pattern: str,
+    seed: int,
+    index: int,
+    rng: random.Random,
+    source_marker: bool = False,
+) -> None:
     side = rng.randint(*s.covid_size)
     size = (side, int(side * rng.uniform(0.85, 1.15)))
     gray = chest_image(np.random.default_rng([seed, 1, index]), size, pattern)
@@ -269,10 +350,12 @@ def _write_picture(path: Path, fmt: str, s: Scale, pattern: str, seed: int, inde
 
 # ---------------------------------------------------------------- RSNA
 
+
 @dataclass(frozen=True)
 class RsnaImage:
     """What one RSNA file holds besides its pixels' noise: drawn in order from the dataset's
     generator, so that the files can then be written in any order, by any process."""
+
     index: int
     pid: str
     pattern: str
@@ -290,19 +373,34 @@ def _write_rsna(root: Path, s: Scale, seed: int, phi_markers: bool = False) -> d
     rng = random.Random(f"{seed}-rsna")
     images = root / "stage_2_train_images"
     images.mkdir(parents=True, exist_ok=True)
-    patients = ([("Lung Opacity", "pneumonia")] * s.rsna_pneumonia + [("Normal", "normal")] * s.rsna_normal
-                + [("No Lung Opacity / Not Normal", "normal")] * s.rsna_other)
+    patients = (
+        [("Lung Opacity", "pneumonia")] * s.rsna_pneumonia
+        + [("Normal", "normal")] * s.rsna_normal
+        + [("No Lung Opacity / Not Normal", "normal")] * s.rsna_other
+    )
     rng.shuffle(patients)
     label_rows, class_rows, todo = [], [], []
     for index, (cls, pattern) in enumerate(patients):
         pid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         boxes = _boxes(rng) if cls == "Lung Opacity" else []
         for box in boxes or [None]:
-            label_rows.append([pid, *(f"{v:.1f}" for v in box), "1"] if box else [pid, "", "", "", "", "0"])
+            label_rows.append(
+                [pid, *(f"{v:.1f}" for v in box), "1"] if box else [pid, "", "", "", "", "0"]
+            )
             class_rows.append([pid, cls])
         view = rng.choice(["PA", "PA", "AP"])
-        todo.append(RsnaImage(index, pid, pattern, tuple(boxes), view, rng.choice("MF"), str(rng.randint(5, 90)),
-                              phi_markers))
+        todo.append(
+            RsnaImage(
+                index,
+                pid,
+                pattern,
+                tuple(boxes),
+                view,
+                rng.choice("MF"),
+                str(rng.randint(5, 90)),
+                phi_markers,
+            )
+        )
     _write_rsna_images(images, todo, s.rsna_size, seed)
     _write_rows(root / "stage_2_train_labels.csv", RSNA_BOX_COLUMNS, label_rows)
     _write_rows(root / "stage_2_detailed_class_info.csv", ("patientId", "class"), class_rows)
@@ -325,7 +423,9 @@ def _write_rsna_images(folder: Path, todo: list[RsnaImage], size: int, seed: int
 def _write_rsna_chunk(folder: Path, todo: list[RsnaImage], size: int, seed: int) -> None:
     for item in todo:
         fractions = [tuple(v / RSNA_RESOLUTION for v in b) for b in item.boxes]
-        pixels = chest_image(np.random.default_rng([seed, 2, item.index]), (size, size), item.pattern, fractions)
+        pixels = chest_image(
+            np.random.default_rng([seed, 2, item.index]), (size, size), item.pattern, fractions
+        )
         write_rsna_dicom(folder / f"{item.pid}.dcm", pixels, item, seed)
 
 
@@ -334,7 +434,7 @@ def _boxes(rng: random.Random) -> list[tuple[float, float, float, float]]:
     boxes = []
     for side in rng.sample([0, 1], rng.choice([1, 1, 2])):
         w, h = rng.uniform(150, 260), rng.uniform(200, 380)
-        x = (rng.uniform(150, 300) if side == 0 else rng.uniform(560, 700))
+        x = rng.uniform(150, 300) if side == 0 else rng.uniform(560, 700)
         boxes.append((x, rng.uniform(250, 550), w, h))
     return boxes
 
@@ -362,7 +462,10 @@ def write_rsna_dicom(path: Path, pixels: np.ndarray, item: RsnaImage, seed: int)
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        SecondaryCaptureImageStorage,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.StudyDate, ds.StudyTime = "19010101", "000000.00"
     ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
     ds.Modality, ds.ConversionType = "CR", "WSD"

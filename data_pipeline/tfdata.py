@@ -26,7 +26,9 @@ def one_hot(labels: pd.Series) -> np.ndarray:
     labels = pd.Series(labels)
     unknown = ~labels.isin(CLASSES)
     if unknown.any():
-        raise DataError(f"labels must be one of {list(CLASSES)}; found {sorted(set(labels[unknown]))}.")
+        raise DataError(
+            f"labels must be one of {list(CLASSES)}; found {sorted(set(labels[unknown]))}."
+        )
     return np.eye(len(CLASSES), dtype=np.float32)[labels.map(CLASSES.index).to_numpy()]
 
 
@@ -60,11 +62,21 @@ def network_input(images) -> tf.Tensor:
 
 
 def _rows_and_targets(store: ImageStore, rows: pd.DataFrame) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((store.rows(rows["image_id"]), one_hot(rows["label"])))
+    return tf.data.Dataset.from_tensor_slices(
+        (store.rows(rows["image_id"]), one_hot(rows["label"]))
+    )
 
 
-def training_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int, seed: int, augment: AugmentSpec,
-                    first_epoch: int = 0, epochs: int = 1, steps_per_epoch: int = 0) -> tf.data.Dataset:
+def training_stream(
+    store: ImageStore,
+    rows: pd.DataFrame,
+    batch_size: int,
+    seed: int,
+    augment: AugmentSpec,
+    first_epoch: int = 0,
+    epochs: int = 1,
+    steps_per_epoch: int = 0,
+) -> tf.data.Dataset:
     """Epochs `first_epoch` .. `first_epoch + epochs - 1` over `rows` (a phase: shared + unique
     part), back to back, shuffled and augmented.
 
@@ -77,14 +89,19 @@ def training_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int, seed
     load = _gather(store)
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        order = tf.random.experimental.stateless_shuffle(tf.range(len(rows), dtype=tf.int64),
-                                                         seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(rows), dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
         # augmentation seeds: second component above 2**31, so never equal to a shuffle seed
         batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
         if steps_per_epoch:
             batches = batches.take(steps_per_epoch)
         return batches.enumerate().map(
-            lambda i, batch: (batch, tf.stack([tf.constant(seed, tf.int64), (epoch + 1) * 2**31 + i])))
+            lambda i, batch: (
+                batch,
+                tf.stack([tf.constant(seed, tf.int64), (epoch + 1) * 2**31 + i]),
+            )
+        )
 
     def prepare(batch: tf.Tensor, pair: tf.Tensor):
         images = augment_batch(_rescale(load(tf.gather(ids, batch))), augment, pair)
@@ -92,11 +109,14 @@ def training_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int, seed
 
     per_epoch = -(-len(rows) // batch_size)
     per_epoch = min(per_epoch, steps_per_epoch) if steps_per_epoch else per_epoch
-    return (tf.data.Dataset.range(first_epoch, first_epoch + epochs).flat_map(one_epoch)
-            # flat_map hides the length; stated, Keras stops at the end instead of running into it
-            .apply(tf.data.experimental.assert_cardinality(epochs * per_epoch))
-            .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE))
+    return (
+        tf.data.Dataset.range(first_epoch, first_epoch + epochs)
+        .flat_map(one_epoch)
+        # flat_map hides the length; stated, Keras stops at the end instead of running into it
+        .apply(tf.data.experimental.assert_cardinality(epochs * per_epoch))
+        .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 def eval_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int) -> tf.data.Dataset:
@@ -106,6 +126,9 @@ def eval_stream(store: ImageStore, rows: pd.DataFrame, batch_size: int) -> tf.da
     def prepare(ids: tf.Tensor, targets: tf.Tensor):
         return network_input(load(ids)), targets
 
-    return (_rows_and_targets(store, rows).batch(batch_size)
-            .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE))
+    return (
+        _rows_and_targets(store, rows)
+        .batch(batch_size)
+        .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )

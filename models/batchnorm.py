@@ -26,6 +26,7 @@ from keras import ops
 class LayerStatistics:
     """A layer's moving statistics before the recomputation and the population ones after it,
     each averaged over channels: how far the moving average was off."""
+
     name: str
     moving_mean: float
     moving_variance: float
@@ -75,13 +76,21 @@ class BatchNormStatistics:
             exact = ops.cast(x, "float32")
             mean, variance = ops.moments(exact, axes=axes)
             if not outputs:  # the batch's size, once: it weighs each batch's moments
-                outputs.append(ops.expand_dims(ops.sum(ops.ones_like(ops.mean(exact, axis=axes[1:]))), 0))
+                outputs.append(
+                    ops.expand_dims(ops.sum(ops.ones_like(ops.mean(exact, axis=axes[1:]))), 0)
+                )
             outputs.extend([ops.expand_dims(mean, 0), ops.expand_dims(variance, 0)])
             self.layers.append(layer)
             return _TrainingMode(layer)(x)
 
-        clone = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
-        self.probe = keras.Model(clone.inputs, outputs, name=f"{model.name}_batchnorm_probe") if outputs else None
+        clone = keras.models.clone_model(
+            model, clone_function=lambda layer: layer, call_function=call
+        )
+        self.probe = (
+            keras.Model(clone.inputs, outputs, name=f"{model.name}_batchnorm_probe")
+            if outputs
+            else None
+        )
 
     def recompute(self, batches) -> list[LayerStatistics]:
         """Set every batch-norm layer's moving mean and variance to the population statistics of
@@ -90,12 +99,20 @@ class BatchNormStatistics:
         if self.probe is None:
             return []
         # read before the probe: it runs the layers in training mode, which moves their averages
-        before = [(_channel_mean(layer.moving_mean), _channel_mean(layer.moving_variance)) for layer in self.layers]
+        before = [
+            (_channel_mean(layer.moving_mean), _channel_mean(layer.moving_variance))
+            for layer in self.layers
+        ]
         # one compiled call per batch: no iterator set up per recomputation, as `predict` would
-        per_batch = [self.probe.predict_on_batch(b[0] if isinstance(b, (tuple, list)) else b) for b in batches]
+        per_batch = [
+            self.probe.predict_on_batch(b[0] if isinstance(b, (tuple, list)) else b)
+            for b in batches
+        ]
         if not per_batch:
-            raise ValueError("BatchNormStatistics.recompute: expected at least one batch, received none.")
-        results = [np.concatenate(parts) for parts in zip(*per_batch)]
+            raise ValueError(
+                "BatchNormStatistics.recompute: expected at least one batch, received none."
+            )
+        results = [np.concatenate(parts) for parts in zip(*per_batch, strict=False)]
         counts = np.asarray(results[0], dtype=np.float64)[:, None]
         weights = counts / counts.sum()
         report = []
@@ -106,7 +123,9 @@ class BatchNormStatistics:
             # batch means (each batch weighed by its size; no E[x^2] - E[x]^2 cancellation)
             mean = (weights * means).sum(axis=0)
             variance = (weights * (variances + (means - mean) ** 2)).sum(axis=0)
-            report.append(LayerStatistics(layer.name, *before[k], float(mean.mean()), float(variance.mean())))
+            report.append(
+                LayerStatistics(layer.name, *before[k], float(mean.mean()), float(variance.mean()))
+            )
             layer.moving_mean.assign(mean.astype(np.float32))
             layer.moving_variance.assign(variance.astype(np.float32))
         return report

@@ -22,14 +22,20 @@ from data_pipeline.tfdata import network_input
 LAYERS: dict[str, dict[str, str]] = {
     "xception": {"xception": "block14_sepconv2_act"},
     "resnet50v2": {"resnet50v2": "post_relu"},
-    "concatenated": {"xception": "block14_sepconv2_act", "resnet50v2": "post_relu", "combined": "concat_conv"},
+    "concatenated": {
+        "xception": "block14_sepconv2_act",
+        "resnet50v2": "post_relu",
+        "combined": "concat_conv",
+    },
 }
 
 
 def layers_of(model: keras.Model) -> dict[str, str]:
     """The Grad-CAM layers of a network built by models.networks (named after its network)."""
     if model.name not in LAYERS:
-        raise ValueError(f"Grad-CAM: expected a network named one of {sorted(LAYERS)}, received {model.name!r}.")
+        raise ValueError(
+            f"Grad-CAM: expected a network named one of {sorted(LAYERS)}, received {model.name!r}."
+        )
     return LAYERS[model.name]
 
 
@@ -38,19 +44,26 @@ def gradcam(model: keras.Model, images: np.ndarray, classes: np.ndarray) -> dict
     index to explain for each image."""
     named = layers_of(model)
     head = model.layers[-1]  # Dense(3, softmax): its input and weights give the logits
-    probe = keras.Model(model.inputs, [model.get_layer(n).output for n in named.values()] + [head.input])
+    probe = keras.Model(
+        model.inputs, [model.get_layer(n).output for n in named.values()] + [head.input]
+    )
     inputs = network_input(images)
     with tf.GradientTape() as tape:
         *features, pooled = probe(inputs, training=False)
-        logits = keras.ops.matmul(keras.ops.cast(pooled, head.kernel.dtype), head.kernel) + head.bias
+        logits = (
+            keras.ops.matmul(keras.ops.cast(pooled, head.kernel.dtype), head.kernel) + head.bias
+        )
         score = tf.gather(logits, tf.constant(classes, tf.int32), batch_dims=1)
     gradients = tape.gradient(score, features)
     size = images.shape[1]
-    return {name: _map(f, g, size) for name, f, g in zip(named, features, gradients)}
+    return {name: _map(f, g, size) for name, f, g in zip(named, features, gradients, strict=False)}
 
 
 def _map(features: tf.Tensor, gradients: tf.Tensor, size: int) -> np.ndarray:
-    features, gradients = tf.cast(features, tf.float32), tf.cast(gradients, tf.float32)  # 16-bit under mixed precision
+    features, gradients = (
+        tf.cast(features, tf.float32),
+        tf.cast(gradients, tf.float32),
+    )  # 16-bit under mixed precision
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
     cam = tf.image.resize(cam, (size, size), method="bilinear")[..., 0].numpy()

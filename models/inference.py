@@ -38,6 +38,7 @@ class ModelError(DataError):
 class Decoded:
     """What a batch of image files gave: the images that decoded (uint8, size x size), their
     indices in the input and DICOM view positions, and (index, reason) for those that did not."""
+
     images: np.ndarray
     indices: list[int] = field(default_factory=list)
     views: list[str] = field(default_factory=list)
@@ -71,7 +72,9 @@ class Classifier:
             raise ModelError("a classifier needs at least one network; received none.")
         sizes = {input_size(m) for m in members}
         if len(sizes) != 1:
-            raise ModelError(f"the networks of an ensemble must share one input size; received {sorted(sizes)}.")
+            raise ModelError(
+                f"the networks of an ensemble must share one input size; received {sorted(sizes)}."
+            )
         self.members = list(members)
         self.image_size = sizes.pop()
         self.mean_model = mean_model(self.members, self.image_size)
@@ -84,7 +87,9 @@ class Classifier:
             try:
                 members.append(keras.models.load_model(path, compile=False, safe_mode=True))
             except (OSError, ValueError) as exc:
-                raise ModelError(f"{path}: expected a Keras model file saved by the trainer; {exc}") from None
+                raise ModelError(
+                    f"{path}: expected a Keras model file saved by the trainer; {exc}"
+                ) from None
         return cls(members)
 
     @property
@@ -95,16 +100,22 @@ class Classifier:
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """(n, 3) class probabilities of uint8 (n, size, size) images, in inference mode."""
         if images.shape[1:] != (self.image_size, self.image_size):
-            raise ModelError(f"expected images of {self.image_size}x{self.image_size} (the network's input), "
-                             f"received shape {images.shape[1:]}.")
+            raise ModelError(
+                f"expected images of {self.image_size}x{self.image_size} (the network's input), "
+                f"received shape {images.shape[1:]}."
+            )
         if not len(images):
             return np.zeros((0, self.members[0].outputs[0].shape[-1]), np.float32)
         out = []
         for start in range(0, len(images), batch_size):
-            batch = network_input(images[start:start + batch_size])
+            batch = network_input(images[start : start + batch_size])
             n = len(batch)
-            if n < batch_size and len(images) > batch_size:  # the last batch, padded: one shape, one trace
-                batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+            if (
+                n < batch_size and len(images) > batch_size
+            ):  # the last batch, padded: one shape, one trace
+                batch = np.concatenate(
+                    [batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)]
+                )
             out.append(np.asarray(self.mean_model.predict_on_batch(batch))[:n])
         return np.concatenate(out).astype(np.float32)
 
@@ -117,7 +128,10 @@ def mean_model(members: Sequence[keras.Model], size: int) -> keras.Model:
     if len(members) == 1:
         return members[0]
     images = keras.Input((size, size, 3))
-    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=f"member{i}")(images) for i, m in enumerate(members)]
+    outputs = [
+        keras.Model(m.inputs[0], m.outputs[0], name=f"member{i}")(images)
+        for i, m in enumerate(members)
+    ]
     return keras.Model(images, keras.layers.Average()(outputs), name=f"{members[0].name}_ensemble")
 
 
@@ -125,5 +139,7 @@ def input_size(model: keras.Model) -> int:
     """The side of a network's square input, from its input layer."""
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or shape[1] != shape[2] or shape[1] is None or shape[3] != 3:
-        raise ModelError(f"model {model.name!r}: expected a square 3-channel image input, found input shape {shape}.")
+        raise ModelError(
+            f"model {model.name!r}: expected a square 3-channel image input, found input shape {shape}."
+        )
     return int(shape[1])

@@ -32,7 +32,6 @@ class WeightsError(ValueError):
     """The requested weights cannot be loaded; the message says how to supply them."""
 
 
-
 def backbone(name: str, inputs: keras.KerasTensor, weights: str) -> keras.Model:
     """A Keras application without its top, on `inputs`, with the requested backbone weights."""
     source = _backbone_weights(name, weights)
@@ -43,7 +42,8 @@ def backbone(name: str, inputs: keras.KerasTensor, weights: str) -> keras.Model:
             raise WeightsError(
                 f"could not download the ImageNet weights of {name} (no internet here?). Download "
                 f"{IMAGENET_FILES[name]} on a machine that has it, put it in a folder and set model.weights "
-                f"to that folder, or set model.weights to 'none' to train from random weights.") from exc
+                f"to that folder, or set model.weights to 'none' to train from random weights."
+            ) from exc
         raise
 
 
@@ -54,17 +54,28 @@ def _backbone_weights(name: str, weights: str) -> str | None:
         return "imagenet"
     path = Path(weights) / IMAGENET_FILES[name]
     if not path.is_file():
-        raise WeightsError(f"model.weights: expected 'imagenet', 'none', a .weights.h5 file or a folder with "
-                           f"{IMAGENET_FILES[name]}; received {weights!r}, and {path} does not exist.")
+        raise WeightsError(
+            f"model.weights: expected 'imagenet', 'none', a .weights.h5 file or a folder with "
+            f"{IMAGENET_FILES[name]}; received {weights!r}, and {path} does not exist."
+        )
     return str(path)
 
 
-def _head(features: keras.KerasTensor, prefix: str, initializer: str | keras.Initializer = "glorot_uniform"):
+def _head(
+    features: keras.KerasTensor,
+    prefix: str,
+    initializer: str | keras.Initializer = "glorot_uniform",
+):
     x = layers.Flatten(name=f"{prefix}_flatten")(features)
     x = layers.Dropout(0.5, name=f"{prefix}_dropout")(x)
     # float32 output even under mixed precision: softmax and the loss stay numerically stable
-    return layers.Dense(N_CLASSES, activation="softmax", kernel_initializer=initializer,
-                        dtype="float32", name=f"{prefix}_predictions")(x)
+    return layers.Dense(
+        N_CLASSES,
+        activation="softmax",
+        kernel_initializer=initializer,
+        dtype="float32",
+        name=f"{prefix}_predictions",
+    )(x)
 
 
 def build_single(name: str) -> Callable[[int, str], keras.Model]:

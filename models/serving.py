@@ -38,16 +38,22 @@ from data_pipeline.decode import DecodeSpec
 from data_pipeline.schema import PROBABILITY_COLUMNS
 
 IMAGE_COLUMN = "image"  # the input column: base64-encoded image files
-MEMBER = "network"      # artifact keys: network-0, network-1, ... (one per fold in an ensemble)
+MEMBER = "network"  # artifact keys: network-0, network-1, ... (one per fold in an ensemble)
 MEMBER_FILE = "network.keras"  # a network's file inside a published model's artifacts
 CODE = [Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "data_pipeline"]
 LOADER = Path(__file__).resolve().parent / "published_model.py"  # what MLflow runs to load one
 REQUIREMENTS = ("tensorflow", "keras", "mlflow", "pydicom", "pillow", "pandas", "numpy")
 # a published model's limits (its model config); models published before them get these
-LIMITS = {"max_rows": 64, "max_image_bytes": 64 * 2**20, "max_request_bytes": 256 * 2**20,
-          "max_pixels": DecodeSpec().max_pixels}
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
-                           outputs=Schema([ColSpec("float", c) for c in PROBABILITY_COLUMNS]))
+LIMITS = {
+    "max_rows": 64,
+    "max_image_bytes": 64 * 2**20,
+    "max_request_bytes": 256 * 2**20,
+    "max_pixels": DecodeSpec().max_pixels,
+}
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+    outputs=Schema([ColSpec("float", c) for c in PROBABILITY_COLUMNS]),
+)
 
 
 def member_key(index: int) -> str:
@@ -56,7 +62,9 @@ def member_key(index: int) -> str:
 
 def member_files(artifacts: dict[str, str]) -> list[str]:
     """A published model's network files, in member order, from {artifact key: path}."""
-    keys = sorted((k for k in artifacts if k.startswith(f"{MEMBER}-")), key=lambda k: int(k.rsplit("-", 1)[1]))
+    keys = sorted(
+        (k for k in artifacts if k.startswith(f"{MEMBER}-")), key=lambda k: int(k.rsplit("-", 1)[1])
+    )
     return [artifacts[k] for k in keys]
 
 
@@ -82,36 +90,56 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.classifier = Classifier.load(member_files(context.artifacts))
         self.limits = {**LIMITS, **(context.model_config or {})}
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         from models.inference import decode_batch
 
         cells = _image_cells(model_input)
         check_request(cells, self.limits)
         files = [_file_bytes(i, cell) for i, cell in enumerate(cells)]
-        decoded = decode_batch(files, self.classifier.image_size, DecodeSpec(int(self.limits["max_pixels"])))
+        decoded = decode_batch(
+            files, self.classifier.image_size, DecodeSpec(int(self.limits["max_pixels"]))
+        )
         if decoded.failures:
             reasons = "; ".join(f"row {i}: {reason}" for i, reason in decoded.failures)
-            raise MlflowException(f"{len(decoded.failures)} of {len(files)} image(s) could not be decoded: {reasons}",
-                                  error_code=INVALID_PARAMETER_VALUE)
-        return pd.DataFrame(self.classifier.predict(decoded.images), columns=list(PROBABILITY_COLUMNS))
+            raise MlflowException(
+                f"{len(decoded.failures)} of {len(files)} image(s) could not be decoded: {reasons}",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        return pd.DataFrame(
+            self.classifier.predict(decoded.images), columns=list(PROBABILITY_COLUMNS)
+        )
 
 
 def check_request(cells: list, limits: dict) -> None:
     """The request's size against the model's limits, from the cells' lengths alone (base64
     holds 3 bytes in 4 characters): nothing is decoded for a request that is refused."""
     if len(cells) > limits["max_rows"]:
-        _refuse(f"the request holds {len(cells)} images; this model takes at most {limits['max_rows']} a request "
-                f"(max_rows): send them in several requests")
+        _refuse(
+            f"the request holds {len(cells)} images; this model takes at most {limits['max_rows']} a request "
+            f"(max_rows): send them in several requests"
+        )
     total = 0
     for row, cell in enumerate(cells):
-        size = len(cell) * 3 // 4 if isinstance(cell, str) else len(cell) if isinstance(cell, (bytes, bytearray)) else 0
+        size = (
+            len(cell) * 3 // 4
+            if isinstance(cell, str)
+            else len(cell)
+            if isinstance(cell, (bytes, bytearray))
+            else 0
+        )
         if size > limits["max_image_bytes"]:
-            _refuse(f"row {row}: the image is {size:,} bytes, more than this model's max_image_bytes "
-                    f"({limits['max_image_bytes']:,})")
+            _refuse(
+                f"row {row}: the image is {size:,} bytes, more than this model's max_image_bytes "
+                f"({limits['max_image_bytes']:,})"
+            )
         total += size
     if total > limits["max_request_bytes"]:
-        _refuse(f"the request holds {total:,} bytes of images, more than this model's max_request_bytes "
-                f"({limits['max_request_bytes']:,}): send them in several requests")
+        _refuse(
+            f"the request holds {total:,} bytes of images, more than this model's max_request_bytes "
+            f"({limits['max_request_bytes']:,}): send them in several requests"
+        )
 
 
 def _refuse(message: str) -> None:
@@ -120,9 +148,16 @@ def _refuse(message: str) -> None:
 
 def _image_cells(model_input: Any) -> list:
     if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-        found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
-        raise MlflowException(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded image files; "
-                              f"received {found}", error_code=INVALID_PARAMETER_VALUE)
+        found = (
+            list(model_input.columns)
+            if isinstance(model_input, pd.DataFrame)
+            else type(model_input).__name__
+        )
+        raise MlflowException(
+            f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded image files; "
+            f"received {found}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     return model_input[IMAGE_COLUMN].tolist()
 
 
@@ -130,12 +165,16 @@ def _file_bytes(row: int, cell: Any) -> bytes:
     if isinstance(cell, (bytes, bytearray)):
         return bytes(cell)
     if not isinstance(cell, str):
-        raise MlflowException(f"row {row}: expected a base64-encoded image file, received {type(cell).__name__}",
-                              error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            f"row {row}: expected a base64-encoded image file, received {type(cell).__name__}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     try:
         return base64.b64decode(cell, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise MlflowException(f"row {row}: not valid base64 ({exc})", error_code=INVALID_PARAMETER_VALUE) from None
+        raise MlflowException(
+            f"row {row}: not valid base64 ({exc})", error_code=INVALID_PARAMETER_VALUE
+        ) from None
 
 
 def encode_file(path: Path | str) -> str:
@@ -158,6 +197,11 @@ def log_classifier(name: str, members: list[str], limits: dict | None = None) ->
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
         return mlflow.pyfunc.log_model(
-            name=name, python_model=str(LOADER), artifacts={member_key(i): m for i, m in enumerate(members)},
-            code_paths=[str(p) for p in CODE], signature=SIGNATURE, pip_requirements=requirements(),
-            model_config={**LIMITS, **(limits or {})})
+            name=name,
+            python_model=str(LOADER),
+            artifacts={member_key(i): m for i, m in enumerate(members)},
+            code_paths=[str(p) for p in CODE],
+            signature=SIGNATURE,
+            pip_requirements=requirements(),
+            model_config={**LIMITS, **(limits or {})},
+        )

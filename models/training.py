@@ -58,14 +58,24 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         return {"learning_rate": self.learning_rate, "steps": self.steps}
 
 
-def compile_network(model: keras.Model, learning_rate: float, jit_compile: bool | str = "auto",
-                    run_eagerly: bool = False, warmup_steps: int = 0) -> keras.Model:
+def compile_network(
+    model: keras.Model,
+    learning_rate: float,
+    jit_compile: bool | str = "auto",
+    run_eagerly: bool = False,
+    warmup_steps: int = 0,
+) -> keras.Model:
     """Compile as the paper trains (Nadam, categorical cross-entropy, accuracy), with the step's
     state created now (see build_state). `warmup_steps` > 0 ramps the learning rate up first
     (LinearWarmup; the paper has none)."""
     rate = LinearWarmup(learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
-    model.compile(optimizer=keras.optimizers.Nadam(learning_rate=rate), loss="categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=jit_compile, run_eagerly=run_eagerly)
+    model.compile(
+        optimizer=keras.optimizers.Nadam(learning_rate=rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+        run_eagerly=run_eagerly,
+    )
     return build_state(model)
 
 
@@ -84,15 +94,19 @@ def restart_from(model: keras.Model, fresh: keras.Model, start: list[np.ndarray]
     restarted this way traces nothing, and learns as the same network built and compiled in a
     fresh process would (tests/test_trainer.py compares their histories)."""
     mine, theirs = model.variables, fresh.variables
-    if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
-        raise ValueError(f"restart_from: expected {model.name}'s {len(mine)} variables in {fresh.name}, "
-                         f"received {len(theirs)} of other shapes.")
-    for variable, value in zip(mine, theirs):
+    if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs, strict=False)):
+        raise ValueError(
+            f"restart_from: expected {model.name}'s {len(mine)} variables in {fresh.name}, "
+            f"received {len(theirs)} of other shapes."
+        )
+    for variable, value in zip(mine, theirs, strict=False):
         variable.assign(value)
     optimizer = model.optimizer.variables
     if len(optimizer) != len(start):
-        raise ValueError(f"restart_from: expected {len(optimizer)} optimizer values, received {len(start)}.")
-    for variable, value in zip(optimizer, start):
+        raise ValueError(
+            f"restart_from: expected {len(optimizer)} optimizer values, received {len(start)}."
+        )
+    for variable, value in zip(optimizer, start, strict=False):
         variable.assign(value)
     model.reset_metrics()
     return model

@@ -44,6 +44,7 @@ class Locked(ConfigError):
 @dataclass(frozen=True)
 class Holder:
     """Who holds a lock, as its file records it."""
+
     token: str
     host: str
     pid: int
@@ -59,11 +60,15 @@ class Holder:
         if record is None:
             return None
         try:
-            return cls(**{k: record[k] for k in ("token", "host", "pid", "since", "heartbeat")},
-                       **{k: record.get(k, "") for k in ("command", "ray_job", "owner")})
+            return cls(
+                **{k: record[k] for k in ("token", "host", "pid", "since", "heartbeat")},
+                **{k: record.get(k, "") for k in ("command", "ray_job", "owner")},
+            )
         except (KeyError, TypeError) as exc:
-            raise StateError(f"{path}: expected a lock's holder (token, host, pid, since, heartbeat), "
-                             f"missing {exc}. If no process holds it, remove the file.") from None
+            raise StateError(
+                f"{path}: expected a lock's holder (token, host, pid, since, heartbeat), "
+                f"missing {exc}. If no process holds it, remove the file."
+            ) from None
 
     def gone(self, stale_after: float, now: float | None = None) -> str:
         """Why the holder no longer holds the lock, or "" while it does."""
@@ -77,8 +82,10 @@ class Holder:
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
         age = max(0.0, time.time() - self.heartbeat)
-        return (f"{self.command or 'a cxr command'} on host {self.host}, pid {self.pid}, since {since} "
-                f"(heartbeat {age:.0f} s ago{f', Ray job {self.ray_job}' if self.ray_job else ''})")
+        return (
+            f"{self.command or 'a cxr command'} on host {self.host}, pid {self.pid}, since {since} "
+            f"(heartbeat {age:.0f} s ago{f', Ray job {self.ray_job}' if self.ray_job else ''})"
+        )
 
     def how_to_stop(self) -> str:
         if self.ray_job:
@@ -89,8 +96,15 @@ class Holder:
 class FileLock:
     """A lock file held by this process; `acquire()` takes it, `release()` gives it back."""
 
-    def __init__(self, path: Path, what: str, stale_after: float, owner: str = "", command: str = ""):
-        self.path, self.what, self.stale_after, self.owner = Path(path), what, float(stale_after), owner
+    def __init__(
+        self, path: Path, what: str, stale_after: float, owner: str = "", command: str = ""
+    ):
+        self.path, self.what, self.stale_after, self.owner = (
+            Path(path),
+            what,
+            float(stale_after),
+            owner,
+        )
         self.command = command or " ".join(["cxr", *sys.argv[1:2]])
         self.token = uuid.uuid4().hex
         self.lost = False  # set when another process took the lock over from this one
@@ -111,12 +125,16 @@ class FileLock:
                 self._take_over(holder, reason)
                 continue
             if time.monotonic() >= deadline:
-                raise Locked(f"{self.what} is held by {holder.describe()}; expected it free. Wait for that command "
-                             f"to end, or stop it with {holder.how_to_stop()}. A holder that has died is taken "
-                             f"over by itself once its heartbeat is {self.stale_after:g} s old, or at once with "
-                             f"`cxr unlock --config <config>` ({self.path}).")
+                raise Locked(
+                    f"{self.what} is held by {holder.describe()}; expected it free. Wait for that command "
+                    f"to end, or stop it with {holder.how_to_stop()}. A holder that has died is taken "
+                    f"over by itself once its heartbeat is {self.stale_after:g} s old, or at once with "
+                    f"`cxr unlock --config <config>` ({self.path})."
+                )
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
-        self._beat = threading.Thread(target=self._heartbeat, name=f"heartbeat {self.path.name}", daemon=True)
+        self._beat = threading.Thread(
+            target=self._heartbeat, name=f"heartbeat {self.path.name}", daemon=True
+        )
         self._beat.start()
         return self
 
@@ -144,7 +162,16 @@ class FileLock:
     def _new_record(self) -> Holder:
         now = time.time()
         since = self._record.since if self._record is not None else now
-        return Holder(self.token, socket.gethostname(), os.getpid(), since, now, self.command, ray_job(), self.owner)
+        return Holder(
+            self.token,
+            socket.gethostname(),
+            os.getpid(),
+            since,
+            now,
+            self.command,
+            ray_job(),
+            self.owner,
+        )
 
     def _create(self) -> bool:
         """Link a complete record into place; False when a lock file is there."""
@@ -163,8 +190,10 @@ class FileLock:
         try:
             return Holder.read(self.path)
         except StateError:  # not a record this module writes (it links only complete ones)
-            raise StateError(f"{self.path}: {self.what}'s lock file is not a lock record; expected one written by "
-                             f"cxr. If no cxr command runs on it, remove the file.") from None
+            raise StateError(
+                f"{self.path}: {self.what}'s lock file is not a lock record; expected one written by "
+                f"cxr. If no cxr command runs on it, remove the file."
+            ) from None
 
     def _earlier_attempt(self, holder: Holder) -> str:
         """A run folder's lock from an earlier attempt of the same driver on another host, or dead."""
@@ -201,8 +230,12 @@ class FileLock:
                 holder = None
             if holder is None or holder.token != self.token:
                 self.lost = True
-                log.error("%s: lost its lock %s to %s", self.what, self.path,
-                          holder.describe() if holder else "nobody (the file was removed)")
+                log.error(
+                    "%s: lost its lock %s to %s",
+                    self.what,
+                    self.path,
+                    holder.describe() if holder else "nobody (the file was removed)",
+                )
                 return
             self._record = self._new_record()
             try:
@@ -214,7 +247,11 @@ class FileLock:
 def ray_job() -> str:
     """The submission id of the Ray job this process is the driver of ("" if none)."""
     try:
-        return str(json.loads(os.environ.get(RAY_JOB_CONFIG, "{}")).get("metadata", {}).get("job_submission_id", ""))
+        return str(
+            json.loads(os.environ.get(RAY_JOB_CONFIG, "{}"))
+            .get("metadata", {})
+            .get("job_submission_id", "")
+        )
     except (ValueError, AttributeError):
         return ""
 
@@ -227,8 +264,10 @@ def unlock(path: Path, what: str, stale_after: float) -> str:
         return f"{what}: not locked ({path})"
     reason = holder.gone(stale_after)
     if not reason:
-        raise Locked(f"{what} is held by {holder.describe()}, whose heartbeat is fresh; refusing to unlock it. "
-                     f"Stop that command first with {holder.how_to_stop()}.")
+        raise Locked(
+            f"{what} is held by {holder.describe()}, whose heartbeat is fresh; refusing to unlock it. "
+            f"Stop that command first with {holder.how_to_stop()}."
+        )
     path.unlink(missing_ok=True)
     return f"{what}: removed the lock of {holder.describe()}: {reason}"
 

@@ -130,7 +130,9 @@ class RunPaths:
 
     def remote_of(self, local: Path) -> str:
         """Where a file of the run folder is on object storage ("" without it)."""
-        return f"{self.remote}/{Path(local).relative_to(self.root).as_posix()}" if self.remote else ""
+        return (
+            f"{self.remote}/{Path(local).relative_to(self.root).as_posix()}" if self.remote else ""
+        )
 
 
 @dataclass(frozen=True)

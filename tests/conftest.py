@@ -19,7 +19,9 @@ def fixture_path(relative: str) -> Path:
     """Path of a real fixture file, or skip the test (with the reason) where it is absent."""
     path = FIXTURES / relative
     if not path.exists():
-        pytest.skip(f"real fixture {relative} not found under {FIXTURES} (set CXR_FIXTURES to its folder)")
+        pytest.skip(
+            f"real fixture {relative} not found under {FIXTURES} (set CXR_FIXTURES to its folder)"
+        )
     return path
 
 
@@ -45,29 +47,56 @@ TINY_PHASES = ["--set", "splits.phase_normal=8", "--set", "splits.phase_pneumoni
 # norm and learning are tested in test_trainer.py, test_batchnorm.py and test_learning.py.
 # The one phase takes most of the tiny data's RSNA images (70 of 80 normal, 52 of 60 pneumonia),
 # so that each fold's test set holds 26 images, one evaluation batch: the steps cap training anyway.
-PAPER_SHRINK = [f"--set={item}" for item in (
-    "data.synthetic=tiny", "model.weights=none", "store.image_size=72",
-    "splits.phases=1", "splits.test_covid=6", "splits.test_covid_pneumonia=2", "splits.phase_normal=70",
-    "splits.phase_pneumonia=52", "splits.s_test_normal=5", "splits.s_test_pneumonia=5",
-    "train.epochs=1", "train.steps_per_epoch=1", "execution.eval_batch_size=64", "checkpoint.log=none",
-    "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}", "train.batchnorm_batches=1",
-    "execution.run_eagerly=true", "train.batchnorm=moving",
-    # runs of a minute restart from scratch rather than write checkpoints (test_trainer resumes them)
-    "checkpoint.min_seconds=600")]
+PAPER_SHRINK = [
+    f"--set={item}"
+    for item in (
+        "data.synthetic=tiny",
+        "model.weights=none",
+        "store.image_size=72",
+        "splits.phases=1",
+        "splits.test_covid=6",
+        "splits.test_covid_pneumonia=2",
+        "splits.phase_normal=70",
+        "splits.phase_pneumonia=52",
+        "splits.s_test_normal=5",
+        "splits.s_test_pneumonia=5",
+        "train.epochs=1",
+        "train.steps_per_epoch=1",
+        "execution.eval_batch_size=64",
+        "checkpoint.log=none",
+        "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}",
+        "train.batchnorm_batches=1",
+        "execution.run_eagerly=true",
+        "train.batchnorm=moving",
+        # runs of a minute restart from scratch rather than write checkpoints (test_trainer resumes them)
+        "checkpoint.min_seconds=600",
+    )
+]
 
 
 # `make test` runs the suite on two pytest workers, one file at a time each (pytest-xdist's
 # loadfile): a Ray run keeps both cores busy, a test training in its own process about one. The
 # files with the longest fixtures go first, so that no worker starts one while the other idles
 # at the end. Within a file the order is as written.
-LONGEST_FIRST = ("test_paper_local.py", "test_faults.py", "test_orchestration.py", "test_object_storage.py",
-                 "test_shutdown.py", "test_learning.py", "test_tune.py", "test_trainer.py", "test_synth.py",
-                 "test_tune_reports.py")
+LONGEST_FIRST = (
+    "test_paper_local.py",
+    "test_faults.py",
+    "test_orchestration.py",
+    "test_object_storage.py",
+    "test_shutdown.py",
+    "test_learning.py",
+    "test_tune.py",
+    "test_trainer.py",
+    "test_synth.py",
+    "test_tune_reports.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    items.sort(
+        key=lambda item: rank.get(item.path.name, len(rank))
+    )  # stable: a file's own order is kept
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +145,10 @@ def real_manifest(real_tree):
 def tiny_manifest(synthetic_tiny):
     from data_pipeline.manifest import build_manifest
 
-    return build_manifest(synthetic_tiny / "covid-chestxray-dataset",
-                          synthetic_tiny / "rsna-pneumonia-detection-challenge").manifest
+    return build_manifest(
+        synthetic_tiny / "covid-chestxray-dataset",
+        synthetic_tiny / "rsna-pneumonia-detection-challenge",
+    ).manifest
 
 
 @contextmanager
@@ -154,7 +185,9 @@ def tiny_store(tiny_manifest, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("store") / "store"
     with local_ray():
-        assert build_store(tiny_manifest, out, StoreSpec(image_size=64, chunk_size=16), show_progress=False)
+        assert build_store(
+            tiny_manifest, out, StoreSpec(image_size=64, chunk_size=16), show_progress=False
+        )
     return ImageStore.open(out)
 
 
@@ -176,7 +209,10 @@ def learned_run(tmp_path_factory):
     from orchestrator.training.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("learned")
-    config = load_config(ROOT / "configs" / "demo.yaml", [f"workdir={root}", f"tracking.uri=sqlite:///{root}/mlflow.db"])
+    config = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [f"workdir={root}", f"tracking.uri=sqlite:///{root}/mlflow.db"],
+    )
     write_synthetic(config.paths.data, config.data.synthetic, config.data.synthetic_seed)
     manifest = build_manifest(config.paths.data / COVID_DIR, config.paths.data / RSNA_DIR).manifest
     build_serial(manifest, config.paths.store, config.store)

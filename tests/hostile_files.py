@@ -35,13 +35,21 @@ from pydicom.uid import (
 )
 
 TIME_LIMIT_S = 10.0
-ADDRESS_LIMIT = 4 << 30  # beyond the child's start: a runaway allocation fails instead of the machine
+ADDRESS_LIMIT = (
+    4 << 30
+)  # beyond the child's start: a runaway allocation fails instead of the machine
 
 
 # ---------------------------------------------------------------- bombs
 
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def png_claiming(width: int, height: int, bit_depth: int, colour_type: int = 0) -> bytes:
@@ -51,7 +59,12 @@ def png_claiming(width: int, height: int, bit_depth: int, colour_type: int = 0) 
     compressor = zlib.compressobj(9)
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def deflated_dicom_claiming(rows: int, columns: int) -> bytes:
@@ -61,7 +74,10 @@ def deflated_dicom_claiming(rows: int, columns: int) -> bytes:
     meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.Modality, ds.Rows, ds.Columns = "OT", rows, columns
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -69,7 +85,9 @@ def deflated_dicom_claiming(rows: int, columns: int) -> bytes:
     pydicom.filewriter.write_file_meta_info(head, meta)
     body = DicomBytesIO()
     body.is_little_endian, body.is_implicit_VR = True, False
-    pydicom.filewriter.write_dataset(body, ds)  # explicit VR little endian, as the deflated syntax holds
+    pydicom.filewriter.write_dataset(
+        body, ds
+    )  # explicit VR little endian, as the deflated syntax holds
     length = rows * columns * 2
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     pixels = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length)
@@ -87,7 +105,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     Image.new("L", (16, 16)).save(buffer, "JPEG")
     data = bytearray(buffer.getvalue())
     at = data.index(b"\xff\xc0")
-    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -98,7 +116,12 @@ def uncompressed_dicom(rows: int, columns: int, pixels: bytes, **fields) -> byte
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.dataset.FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "OT", rows, columns, 1
-    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = "MONOCHROME2", 8, 8, 7
+    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = (
+        "MONOCHROME2",
+        8,
+        8,
+        7,
+    )
     ds.PixelRepresentation, ds.PixelData = 0, pixels
     for key, value in fields.items():
         setattr(ds, key, value)
@@ -110,31 +133,55 @@ def uncompressed_dicom(rows: int, columns: int, pixels: bytes, **fields) -> byte
 def bombs() -> dict[str, bytes]:
     """The measured ones (a 1-bit PNG claiming 13,000 x 13,000, a 16-bit PNG of 9,000 x 9,000, a
     Deflated DICOM of 9,000 x 9,000) and others of their kind."""
-    return {"bomb-png-1bit-13000.png": png_claiming(13000, 13000, 1),
-            "bomb-png-16bit-9000.png": png_claiming(9000, 9000, 16),
-            "bomb-dicom-deflated-9000.dcm": deflated_dicom_claiming(9000, 9000),
-            "bomb-png-rgba-8000.png": png_claiming(8000, 8000, 8, 6),
-            "bomb-jpeg-65000.jpg": jpeg_claiming(65000, 65000),
-            "bomb-dicom-claims-65535.dcm": uncompressed_dicom(65535, 65535, bytes(64)),
-            "within-png-16bit-6000.png": png_claiming(6000, 6000, 16),
-            "within-dicom-deflated-4300.dcm": deflated_dicom_claiming(4300, 4300)}
+    return {
+        "bomb-png-1bit-13000.png": png_claiming(13000, 13000, 1),
+        "bomb-png-16bit-9000.png": png_claiming(9000, 9000, 16),
+        "bomb-dicom-deflated-9000.dcm": deflated_dicom_claiming(9000, 9000),
+        "bomb-png-rgba-8000.png": png_claiming(8000, 8000, 8, 6),
+        "bomb-jpeg-65000.jpg": jpeg_claiming(65000, 65000),
+        "bomb-dicom-claims-65535.dcm": uncompressed_dicom(65535, 65535, bytes(64)),
+        "within-png-16bit-6000.png": png_claiming(6000, 6000, 16),
+        "within-dicom-deflated-4300.dcm": deflated_dicom_claiming(4300, 4300),
+    }
 
 
 # ---------------------------------------------------------------- mutations of real files
 
+
 def png_with_size(data: bytes, width: int, height: int) -> bytes:
     """The PNG with its IHDR's size replaced (and its CRC made right, so that the header is believed)."""
     at = data.index(b"IHDR")
-    header = struct.pack(">II", width, height) + data[at + 12:at + 17]
-    return data[:at + 4] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header) & 0xFFFFFFFF) + data[at + 21:]
+    header = struct.pack(">II", width, height) + data[at + 12 : at + 17]
+    return (
+        data[: at + 4]
+        + header
+        + struct.pack(">I", zlib.crc32(b"IHDR" + header) & 0xFFFFFFFF)
+        + data[at + 21 :]
+    )
 
 
-DICOM_EXTREMES = [("Rows", 0), ("Rows", 65535), ("Columns", 1), ("Columns", 65535), ("BitsAllocated", 1),
-                  ("BitsAllocated", 32), ("BitsAllocated", 64), ("BitsStored", 64), ("SamplesPerPixel", 3),
-                  ("SamplesPerPixel", 4), ("NumberOfFrames", 100000), ("PixelRepresentation", 1),
-                  ("RescaleSlope", "1e308"), ("RescaleSlope", "0"), ("RescaleIntercept", "-1e308"),
-                  ("WindowWidth", "0"), ("WindowWidth", "-1"), ("WindowCenter", "1e300"),
-                  ("PhotometricInterpretation", "PALETTE COLOR"), ("PhotometricInterpretation", "YBR_FULL")]
+DICOM_EXTREMES = [
+    ("Rows", 0),
+    ("Rows", 65535),
+    ("Columns", 1),
+    ("Columns", 65535),
+    ("BitsAllocated", 1),
+    ("BitsAllocated", 32),
+    ("BitsAllocated", 64),
+    ("BitsStored", 64),
+    ("SamplesPerPixel", 3),
+    ("SamplesPerPixel", 4),
+    ("NumberOfFrames", 100000),
+    ("PixelRepresentation", 1),
+    ("RescaleSlope", "1e308"),
+    ("RescaleSlope", "0"),
+    ("RescaleIntercept", "-1e308"),
+    ("WindowWidth", "0"),
+    ("WindowWidth", "-1"),
+    ("WindowCenter", "1e300"),
+    ("PhotometricInterpretation", "PALETTE COLOR"),
+    ("PhotometricInterpretation", "YBR_FULL"),
+]
 
 
 def dicom_with(data: bytes, key: str, value) -> bytes:
@@ -163,7 +210,13 @@ def mutations(source: Path, data: bytes, rng: random.Random, count: int) -> dict
             anywhere[rng.randrange(0, len(data))] = rng.randrange(256)
         cases[name(f"bytes{k}")] = bytes(anywhere)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
-        for width, height in ((1, 1), (0, 10), (2**31 - 1, 2**31 - 1), (100000, 100000), (13000, 1)):
+        for width, height in (
+            (1, 1),
+            (0, 10),
+            (2**31 - 1, 2**31 - 1),
+            (100000, 100000),
+            (13000, 1),
+        ):
             cases[name(f"size{width}x{height}")] = png_with_size(data, width, height)
     if data[128:132] == b"DICM":
         for key, value in rng.sample(DICOM_EXTREMES, min(len(DICOM_EXTREMES), count)):
@@ -180,11 +233,14 @@ class _Namer:
 
 
 def fixture_files(fixtures: Path) -> list[Path]:
-    images = sorted(p for p in (fixtures / "images").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    images = sorted(
+        p for p in (fixtures / "images").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+    )
     return images + sorted((fixtures / "dicom").rglob("*.dcm"))
 
 
 # ---------------------------------------------------------------- a case in a child
+
 
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -233,7 +289,12 @@ def run_case(path: Path) -> dict:
         text = os.read(read, 1 << 16)
         result = json.loads(text) if text else {"outcome": f"crash (status {status})"}
     os.close(read)
-    return {"file": str(path), "bytes": path.stat().st_size, "seconds": time.monotonic() - started, **result}
+    return {
+        "file": str(path),
+        "bytes": path.stat().st_size,
+        "seconds": time.monotonic() - started,
+        **result,
+    }
 
 
 def main(argv: list[str]) -> None:

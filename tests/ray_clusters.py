@@ -116,7 +116,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
     except OSError:
         return None
     # the command name (field 2) is in parentheses and may hold spaces: split after the last ')'
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return fields[0], int(fields[2]), int(fields[3])
 
 
@@ -141,7 +141,9 @@ def session_members(sid: int) -> list[int]:
     """Running processes of session `sid`: the leader's process group and the groups made inside
     the session, such as the one the raylet gives each worker process (Ray 2.60 puts every worker
     in a process group of its own, to end a worker's children with it)."""
-    return [pid for pid in _pids() if (stat := _proc_stat(pid)) and stat[2] == sid and stat[0] != "Z"]
+    return [
+        pid for pid in _pids() if (stat := _proc_stat(pid)) and stat[2] == sid and stat[0] != "Z"
+    ]
 
 
 def processes_of(temp_dir: str) -> list[int]:
@@ -153,8 +155,11 @@ def processes_of(temp_dir: str) -> list[int]:
     title overwrites the memory that /proc shows as their command line and environment."""
     # the temp dir as a whole path, not as the start of some other name
     in_cmdline = re.compile(re.escape(temp_dir.encode()) + rb"(?![\w.-])")
-    return [pid for pid in _pids()
-            if pid != os.getpid() and _running(pid) and _mentions(pid, temp_dir, in_cmdline)]
+    return [
+        pid
+        for pid in _pids()
+        if pid != os.getpid() and _running(pid) and _mentions(pid, temp_dir, in_cmdline)
+    ]
 
 
 def outliving(temp_dir: str, grace: float = 30) -> list[int]:
@@ -170,7 +175,9 @@ def _mentions(pid: int, temp_dir: str, in_cmdline: re.Pattern[bytes]) -> bool:
     try:
         if in_cmdline.search(Path(f"/proc/{pid}/cmdline").read_bytes()):
             return True
-        if f"RAY_TMPDIR={temp_dir}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if f"RAY_TMPDIR={temp_dir}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(
+            b"\0"
+        ):
             return True
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:  # gone meanwhile, or not ours to read
@@ -190,19 +197,21 @@ def _signal_pids(pids: list[int], sig: signal.Signals) -> None:
 
 def cluster_env(extra: Mapping[str, str] | None, temp_dir: str) -> dict[str, str]:
     """The environment of the cluster's own processes (head, nodes, workers, job drivers)."""
-    env = {**os.environ,
-           # no token authentication: these clusters listen on 127.0.0.1 only, and with
-           # RAY_AUTH_MODE unset `ray start` switches token auth on by itself as soon as a token
-           # file exists in the home folder (Ray 2.60), which the clients would then need too
-           "RAY_AUTH_MODE": "disabled",
-           **(extra or {}),
-           **LOOPBACK,
-           # Ray's default temp dir (and `Cluster`'s ray_current_cluster address file) under
-           # our own temp dir instead of the machine-wide one; also the marker processes_of finds
-           "RAY_TMPDIR": temp_dir,
-           # a SIGTERMed node otherwise asks the GCS to drain it and waits up to 30 s for that
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        # no token authentication: these clusters listen on 127.0.0.1 only, and with
+        # RAY_AUTH_MODE unset `ray start` switches token auth on by itself as soon as a token
+        # file exists in the home folder (Ray 2.60), which the clients would then need too
+        "RAY_AUTH_MODE": "disabled",
+        **(extra or {}),
+        **LOOPBACK,
+        # Ray's default temp dir (and `Cluster`'s ray_current_cluster address file) under
+        # our own temp dir instead of the machine-wide one; also the marker processes_of finds
+        "RAY_TMPDIR": temp_dir,
+        # a SIGTERMed node otherwise asks the GCS to drain it and waits up to 30 s for that
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("RAY_ADDRESS", None)  # a head must not try to join some other cluster
     return env
 
@@ -236,8 +245,13 @@ class _Cluster:
     def env(self) -> dict[str, str]:
         """Environment for client subprocesses: `ray job submit`, drivers, `ray status`...
         A driver should still pass address=cluster.address to ray.init explicitly."""
-        return {**os.environ, **self._extra_env, **LOOPBACK, "RAY_ADDRESS": self.dashboard,
-                "RAY_AUTH_MODE": self._child_env["RAY_AUTH_MODE"]}
+        return {
+            **os.environ,
+            **self._extra_env,
+            **LOOPBACK,
+            "RAY_ADDRESS": self.dashboard,
+            "RAY_AUTH_MODE": self._child_env["RAY_AUTH_MODE"],
+        }
 
     def alive_nodes(self) -> list[dict[str, Any]]:
         return alive_nodes(self.dashboard)
@@ -250,9 +264,14 @@ class _Cluster:
         EOF there once this process has died, however it died, and then ends its cluster."""
         command = [sys.executable, "-u", str(Path(__file__).resolve()), mode, json.dumps(argument)]
         with self._log.open("ab") as log:
-            self._leader = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE if stdout_pipe else log, stderr=log,
-                                            env=self._child_env, start_new_session=True)
+            self._leader = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE if stdout_pipe else log,
+                stderr=log,
+                env=self._child_env,
+                start_new_session=True,
+            )
         self._sid = self._leader.pid
         return self._leader
 
@@ -273,7 +292,9 @@ class _Cluster:
             tail = self.log_tail()
             self.close()
             if isinstance(e, Exception):
-                raise RuntimeError(f"{what} did not come up: {e}\n--- cluster log (tail) ---\n{tail}") from e
+                raise RuntimeError(
+                    f"{what} did not come up: {e}\n--- cluster log (tail) ---\n{tail}"
+                ) from e
             raise
 
     def processes(self) -> list[int]:
@@ -299,7 +320,9 @@ class _Cluster:
         pgid = leader.pid
         if self._ready:
             self._end_raylets_first()
-        signalled = {pid for pid in self.processes() if (stat := _proc_stat(pid)) and stat[1] == pgid}
+        signalled = {
+            pid for pid in self.processes() if (stat := _proc_stat(pid)) and stat[1] == pgid
+        }
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + (STOP_GRACE_S if self._ready else ABORT_GRACE_S)
@@ -359,18 +382,34 @@ class FixedCluster(_Cluster):
     `env` adds to or overrides os.environ for the cluster's processes (so also for job drivers:
     e.g. PATH to find a console script) and for `.env`."""
 
-    def __init__(self, nodes: int = 2, gpus_per_node: int = 2, cpus_per_node: int = 2,
-                 object_store_mb: int = OBJECT_STORE_MB, env: Mapping[str, str] | None = None,
-                 timeout: float = START_TIMEOUT_S, node_env: list[Mapping[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        nodes: int = 2,
+        gpus_per_node: int = 2,
+        cpus_per_node: int = 2,
+        object_store_mb: int = OBJECT_STORE_MB,
+        env: Mapping[str, str] | None = None,
+        timeout: float = START_TIMEOUT_S,
+        node_env: list[Mapping[str, str]] | None = None,
+    ) -> None:
         if nodes < 1:
             raise ValueError("a cluster has at least its head node")
         if node_env is not None and len(node_env) != nodes:
-            raise ValueError(f"node_env: expected one mapping per node ({nodes}), received {len(node_env)}")
+            raise ValueError(
+                f"node_env: expected one mapping per node ({nodes}), received {len(node_env)}"
+            )
         super().__init__(env)
-        spec = {"nodes": nodes, "cpus": cpus_per_node, "gpus": gpus_per_node,
-                "node_env": [dict(e) for e in node_env or [{}] * nodes],
-                "object_store_bytes": object_store_mb * 1024 * 1024, "temp_dir": self.temp_dir,
-                "port": free_port(), "dashboard_port": free_port(), "agent_port": free_port()}
+        spec = {
+            "nodes": nodes,
+            "cpus": cpus_per_node,
+            "gpus": gpus_per_node,
+            "node_env": [dict(e) for e in node_env or [{}] * nodes],
+            "object_store_bytes": object_store_mb * 1024 * 1024,
+            "temp_dir": self.temp_dir,
+            "port": free_port(),
+            "dashboard_port": free_port(),
+            "agent_port": free_port(),
+        }
         try:
             ready = self._start(spec, timeout)
         except RuntimeError as e:
@@ -380,14 +419,21 @@ class FixedCluster(_Cluster):
             if STARTUP_TIMEOUT not in str(e):
                 raise
             super().__init__(env)
-            spec.update(temp_dir=self.temp_dir, port=free_port(), dashboard_port=free_port(), agent_port=free_port())
+            spec.update(
+                temp_dir=self.temp_dir,
+                port=free_port(),
+                dashboard_port=free_port(),
+                agent_port=free_port(),
+            )
             ready = self._start(spec, timeout)
         self.address, self.dashboard = ready["address"], ready["dashboard"]
         self.node_ids, self.session_dir = ready["node_ids"], ready["session_dir"]
 
     def _start(self, spec: dict, timeout: float) -> dict:
         with self._closed_on_failure("the FixedCluster"):
-            return json.loads(self._read_ready_line(self._spawn("fixed", spec, stdout_pipe=True), timeout))
+            return json.loads(
+                self._read_ready_line(self._spawn("fixed", spec, stdout_pipe=True), timeout)
+            )
 
     @staticmethod
     def _read_ready_line(child: subprocess.Popen, timeout: float) -> str:
@@ -412,6 +458,7 @@ class FixedCluster(_Cluster):
 
 def _when_parent_dies(action: Callable[[], object]) -> None:
     """In a leader: run `action` once stdin, a pipe only the parent writes to, reaches EOF."""
+
     def watch() -> None:
         while sys.stdin.buffer.read(65536):
             pass
@@ -432,21 +479,33 @@ def _serve_fixed(spec: dict[str, Any]) -> None:
 
     from ray.cluster_utils import Cluster
 
-    node_args = {"node_ip_address": "127.0.0.1", "num_cpus": spec["cpus"], "num_gpus": spec["gpus"],
-                 "object_store_memory": spec["object_store_bytes"]}
+    node_args = {
+        "node_ip_address": "127.0.0.1",
+        "num_cpus": spec["cpus"],
+        "num_gpus": spec["gpus"],
+        "object_store_memory": spec["object_store_bytes"],
+    }
     # Cluster writes its ray_current_cluster address file to $RAY_TMPDIR/ray/ without creating it
     os.makedirs(os.path.join(spec["temp_dir"], "ray"), exist_ok=True)
     cluster = Cluster()
-    head = cluster.add_node(**node_args, env_vars=spec["node_env"][0] or None, gcs_server_port=spec["port"],
-                            include_dashboard=True, dashboard_host="127.0.0.1",
-                            dashboard_port=spec["dashboard_port"], temp_dir=spec["temp_dir"],
-                            # the default, 52365, is taken as soon as a second cluster runs here
-                            dashboard_agent_listen_port=spec["agent_port"])
+    head = cluster.add_node(
+        **node_args,
+        env_vars=spec["node_env"][0] or None,
+        gcs_server_port=spec["port"],
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=spec["dashboard_port"],
+        temp_dir=spec["temp_dir"],
+        # the default, 52365, is taken as soon as a second cluster runs here
+        dashboard_agent_listen_port=spec["agent_port"],
+    )
     # a temp dir per node, as on separate machines: nodes sharing one would share the runtime env
     # folder too, and one node's agent unpacking a job's working_dir replaces the folder another
     # node's job driver runs in (its cwd vanishes: os.getcwd() fails in Tune)
-    node_dirs = [spec["temp_dir"]] + [os.path.join(spec["temp_dir"], f"node{i}") for i in range(1, spec["nodes"])]
-    for node_dir, env in zip(node_dirs[1:], spec["node_env"][1:]):
+    node_dirs = [spec["temp_dir"]] + [
+        os.path.join(spec["temp_dir"], f"node{i}") for i in range(1, spec["nodes"])
+    ]
+    for node_dir, env in zip(node_dirs[1:], spec["node_env"][1:], strict=False):
         cluster.add_node(**node_args, temp_dir=node_dir, env_vars=env or None)
     cluster.wait_for_nodes(timeout=60)
     # A job's supervisor hands its driver the address in `<node temp dir>/ray_current_cluster`,
@@ -463,9 +522,17 @@ def _serve_fixed(spec: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     with contextlib.suppress(BrokenPipeError):  # the parent is gone: shut down at once
-        ready.write(json.dumps({"address": head.gcs_address, "dashboard": dashboard,
-                                "node_ids": [n.node_id for n in cluster.list_all_nodes()],
-                                "session_dir": head.get_session_dir_path()}) + "\n")
+        ready.write(
+            json.dumps(
+                {
+                    "address": head.gcs_address,
+                    "dashboard": dashboard,
+                    "node_ids": [n.node_id for n in cluster.list_all_nodes()],
+                    "session_dir": head.get_session_dir_path(),
+                }
+            )
+            + "\n"
+        )
         ready.close()
     while not stop:
         time.sleep(0.2)
@@ -492,35 +559,73 @@ class AutoscalingCluster(_Cluster):
     finds all of these by session id and temp dir (see `_Cluster.processes`).
     """
 
-    def __init__(self, head_cpus: int = 2, worker_resources: Mapping[str, float] | None = None,
-                 max_workers: int = 2, idle_timeout_minutes: float = 1.0, upscaling_speed: float = 1.0,
-                 object_store_mb: int = OBJECT_STORE_MB, env: Mapping[str, str] | None = None,
-                 timeout: float = START_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        head_cpus: int = 2,
+        worker_resources: Mapping[str, float] | None = None,
+        max_workers: int = 2,
+        idle_timeout_minutes: float = 1.0,
+        upscaling_speed: float = 1.0,
+        object_store_mb: int = OBJECT_STORE_MB,
+        env: Mapping[str, str] | None = None,
+        timeout: float = START_TIMEOUT_S,
+    ) -> None:
         super().__init__(env)
-        self._child_env.update({
-            "RAY_FAKE_CLUSTER": "1",  # the fake_multinode provider refuses to run without it
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # react within seconds, not the default 5
-        })
+        self._child_env.update(
+            {
+                "RAY_FAKE_CLUSTER": "1",  # the fake_multinode provider refuses to run without it
+                "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # react within seconds, not the default 5
+            }
+        )
         port, dashboard_port = free_port(), free_port()
         self.address, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
         config = autoscaling_config(
-            gcs_address=self.address, head_cpus=head_cpus,
-            worker_resources={**(worker_resources or {"CPU": 1, "GPU": 1}),
-                              "object_store_memory": object_store_mb * 1024 * 1024},
-            max_workers=max_workers, idle_timeout_minutes=idle_timeout_minutes, upscaling_speed=upscaling_speed)
+            gcs_address=self.address,
+            head_cpus=head_cpus,
+            worker_resources={
+                **(worker_resources or {"CPU": 1, "GPU": 1}),
+                "object_store_memory": object_store_mb * 1024 * 1024,
+            },
+            max_workers=max_workers,
+            idle_timeout_minutes=idle_timeout_minutes,
+            upscaling_speed=upscaling_speed,
+        )
         config_file = Path(self.temp_dir, "autoscaler.json")
         config_file.write_text(json.dumps(config, indent=1))
-        ray_start = [str(RAY), "start", "--head", "--block", f"--autoscaling-config={config_file}",
-                     "--node-ip-address", "127.0.0.1", "--port", str(port),
-                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-                     # the defaults (52365, 10001, workers in 10002-19999) clash with any other
-                     # cluster here; worker ports 0 = the kernel's choice, as in Cluster
-                     "--dashboard-agent-listen-port", str(free_port()),
-                     "--ray-client-server-port", str(free_port()),
-                     "--min-worker-port", "0", "--max-worker-port", "0",
-                     "--num-cpus", str(head_cpus), "--num-gpus", "0",
-                     "--object-store-memory", str(object_store_mb * 1024 * 1024),
-                     "--disable-usage-stats", "--temp-dir", self.temp_dir]
+        ray_start = [
+            str(RAY),
+            "start",
+            "--head",
+            "--block",
+            f"--autoscaling-config={config_file}",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            # the defaults (52365, 10001, workers in 10002-19999) clash with any other
+            # cluster here; worker ports 0 = the kernel's choice, as in Cluster
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--ray-client-server-port",
+            str(free_port()),
+            "--min-worker-port",
+            "0",
+            "--max-worker-port",
+            "0",
+            "--num-cpus",
+            str(head_cpus),
+            "--num-gpus",
+            "0",
+            "--object-store-memory",
+            str(object_store_mb * 1024 * 1024),
+            "--disable-usage-stats",
+            "--temp-dir",
+            self.temp_dir,
+        ]
         with self._closed_on_failure("the AutoscalingCluster head"):
             head = self._spawn("guard", ray_start)
             # the dashboard answers only once the GCS is up; the head node then registers
@@ -537,8 +642,15 @@ class AutoscalingCluster(_Cluster):
         return heads
 
 
-def autoscaling_config(*, gcs_address: str, head_cpus: int, worker_resources: Mapping[str, float],
-                       max_workers: int, idle_timeout_minutes: float, upscaling_speed: float) -> dict[str, Any]:
+def autoscaling_config(
+    *,
+    gcs_address: str,
+    head_cpus: int,
+    worker_resources: Mapping[str, float],
+    max_workers: int,
+    idle_timeout_minutes: float,
+    upscaling_speed: float,
+) -> dict[str, Any]:
     """Cluster config for the fake_multinode provider (the layout of Ray's
     fake_multi_node/example.yaml, which the pip wheel does not ship)."""
     return {
@@ -553,17 +665,34 @@ def autoscaling_config(*, gcs_address: str, head_cpus: int, worker_resources: Ma
             "disable_launch_config_check": True,
         },
         "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": head_cpus, "GPU": 0}, "node_config": {}, "max_workers": 0},
-            "ray.worker.gpu": {"resources": dict(worker_resources), "node_config": {},
-                               "min_workers": 0, "max_workers": max_workers},
+            "ray.head.default": {
+                "resources": {"CPU": head_cpus, "GPU": 0},
+                "node_config": {},
+                "max_workers": 0,
+            },
+            "ray.worker.gpu": {
+                "resources": dict(worker_resources),
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": max_workers,
+            },
         },
         "head_node_type": "ray.head.default",
         "upscaling_speed": upscaling_speed,
         "idle_timeout_minutes": idle_timeout_minutes,
-        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
@@ -577,7 +706,9 @@ def _guard(command: list[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in ("fixed", "guard"):
-        sys.exit("usage: ray_clusters.py fixed|guard '<json>' (started by FixedCluster, AutoscalingCluster)")
+        sys.exit(
+            "usage: ray_clusters.py fixed|guard '<json>' (started by FixedCluster, AutoscalingCluster)"
+        )
     if sys.argv[1] == "fixed":
         _serve_fixed(json.loads(sys.argv[2]))
     else:

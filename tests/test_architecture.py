@@ -34,7 +34,9 @@ def imports(path: Path) -> list[str]:
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.append(node.module)
-            names += [f"{node.module}.{alias.name}" for alias in node.names]  # `from pkg import module`
+            names += [
+                f"{node.module}.{alias.name}" for alias in node.names
+            ]  # `from pkg import module`
     return names
 
 
@@ -48,34 +50,60 @@ def relative(path: Path) -> str:
 
 
 def test_data_pipeline_and_models_never_import_the_orchestrator():
-    found = [f"{relative(p)}: {name}" for p in sources("data_pipeline", "models") for name in imports(p)
-             if name.split(".")[0] == "orchestrator"]
+    found = [
+        f"{relative(p)}: {name}"
+        for p in sources("data_pipeline", "models")
+        for name in imports(p)
+        if name.split(".")[0] == "orchestrator"
+    ]
     assert not found, found
 
 
 def test_ray_is_imported_only_under_orchestrator_cluster():
-    found = [f"{relative(p)}: {name}" for p in sources(*PACKAGES) for name in imports(p)
-             if name.split(".")[0] == "ray" and not relative(p).startswith("orchestrator/cluster/")]
+    found = [
+        f"{relative(p)}: {name}"
+        for p in sources(*PACKAGES)
+        for name in imports(p)
+        if name.split(".")[0] == "ray" and not relative(p).startswith("orchestrator/cluster/")
+    ]
     assert not found, found
 
 
 def test_private_keras_and_ray_modules_only_in_the_adapter():
     private = re.compile(r"^(keras\.src(\.|$)|ray(\.\w+)*\._internal(\.|$))")
-    found = [f"{relative(p)}: {name}" for p in sources(*PACKAGES, "bench", "tests") for name in imports(p)
-             if private.match(name) and relative(p) != ADAPTER]
+    found = [
+        f"{relative(p)}: {name}"
+        for p in sources(*PACKAGES, "bench", "tests")
+        for name in imports(p)
+        if private.match(name) and relative(p) != ADAPTER
+    ]
     assert not found, found
     # and the private methods it wraps are called nowhere else
     methods = re.compile(r"\.(_symbolic_build|_flatten_layers|_create_default_callbacks)\b")
-    calls = [relative(p) for p in sources(*PACKAGES, "bench") if relative(p) != ADAPTER and methods.search(p.read_text())]
+    calls = [
+        relative(p)
+        for p in sources(*PACKAGES, "bench")
+        if relative(p) != ADAPTER and methods.search(p.read_text())
+    ]
     assert not calls, calls
 
 
 def test_orchestrator_is_in_rooms_of_the_data_flow():
     top = sorted(p.name for p in (ROOT / "orchestrator").glob("*.py"))
     assert top == ["__init__.py", "console.py", "lock.py", "paths.py"], top
-    rooms = sorted(p.name for p in (ROOT / "orchestrator").iterdir() if (p / "__init__.py").is_file())
+    rooms = sorted(
+        p.name for p in (ROOT / "orchestrator").iterdir() if (p / "__init__.py").is_file()
+    )
     assert rooms == [
-        "cli", "cluster", "config", "driver", "evaluation", "report", "serving", "tracking", "training"
+        "cli",
+        "cluster",
+        "config",
+        "driver",
+        "evaluation",
+        "report",
+        "serving",
+        "tracking",
+        "training",
     ], rooms
 
 
@@ -91,7 +119,9 @@ def import_graph() -> dict[str, set[str]]:
             if name in known and name != module_name(p):
                 targets.add(name)
         # `from orchestrator.x import name` also yields "orchestrator.x.name": keep modules only
-        graph[module_name(p)] = {t for t in targets if not (t.rsplit(".", 1)[0] in targets and t not in known)}
+        graph[module_name(p)] = {
+            t for t in targets if not (t.rsplit(".", 1)[0] in targets and t not in known)
+        }
     return graph
 
 
@@ -159,7 +189,9 @@ def imported_distributions(*folders: str) -> dict[str, str]:
 
 def declared(*extras: str) -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    names = list(project["dependencies"]) + [r for extra in extras for r in project["optional-dependencies"][extra]]
+    names = list(project["dependencies"]) + [
+        r for extra in extras for r in project["optional-dependencies"][extra]
+    ]
     return {distribution(r) for r in names}
 
 
@@ -169,14 +201,18 @@ def test_every_imported_package_is_declared_and_every_declared_one_imported():
     undeclared = {dists: where for dists, where in used.items() if not deps & set(dists)}
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
     unused = deps - {d for dists in used for d in dists}
-    assert not unused, f"declared in pyproject.toml but imported by none of {PACKAGES}: {sorted(unused)}"
+    assert not unused, (
+        f"declared in pyproject.toml but imported by none of {PACKAGES}: {sorted(unused)}"
+    )
 
 
 def test_what_the_tests_import_is_declared_for_them():
     deps = declared("test")
     used = imported_distributions("tests")
     undeclared = {dists: where for dists, where in used.items() if not deps & set(dists)}
-    assert not undeclared, f"imported by the tests but in neither the dependencies nor the test extra: {undeclared}"
+    assert not undeclared, (
+        f"imported by the tests but in neither the dependencies nor the test extra: {undeclared}"
+    )
 
 
 def code_strings(path: Path) -> list[str]:
@@ -184,19 +220,39 @@ def code_strings(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), str(path))
     docstrings = set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+        ):
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 docstrings.add(id(first.value))
-    return [node.value for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
 
 
 def test_the_run_records_are_spelled_by_their_owner_only():
     """The MLflow run id, the parent's record and done.json (and the run folder's other state
     files) are named in orchestrator/paths.py, and read and written through their owners
     (orchestrator/training/records.py, the identity and the checkpoints' cursor)."""
-    records = ("done.json", "mlflow_run.json", "mlflow_parent.json", "identity.json", "timing.json", "cursor.json")
-    found = [f"{relative(p)}: {text!r}" for p in sources(*PACKAGES) if relative(p) != "orchestrator/paths.py"
-             for text in code_strings(p) if any(name in text for name in records)]
+    records = (
+        "done.json",
+        "mlflow_run.json",
+        "mlflow_parent.json",
+        "identity.json",
+        "timing.json",
+        "cursor.json",
+    )
+    found = [
+        f"{relative(p)}: {text!r}"
+        for p in sources(*PACKAGES)
+        if relative(p) != "orchestrator/paths.py"
+        for text in code_strings(p)
+        if any(name in text for name in records)
+    ]
     assert not found, found

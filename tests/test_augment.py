@@ -8,16 +8,21 @@ import tensorflow as tf
 
 from data_pipeline.augment import AugmentSpec, augment_batch
 
-NONE = dict(horizontal_flip=False, vertical_flip=False, rotation=0.0, zoom=0.0, shift=0.0, shear=0.0)
+NONE = dict(
+    horizontal_flip=False, vertical_flip=False, rotation=0.0, zoom=0.0, shift=0.0, shear=0.0
+)
 
 
 def eager(images: np.ndarray, spec: AugmentSpec, seed=(1, 2)) -> np.ndarray:
-    return augment_batch(tf.constant(images[..., None]), spec, tf.constant(seed, tf.int64)).numpy()[..., 0]
+    return augment_batch(tf.constant(images[..., None]), spec, tf.constant(seed, tf.int64)).numpy()[
+        ..., 0
+    ]
 
 
 def in_map(images: np.ndarray, spec: AugmentSpec, seed=(1, 2)) -> np.ndarray:
     ds = tf.data.Dataset.from_tensors(images[..., None]).map(
-        lambda x: augment_batch(x, spec, tf.constant(seed, tf.int64)))
+        lambda x: augment_batch(x, spec, tf.constant(seed, tf.int64))
+    )
     return next(iter(ds)).numpy()[..., 0]
 
 
@@ -45,14 +50,16 @@ def test_no_augmentation_is_the_identity(apply):
 
 
 @APPLY
-@pytest.mark.parametrize("flag, flipped", [("horizontal_flip", lambda a: a[:, ::-1]),
-                                           ("vertical_flip", lambda a: a[::-1, :])])
+@pytest.mark.parametrize(
+    "flag, flipped",
+    [("horizontal_flip", lambda a: a[:, ::-1]), ("vertical_flip", lambda a: a[::-1, :])],
+)
 def test_a_flip_flips(apply, flag, flipped):
     image = np.random.default_rng(1).random((33, 40), dtype=np.float32)
     out = apply(batch_of(image), AugmentSpec(**{**NONE, flag: True}))
     same = [np.allclose(o, image, atol=1e-5) for o in out]
     mirrored = [np.allclose(o, flipped(image), atol=1e-5) for o in out]
-    assert all(s or m for s, m in zip(same, mirrored))
+    assert all(s or m for s, m in zip(same, mirrored, strict=False))
     assert any(same) and any(mirrored)  # each happens (p = 1/2 per image)
 
 
@@ -111,7 +118,10 @@ def test_shear_slants_by_at_most_5_percent(apply):
 @APPLY
 def test_full_augmentation_is_seeded(apply):
     image = np.random.default_rng(2).random((48, 48), dtype=np.float32)
-    a, b = apply(batch_of(image, 8), AugmentSpec(), (3, 4)), apply(batch_of(image, 8), AugmentSpec(), (3, 4))
+    a, b = (
+        apply(batch_of(image, 8), AugmentSpec(), (3, 4)),
+        apply(batch_of(image, 8), AugmentSpec(), (3, 4)),
+    )
     c = apply(batch_of(image, 8), AugmentSpec(), (5, 6))
     assert np.array_equal(a, b) and not np.allclose(a, c)
     assert a.min() >= 0 and a.max() <= 1

@@ -26,22 +26,35 @@ def small_network() -> keras.Model:
 def test_recomputed_statistics_are_the_population_statistics_in_training_mode():
     keras.utils.set_random_seed(0)
     model = small_network()
-    batches = [np.random.default_rng(i).normal(2.0, 3.0, (n, 16, 16, 3)).astype(np.float32)
-               for i, n in enumerate((8, 8, 5))]  # a short last batch: batches weigh by their size
+    batches = [
+        np.random.default_rng(i).normal(2.0, 3.0, (n, 16, 16, 3)).astype(np.float32)
+        for i, n in enumerate((8, 8, 5))
+    ]  # a short last batch: batches weigh by their size
     # by hand: bn1's input is conv1's output; bn2's input follows bn1 in training mode (batch statistics)
     conv1, bn1, conv2 = (model.get_layer(n) for n in ("conv1", "bn1", "conv2"))
     first = [conv1(b).numpy() for b in batches]
     second = [conv2(tf.nn.relu(bn1(f, training=True))).numpy() for f in first]
-    moving = float(bn1.moving_variance.numpy().mean())  # what the calls above left (training mode updates it)
-    report = BatchNormStatistics(model).recompute(tf.data.Dataset.from_tensor_slices(np.concatenate(batches))
-                                                  .batch(8).map(lambda x: (x, tf.zeros([tf.shape(x)[0], 3]))))
+    moving = float(
+        bn1.moving_variance.numpy().mean()
+    )  # what the calls above left (training mode updates it)
+    report = BatchNormStatistics(model).recompute(
+        tf.data.Dataset.from_tensor_slices(np.concatenate(batches))
+        .batch(8)
+        .map(lambda x: (x, tf.zeros([tf.shape(x)[0], 3])))
+    )
     assert [r.name for r in report] == ["bn1", "bn2"]
     for layer, inputs in (("bn1", first), ("bn2", second)):
         pixels = np.concatenate([x.reshape(-1, x.shape[-1]) for x in inputs]).astype(np.float64)
         bn = model.get_layer(layer)
-        np.testing.assert_allclose(bn.moving_mean.numpy(), pixels.mean(axis=0), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(bn.moving_variance.numpy(), pixels.var(axis=0), rtol=1e-4, atol=1e-5)
-    assert report[0].moving_variance == pytest.approx(moving)  # the report gives the value it replaced
+        np.testing.assert_allclose(
+            bn.moving_mean.numpy(), pixels.mean(axis=0), rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            bn.moving_variance.numpy(), pixels.var(axis=0), rtol=1e-4, atol=1e-5
+        )
+    assert report[0].moving_variance == pytest.approx(
+        moving
+    )  # the report gives the value it replaced
 
 
 def test_inference_mode_uses_them_and_the_weights_are_untouched():
@@ -52,7 +65,7 @@ def test_inference_mode_uses_them_and_the_weights_are_untouched():
     before = model.predict(x, verbose=0)
     BatchNormStatistics(model).recompute([x])
     after = model.predict(x, verbose=0)
-    assert all(np.array_equal(a, w.numpy()) for a, w in zip(weights, model.trainable_weights))
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(weights, model.trainable_weights, strict=False))
     # on the batch the statistics came from, inference mode now equals training mode
     np.testing.assert_allclose(after, model(x, training=True).numpy(), atol=1e-5)
     assert not np.allclose(before, after, atol=1e-3)
@@ -61,7 +74,10 @@ def test_inference_mode_uses_them_and_the_weights_are_untouched():
 def test_every_network_has_its_batch_norm_layers_found():
     from models.networks import build
 
-    counts = {name: len(batchnorm_layers(build(name, 72))) for name in ("xception", "resnet50v2", "concatenated")}
+    counts = {
+        name: len(batchnorm_layers(build(name, 72)))
+        for name in ("xception", "resnet50v2", "concatenated")
+    }
     # the concatenated network's are its two backbones', found inside the nested models
     assert counts == {"xception": 40, "resnet50v2": 49, "concatenated": 89}
 

@@ -16,18 +16,22 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from data_pipeline.decode import DecodeError, decode_image, dicom_view_position
 from tests.conftest import FIXTURES, fixture_path
 
-REAL_DICOMS = ["rsna_uao/008c19e8-a820-403a-930a-bc74a4053664.dcm",
-               "rsna_uao/009eb222-eabc-4150-8121-d5a6d06b8ebf.dcm",
-               "rsna_uao/00aecb01-a116-45a2-956c-08d2fa55433f.dcm",
-               "rsna_uao/012a5620-d082-4bb8-9b3b-e72d8938000c.dcm",
-               "torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
-               "torchxrayvision/Fake_MONOHR1.dcm"]
+REAL_DICOMS = [
+    "rsna_uao/008c19e8-a820-403a-930a-bc74a4053664.dcm",
+    "rsna_uao/009eb222-eabc-4150-8121-d5a6d06b8ebf.dcm",
+    "rsna_uao/00aecb01-a116-45a2-956c-08d2fa55433f.dcm",
+    "rsna_uao/012a5620-d082-4bb8-9b3b-e72d8938000c.dcm",
+    "torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "torchxrayvision/Fake_MONOHR1.dcm",
+]
 TWIN = "dicom/torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
 @pytest.mark.parametrize("name", REAL_DICOMS)
 def test_real_dicoms_decode_to_the_recorded_pixels(name):
-    info = {e["file"]: e for e in json.loads(fixture_path("dicom/dicom_info.json").read_text())}[name]
+    info = {e["file"]: e for e in json.loads(fixture_path("dicom/dicom_info.json").read_text())}[
+        name
+    ]
     image = decode_image(fixture_path(f"dicom/{name}"))
     assert image.dtype == np.uint8 and list(image.shape) == info["pixel_array"]["shape"]
     if info["PhotometricInterpretation"] == "MONOCHROME2":  # the JSON records stored values
@@ -50,7 +54,11 @@ def test_jpeg_baseline_is_decoded_through_pillow_on_purpose(monkeypatch):
 
     plugins = []
     real = decode.pixel_array
-    monkeypatch.setattr(decode, "pixel_array", lambda ds, **kw: plugins.append(kw["decoding_plugin"]) or real(ds, **kw))
+    monkeypatch.setattr(
+        decode,
+        "pixel_array",
+        lambda ds, **kw: plugins.append(kw["decoding_plugin"]) or real(ds, **kw),
+    )
     decode_image(fixture_path(f"dicom/{REAL_DICOMS[0]}"))
     assert plugins == ["pillow"]
 
@@ -77,7 +85,7 @@ def test_colour_modes_give_the_same_gray_as_the_luma_conversion(tmp_path):
     Image.fromarray(expected).save(tmp_path / "gray.png")
     for name in ("rgb.png", "rgba.png", "gray.png"):
         assert np.array_equal(decode_image(tmp_path / name), expected), name
-    sixteen = (np.arange(40 * 30, dtype=np.uint16).reshape(40, 30) * 50)
+    sixteen = np.arange(40 * 30, dtype=np.uint16).reshape(40, 30) * 50
     Image.fromarray(sixteen).save(tmp_path / "deep.png")
     deep = decode_image(tmp_path / "deep.png")
     assert deep.min() == 0 and deep.max() == 255 and deep.dtype == np.uint8
@@ -91,7 +99,10 @@ def write_dicom(path: Path, pixels: np.ndarray, **header) -> Path:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        SecondaryCaptureImageStorage,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated = pixels.dtype.itemsize * 8
@@ -107,20 +118,30 @@ def write_dicom(path: Path, pixels: np.ndarray, **header) -> Path:
 def test_16_bit_dicom_rescale_then_window(tmp_path):
     # CT-like: stored 0..4095, HU = stored - 1024, soft-tissue window 40/400
     stored = np.array([[0, 524, 1024 - 160, 1064], [1024 + 239, 2024, 4095, 1024]], dtype=np.uint16)
-    path = write_dicom(tmp_path / "ct.dcm", stored, BitsStored=12, HighBit=11, RescaleSlope=1,
-                       RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    path = write_dicom(
+        tmp_path / "ct.dcm",
+        stored,
+        BitsStored=12,
+        HighBit=11,
+        RescaleSlope=1,
+        RescaleIntercept=-1024,
+        WindowCenter=40,
+        WindowWidth=400,
+    )
     image = decode_image(path)
-    assert image[0, 0] == 0 and image[0, 1] == 0 and image[0, 2] == 0   # below the window
-    assert image[1, 1] == 255 and image[1, 2] == 255                      # above it
-    assert abs(int(image[0, 3]) - 128) <= 1                               # the centre is mid-gray
-    assert 0 < image[1, 3] < image[0, 3]                                  # HU 0 sits inside
+    assert image[0, 0] == 0 and image[0, 1] == 0 and image[0, 2] == 0  # below the window
+    assert image[1, 1] == 255 and image[1, 2] == 255  # above it
+    assert abs(int(image[0, 3]) - 128) <= 1  # the centre is mid-gray
+    assert 0 < image[1, 3] < image[0, 3]  # HU 0 sits inside
 
 
 def test_16_bit_dicom_without_window_is_stretched_and_monochrome1_inverted(tmp_path):
     stored = np.array([[1000, 2000], [3000, 5000]], dtype=np.uint16)
     plain = decode_image(write_dicom(tmp_path / "a.dcm", stored))
     assert plain.tolist() == [[0, 64], [128, 255]]
-    inverted = decode_image(write_dicom(tmp_path / "b.dcm", stored, PhotometricInterpretation="MONOCHROME1"))
+    inverted = decode_image(
+        write_dicom(tmp_path / "b.dcm", stored, PhotometricInterpretation="MONOCHROME1")
+    )
     assert np.array_equal(inverted, 255 - plain)
     signed = decode_image(write_dicom(tmp_path / "c.dcm", stored.astype(np.int16) - 3000))
     assert np.array_equal(signed, plain)
@@ -161,7 +182,9 @@ def test_missing_file_is_a_decode_error():
 
 
 def test_truncated_real_files_raise_decode_error(tmp_path):
-    jpeg = truncated(fixture_path("images/covid-chestxray-dataset/pneumonia-7.jpg"), tmp_path / "cut.jpg")
+    jpeg = truncated(
+        fixture_path("images/covid-chestxray-dataset/pneumonia-7.jpg"), tmp_path / "cut.jpg"
+    )
     dicom = truncated(fixture_path(f"dicom/{REAL_DICOMS[0]}"), tmp_path / "cut.dcm")
     for path in (jpeg, dicom):
         with pytest.raises(DecodeError) as err:
@@ -176,6 +199,8 @@ def test_dicom_without_pixels_or_with_many_frames(tmp_path):
     ds.save_as(path)
     with pytest.raises(DecodeError, match="no Pixel Data"):
         decode_image(path)
-    multi = write_dicom(tmp_path / "multi.dcm", np.zeros((4, 2), np.uint8), NumberOfFrames=2, Rows=2)
+    multi = write_dicom(
+        tmp_path / "multi.dcm", np.zeros((4, 2), np.uint8), NumberOfFrames=2, Rows=2
+    )
     with pytest.raises(DecodeError, match="single-frame.*2 frames"):
         decode_image(multi)

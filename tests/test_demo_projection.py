@@ -12,7 +12,9 @@ from orchestrator.training.records import RunRecords
 
 
 def test_longest_first_onto_the_free_worker():
-    assert makespan([5, 4, 3, 3, 3], 2) == 10  # 5 | 4, then 3 onto 4 (7), 3 onto 5 (8), 3 onto 7 (10)
+    assert (
+        makespan([5, 4, 3, 3, 3], 2) == 10
+    )  # 5 | 4, then 3 onto 4 (7), 3 onto 5 (8), 3 onto 7 (10)
     assert makespan([5, 4, 3, 3, 3], 3) == 7  # 5 | 4, 3 | 3, 3
     assert makespan([1.5] * 15, 16) == 1.5
     with pytest.raises(ValueError, match="expected at least 1"):
@@ -22,7 +24,9 @@ def test_longest_first_onto_the_free_worker():
 def test_the_projection_reads_each_runs_timers(tmp_path, capsys):
     paths = WorkPaths(tmp_path)
     for fold in (1, 2):
-        for i, network in enumerate(NETWORK_COST):  # runs of 10, 20, 30 s of timers, + 5 s around each
+        for i, network in enumerate(
+            NETWORK_COST
+        ):  # runs of 10, 20, 30 s of timers, + 5 s around each
             run = paths.run(fold, network)
             run.root.mkdir(parents=True)
             RunRecords(run).write_timing({"steps": 10.0 * (i + 1) - 1, "tracing": 1.0})

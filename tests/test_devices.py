@@ -17,10 +17,16 @@ CUDA_BUILD = {**CPU_BUILD, "cuda_build": True, "cuda": "12.5.1", "cudnn": "9"}
 
 
 def test_a_gpu_run_without_a_gpu_fails_naming_node_and_cause():
-    with pytest.raises(DeviceError, match=r"node 10.0.0.7 .*asked for 1 GPU.*GPU id\(s\) \['0'\].*"
-                                          r"TensorFlow sees no GPU.*has no CUDA support.*tensorflow\[and-cuda\]"):
+    with pytest.raises(
+        DeviceError,
+        match=r"node 10.0.0.7 .*asked for 1 GPU.*GPU id\(s\) \['0'\].*"
+        r"TensorFlow sees no GPU.*has no CUDA support.*tensorflow\[and-cuda\]",
+    ):
         check_gpu(CPU_BUILD, 1.0, "10.0.0.7 (Ray node ab12)", ["0"])
-    with pytest.raises(DeviceError, match=r"built for CUDA 12.5.1 and cuDNN 9.*driver or CUDA libraries do not match"):
+    with pytest.raises(
+        DeviceError,
+        match=r"built for CUDA 12.5.1 and cuDNN 9.*driver or CUDA libraries do not match",
+    ):
         check_gpu(CUDA_BUILD, 0.5, "10.0.0.7", ["1"])
 
 
@@ -34,8 +40,14 @@ def test_the_node_probe_reports_what_tensorflow_sees():
     """What `cxr doctor` runs on each node, in a process of its own, against this process's TensorFlow."""
     import tensorflow as tf
 
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cluster.devices"], capture_output=True, text=True,
-                         cwd=ROOT, check=True, timeout=300).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cluster.devices"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    ).stdout
     seen = json.loads(out)
     assert seen["tf_gpus"] == [d.name for d in tf.config.list_physical_devices("GPU")]
     assert seen["tensorflow"] == tf.__version__

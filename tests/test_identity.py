@@ -29,9 +29,13 @@ CONFIGS = ROOT / "configs"
 
 
 def test_importing_the_driver_imports_neither_tensorflow_nor_keras():
-    code = ("import sys, orchestrator.driver.experiment, orchestrator.cli, orchestrator.paths, orchestrator.training.records, orchestrator.tracking.names, orchestrator.training.identity; "
-            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
-    found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    code = (
+        "import sys, orchestrator.driver.experiment, orchestrator.cli, orchestrator.paths, orchestrator.training.records, orchestrator.tracking.names, orchestrator.training.identity; "
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert found.stdout.strip() == "[]"
 
 
@@ -42,20 +46,29 @@ def test_the_network_table_gives_the_builders_the_cli_and_the_config_their_names
     from orchestrator.cli import build_parser
 
     assert tuple(BUILDERS) == NETWORK_NAMES == ("xception", "resnet50v2", "concatenated")
-    assert dataclasses.asdict(BatchSizes()) == {"xception": 30, "resnet50v2": 30, "concatenated": 20}
+    assert dataclasses.asdict(BatchSizes()) == {
+        "xception": 30,
+        "resnet50v2": 30,
+        "concatenated": 20,
+    }
     assert [f.name for f in dataclasses.fields(BatchSizes)] == list(NETWORK_NAMES)
     with pytest.raises(SystemExit):  # a network outside the table is refused by the CLI
         build_parser().parse_args(["train-one", "--fold", "1", "--network", "vgg16"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--networks", "xception,vgg16"])
-    assert build_parser().parse_args(["run", "--networks", "concatenated"]).networks == ["concatenated"]
+    assert build_parser().parse_args(["run", "--networks", "concatenated"]).networks == [
+        "concatenated"
+    ]
 
 
 # ---------------------------------------------------------------- configs train as the paper
 
+
 def test_the_spec_defaults_are_the_papers_training():
     paper = load_config(CONFIGS / "paper.yaml")
-    assert ModelSpec().weights == "imagenet"  # the authors' splits trained from random weights before
+    assert (
+        ModelSpec().weights == "imagenet"
+    )  # the authors' splits trained from random weights before
     for name in ("epochs", "learning_rate", "batch_size"):
         assert getattr(TrainSpec(), name) == getattr(paper.train, name), name
     assert load_config(None).augment == paper.augment and load_config(None).store == paper.store
@@ -64,7 +77,9 @@ def test_the_spec_defaults_are_the_papers_training():
 def overlay_keys(data: dict, prefix: str = "") -> set[str]:
     keys = set()
     for key, value in data.items():
-        keys |= overlay_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+        keys |= (
+            overlay_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+        )
     return keys
 
 
@@ -80,7 +95,10 @@ def test_every_config_is_the_paper_except_what_it_sets(name):
     every value they do not set is the paper's, and every value they set is theirs."""
     raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert raw.pop("base") == "paper.yaml"
-    config, paper = flat(load_config(CONFIGS / f"{name}.yaml")), flat(load_config(CONFIGS / "paper.yaml"))
+    config, paper = (
+        flat(load_config(CONFIGS / f"{name}.yaml")),
+        flat(load_config(CONFIGS / "paper.yaml")),
+    )
     differing = {k for k in paper if config[k] != paper[k]}
     assert differing <= overlay_keys(raw), differing - overlay_keys(raw)
     assert config["model.weights"] == ("none" if name == "demo" else "imagenet")
@@ -89,35 +107,52 @@ def test_every_config_is_the_paper_except_what_it_sets(name):
 def test_an_overlay_chain_that_does_not_end_or_a_missing_base_is_refused(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\nworkdir: x\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    with pytest.raises(ConfigError, match=r"b.yaml: base: a.yaml leads back to a config already in the chain"):
+    with pytest.raises(
+        ConfigError, match=r"b.yaml: base: a.yaml leads back to a config already in the chain"
+    ):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
-    with pytest.raises(ConfigError, match=r"nowhere.yaml \(the base of .*c.yaml\): cannot read the config"):
+    with pytest.raises(
+        ConfigError, match=r"nowhere.yaml \(the base of .*c.yaml\): cannot read the config"
+    ):
         load_config(tmp_path / "c.yaml")
     overlay = tmp_path / "sub"
     overlay.mkdir()
     (overlay / "e.yaml").write_text(f"base: {CONFIGS / 'paper.yaml'}\ntrain: {{epochs: 3}}\n")
     config = load_config(overlay / "e.yaml")  # sections merge: the paper's other train values stay
-    assert config.train.epochs.resnet50v2 == 3 and config.train.selection == "best" and config.name == "e"
+    assert (
+        config.train.epochs.resnet50v2 == 3
+        and config.train.selection == "best"
+        and config.name == "e"
+    )
 
 
 def test_monitor_mode_says_which_way_is_better():
     from orchestrator.training.checkpoints import Cursor
 
     assert TrainSpec(monitor="val_loss", monitor_mode="min").monitor_mode == "min"
-    with pytest.raises(ValueError, match=r"train.monitor_mode: expected 'max' or 'min', "
-                                         r"received 'lower'"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.monitor_mode: expected 'max' or 'min', "
+        r"received 'lower'",
+    ):
         TrainSpec(monitor_mode="lower")
-    with pytest.raises(ValueError, match=r"train.monitor: expected 'loss', 'accuracy', 'val_loss' or "
-                                         r"'val_accuracy', received 'val_auc'"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.monitor: expected 'loss', 'accuracy', 'val_loss' or "
+        r"'val_accuracy', received 'val_auc'",
+    ):
         TrainSpec(monitor="val_auc")
     cursor = Cursor(best_value=0.5, best_epoch=3)
     assert cursor.improves(0.4, "min") and not cursor.improves(0.4, "max")
-    assert cursor.improves(0.6, "max") and not cursor.improves(0.5, "max")  # a tie keeps the earlier epoch
+    assert cursor.improves(0.6, "max") and not cursor.improves(
+        0.5, "max"
+    )  # a tie keeps the earlier epoch
     assert Cursor().improves(9.0, "min") and Cursor().improves(-9.0, "max")
 
 
 # ---------------------------------------------------------------- fingerprints
+
 
 def workdir_with(tmp_path: Path, sums: str = "a  fold1/test.csv\n", key: str = "k1") -> Path:
     """A workdir holding just what a fingerprint reads: the split's hash file and the store's key."""
@@ -140,21 +175,40 @@ def test_a_fingerprint_covers_split_store_model_augment_and_train_but_not_loggin
     work = workdir_with(tmp_path)
     base = identity_of(config_in(work))
     assert len(base.fingerprint) == 64 and base.settings["store_key"] == "k1"
-    assert {"model.weights", "augment.rotation", "train.learning_rate", "train.batch_size.concatenated",
-            "train.monitor_mode"} <= set(base.settings)
-    for same in ("checkpoint.log=full", "checkpoint.every=3", "execution.fail_at=fold1-xception:2",
-                 "execution.eval_batch_size=8", "execution.run_eagerly=true", "tracking.experiment=x", "cluster.cpus_per_run=2",
-                 "splits.seed=3"):  # the split itself counts, through its hash, not its settings
+    assert {
+        "model.weights",
+        "augment.rotation",
+        "train.learning_rate",
+        "train.batch_size.concatenated",
+        "train.monitor_mode",
+    } <= set(base.settings)
+    for same in (
+        "checkpoint.log=full",
+        "checkpoint.every=3",
+        "execution.fail_at=fold1-xception:2",
+        "execution.eval_batch_size=8",
+        "execution.run_eagerly=true",
+        "tracking.experiment=x",
+        "cluster.cpus_per_run=2",
+        "splits.seed=3",
+    ):  # the split itself counts, through its hash, not its settings
         assert identity_of(config_in(work, same)).fingerprint == base.fingerprint, same
     changed = identity_of(config_in(work, "train.learning_rate=1e-3"))
     assert changed.fingerprint != base.fingerprint
     assert changed.changes(base.settings) == ["train.learning_rate: 0.0003 -> 0.001"]
-    for other in ("augment.zoom=0.1", "model.weights=imagenet", "train.batch_size.xception=8", "train.seed=1",
-                  "train.monitor_mode=min"):
+    for other in (
+        "augment.zoom=0.1",
+        "model.weights=imagenet",
+        "train.batch_size.xception=8",
+        "train.seed=1",
+        "train.monitor_mode=min",
+    ):
         assert identity_of(config_in(work, other)).fingerprint != base.fingerprint, other
     workdir_with(tmp_path, sums="b  fold1/test.csv\n")  # the splits rewritten
     resplit = identity_of(config_in(work))
-    assert resplit.fingerprint != base.fingerprint and resplit.changes(base.settings)[0].startswith("split_hash: ")
+    assert resplit.fingerprint != base.fingerprint and resplit.changes(base.settings)[0].startswith(
+        "split_hash: "
+    )
     workdir_with(tmp_path, key="k2")  # the store rebuilt from other inputs
     assert identity_of(config_in(work)).changes(base.settings) == ["store_key: k1 -> k2"]
 
@@ -165,7 +219,9 @@ def fake_run(paths: RunPaths, identity: Identity, state: str) -> None:
     if state in ("checkpointed", "done"):
         checkpoint = paths.checkpoint(2)
         checkpoint.mkdir(parents=True)
-        (checkpoint / CURSOR).write_text(json.dumps({"epoch": 2, "fingerprint": identity.fingerprint}))
+        (checkpoint / CURSOR).write_text(
+            json.dumps({"epoch": 2, "fingerprint": identity.fingerprint})
+        )
     if state == "done":
         paths.done.write_text(json.dumps({"run_id": "r", "fingerprint": identity.fingerprint}))
 
@@ -180,27 +236,62 @@ def test_run_folders_of_other_settings_are_found_and_named_with_what_changed(tmp
     check_run(old_config.paths.run(1, "xception"), old)  # the same settings: resumed or skipped
 
     new_config = config_in(work, "train.learning_rate=1e-3")
-    stale = find_stale(new_config.paths, new_config.splits.folds, Identity.of(new_config.paths, new_config.recipe))
-    assert [(s.name, s.state) for s in stale] == [("fold1-xception", "done"), ("fold2-xception", "checkpointed"),
-                                                  ("fold3-xception", "started")]
+    stale = find_stale(
+        new_config.paths, new_config.splits.folds, Identity.of(new_config.paths, new_config.recipe)
+    )
+    assert [(s.name, s.state) for s in stale] == [
+        ("fold1-xception", "done"),
+        ("fold2-xception", "checkpointed"),
+        ("fold3-xception", "started"),
+    ]
     assert all(s.changes == ["train.learning_rate: 0.0003 -> 0.001"] for s in stale)
-    with pytest.raises(StaleRun, match=r"(?s)fold1-xception \(done\).*changed: train.learning_rate: "
-                                       r"0.0003 -> 0.001.*--restart-stale"):
-        check_run(new_config.paths.run(1, "xception"), Identity.of(new_config.paths, new_config.recipe))
+    with pytest.raises(
+        StaleRun,
+        match=r"(?s)fold1-xception \(done\).*changed: train.learning_rate: "
+        r"0.0003 -> 0.001.*--restart-stale",
+    ):
+        check_run(
+            new_config.paths.run(1, "xception"), Identity.of(new_config.paths, new_config.recipe)
+        )
 
     # a folder with files but no fingerprint (written before them) is stale too; an empty one is not
     legacy = new_config.paths.run(4, "resnet50v2")
     legacy.root.mkdir(parents=True)
-    assert "fold4-resnet50v2" not in {s.name for s in find_stale(new_config.paths, new_config.splits.folds, Identity.of(new_config.paths, new_config.recipe))}
+    assert "fold4-resnet50v2" not in {
+        s.name
+        for s in find_stale(
+            new_config.paths,
+            new_config.splits.folds,
+            Identity.of(new_config.paths, new_config.recipe),
+        )
+    }
     (legacy.root / "history.csv").write_text("step,phase\n")
-    found = {s.name: s for s in find_stale(new_config.paths, new_config.splits.folds, Identity.of(new_config.paths, new_config.recipe))}
-    assert found["fold4-resnet50v2"].changes == ["not recorded (the run was written before run fingerprints)"]
+    found = {
+        s.name: s
+        for s in find_stale(
+            new_config.paths,
+            new_config.splits.folds,
+            Identity.of(new_config.paths, new_config.recipe),
+        )
+    }
+    assert found["fold4-resnet50v2"].changes == [
+        "not recorded (the run was written before run fingerprints)"
+    ]
     # a checkpoint of another fingerprint is stale even where identity.json agrees
     mixed = new_config.paths.run(5, "concatenated")
     fake_run(mixed, Identity.of(new_config.paths, new_config.recipe), "started")
     mixed.checkpoint(1).mkdir(parents=True)
-    (mixed.checkpoint(1) / CURSOR).write_text(json.dumps({"epoch": 1, "fingerprint": old.fingerprint}))
-    assert "fold5-concatenated" in {s.name for s in find_stale(new_config.paths, new_config.splits.folds, Identity.of(new_config.paths, new_config.recipe))}
+    (mixed.checkpoint(1) / CURSOR).write_text(
+        json.dumps({"epoch": 1, "fingerprint": old.fingerprint})
+    )
+    assert "fold5-concatenated" in {
+        s.name
+        for s in find_stale(
+            new_config.paths,
+            new_config.splits.folds,
+            Identity.of(new_config.paths, new_config.recipe),
+        )
+    }
 
 
 def test_a_report_refuses_runs_of_another_fingerprint_than_the_configs(tmp_path):
@@ -211,14 +302,24 @@ def test_a_report_refuses_runs_of_another_fingerprint_than_the_configs(tmp_path)
     config = config_in(workdir_with(tmp_path))
     current = Identity.of(config.paths, config.recipe)
     changed = config_in(tmp_path, "train.learning_rate=1e-3")
-    tags = {"fold1-xception": {names.FINGERPRINT: current.fingerprint},
-            "fold2-xception": {names.FINGERPRINT: Identity.of(changed.paths, changed.recipe).fingerprint}}
+    tags = {
+        "fold1-xception": {names.FINGERPRINT: current.fingerprint},
+        "fold2-xception": {
+            names.FINGERPRINT: Identity.of(changed.paths, changed.recipe).fingerprint
+        },
+    }
     for run in tags.values():
         run.update({names.SPLIT_HASH: current.split_hash, names.STORE_KEY: current.store_key})
-    params = {"fold1-xception": flatten(resolved(config)), "fold2-xception": flatten(resolved(changed))}
+    params = {
+        "fold1-xception": flatten(resolved(config)),
+        "fold2-xception": flatten(resolved(changed)),
+    }
     check_one_fingerprint({"fold1-xception": tags["fold1-xception"]}, params, current)
-    with pytest.raises(DataError, match=r"(?s)differ from this config's.*fingerprint [0-9a-f]{12}: fold2-xception; "
-                                        r"train.learning_rate: 0.001 -> 0.0003\n"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)differ from this config's.*fingerprint [0-9a-f]{12}: fold2-xception; "
+        r"train.learning_rate: 0.001 -> 0.0003\n",
+    ):
         check_one_fingerprint(tags, params, current)
 
 
@@ -236,6 +337,10 @@ def test_fingerprints_are_those_written_before_the_run_settings_left_train(tmp_p
 
 
 def test_an_old_runs_params_hold_settings_that_left_train_and_still_match():
-    old_params = {**flatten(TrainSpec(), "train."), "train.fail_at": "", "train.keep_checkpoints": "2"}
+    old_params = {
+        **flatten(TrainSpec(), "train."),
+        "train.fail_at": "",
+        "train.keep_checkpoints": "2",
+    }
     settings = recorded_settings({}, old_params)
     assert "train.fail_at" not in settings and "train.learning_rate" in settings

@@ -56,12 +56,20 @@ def published(tmp_path_factory):
         networks.append(build("xception", SIZE))
     runs = [publish(n, root, f"fold{i}") for i, n in enumerate(networks, start=1)]
     version = mlflow.register_model(f"runs:/{runs[0]}/model", "cxr-test-xception")
-    mlflow.MlflowClient(uri).set_registered_model_alias("cxr-test-xception", "champion", version.version)
+    mlflow.MlflowClient(uri).set_registered_model_alias(
+        "cxr-test-xception", "champion", version.version
+    )
     with mlflow.start_run(run_name="parent"):
         from orchestrator.serving.registry import member_file_uri
 
         ensemble = log_classifier("ensemble", [member_file_uri(r) for r in runs])
-    yield {"root": root, "uri": uri, "runs": runs, "networks": networks, "ensemble": ensemble.model_uri}
+    yield {
+        "root": root,
+        "uri": uri,
+        "runs": runs,
+        "networks": networks,
+        "ensemble": ensemble.model_uri,
+    }
     mlflow.set_tracking_uri("")
 
 
@@ -71,7 +79,9 @@ def real_images(tmp_path):
     (folder / "sub").mkdir(parents=True)
     shutil.copy(fixture_path(DICOM), folder / "sub" / "a.dcm")
     pngs = sorted(fixture_path(PNG).rglob("*.png"))[:2]
-    jpeg = sorted(p for p in fixture_path("images").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[0]
+    jpeg = sorted(
+        p for p in fixture_path("images").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")
+    )[0]
     for path in [*pngs, jpeg]:
         shutil.copy(path, folder / path.name)
     return folder
@@ -87,7 +97,10 @@ def test_a_file_decodes_the_same_from_its_bytes_as_from_its_path():
         if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
             assert np.array_equal(decode_image(path.read_bytes()), decode_image(path)), path
             assert not is_dicom(path.read_bytes())
-    with pytest.raises(DecodeError, match=r"<bytes>: cannot decode image: neither a DICOM file nor a PNG or JPEG image"):
+    with pytest.raises(
+        DecodeError,
+        match=r"<bytes>: cannot decode image: neither a DICOM file nor a PNG or JPEG image",
+    ):
         decode_image(b"not an image at all")
 
 
@@ -107,14 +120,24 @@ def test_every_model_uri_form_gives_the_same_predictions(published, tmp_path):
     expected = published["networks"][0].predict_on_batch(network_input(images))
     run = published["runs"][0]
     local = model_folder(f"runs:/{run}/model", tmp_path / "local")
-    for uri in ("models:/cxr-test-xception/1", "models:/cxr-test-xception@champion", f"runs:/{run}/model",
-                str(local)):
-        classifier = Classifier.load(network_files(model_folder(uri, tmp_path / uri.replace("/", "_"))))
+    for uri in (
+        "models:/cxr-test-xception/1",
+        "models:/cxr-test-xception@champion",
+        f"runs:/{run}/model",
+        str(local),
+    ):
+        classifier = Classifier.load(
+            network_files(model_folder(uri, tmp_path / uri.replace("/", "_")))
+        )
         assert classifier.image_size == SIZE  # the network's own
         assert np.allclose(classifier.predict(images), expected, atol=1e-6), uri
-    with pytest.raises(Exception, match=r"--model models:/cxr-test-nothing/1: not found in the tracking store"):
+    with pytest.raises(
+        Exception, match=r"--model models:/cxr-test-nothing/1: not found in the tracking store"
+    ):
         model_folder("models:/cxr-test-nothing/1", tmp_path / "none")
-    with pytest.raises(Exception, match=r"--model nowhere: expected a local model folder or an MLflow URI"):
+    with pytest.raises(
+        Exception, match=r"--model nowhere: expected a local model folder or an MLflow URI"
+    ):
         model_folder("nowhere")
 
 
@@ -122,7 +145,9 @@ def test_the_fold_ensemble_is_the_mean_of_its_networks(published, tmp_path):
     images = decode_batch([fixture_path(DICOM)], SIZE).images
     ensemble = Classifier.load(network_files(model_folder(published["ensemble"], tmp_path / "e")))
     assert len(ensemble.members) == 2
-    means = np.mean([n.predict_on_batch(network_input(images)) for n in published["networks"]], axis=0)
+    means = np.mean(
+        [n.predict_on_batch(network_input(images)) for n in published["networks"]], axis=0
+    )
     assert np.allclose(ensemble.predict(images), means, atol=1e-6)
 
 
@@ -133,8 +158,21 @@ def test_cxr_predict_writes_predictions_failures_and_overlays(published, tmp_pat
     pd.DataFrame({"path": ["images/sub/a.dcm"]}).to_csv(listing, index=False)
     out, overlays = tmp_path / "out" / "preds.csv", tmp_path / "cams"
     with pytest.raises(SystemExit) as exited:
-        cli.main(["predict", "--model", f"runs:/{published['runs'][0]}/model", str(folder), str(listing),
-                  "--out", str(out), "--gradcam", str(overlays), "--batch", "2"])
+        cli.main(
+            [
+                "predict",
+                "--model",
+                f"runs:/{published['runs'][0]}/model",
+                str(folder),
+                str(listing),
+                "--out",
+                str(out),
+                "--gradcam",
+                str(overlays),
+                "--batch",
+                "2",
+            ]
+        )
     assert exited.value.code == 1  # one file failed
     preds = pd.read_csv(out, keep_default_na=False)
     assert tuple(preds.columns) == PREDICT_COLUMNS
@@ -142,10 +180,14 @@ def test_cxr_predict_writes_predictions_failures_and_overlays(published, tmp_pat
     assert len(files) == 6 and len(preds) == 5
     assert np.allclose(preds.iloc[:, 2:5].sum(axis=1), 1, atol=1e-5)
     dicoms = preds[preds["path"].str.endswith(".dcm")]
-    assert len(dicoms) == 2 and set(dicoms["view"]) == {pydicom.dcmread(fixture_path(DICOM)).ViewPosition}
+    assert len(dicoms) == 2 and set(dicoms["view"]) == {
+        pydicom.dcmread(fixture_path(DICOM)).ViewPosition
+    }
     assert set(preds.loc[~preds["path"].str.endswith(".dcm"), "view"]) == {""}
     failures = pd.read_csv(tmp_path / "out" / "preds.failures.csv")
-    assert tuple(failures.columns) == FAILURE_COLUMNS and failures["path"].tolist() == [str(folder / "broken.png")]
+    assert tuple(failures.columns) == FAILURE_COLUMNS and failures["path"].tolist() == [
+        str(folder / "broken.png")
+    ]
     assert failures["reason"][0] == "neither a DICOM file nor a PNG or JPEG image"
     pngs = sorted(overlays.glob("*.png"))
     assert len(pngs) == 4  # one per decoded file (the DICOM given twice has one name)
@@ -155,19 +197,50 @@ def test_cxr_predict_writes_predictions_failures_and_overlays(published, tmp_pat
 
 def test_no_dicom_header_but_the_view_reaches_an_output(published, tmp_path):
     ds = pydicom.dcmread(fixture_path(DICOM))
-    private = {str(ds.get(k)) for k in ("PatientName", "PatientID", "PatientAge", "PatientSex", "StudyInstanceUID",
-                                        "SeriesInstanceUID", "SOPInstanceUID", "StudyDate") if str(ds.get(k) or "")}
-    anonymous = tmp_path / "x" / "image.dcm"  # a name of its own: the RSNA file's name is its patient id
+    private = {
+        str(ds.get(k))
+        for k in (
+            "PatientName",
+            "PatientID",
+            "PatientAge",
+            "PatientSex",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "StudyDate",
+        )
+        if str(ds.get(k) or "")
+    }
+    anonymous = (
+        tmp_path / "x" / "image.dcm"
+    )  # a name of its own: the RSNA file's name is its patient id
     anonymous.parent.mkdir()
     shutil.copy(fixture_path(DICOM), anonymous)
     out = tmp_path / "preds.csv"
-    assert cli.main(["predict", "--model", f"runs:/{published['runs'][0]}/model", str(anonymous),
-                     "--out", str(out), "--gradcam", str(tmp_path / "cams")]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--model",
+                f"runs:/{published['runs'][0]}/model",
+                str(anonymous),
+                "--out",
+                str(out),
+                "--gradcam",
+                str(tmp_path / "cams"),
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out, dtype=str, keep_default_na=False)
     cells = set(table.to_numpy().ravel()) | set(table.columns)
     assert not private & cells and not [v for v in private if len(v) > 3 and v in out.read_text()]
-    for overlay in (tmp_path / "cams").iterdir():  # the PNG's text chunks (its pixels are a drawing)
-        assert not [v for v in private if any(v in str(text) for text in Image.open(overlay).info.values())]
+    for overlay in (
+        tmp_path / "cams"
+    ).iterdir():  # the PNG's text chunks (its pixels are a drawing)
+        assert not [
+            v for v in private if any(v in str(text) for text in Image.open(overlay).info.values())
+        ]
     assert table["view"].tolist() == [str(ds.ViewPosition)]
     assert not (tmp_path / "preds.failures.csv").exists()
 
@@ -178,9 +251,15 @@ def test_gradcam_gives_each_backbone_and_their_combination_a_map():
     images = decode_batch([fixture_path(DICOM)] * 2, SIZE).images
     maps = gradcam(model, images, np.array([0, 2]))
     assert set(maps) == set(LAYERS["concatenated"]) == {"xception", "resnet50v2", "combined"}
-    for cam in maps.values():  # each image's map peaks at 1, or is 0 where no location speaks for the class
+    for cam in (
+        maps.values()
+    ):  # each image's map peaks at 1, or is 0 where no location speaks for the class
         peaks = cam.reshape(2, -1).max(axis=1)
-        assert cam.shape == (2, SIZE, SIZE) and cam.min() >= 0 and all(np.isclose(p, 1) or p == 0 for p in peaks)
+        assert (
+            cam.shape == (2, SIZE, SIZE)
+            and cam.min() >= 0
+            and all(np.isclose(p, 1) or p == 0 for p in peaks)
+        )
     assert any(cam.max() == 1 for cam in maps.values())
     mask = np.zeros((SIZE, SIZE), bool)
     mask[:, : SIZE // 2] = True
@@ -204,13 +283,23 @@ def test_gradcam_equals_its_closed_form_through_the_linear_head():
     maps = gradcam(model, images, classes)
     names = LAYERS["concatenated"]
     probe = keras.Model(model.inputs, [model.get_layer(n).output for n in names.values()])
-    features = dict(zip(names, (np.asarray(f, np.float64) for f in probe(network_input(images), training=False))))
+    features = dict(
+        zip(
+            names, (np.asarray(f, np.float64) for f in probe(network_input(images), training=False)), strict=False
+        )
+    )
     side, mixer = features["combined"].shape[1], model.get_layer("concat_conv").kernel.numpy()[0, 0]
-    head = model.layers[-1].kernel.numpy().reshape(side, side, -1, 3)  # Flatten's order: row, column, channel
+    head = (
+        model.layers[-1].kernel.numpy().reshape(side, side, -1, 3)
+    )  # Flatten's order: row, column, channel
     to_combined = head[..., classes].transpose(3, 0, 1, 2)  # (image, i, j, m)
     to_backbones = np.einsum("km,nijm->nijk", mixer, to_combined)
     width = features["xception"].shape[-1]
-    gradients = {"combined": to_combined, "xception": to_backbones[..., :width], "resnet50v2": to_backbones[..., width:]}
+    gradients = {
+        "combined": to_combined,
+        "xception": to_backbones[..., :width],
+        "resnet50v2": to_backbones[..., width:],
+    }
     for name, gradient in gradients.items():
         weights = gradient.mean(axis=(1, 2), keepdims=True)
         cam = np.maximum((weights * features[name]).sum(axis=-1), 0)[..., None]
@@ -221,7 +310,9 @@ def test_gradcam_equals_its_closed_form_through_the_linear_head():
         assert np.abs(maps[name] - expected).max() < 1e-4, name
 
 
-def test_a_file_cxr_predict_refuses_is_listed_without_its_header_values(published, tmp_path, capsys):
+def test_a_file_cxr_predict_refuses_is_listed_without_its_header_values(
+    published, tmp_path, capsys
+):
     """A DICOM whose patient fields are markers, its pixel data cut short, and a PNG bomb: both
     listed in preds.failures.csv with one of the decoder's fixed reasons, no marker on the console."""
     from data_pipeline import decode
@@ -236,27 +327,53 @@ def test_a_file_cxr_predict_refuses_is_listed_without_its_header_values(publishe
     (tmp_path / "bomb.png").write_bytes(png_claiming(13000, 13000, 1))
     out = tmp_path / "out" / "preds.csv"
     with pytest.raises(SystemExit) as exited:  # no file decoded
-        cli.main(["predict", "--model", f"runs:/{published['runs'][0]}/model", str(tmp_path / "marked.dcm"),
-                  str(tmp_path / "bomb.png"), "--out", str(out)])
+        cli.main(
+            [
+                "predict",
+                "--model",
+                f"runs:/{published['runs'][0]}/model",
+                str(tmp_path / "marked.dcm"),
+                str(tmp_path / "bomb.png"),
+                "--out",
+                str(out),
+            ]
+        )
     assert exited.value.code == 1
     failures = pd.read_csv(tmp_path / "out" / "preds.failures.csv")
     assert failures["path"].tolist() == [str(tmp_path / "marked.dcm"), str(tmp_path / "bomb.png")]
     assert failures["reason"][0] in (decode.BROKEN_PIXELS, decode.BROKEN_HEADER)
-    assert failures["reason"][1] == "the image declares 13000 x 13000 pixels, more than decode.max_pixels (40,000,000)"
+    assert (
+        failures["reason"][1]
+        == "the image declares 13000 x 13000 pixels, more than decode.max_pixels (40,000,000)"
+    )
     shown = capsys.readouterr()
     written = (tmp_path / "out" / "preds.failures.csv").read_text() + shown.out + shown.err
     assert not [v for v in PHI_MARKERS.values() if v in written]
 
 
-def test_cxr_evaluate_of_a_set_none_of_which_decodes_says_so_and_lists_them(published, tmp_path, caplog):
+def test_cxr_evaluate_of_a_set_none_of_which_decodes_says_so_and_lists_them(
+    published, tmp_path, caplog
+):
     """A local model folder, a labelled folder whose only file is a truncated PNG: exit 2 naming
     the count and failures.csv, which holds the file, its reason and its label."""
     folder = model_folder(f"runs:/{published['runs'][0]}/model", tmp_path / "model")
     (tmp_path / "set" / "normal").mkdir(parents=True)
     png = sorted(fixture_path(PNG).rglob("*.png"))[0].read_bytes()
     (tmp_path / "set" / "normal" / "cut.png").write_bytes(png[:300])
-    code = cli.main(["evaluate", "--model", str(folder), "--data", str(tmp_path / "set"), "--out", str(tmp_path / "out")])
+    code = cli.main(
+        [
+            "evaluate",
+            "--model",
+            str(folder),
+            "--data",
+            str(tmp_path / "set"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2 and "none of its 1 image file(s) decoded" in caplog.text
     failures = pd.read_csv(tmp_path / "out" / "failures.csv")
-    assert failures[["path", "label"]].values.tolist() == [[str(tmp_path / "set" / "normal" / "cut.png"), "normal"]]
+    assert failures[["path", "label"]].values.tolist() == [
+        [str(tmp_path / "set" / "normal" / "cut.png"), "normal"]
+    ]
     assert failures["reason"].iloc[0] == "the image data is truncated or corrupt"

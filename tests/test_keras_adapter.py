@@ -22,7 +22,9 @@ def tiny_network(seed: int = 0) -> keras.Model:
     x = keras.layers.Conv2D(4, 3)(images)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Flatten()(x)
-    return compile_network(keras.Model(images, keras.layers.Dense(3, activation="softmax")(x)), 1e-3)
+    return compile_network(
+        keras.Model(images, keras.layers.Dense(3, activation="softmax")(x)), 1e-3
+    )
 
 
 def batch(n: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -37,11 +39,13 @@ def test_weights_without_the_optimizer_are_smaller_and_load_with_the_public_api(
     model.train_on_batch(*batch())  # the optimizer has its state now (Nadam: two slots a weight)
     model.save_weights(tmp_path / "with.weights.h5")
     save_weights_only(model, tmp_path / "without.weights.h5")
-    assert (tmp_path / "without.weights.h5").stat().st_size < 0.7 * (tmp_path / "with.weights.h5").stat().st_size
+    assert (tmp_path / "without.weights.h5").stat().st_size < 0.7 * (
+        tmp_path / "with.weights.h5"
+    ).stat().st_size
 
     fresh = tiny_network(seed=1)
     fresh.load_weights(tmp_path / "without.weights.h5")
-    for a, b in zip(model.weights, fresh.weights):
+    for a, b in zip(model.weights, fresh.weights, strict=False):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -55,10 +59,10 @@ def test_loading_weights_only_leaves_the_optimizer_as_it_is(tmp_path):
     state = [np.asarray(v) for v in model.optimizer.variables]
 
     load_weights_only(model, tmp_path / "best.weights.h5")
-    for a, w in zip(saved, model.weights):
+    for a, w in zip(saved, model.weights, strict=False):
         np.testing.assert_array_equal(a, np.asarray(w))
     assert int(np.asarray(model.optimizer.iterations)) == steps == 2
-    for a, v in zip(state, model.optimizer.variables):
+    for a, v in zip(state, model.optimizer.variables, strict=False):
         np.testing.assert_array_equal(a, np.asarray(v))
 
 

@@ -31,16 +31,28 @@ time.sleep(float(sys.argv[3]))
 
 
 def holder_process(path, stale_after: float, then: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(stale_after), then], cwd=ROOT,
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path), str(stale_after), then],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
 
 def record(path, **fields) -> None:
     now = time.time()
-    base = {"token": "t" * 32, "host": socket.gethostname(), "pid": os.getpid(), "since": now, "heartbeat": now,
-            "command": "cxr run", "ray_job": "", "owner": ""}
+    base = {
+        "token": "t" * 32,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": now,
+        "heartbeat": now,
+        "command": "cxr run",
+        "ray_job": "",
+        "owner": "",
+    }
     path.write_text(json.dumps({**base, **fields}))
 
 
@@ -53,7 +65,10 @@ def test_a_live_holder_is_named_and_refused(tmp_path):
             FileLock(lock_file, "workdir under test", 60).acquire()
         assert time.monotonic() - started < 2
         text = str(refused.value)
-        assert f"host {socket.gethostname()}, pid {holder.pid}" in text and f"`kill {holder.pid}`" in text
+        assert (
+            f"host {socket.gethostname()}, pid {holder.pid}" in text
+            and f"`kill {holder.pid}`" in text
+        )
         assert "cxr unlock" in text
     finally:
         holder.kill()
@@ -86,7 +101,9 @@ def test_another_hosts_lock_is_taken_over_only_once_its_heartbeat_is_stale(tmp_p
         FileLock(lock_file, "workdir under test", 60).acquire().release()
     assert "its heartbeat is 300 s old (more than 60 s)" in caplog.text
     record(lock_file, host="node-7", pid=1234, heartbeat=time.time() - 300)
-    assert "removed the lock of cxr run on host node-7" in unlock(lock_file, "workdir under test", 60)
+    assert "removed the lock of cxr run on host node-7" in unlock(
+        lock_file, "workdir under test", 60
+    )
     assert not lock_file.exists()
 
 
@@ -104,7 +121,9 @@ def test_the_heartbeat_keeps_a_live_holder_fresh(tmp_path):
         holder.wait()
 
 
-def test_a_run_folders_lock_from_an_earlier_attempt_of_the_same_driver_is_taken_over(tmp_path, caplog):
+def test_a_run_folders_lock_from_an_earlier_attempt_of_the_same_driver_is_taken_over(
+    tmp_path, caplog
+):
     """Ray Train restarts a run on another node once it declared its worker dead: the new worker
     takes the run folder's lock from the old one of the same driver; another driver's it waits for."""
     lock_file = tmp_path / "run" / ".cxr.lock"
@@ -120,5 +139,7 @@ def test_a_run_folders_lock_from_an_earlier_attempt_of_the_same_driver_is_taken_
 def test_a_lock_file_that_is_not_a_record_is_refused_by_name(tmp_path):
     lock_file = tmp_path / ".cxr.lock"
     lock_file.write_text('{"token": "abc"')
-    with pytest.raises(Exception, match=f"{lock_file}: workdir under test's lock file is not a lock record"):
+    with pytest.raises(
+        Exception, match=f"{lock_file}: workdir under test's lock file is not a lock record"
+    ):
         FileLock(lock_file, "workdir under test", 60).acquire()

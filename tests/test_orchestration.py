@@ -45,8 +45,11 @@ TAGS = ("cxr.node_id", "cxr.gpu_ids")
 # drains these nodes, and a process fewer per run is 3 s of CPU of the 2 cores the runs share)
 # and no Ray Train metrics (the controller's and workers' Prometheus gauges, which nobody scrapes
 # here: about 2 CPU-seconds per run)
-NODE_ENV = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-            "RAY_TRAIN_METRICS_ENABLED": "0"}
+NODE_ENV = {
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 
 
 def start_server(folder: Path, *flags: str) -> tuple[subprocess.Popen, str]:
@@ -54,9 +57,25 @@ def start_server(folder: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     # no job runner: MLflow 3's server otherwise starts 8 processes for its GenAI jobs, which these
     # tests never submit (42 CPU-seconds of start-up against 10)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *flags], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            *flags,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for_url(f"http://127.0.0.1:{port}/health", 90, alive=server)
     return server, f"http://127.0.0.1:{port}"
 
@@ -77,11 +96,14 @@ def end_group(process: subprocess.Popen) -> None:
 # ends them with this module's tests instead of at the session's end (an idle 2-node cluster costs
 # about 10% of a core, taken from the tests that still run on the other pytest worker).
 
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A tracking server that serves the artifacts: workers upload through it, never to its disk."""
     folder = tmp_path_factory.mktemp("mlflow-server")
-    server, uri = start_server(folder, "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"))
+    server, uri = start_server(
+        folder, "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")
+    )
     yield {"uri": uri, "artifacts": folder / "artifacts"}
     end_group(server)
 
@@ -94,9 +116,12 @@ def gpu_cluster():
     assert not cluster.leftovers
 
 
-def cxr(*args: str, cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "cxr"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def cxr(
+    *args: str, cwd: Path, env: dict | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "cxr"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def children(uri: str, experiment: str) -> dict[str, object]:
@@ -108,32 +133,55 @@ def children(uri: str, experiment: str) -> dict[str, object]:
 
 # ---------------------------------------------------------------- tracking, without a cluster
 
+
 def test_an_unreachable_tracking_server_fails_at_once_and_leaves_mlflow_patient(tmp_path):
-    config = load_config(ROOT / "configs/demo.yaml", [f"workdir={tmp_path}",
-                                                      f"tracking.uri=http://127.0.0.1:{free_port()}"])
+    config = load_config(
+        ROOT / "configs/demo.yaml",
+        [f"workdir={tmp_path}", f"tracking.uri=http://127.0.0.1:{free_port()}"],
+    )
     start = time.monotonic()
-    with pytest.raises(ConfigError, match=r"tracking.uri: the MLflow tracking server at http://127.0.0.1:\d+ is not reachable"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tracking.uri: the MLflow tracking server at http://127.0.0.1:\d+ is not reachable",
+    ):
         check_tracking(config.tracking_target, config.paths.mlruns)
     assert time.monotonic() - start < 30
     # the short retries were for the probe only: workers started later upload with MLflow's defaults
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    assert (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+        and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    )
 
 
 def test_an_experiment_whose_artifacts_bypass_the_server_is_refused(mlflow_server, tmp_path):
     """Created with a path on the server's disk (as `mlflow server --no-serve-artifacts
     --default-artifact-root <folder>` does): every worker would write there itself."""
-    MlflowClient(mlflow_server["uri"]).create_experiment("bypass", artifact_location=str(tmp_path / "art"))
-    config = load_config(ROOT / "configs/demo.yaml", [f"workdir={tmp_path}", f"tracking.uri={mlflow_server['uri']}",
-                                                      "tracking.experiment=bypass"])
-    with pytest.raises(ConfigError, match=r"keeps experiment 'bypass''s artifacts at .*/art, where every "
-                                          r"worker would write them itself.*--serve-artifacts"):
+    MlflowClient(mlflow_server["uri"]).create_experiment(
+        "bypass", artifact_location=str(tmp_path / "art")
+    )
+    config = load_config(
+        ROOT / "configs/demo.yaml",
+        [
+            f"workdir={tmp_path}",
+            f"tracking.uri={mlflow_server['uri']}",
+            "tracking.experiment=bypass",
+        ],
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"keeps experiment 'bypass''s artifacts at .*/art, where every "
+        r"worker would write them itself.*--serve-artifacts",
+    ):
         check_tracking(config.tracking_target, config.paths.mlruns)
 
 
 def test_a_workdir_keeps_one_parent_run_across_cxr_runs(tmp_path):
     """A later `cxr run` on a finished workdir continues its parent (the report reads the runs
     it skipped from there); a parent the tracking store does not hold is a clear error."""
-    config = load_config(ROOT / "configs/demo.yaml", [f"workdir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    config = load_config(
+        ROOT / "configs/demo.yaml",
+        [f"workdir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+    )
     check_tracking(config.tracking_target, config.paths.mlruns)
     parent = (config.tracking_target, config.paths, config.splits.protocol)
     first = parent_run(*parent)
@@ -141,23 +189,44 @@ def test_a_workdir_keeps_one_parent_run_across_cxr_runs(tmp_path):
     assert parent_run(*parent) == first
     assert MlflowClient(config.tracking.uri).get_run(first).info.status == "RUNNING"
     (tmp_path / "mlflow_parent.json").write_text('{"run_id": "0123456789abcdef0123456789abcdef"}')
-    with pytest.raises(ConfigError, match=r"mlflow_parent.json: the workdir's parent MLflow run 0123456789abcdef"
-                                          r"0123456789abcdef is not in the tracking store"):
+    with pytest.raises(
+        ConfigError,
+        match=r"mlflow_parent.json: the workdir's parent MLflow run 0123456789abcdef"
+        r"0123456789abcdef is not in the tracking store",
+    ):
         parent_run(*parent)
 
 
 # ---------------------------------------------------------------- an autoscaling cluster
 
+
 def test_a_run_waits_for_the_gpu_node_an_autoscaler_starts(mlflow_server, tmp_path):
     """One run (the 2-node tests below run four at once): it asks for a GPU the CPU-only head
     lacks, the autoscaler sees it waiting and starts a GPU node, and the run trains there."""
-    with AutoscalingCluster(head_cpus=2, worker_resources={"CPU": 1, "GPU": 1}, max_workers=2, env=NODE_ENV) as cluster:
+    with AutoscalingCluster(
+        head_cpus=2, worker_resources={"CPU": 1, "GPU": 1}, max_workers=2, env=NODE_ENV
+    ) as cluster:
         assert len(cluster.alive_nodes()) == 1  # the CPU-only head: no GPU to run on yet
-        run = cxr("run", "--config", PAPER, "--address", cluster.address, *PAPER_SHRINK,
-                  f"--set=workdir={tmp_path / 'work'}", f"--set=tracking.uri={mlflow_server['uri']}",
-                  "--set=tracking.experiment=autoscaled", "--set=cluster.allow_cpu_fallback=true",
-                  "--set=tracking.register=false", "--folds", "1", "--networks", "xception", cwd=tmp_path,
-                  env=cluster.env, timeout=900)
+        run = cxr(
+            "run",
+            "--config",
+            PAPER,
+            "--address",
+            cluster.address,
+            *PAPER_SHRINK,
+            f"--set=workdir={tmp_path / 'work'}",
+            f"--set=tracking.uri={mlflow_server['uri']}",
+            "--set=tracking.experiment=autoscaled",
+            "--set=cluster.allow_cpu_fallback=true",
+            "--set=tracking.register=false",
+            "--folds",
+            "1",
+            "--networks",
+            "xception",
+            cwd=tmp_path,
+            env=cluster.env,
+            timeout=900,
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         nodes = {node["node_id"]: node for node in cluster.alive_nodes()}
     runs = children(mlflow_server["uri"], "autoscaled")
@@ -165,11 +234,14 @@ def test_a_run_waits_for_the_gpu_node_an_autoscaler_starts(mlflow_server, tmp_pa
     for run in runs.values():
         assert run.info.status == "FINISHED"
         node = run.data.tags["cxr.node_id"]
-        assert node not in cluster.node_ids and nodes[node]["resources_total"].get("GPU") == 1  # a node it started
+        assert (
+            node not in cluster.node_ids and nodes[node]["resources_total"].get("GPU") == 1
+        )  # a node it started
     assert not cluster.leftovers
 
 
 # ---------------------------------------------------------------- a 2-node cluster of 2 GPUs each
+
 
 def expand(command: str, env: dict[str, str]) -> list[str]:
     """The README's command as the submitter's shell would run it: $VARS from `env`."""
@@ -181,33 +253,56 @@ def cluster_job(gpu_cluster, mlflow_server, tmp_path_factory):
     """clusters/README.md's submit command (its runtime env, configs/paper.yaml, shared paths and
     the server from the environment), shrunk: 4 runs on the 2 x 2 logical GPUs."""
     shared = tmp_path_factory.mktemp("shared")
-    env = {**gpu_cluster.env, "CXR_SHARED": str(shared), "MLFLOW_TRACKING_URI": mlflow_server["uri"]}
+    env = {
+        **gpu_cluster.env,
+        "CXR_SHARED": str(shared),
+        "MLFLOW_TRACKING_URI": mlflow_server["uri"],
+    }
     command = expand(submit_command((ROOT / "clusters" / "README.md").read_text()), env)
-    command += [*PAPER_SHRINK, "--set=cluster.allow_cpu_fallback=true", "--folds", "1,2",
-                "--networks", "xception,resnet50v2"]
+    command += [
+        *PAPER_SHRINK,
+        "--set=cluster.allow_cpu_fallback=true",
+        "--folds",
+        "1,2",
+        "--networks",
+        "xception,resnet50v2",
+    ]
     job = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     workdir = Path(next(a.split("=", 1)[1] for a in command if a.startswith("workdir=")))
-    return {"log": job.stdout + job.stderr, "workdir": workdir, "uri": mlflow_server["uri"],
-            "artifacts": mlflow_server["artifacts"]}
+    return {
+        "log": job.stdout + job.stderr,
+        "workdir": workdir,
+        "uri": mlflow_server["uri"],
+        "artifacts": mlflow_server["artifacts"],
+    }
 
 
 def test_four_runs_go_at_once_each_on_its_own_node_and_gpu(cluster_job, gpu_cluster):
     assert "succeeded" in cluster_job["log"], cluster_job["log"][-4000:]
     runs = children(cluster_job["uri"], "cxr-paper")
-    assert sorted(runs) == sorted(f"fold{k}-{n}" for k in (1, 2) for n in ("xception", "resnet50v2"))
+    assert sorted(runs) == sorted(
+        f"fold{k}-{n}" for k in (1, 2) for n in ("xception", "resnet50v2")
+    )
     assert all(run.info.status == "FINISHED" for run in runs.values())
     placed = {tuple(run.data.tags[t] for t in TAGS) for run in runs.values()}
     assert len(placed) == 4 and {node for node, _ in placed} == set(gpu_cluster.node_ids)
     assert all(gpu in ("0", "1") for _, gpu in placed)
     # logical GPUs: TensorFlow sees none of them (allow_cpu_fallback), and the tags say so
-    assert all(run.data.tags["cxr.tf_gpus"] == "" and run.data.tags["cxr.node_ip"] == "127.0.0.1" for run in runs.values())
+    assert all(
+        run.data.tags["cxr.tf_gpus"] == "" and run.data.tags["cxr.node_ip"] == "127.0.0.1"
+        for run in runs.values()
+    )
     assert all(run.data.tags["cxr.tf_cuda_version"] for run in runs.values())
     # the machine it trained on (all nodes of this test cluster are this machine)
     memory = psutil.virtual_memory().total / 2**30
     assert all(run.data.tags["cxr.node_cpus"] == str(psutil.cpu_count()) for run in runs.values())
-    assert all(abs(float(run.data.tags["cxr.node_memory_gb"]) - memory) < 0.1 for run in runs.values())
+    assert all(
+        abs(float(run.data.tags["cxr.node_memory_gb"]) - memory) < 0.1 for run in runs.values()
+    )
     # at once: every run started before any ended
-    assert max(r.info.start_time for r in runs.values()) < min(r.info.end_time for r in runs.values())
+    assert max(r.info.start_time for r in runs.values()) < min(
+        r.info.end_time for r in runs.values()
+    )
 
 
 def test_each_trial_forwards_its_train_workers_epochs_to_tune(cluster_job):
@@ -220,39 +315,81 @@ def test_each_trial_forwards_its_train_workers_epochs_to_tune(cluster_job):
 
 def test_the_report_reads_every_childs_artifacts_through_the_server(cluster_job, tmp_path):
     client = MlflowClient(cluster_job["uri"])
-    assert client.get_experiment_by_name("cxr-paper").artifact_location.startswith("mlflow-artifacts:")
+    assert client.get_experiment_by_name("cxr-paper").artifact_location.startswith(
+        "mlflow-artifacts:"
+    )
     parent = json.loads((cluster_job["workdir"] / "mlflow_parent.json").read_text())["run_id"]
     elsewhere = tmp_path / "elsewhere"  # no workdir, no run folders: only the server
     elsewhere.mkdir()
-    report = cxr("report", "--config", PAPER, "--run-id", parent, f"--set=tracking.uri={cluster_job['uri']}",
-                 f"--set=workdir={elsewhere / 'work'}", "--bootstrap", "0", cwd=elsewhere)
+    report = cxr(
+        "report",
+        "--config",
+        PAPER,
+        "--run-id",
+        parent,
+        f"--set=tracking.uri={cluster_job['uri']}",
+        f"--set=workdir={elsewhere / 'work'}",
+        "--bootstrap",
+        "0",
+        cwd=elsewhere,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     table3 = pd.read_csv(elsewhere / "work" / "report" / "table3.csv")
     assert len(table3) == 4
     for run in children(cluster_job["uri"], "cxr-paper").values():  # uploaded through the server
         stored = cluster_job["artifacts"] / run.info.experiment_id / run.info.run_id / "artifacts"
-        assert (stored / "predictions.csv").read_bytes() == \
-            (cluster_job["workdir"] / "runs" / run.info.run_name / "predictions.csv").read_bytes()
+        assert (stored / "predictions.csv").read_bytes() == (
+            cluster_job["workdir"] / "runs" / run.info.run_name / "predictions.csv"
+        ).read_bytes()
 
 
 def test_sqlite_on_two_nodes_is_refused_before_any_worker_starts(gpu_cluster, tmp_path):
-    run = cxr("run", "--config", PAPER, "--address", gpu_cluster.address, *PAPER_SHRINK,
-              f"--set=workdir={tmp_path / 'work'}", f"--set=tracking.uri=sqlite:///{tmp_path}/m.db", cwd=tmp_path,
-              env=gpu_cluster.env, timeout=300)
+    run = cxr(
+        "run",
+        "--config",
+        PAPER,
+        "--address",
+        gpu_cluster.address,
+        *PAPER_SHRINK,
+        f"--set=workdir={tmp_path / 'work'}",
+        f"--set=tracking.uri=sqlite:///{tmp_path}/m.db",
+        cwd=tmp_path,
+        env=gpu_cluster.env,
+        timeout=300,
+    )
     assert run.returncode == 2, run.stderr[-3000:]
-    assert "is a sqlite file on the driver's machine, and the runs may run on other nodes" in run.stderr
+    assert (
+        "is a sqlite file on the driver's machine, and the runs may run on other nodes"
+        in run.stderr
+    )
     assert not (tmp_path / "work" / "runs").exists()
 
 
 def test_doctor_names_the_node_and_the_check_that_fails(gpu_cluster, mlflow_server, tmp_path):
     """The nodes' GPUs are logical: TensorFlow sees none of them, which `cxr doctor` reports
     unless cluster.allow_cpu_fallback says so."""
-    run = cxr("doctor", "--config", PAPER, "--address", gpu_cluster.address, f"--set=workdir={tmp_path / 'work'}",
-              f"--set=tracking.uri={mlflow_server['uri']}", cwd=tmp_path, env=gpu_cluster.env, timeout=600)
+    run = cxr(
+        "doctor",
+        "--config",
+        PAPER,
+        "--address",
+        gpu_cluster.address,
+        f"--set=workdir={tmp_path / 'work'}",
+        f"--set=tracking.uri={mlflow_server['uri']}",
+        cwd=tmp_path,
+        env=gpu_cluster.env,
+        timeout=600,
+    )
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     for node in gpu_cluster.node_ids:
-        assert f"node 127.0.0.1 ({node[:8]}), check gpus: TensorFlow sees 0 of the 2 GPUs" in run.stderr
+        assert (
+            f"node 127.0.0.1 ({node[:8]}), check gpus: TensorFlow sees 0 of the 2 GPUs"
+            in run.stderr
+        )
     for check in ("packages", "paths", "mlflow", "disk"):
         assert len(re.findall(rf"{check}\s+│\s+ok", run.stdout)) == 2, run.stdout
     # the suite's server runs without authentication, on 127.0.0.1: said, not failed
-    assert f"WARNING: the MLflow tracking server at {mlflow_server['uri']} answers without credentials" in run.stderr
+    assert (
+        f"WARNING: the MLflow tracking server at {mlflow_server['uri']} answers without credentials"
+        in run.stderr
+    )

@@ -12,8 +12,9 @@ import pytest
 from tests import ray_clusters
 from tests.ray_clusters import FixedCluster, processes_of
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="the clusters' process checks read /proc")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the clusters' process checks read /proc"
+)
 
 
 def test_a_cluster_that_does_not_come_up_in_time_is_ended(monkeypatch):
@@ -25,7 +26,9 @@ def test_a_cluster_that_does_not_come_up_in_time_is_ended(monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(ray_clusters, "short_temp_dir", recorded)
-    with pytest.raises(RuntimeError, match="the FixedCluster did not come up: no ready line within 1 s"):
+    with pytest.raises(
+        RuntimeError, match="the FixedCluster did not come up: no ready line within 1 s"
+    ):
         FixedCluster(timeout=1)
     [temp_dir] = made
     assert processes_of(temp_dir) == [] and not os.path.exists(temp_dir)

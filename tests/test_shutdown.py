@@ -22,7 +22,10 @@ ONE_RUN = ("--networks", "xception")
 def busy_cores() -> list[subprocess.Popen]:
     """Both cores busy, at nice 10: the load takes what the runs leave, and little of what the
     other pytest worker needs."""
-    return [subprocess.Popen([sys.executable, "-c", "import os; os.nice(10)\nwhile True: pass"]) for _ in range(2)]
+    return [
+        subprocess.Popen([sys.executable, "-c", "import os; os.nice(10)\nwhile True: pass"])
+        for _ in range(2)
+    ]
 
 
 def wait_until_it_trains(driver: Driver, lock: Path, before: bytes | None = None) -> None:
@@ -30,7 +33,9 @@ def wait_until_it_trains(driver: Driver, lock: Path, before: bytes | None = None
     it when it read `before` (a killed trainer's record stays behind)."""
     deadline = time.monotonic() + 600
     while not (lock.exists() and lock.read_bytes() != before):
-        assert driver.process.poll() is None and time.monotonic() < deadline, driver.process.stdout.read()
+        assert driver.process.poll() is None and time.monotonic() < deadline, (
+            driver.process.stdout.read()
+        )
         time.sleep(0.2)
 
 
@@ -52,7 +57,9 @@ def test_sigterm_and_every_end_leave_no_process_while_the_cores_are_loaded(tmp_p
         load = busy_cores()
         driver.process.send_signal(signal.SIGTERM)
         stopped = driver.wait(timeout=300)
-        assert stopped == 130 and "received SIGTERM: ending the runs" in driver.out, driver.out[-3000:]
+        assert stopped == 130 and "received SIGTERM: ending the runs" in driver.out, driver.out[
+            -3000:
+        ]
         assert not driver.leftovers()
         client = MlflowClient(f"sqlite:///{tmp_path}/work/paper/mlflow.db")
         runs = client.search_runs([client.get_experiment_by_name("cxr-paper").experiment_id])
@@ -66,8 +73,9 @@ def test_sigterm_and_every_end_leave_no_process_while_the_cores_are_loaded(tmp_p
         assert again.wait() == 0, again.out[-3000:]
         assert not again.leftovers()
         runs = client.search_runs([client.get_experiment_by_name("cxr-paper").experiment_id])
-        assert {r.info.run_name: r.info.status for r in runs if r.info.run_name == "fold1-xception"} == {
-            "fold1-xception": "FINISHED"}
+        assert {
+            r.info.run_name: r.info.status for r in runs if r.info.run_name == "fold1-xception"
+        } == {"fold1-xception": "FINISHED"}
     finally:
         end_load(load)
 

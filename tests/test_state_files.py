@@ -43,7 +43,9 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file_whole(tmp_path):
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], cwd=ROOT)
     assert killed.returncode == -9
     assert target.read_text() == '{"run_id": "old"}\n'
-    (leftover,) = [p for p in tmp_path.iterdir() if p != target]  # the aside copy, hidden, never read
+    (leftover,) = [
+        p for p in tmp_path.iterdir() if p != target
+    ]  # the aside copy, hidden, never read
     assert leftover.name.startswith(".done.json.tmp-")
     write_atomic(target, "next\n")
     assert target.read_text() == "next\n"
@@ -52,7 +54,10 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file_whole(tmp_path):
 def test_damaged_run_records_are_refused_by_name_or_rebuilt(tmp_path, caplog):
     paths = RunPaths(tmp_path / "fold1-xception")
     paths.root.mkdir()
-    for path, reader in ((paths.done, RunRecords(paths).read_done), (paths.mlflow_run, RunRecords(paths).read_mlflow_run)):
+    for path, reader in (
+        (paths.done, RunRecords(paths).read_done),
+        (paths.mlflow_run, RunRecords(paths).read_mlflow_run),
+    ):
         for damage in ("", '{"run_id": "ab', "[]", '{"other": 1}'):
             path.write_text(damage)
             with pytest.raises(StateError, match=str(path)):
@@ -60,7 +65,9 @@ def test_damaged_run_records_are_refused_by_name_or_rebuilt(tmp_path, caplog):
         path.unlink()
     assert RunRecords(paths).read_done() == {} and RunRecords(paths).read_mlflow_run() == ""
     paths.timing.write_text('{"steps": 1')  # a measurement: it starts again, with a warning
-    assert RunRecords(paths).read_timing() == {} and "its timing starts again from zero" in caplog.text
+    assert (
+        RunRecords(paths).read_timing() == {} and "its timing starts again from zero" in caplog.text
+    )
 
 
 def test_a_damaged_identity_makes_the_run_stale_with_the_file_named(tmp_path):
@@ -68,13 +75,20 @@ def test_a_damaged_identity_makes_the_run_stale_with_the_file_named(tmp_path):
     paths = config.paths.run(1, "xception")
     paths.root.mkdir(parents=True)
     (paths.root / ".cxr.lock").write_text("{}")  # a lock file alone does not make a folder started
-    assert find_stale(config.paths, config.splits.folds, Identity.of(config.paths, config.recipe)) == []
+    assert (
+        find_stale(config.paths, config.splits.folds, Identity.of(config.paths, config.recipe))
+        == []
+    )
     paths.identity.write_text('{"fingerprint": "12')
-    (stale,) = find_stale(config.paths, config.splits.folds, Identity.of(config.paths, config.recipe))
+    (stale,) = find_stale(
+        config.paths, config.splits.folds, Identity.of(config.paths, config.recipe)
+    )
     assert stale.name == "fold1-xception" and str(paths.identity) in stale.changes[0]
 
 
-def open_run(uri: str, root, name: str, parent: str = "", fingerprint: str = "f" * 64) -> RunTracker:
+def open_run(
+    uri: str, root, name: str, parent: str = "", fingerprint: str = "f" * 64
+) -> RunTracker:
     tracker = RunTracker(uri, "state", root, root.parent / "mlruns")
     tracker.open(name, {FINGERPRINT: fingerprint}, {}, parent)
     return tracker
@@ -91,7 +105,9 @@ def test_a_lost_or_damaged_mlflow_run_id_finds_its_run_again(tmp_path, caplog):
         again.close("FAILED")
         assert again.run_id == first.run_id and RunRecords(paths).read_mlflow_run() == first.run_id
     assert "found its MLflow run" in caplog.text
-    other = open_run(uri, tmp_path / "other", "fold1-xception", fingerprint="0" * 64)  # another fingerprint: its own
+    other = open_run(
+        uri, tmp_path / "other", "fold1-xception", fingerprint="0" * 64
+    )  # another fingerprint: its own
     other.close()
     assert other.run_id != first.run_id
     assert len(mlflow.search_runs(experiment_names=["state"], output_format="list")) == 2
@@ -112,7 +128,11 @@ def test_reconcile_makes_done_json_and_mlflow_agree(tmp_path):
     a = finished(uri, tmp_path / "a", "fold1-xception")
     a.close("FINISHED")
     assert "wrote done.json" in a.reconcile("fold1-xception")
-    assert RunRecords(a.paths).read_done() == {"run_id": a.run_id, "fingerprint": "f" * 64, "model_uri": "models:/m-1"}
+    assert RunRecords(a.paths).read_done() == {
+        "run_id": a.run_id,
+        "fingerprint": "f" * 64,
+        "model_uri": "models:/m-1",
+    }
     assert a.reconcile("fold1-xception") == ""  # they agree now
     # done.json, and the run left RUNNING with all its results: FINISHED
     b = finished(uri, tmp_path / "b", "fold2-xception")
@@ -137,7 +157,9 @@ def test_the_parent_run_is_found_again_by_its_workdir(tmp_path, caplog):
     from orchestrator.config import resolved
     from orchestrator.tracking.experiment import check_tracking, parent_run
 
-    config = resolved(load_config(None, [f"workdir={tmp_path}/work", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+    config = resolved(
+        load_config(None, [f"workdir={tmp_path}/work", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    )
     check_tracking(config.tracking_target, config.paths.mlruns)
     parent = (config.tracking_target, config.paths, config.splits.protocol)
     first = parent_run(*parent)
@@ -146,16 +168,25 @@ def test_the_parent_run_is_found_again_by_its_workdir(tmp_path, caplog):
     config.paths.parent_record.unlink()  # killed between the run's creation and its record
     assert parent_run(*parent) == first
     children = MlflowClient(config.tracking_uri).search_runs(
-        [MlflowClient(config.tracking_uri).get_experiment_by_name(config.experiment_name).experiment_id])
+        [
+            MlflowClient(config.tracking_uri)
+            .get_experiment_by_name(config.experiment_name)
+            .experiment_id
+        ]
+    )
     assert len(children) == 1 and PARENT_RUN not in children[0].data.tags
 
 
 def test_build_folders_of_live_processes_are_left_alone(tmp_path):
     target = tmp_path / "store"
     host = socket.gethostname()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     mine = [tmp_path / f".store.{kind}-{host}-{os.getpid()}-abc" for kind in ("building", "old")]
-    gone = [tmp_path / f".store.{kind}-{host}-{dead.stdout.strip()}-abc" for kind in ("building", "old")]
+    gone = [
+        tmp_path / f".store.{kind}-{host}-{dead.stdout.strip()}-abc" for kind in ("building", "old")
+    ]
     other_host = [tmp_path / f".store.{kind}-another-node-1-abc" for kind in ("building", "old")]
     for folder in mine + gone + other_host:
         folder.mkdir()
@@ -194,7 +225,9 @@ def test_the_manifest_is_current_by_content_not_by_file_times(tmp_path, syntheti
     config = resolved(load_config(None, [f"workdir={tmp_path}/work", "data.skip_missing=true"]))
     caplog.clear()
     ensure_manifest(config, covid, rsna)
-    assert "is up to date" not in caplog.text and manifest.read_bytes() == rebuilt  # rebuilt: same rows
+    assert (
+        "is up to date" not in caplog.text and manifest.read_bytes() == rebuilt
+    )  # rebuilt: same rows
     manifest.write_text(manifest.read_text()[:-50])  # cut short by hand: rebuilt
     caplog.clear()
     ensure_manifest(config, covid, rsna)

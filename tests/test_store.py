@@ -31,7 +31,9 @@ def test_store_holds_the_decoders_output_resized(tiny_store, tiny_manifest):
     assert tiny_store.images.shape == (len(tiny_manifest), 64, 64)
     rows = tiny_store.rows(tiny_manifest["image_id"])
     for i in range(0, len(tiny_manifest), 7):
-        assert np.array_equal(tiny_store.images[rows[i]], decode_resized(tiny_manifest["path"].iloc[i], 64))
+        assert np.array_equal(
+            tiny_store.images[rows[i]], decode_resized(tiny_manifest["path"].iloc[i], 64)
+        )
 
 
 def test_store_is_memory_mapped_and_read_only(tiny_store):
@@ -42,15 +44,22 @@ def test_store_is_memory_mapped_and_read_only(tiny_store):
 def test_rsna_views_come_from_the_dicom_header(tiny_store, tiny_manifest):
     rsna = tiny_manifest[tiny_manifest["source"] == "rsna"].head(5)
     index = tiny_store.index.set_index("image_id")
-    for image_id, path in zip(rsna["image_id"], rsna["path"]):
+    for image_id, path in zip(rsna["image_id"], rsna["path"], strict=False):
         assert index.loc[image_id, "view"] == pydicom.dcmread(path).ViewPosition
 
 
 def test_a_second_build_with_the_same_inputs_does_nothing(tiny_store, tiny_manifest):
     meta = tiny_store.root / "store.json"
     before = meta.stat().st_mtime_ns
-    assert build_store(tiny_manifest, tiny_store.root, StoreSpec(image_size=64, chunk_size=16),
-                       show_progress=False) is False
+    assert (
+        build_store(
+            tiny_manifest,
+            tiny_store.root,
+            StoreSpec(image_size=64, chunk_size=16),
+            show_progress=False,
+        )
+        is False
+    )
     assert meta.stat().st_mtime_ns == before
 
 
@@ -62,21 +71,33 @@ def test_changed_inputs_rebuild_the_store(ray_local, tiny_manifest, tmp_path):
     spec = StoreSpec(image_size=40)
     assert build_store(manifest, tmp_path / "store", spec, show_progress=False)
     assert not build_store(manifest, tmp_path / "store", spec, show_progress=False)
-    assert build_store(manifest, tmp_path / "store", StoreSpec(image_size=40, exclude_failed=True),
-                       show_progress=False)  # another failure policy
+    assert build_store(
+        manifest,
+        tmp_path / "store",
+        StoreSpec(image_size=40, exclude_failed=True),
+        show_progress=False,
+    )  # another failure policy
     flipped = np.asarray(Image.open(copy))[::-1]
     Image.fromarray(flipped).save(copy, format=Image.open(copy).format)  # the file is replaced
     assert build_store(manifest, tmp_path / "store", spec, show_progress=False)
     store = ImageStore.open(tmp_path / "store")
-    assert np.array_equal(store.images[store.rows([manifest["image_id"].iloc[0]])[0]], decode_resized(str(copy), 40))
+    assert np.array_equal(
+        store.images[store.rows([manifest["image_id"].iloc[0]])[0]], decode_resized(str(copy), 40)
+    )
 
 
 def test_no_dicom_header_value_but_the_view_leaves(tiny_manifest, tmp_path, caplog):
     """Names, dates, ages and sex in the DICOM header never reach the store's files or the logs."""
     rsna = tiny_manifest[tiny_manifest["source"] == "rsna"].head(6).copy()
-    secrets = {"PatientName": "Doe^Jane", "PatientBirthDate": "19450203", "PatientSex": "F",
-               "PatientAge": "077Y", "StudyDate": "20190314", "InstitutionName": "Saint Example Hospital"}
-    for i, path in zip(rsna.index, rsna["path"]):
+    secrets = {
+        "PatientName": "Doe^Jane",
+        "PatientBirthDate": "19450203",
+        "PatientSex": "F",
+        "PatientAge": "077Y",
+        "StudyDate": "20190314",
+        "InstitutionName": "Saint Example Hospital",
+    }
+    for i, path in zip(rsna.index, rsna["path"], strict=False):
         ds = pydicom.dcmread(path)
         for key, value in secrets.items():
             setattr(ds, key, value)
@@ -103,7 +124,12 @@ builder.start()
 builder.add(decode_chunk(builder.chunks()[0], 48))
 os._exit(9)  # killed mid-build: no clean-up runs
 """
-    assert subprocess.run([sys.executable, "-c", dies_mid_build], cwd=Path(__file__).parents[1]).returncode == 9
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", dies_mid_build], cwd=Path(__file__).parents[1]
+        ).returncode
+        == 9
+    )
     assert list(tmp_path.glob(".store.building-*"))  # its half-built folder
     with pytest.raises(StoreError, match="not a complete image store"):
         ImageStore.open(out)
@@ -140,7 +166,9 @@ def broken_manifest(tiny_manifest, tmp_path) -> pd.DataFrame:
     return manifest
 
 
-def test_undecodable_images_fail_the_build_with_file_and_reason(ray_local, broken_manifest, tmp_path):
+def test_undecodable_images_fail_the_build_with_file_and_reason(
+    ray_local, broken_manifest, tmp_path
+):
     out = tmp_path / "store"
     with pytest.raises(StoreError, match="2 image.*could not be decoded") as err:
         build_store(broken_manifest, out, StoreSpec(image_size=32), show_progress=False)
@@ -152,7 +180,9 @@ def test_undecodable_images_fail_the_build_with_file_and_reason(ray_local, broke
 
 def test_failed_images_are_excluded_only_with_the_flag(ray_local, broken_manifest, tmp_path):
     out = tmp_path / "store"
-    build_store(broken_manifest, out, StoreSpec(image_size=32, exclude_failed=True), show_progress=False)
+    build_store(
+        broken_manifest, out, StoreSpec(image_size=32, exclude_failed=True), show_progress=False
+    )
     store = ImageStore.open(out)
     assert len(store.failures) == 2 and len(store.index) == len(broken_manifest) - 2
     assert json.loads((out / "store.json").read_text())["failed"] == 2
@@ -161,20 +191,49 @@ def test_failed_images_are_excluded_only_with_the_flag(ray_local, broken_manifes
 
     manifest_csv = tmp_path / "manifest.csv"
     broken_manifest.to_csv(manifest_csv, index=False)
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "splits", "--manifest", str(manifest_csv),
-                           "--config", "configs/demo.yaml", "--store", str(out), "--out", str(tmp_path / "splits"),
-                           *TINY_PHASES],
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "splits",
+            "--manifest",
+            str(manifest_csv),
+            "--config",
+            "configs/demo.yaml",
+            "--store",
+            str(out),
+            "--out",
+            str(tmp_path / "splits"),
+            *TINY_PHASES,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert "leaving 2 image(s)" in done.stderr
-    split_ids = pd.concat(pd.read_csv(p) for p in (tmp_path / "splits").rglob("fold*/*.csv"))["image_id"]
+    split_ids = pd.concat(pd.read_csv(p) for p in (tmp_path / "splits").rglob("fold*/*.csv"))[
+        "image_id"
+    ]
     assert not set(store.failures["image_id"]) & set(split_ids)
 
 
 def test_cli_prepare_reports_progress_and_is_idempotent(tmp_path, synthetic_tiny, tiny_manifest):
     manifest_csv = tmp_path / "manifest.csv"
     tiny_manifest.to_csv(manifest_csv, index=False)
-    args = [sys.executable, "-m", "orchestrator.cli", "prepare", "--manifest", str(manifest_csv),
-            "--out", str(tmp_path / "store"), "--size", "40"]
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "prepare",
+        "--manifest",
+        str(manifest_csv),
+        "--out",
+        str(tmp_path / "store"),
+        "--size",
+        "40",
+    ]
     first = subprocess.run(args, capture_output=True, text=True, check=True)
     assert "decoding to 40x40" in first.stdout + first.stderr and "written to" in first.stdout
     second = subprocess.run(args, capture_output=True, text=True, check=True)
@@ -211,7 +270,9 @@ class WorkerKiller:
                 try:
                     if not (entry / "cmdline").read_bytes().startswith(b"ray::decode_chunk"):
                         continue
-                    if any(os.readlink(fd).startswith(self.session) for fd in (entry / "fd").iterdir()):
+                    if any(
+                        os.readlink(fd).startswith(self.session) for fd in (entry / "fd").iterdir()
+                    ):
                         os.kill(int(entry.name), signal.SIGKILL)
                         self.killed.append(int(entry.name))
                         break
@@ -220,7 +281,9 @@ class WorkerKiller:
             self.stop.wait(0.01)
 
 
-def test_a_decoding_task_lost_with_its_worker_is_sent_again_then_named(ray_local, tiny_manifest, tmp_path, caplog):
+def test_a_decoding_task_lost_with_its_worker_is_sent_again_then_named(
+    ray_local, tiny_manifest, tmp_path, caplog
+):
     """A worker killed once: its chunk is decoded again and the store is whole. Killed every time:
     the stage fails after its retries with StageError naming the images and the cause, and
     nothing is left of the build."""
@@ -230,7 +293,10 @@ def test_a_decoding_task_lost_with_its_worker_is_sent_again_then_named(ray_local
     spec = StoreSpec(image_size=40, chunk_size=16)
     with WorkerKiller(local_session(), once=True) as killer:
         assert build_store(manifest, tmp_path / "once", spec, show_progress=False)
-    assert killer.killed and "was lost (WorkerCrashedError); sending it again (attempt 2 of 4)" in caplog.text
+    assert (
+        killer.killed
+        and "was lost (WorkerCrashedError); sending it again (attempt 2 of 4)" in caplog.text
+    )
     assert ImageStore.open(tmp_path / "once").images.shape == (64, 40, 40)
 
     with WorkerKiller(local_session(), once=False), pytest.raises(StageError) as failed:

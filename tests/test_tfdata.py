@@ -12,7 +12,9 @@ from data_pipeline.schema import CLASSES
 from data_pipeline.splits import SplitSpec, make_splits
 from data_pipeline.tfdata import eval_stream, one_hot, training_stream
 
-NO_AUGMENT = AugmentSpec(horizontal_flip=False, vertical_flip=False, rotation=0, zoom=0, shift=0, shear=0)
+NO_AUGMENT = AugmentSpec(
+    horizontal_flip=False, vertical_flip=False, rotation=0, zoom=0, shift=0, shear=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def phase(tiny_manifest) -> pd.DataFrame:
 
 
 def epoch(ds) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds], strict=False)
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -31,20 +33,28 @@ def test_a_phase_epoch_is_each_phase_image_once(tiny_store, phase):
     assert x.shape == (len(phase), 64, 64, 3) and x.dtype == np.float32
     assert np.array_equal(x[..., 0], x[..., 2])  # gray copied to 3 channels
     # class balance: the label counts of the file, once each
-    assert dict(zip(CLASSES, y.sum(0).astype(int))) == {c: int((phase["label"] == c).sum()) for c in CLASSES}
-    stored = tiny_store.images[tiny_store.rows(phase["image_id"])].astype(np.float32) * np.float32(1 / 255)
+    assert dict(zip(CLASSES, y.sum(0).astype(int), strict=False)) == {
+        c: int((phase["label"] == c).sum()) for c in CLASSES
+    }
+    stored = tiny_store.images[tiny_store.rows(phase["image_id"])].astype(np.float32) * np.float32(
+        1 / 255
+    )
     key = lambda a: a.round(5).tobytes()  # noqa: E731
     assert sorted(map(key, x[..., 0])) == sorted(map(key, stored))
 
 
 def test_order_is_shuffled_per_epoch_and_fixed_by_seed_and_epoch(tiny_store, phase):
     n = len(phase)
-    both = epoch(training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT, epochs=2))[1]
+    both = epoch(
+        training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT, epochs=2)
+    )[1]
     first, second = both[:n], both[n:]
     assert not np.array_equal(first, one_hot(phase["label"])) and not np.array_equal(first, second)
     again = training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT)
     assert np.array_equal(epoch(again)[1], first)
-    resumed = training_stream(tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT, first_epoch=1)
+    resumed = training_stream(
+        tiny_store, phase, batch_size=10, seed=0, augment=NO_AUGMENT, first_epoch=1
+    )
     assert np.array_equal(epoch(resumed)[1], second)  # a resumed run replays epoch 1 exactly
     # shared and unique parts are mixed in every epoch: no batch of COVID-19 only at the start
     assert len(set(np.argmax(first[:10], axis=1))) > 1
@@ -52,17 +62,25 @@ def test_order_is_shuffled_per_epoch_and_fixed_by_seed_and_epoch(tiny_store, pha
 
 def test_augmented_epochs_differ_and_resume_exactly(tiny_store, phase):
     n = len(phase)
-    x = epoch(training_stream(tiny_store, phase, batch_size=16, seed=1, augment=AugmentSpec(), epochs=2))[0]
+    x = epoch(
+        training_stream(tiny_store, phase, batch_size=16, seed=1, augment=AugmentSpec(), epochs=2)
+    )[0]
     assert not np.allclose(np.sort(x[:n].ravel()), np.sort(x[n:].ravel()))
     assert x.min() >= 0.0 and x.max() <= 1.0
-    resumed = epoch(training_stream(tiny_store, phase, batch_size=16, seed=1, augment=AugmentSpec(), first_epoch=1))[0]
+    resumed = epoch(
+        training_stream(
+            tiny_store, phase, batch_size=16, seed=1, augment=AugmentSpec(), first_epoch=1
+        )
+    )[0]
     assert np.array_equal(resumed, x[n:])
 
 
 def test_eval_stream_is_the_store_scaled_by_1_over_255(tiny_store, tiny_manifest):
     rows = tiny_manifest.iloc[::3]
     x, y = epoch(eval_stream(tiny_store, rows, batch_size=25))
-    expected = tiny_store.images[tiny_store.rows(rows["image_id"])].astype(np.float32) * np.float32(1 / 255)
+    expected = tiny_store.images[tiny_store.rows(rows["image_id"])].astype(np.float32) * np.float32(
+        1 / 255
+    )
     assert np.array_equal(x, np.repeat(expected[..., None], 3, axis=-1))
     assert np.array_equal(y, one_hot(rows["label"]))
 

@@ -17,8 +17,16 @@ from tests.conftest import ROOT
 
 
 def rows(*steps: int, validated: bool = True) -> list[dict]:
-    return [{"step": s, "phase": 1 + (s - 1) // 2, "loss": 1.0 / s, "accuracy": s / 10,
-             "val_accuracy": s / 10 if validated else math.nan} for s in steps]
+    return [
+        {
+            "step": s,
+            "phase": 1 + (s - 1) // 2,
+            "loss": 1.0 / s,
+            "accuracy": s / 10,
+            "val_accuracy": s / 10 if validated else math.nan,
+        }
+        for s in steps
+    ]
 
 
 def test_restarted_tracker_logs_only_what_mlflow_lacks(tmp_path):
@@ -29,7 +37,9 @@ def test_restarted_tracker_logs_only_what_mlflow_lacks(tmp_path):
     first.close("FAILED")  # killed: epochs 4 and 5 were in history.csv, not in MLflow
 
     again = RunTracker(uri, "tracking", tmp_path / "run", tmp_path / "mlruns")
-    assert not again.open("fold1-xception", {"fold": "1"}, {"train.epochs": "2"})  # the same run, continued
+    assert not again.open(
+        "fold1-xception", {"fold": "1"}, {"train.epochs": "2"}
+    )  # the same run, continued
     assert again.run_id == first.run_id
     again.log_epochs(rows(1, 2, 3, 4, 5))  # history.csv up to the checkpoint, handed over whole
     again.log_epochs(rows(5, 6, validated=False))  # 5 again, and an epoch without validation
@@ -38,7 +48,13 @@ def test_restarted_tracker_logs_only_what_mlflow_lacks(tmp_path):
     client = mlflow.tracking.MlflowClient(uri)
     loss = client.get_metric_history(first.run_id, "loss")
     assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6]  # each once
-    assert sorted(m.step for m in client.get_metric_history(first.run_id, "val_accuracy")) == [1, 2, 3, 4, 5]
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "val_accuracy")) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     assert "phase" not in client.get_run(first.run_id).data.metrics  # in history.csv, not a metric
     assert all(m.timestamp > 0 for m in loss)
     (run,) = mlflow.search_runs(experiment_names=["tracking"], output_format="list")
@@ -51,11 +67,21 @@ def test_mark_ends_only_a_run_left_running(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     assert RunTracker(uri, "tracking", tmp_path / "never-opened").mark("FAILED") == ""
     # a process that opens its run and dies without a word (os._exit: no atexit hook ends the run)
-    subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; "
-                    "from orchestrator.tracking.runs import RunTracker; "
-                    f"RunTracker({uri!r}, 'tracking', Path(sys.argv[1]), Path(sys.argv[2]))"
-                    ".open('fold1-xception', {}, {}); os._exit(0)", str(tmp_path / "killed"), str(tmp_path / "mlruns")],
-                   check=True, cwd=ROOT, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys; from pathlib import Path; "
+            "from orchestrator.tracking.runs import RunTracker; "
+            f"RunTracker({uri!r}, 'tracking', Path(sys.argv[1]), Path(sys.argv[2]))"
+            ".open('fold1-xception', {}, {}); os._exit(0)",
+            str(tmp_path / "killed"),
+            str(tmp_path / "mlruns"),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     killed = RunTracker(uri, "tracking", tmp_path / "killed")
     finished = RunTracker(uri, "tracking", tmp_path / "finished", tmp_path / "mlruns")
     finished.open("fold1-resnet50v2", {}, {})
@@ -94,9 +120,19 @@ def test_eight_processes_logging_to_one_sqlite_file_lose_nothing_while_it_is_loc
     from orchestrator.tracking.experiment import ensure_experiment
 
     uri, go = f"sqlite:///{tmp_path}/m.db", tmp_path / "go"
-    ensure_experiment(uri, "contention", tmp_path / "mlruns")  # the database made once, as the driver does
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(tmp_path / f"run{k}"), str(go)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(8)]
+    ensure_experiment(
+        uri, "contention", tmp_path / "mlruns"
+    )  # the database made once, as the driver does
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, uri, str(tmp_path / f"run{k}"), str(go)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(8)
+    ]
     try:
         for writer in writers:
             assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
@@ -116,4 +152,6 @@ def test_eight_processes_logging_to_one_sqlite_file_lose_nothing_while_it_is_loc
     runs = client.search_runs([client.get_experiment_by_name("contention").experiment_id])
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
     for run in runs:
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 21))
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(
+            range(1, 21)
+        )

@@ -27,14 +27,22 @@ from orchestrator.training import checkpoints
 from orchestrator.training.faults import InjectedFailure
 from orchestrator.training.identity import StaleRun
 from orchestrator.training.inputs import RunInputs
+from orchestrator.training.job import RunJob
 from orchestrator.training.run import INPUT_AND_LOOP, Phase, Run, RunSetup
 from orchestrator.training.train import train_and_evaluate
-from orchestrator.training.job import RunJob
 from tests.conftest import ROOT
 
-SETTINGS = ["model.weights=none", "splits.phases=2", "store.image_size=72", "train.epochs=2", "train.steps_per_epoch=1",
-            "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}", "train.selection=best",
-            "execution.eval_batch_size=32", "checkpoint.keep=1"]
+SETTINGS = [
+    "model.weights=none",
+    "splits.phases=2",
+    "store.image_size=72",
+    "train.epochs=2",
+    "train.steps_per_epoch=1",
+    "train.batch_size={xception: 4, resnet50v2: 4, concatenated: 4}",
+    "train.selection=best",
+    "execution.eval_batch_size=32",
+    "checkpoint.keep=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +52,31 @@ def workdir(tiny_manifest, tmp_path_factory) -> Path:
     build_serial(tiny_manifest, root / "store", StoreSpec(image_size=72))
     # the phases take most RSNA images (70 of 80 normal, 52 of 60 pneumonia): a test set of 26
     # images, one evaluation batch per run (the steps cap training, not the phases' sizes)
-    spec = SplitSpec(test_covid=6, test_covid_pneumonia=2, phase_normal=35, phase_pneumonia=26, phases=2,
-                     validation="test_pool", s_test_normal=5, s_test_pneumonia=5)
+    spec = SplitSpec(
+        test_covid=6,
+        test_covid_pneumonia=2,
+        phase_normal=35,
+        phase_pneumonia=26,
+        phases=2,
+        validation="test_pool",
+        s_test_normal=5,
+        s_test_pneumonia=5,
+    )
     write_splits(make_splits(tiny_manifest, spec), root / "splits")
     return root
 
 
 def config_for(workdir: Path, run_dir: str, *extra: str):
-    return load_config(None, [f"workdir={workdir}", f"tracking.uri=sqlite:///{workdir / run_dir}.db",
-                              f"tracking.experiment={run_dir}", *SETTINGS, *extra])
+    return load_config(
+        None,
+        [
+            f"workdir={workdir}",
+            f"tracking.uri=sqlite:///{workdir / run_dir}.db",
+            f"tracking.experiment={run_dir}",
+            *SETTINGS,
+            *extra,
+        ],
+    )
 
 
 def runs_of(config) -> list:
@@ -73,13 +97,29 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
 
     predictions = pd.read_csv(root / "predictions.csv")
     test = pd.read_csv(workdir / "splits" / "fold1" / "test.csv")
-    assert tuple(predictions.columns) == PREDICTION_COLUMNS == (
-        "image_id", "label", "pred", "p_COVID-19", "p_pneumonia", "p_normal", "patient_id", "source")
+    assert (
+        tuple(predictions.columns)
+        == PREDICTION_COLUMNS
+        == (
+            "image_id",
+            "label",
+            "pred",
+            "p_COVID-19",
+            "p_pneumonia",
+            "p_normal",
+            "patient_id",
+            "source",
+        )
+    )
     assert predictions["patient_id"].astype(str).tolist() == test["patient_id"].astype(str).tolist()
     assert predictions["source"].tolist() == test["source"].tolist()
     assert predictions["image_id"].tolist() == test["image_id"].tolist()
-    assert np.allclose(predictions[["p_COVID-19", "p_pneumonia", "p_normal"]].sum(axis=1), 1, atol=1e-4)
-    assert not (root / "checkpoints").exists()  # a finished run keeps its results, not its checkpoints
+    assert np.allclose(
+        predictions[["p_COVID-19", "p_pneumonia", "p_normal"]].sum(axis=1), 1, atol=1e-4
+    )
+    assert not (
+        root / "checkpoints"
+    ).exists()  # a finished run keeps its results, not its checkpoints
 
     (run,) = runs_of(config)
     client = mlflow.tracking.MlflowClient(config.tracking.uri)
@@ -88,34 +128,57 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
     assert (tags["fold"], tags["network"], tags["protocol"]) == ("1", "xception", "paper")
     assert len(tags["split_hash"]) == 64 and tags["selection_on_test_pool"] == "true"
     assert tags["version.tensorflow"] and tags["version.mlflow"]
-    assert run.data.params["train.learning_rate"] == "0.0001" and run.data.params["splits.phases"] == "2"
+    assert (
+        run.data.params["train.learning_rate"] == "0.0001"
+        and run.data.params["splits.phases"] == "2"
+    )
     # per-epoch metrics with one global step across the two phases, each epoch once
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [
+        1,
+        2,
+        3,
+        4,
+    ]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "phase_loss")] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"predictions.csv", "confusion_matrix.png", "history.csv", "checkpoints"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
-        "checkpoints/phase1.weights.h5", "checkpoints/phase2.weights.h5"}
+        "checkpoints/phase1.weights.h5",
+        "checkpoints/phase2.weights.h5",
+    }
     # the selected model, back from MLflow as `cxr predict` loads it, predicts the test images as the run did
     from models.inference import Classifier
     from orchestrator.serving.predict import model_folder, network_files
 
-    classifier = Classifier.load(network_files(model_folder(f"runs:/{run.info.run_id}/model", workdir / "model")))
+    classifier = Classifier.load(
+        network_files(model_folder(f"runs:/{run.info.run_id}/model", workdir / "model"))
+    )
     store = RunInputs.load(workdir / "store", workdir / "splits", 1, 2).store
     images = store.images[store.rows(test["image_id"].head(4))]
     assert np.allclose(classifier.predict(images), predictions.iloc[:4, 3:6].to_numpy(), atol=1e-4)
     accuracy = (predictions["label"] == predictions["pred"]).mean()
-    assert TEST_AUC in run.data.metrics and run.data.metrics[TEST_ACCURACY] == pytest.approx(accuracy)
+    assert TEST_AUC in run.data.metrics and run.data.metrics[TEST_ACCURACY] == pytest.approx(
+        accuracy
+    )
 
-    assert train_and_evaluate(RunJob.of(config, 1, "xception")) == root  # finished: skipped, no second run
+    assert (
+        train_and_evaluate(RunJob.of(config, 1, "xception")) == root
+    )  # finished: skipped, no second run
     assert len(runs_of(config)) == 1
     fingerprint = json.loads((root / "done.json").read_text())["fingerprint"]
     assert run.data.tags[FINGERPRINT] == fingerprint and len(fingerprint) == 64
     # the same folder under other settings is neither skipped nor retrained in place
-    changed = config_for(workdir, "full", "checkpoint.log=weights", "execution.run_eagerly=true",
-                         "train.learning_rate=1e-3")
-    with pytest.raises(StaleRun, match=r"(?s)fold1-xception \(done\).*train.learning_rate: 0.0001 -> 0.001"):
+    changed = config_for(
+        workdir,
+        "full",
+        "checkpoint.log=weights",
+        "execution.run_eagerly=true",
+        "train.learning_rate=1e-3",
+    )
+    with pytest.raises(
+        StaleRun, match=r"(?s)fold1-xception \(done\).*train.learning_rate: 0.0001 -> 0.001"
+    ):
         train_and_evaluate(RunJob.of(changed, 1, "xception"))
     assert len(runs_of(config)) == 1
 
@@ -139,7 +202,9 @@ def tracing_counts(function) -> dict[str, int]:
 def test_changing_phase_neither_rebuilds_nor_retraces(workdir, tmp_path):
     config = config_for(workdir, "trace", "train.validation_freq=0")  # at each phase's end
     inputs = RunInputs.load(workdir / "store", workdir / "splits", 2, 2)
-    run = Run(RunSetup("xception", 2, config.train, config.augment), inputs, RunPaths(tmp_path / "run"))
+    run = Run(
+        RunSetup("xception", 2, config.train, config.augment), inputs, RunPaths(tmp_path / "run")
+    )
     model = run.model()
     run.phase = Phase(1, inputs.phases[0], first_epoch=0, last_epoch=3)
     run._fit_phase(model, 0)
@@ -151,7 +216,14 @@ def test_changing_phase_neither_rebuilds_nor_retraces(workdir, tmp_path):
     assert tracing_counts(model.train_function) == after_phase_1  # the same graphs serve phase 2
     assert int(model.optimizer.iterations) == 6  # 2 phases x 3 epochs x 1 step, one optimizer
     history = pd.read_csv(tmp_path / "run" / "history.csv")
-    assert history["step"].tolist() == [1, 2, 3, 4, 5, 6] and history["phase"].tolist() == [1, 1, 1, 2, 2, 2]
+    assert history["step"].tolist() == [1, 2, 3, 4, 5, 6] and history["phase"].tolist() == [
+        1,
+        1,
+        1,
+        2,
+        2,
+        2,
+    ]
     # one column set, although only the phases' last epochs were validated (validation_freq 0)
     assert tuple(history.columns) == HISTORY_COLUMNS
     assert history["val_accuracy"].notna().tolist() == [False, False, True, False, False, True]
@@ -161,11 +233,22 @@ def test_a_data_error_after_the_run_opens_ends_it_failed(workdir, tiny_manifest,
     """Best-on-validation selection on splits without a validation set: refused, and the MLflow
     run it had opened ends FAILED, not RUNNING."""
     (tmp_path / "store").symlink_to(workdir / "store")
-    spec = SplitSpec(test_covid=6, test_covid_pneumonia=2, phase_normal=35, phase_pneumonia=26, phases=2)
+    spec = SplitSpec(
+        test_covid=6, test_covid_pneumonia=2, phase_normal=35, phase_pneumonia=26, phases=2
+    )
     write_splits(make_splits(tiny_manifest, spec), tmp_path / "splits")  # validation: none
-    config = load_config(None, [f"workdir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
-                                "tracking.experiment=no-val", *SETTINGS])
-    with pytest.raises(DataError, match="train.selection is 'best' but the splits have no val.csv for fold 1"):
+    config = load_config(
+        None,
+        [
+            f"workdir={tmp_path}",
+            f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            "tracking.experiment=no-val",
+            *SETTINGS,
+        ],
+    )
+    with pytest.raises(
+        DataError, match="train.selection is 'best' but the splits have no val.csv for fold 1"
+    ):
         train_and_evaluate(RunJob.of(config, 1, "xception"))
     (run,) = runs_of(config)
     assert run.info.status == "FAILED"
@@ -175,8 +258,15 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
     """One epoch per phase: the failure comes right after phase 1's checkpoint, before its end is
     logged. The resumed run logs phase 1's summary and weights, and selects among the best weights
     saved with the checkpoint, not one written after it (whose epoch the crash lost)."""
-    config = config_for(workdir, "phase-end", "train.epochs=1", "execution.run_eagerly=true", "train.batchnorm=moving",
-                        "checkpoint.log=weights", "execution.fail_at=fold5-xception:1")
+    config = config_for(
+        workdir,
+        "phase-end",
+        "train.epochs=1",
+        "execution.run_eagerly=true",
+        "train.batchnorm=moving",
+        "checkpoint.log=weights",
+        "execution.fail_at=fold5-xception:1",
+    )
     with pytest.raises(InjectedFailure):
         train_and_evaluate(RunJob.of(config, 5, "xception"))
     assert runs_of(config)[0].info.status == "FAILED"  # a crash ends the run FAILED, never RUNNING
@@ -185,7 +275,9 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
     cursor = json.loads((checkpoint / "cursor.json").read_text())
     assert (cursor["epoch"], cursor["phases_logged"], cursor["best_epoch"]) == (1, 0, 1)
     assert (checkpoint / "best.weights.h5").read_bytes() == paths.best_weights.read_bytes()
-    paths.best_weights.write_bytes(b"the best weights of an epoch after the checkpoint, lost with the crash")
+    paths.best_weights.write_bytes(
+        b"the best weights of an epoch after the checkpoint, lost with the crash"
+    )
 
     train_and_evaluate(RunJob.of(config, 5, "xception"))
     (run,) = runs_of(config)
@@ -194,7 +286,9 @@ def test_a_failure_right_after_a_phase_end_checkpoint_logs_that_phase_on_resume(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "phase_loss")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
-        "checkpoints/phase1.weights.h5", "checkpoints/phase2.weights.h5"}
+        "checkpoints/phase1.weights.h5",
+        "checkpoints/phase2.weights.h5",
+    }
 
 
 def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, tmp_path):
@@ -203,14 +297,34 @@ def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, t
     the checkpoint before (saying so, and tagging the epoch trained twice), with its history
     rebuilt from the epochs MLflow holds, and ends with the epochs of an uninterrupted run."""
     # 4 steps in 2 processes; Keras' moving batch-norm averages: no statistics recomputed per phase
-    settings = ["train.epochs=2", "checkpoint.every=1", "execution.run_eagerly=true", "train.batchnorm=moving",
-                "checkpoint.keep=2"]
+    settings = [
+        "train.epochs=2",
+        "checkpoint.every=1",
+        "execution.run_eagerly=true",
+        "train.batchnorm=moving",
+        "checkpoint.keep=2",
+    ]
     config = config_for(workdir, "resume", *settings)
-    command = [sys.executable, "-m", "orchestrator.cli", "train-one", "--fold", "4", "--network", "xception",
-               "--set", f"workdir={workdir}", "--set", f"tracking.uri={config.tracking.uri}",
-               "--set", "tracking.experiment=resume"] + [a for s in SETTINGS + settings for a in ("--set", s)]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "train-one",
+        "--fold",
+        "4",
+        "--network",
+        "xception",
+        "--set",
+        f"workdir={workdir}",
+        "--set",
+        f"tracking.uri={config.tracking.uri}",
+        "--set",
+        "tracking.experiment=resume",
+    ] + [a for s in SETTINGS + settings for a in ("--set", s)]
     run_dir = workdir / "runs" / "fold4-xception"
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     client = mlflow.tracking.MlflowClient(config.tracking.uri)
 
@@ -221,14 +335,18 @@ def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, t
         return 3 in {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
 
     while not logged_to_epoch_3():
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        assert process.poll() is None and time.monotonic() < deadline, (
+            "the run ended before it could be killed"
+        )
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (run_dir / "done.json").exists()
     history = (run_dir / "history.csv").read_text()
     (run_dir / "history.csv").write_text(history[:-7])  # its last row cut short
-    before, newest = checkpoints.complete(RunPaths(run_dir))  # epochs 2 and 3 (3 and 4 if killed a step later)
+    before, newest = checkpoints.complete(
+        RunPaths(run_dir)
+    )  # epochs 2 and 3 (3 and 4 if killed a step later)
     model = newest / "model.keras"
     model.write_bytes(model.read_bytes()[:1000])
     epoch = int(before.name.split("-")[1])
@@ -236,19 +354,40 @@ def test_killed_mid_phase_the_same_command_resumes_to_the_same_epochs(workdir, t
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert f"checkpoint {newest} does not load" in finished.stderr
-    assert f"resuming from {before.name} instead of {newest.name}, which did not load" in finished.stderr
-    assert f"the last one cut short; rebuilt it from the {epoch} epochs its MLflow run holds" in finished.stderr
+    assert (
+        f"resuming from {before.name} instead of {newest.name}, which did not load"
+        in finished.stderr
+    )
+    assert (
+        f"the last one cut short; rebuilt it from the {epoch} epochs its MLflow run holds"
+        in finished.stderr
+    )
     history = pd.read_csv(run_dir / "history.csv")
     assert history["step"].tolist() == [1, 2, 3, 4]  # as many epochs as an uninterrupted run
     (run,) = runs_of(config)  # the same MLflow run, continued
-    assert run.info.status == "FINISHED" and run.data.tags["cxr.epochs_redone"] == f"{epoch + 1}-{epoch + 1}"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]  # each once
+    assert (
+        run.info.status == "FINISHED"
+        and run.data.tags["cxr.epochs_redone"] == f"{epoch + 1}-{epoch + 1}"
+    )
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # each once
 
 
 def test_no_checkpoint_that_loads_restarts_the_run_from_its_start(workdir, caplog):
-    config = config_for(workdir, "unloadable", "train.epochs=1", "checkpoint.every=1",
-                        "checkpoint.keep=1", "execution.run_eagerly=true", "train.batchnorm=moving",
-                        "execution.fail_at=fold1-resnet50v2:2")
+    config = config_for(
+        workdir,
+        "unloadable",
+        "train.epochs=1",
+        "checkpoint.every=1",
+        "checkpoint.keep=1",
+        "execution.run_eagerly=true",
+        "train.batchnorm=moving",
+        "execution.fail_at=fold1-resnet50v2:2",
+    )
     with pytest.raises(InjectedFailure):
         train_and_evaluate(RunJob.of(config, 1, "resnet50v2"))
     paths = config.paths.run(1, "resnet50v2")
@@ -256,7 +395,10 @@ def test_no_checkpoint_that_loads_restarts_the_run_from_its_start(workdir, caplo
     (only / "model.keras").write_bytes(b"")
     with caplog.at_level("WARNING", logger="orchestrator.training.run"):
         train_and_evaluate(RunJob.of(config, 1, "resnet50v2"))
-    assert "none of its checkpoints loads (ckpt-000002); it starts again from its first epoch" in caplog.text
+    assert (
+        "none of its checkpoints loads (ckpt-000002); it starts again from its first epoch"
+        in caplog.text
+    )
     assert pd.read_csv(paths.history)["step"].tolist() == [1, 2]
     (run,) = runs_of(config)
     assert run.info.status == "FINISHED" and run.data.tags["cxr.epochs_redone"] == "1-2"
@@ -272,7 +414,11 @@ def test_a_restarted_traced_model_learns_as_a_fresh_one_and_traces_nothing(workd
 
     def run(fold: int, folder: str) -> Run:
         inputs = RunInputs.load(workdir / "store", workdir / "splits", fold, 2)
-        return Run(RunSetup("xception", fold, config.train, config.augment), inputs, RunPaths(tmp_path / folder))
+        return Run(
+            RunSetup("xception", fold, config.train, config.augment),
+            inputs,
+            RunPaths(tmp_path / folder),
+        )
 
     traced.drop()
     first = run(3, "first")
@@ -287,9 +433,16 @@ def test_a_restarted_traced_model_learns_as_a_fresh_one_and_traces_nothing(workd
     fresh = run(5, "fresh")
     fresh.train()
     assert fresh.model is not first.model
-    for name, columns in (("history.csv", ["loss", "accuracy", "val_loss", "val_accuracy"]),
-                          ("predictions.csv", ["p_COVID-19", "p_pneumonia", "p_normal"])):
+    for name, columns in (
+        ("history.csv", ["loss", "accuracy", "val_loss", "val_accuracy"]),
+        ("predictions.csv", ["p_COVID-19", "p_pneumonia", "p_normal"]),
+    ):
         a, b = pd.read_csv(tmp_path / "second" / name), pd.read_csv(tmp_path / "fresh" / name)
         assert a.drop(columns=columns).equals(b.drop(columns=columns)), name
-        assert np.allclose(a[columns].to_numpy(float), b[columns].to_numpy(float), rtol=1e-5, atol=1e-6,
-                           equal_nan=True), name
+        assert np.allclose(
+            a[columns].to_numpy(float),
+            b[columns].to_numpy(float),
+            rtol=1e-5,
+            atol=1e-6,
+            equal_nan=True,
+        ), name

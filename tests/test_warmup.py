@@ -15,8 +15,11 @@ def tiny_network(warmup_steps: int) -> keras.Model:
     keras.utils.set_random_seed(0)
     images = keras.Input((8, 8, 3))
     x = keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(images))
-    return compile_network(keras.Model(images, keras.layers.Dense(3, activation="softmax")(x)), 1e-3,
-                           warmup_steps=warmup_steps)
+    return compile_network(
+        keras.Model(images, keras.layers.Dense(3, activation="softmax")(x)),
+        1e-3,
+        warmup_steps=warmup_steps,
+    )
 
 
 def rate_now(model: keras.Model) -> float:
@@ -36,7 +39,9 @@ def test_the_rate_rises_linearly_over_the_warmup_steps_then_stays():
         rates.append(rate_now(model))
         one_step(model)
     np.testing.assert_allclose(rates, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
-    assert rate_now(tiny_network(warmup_steps=0)) == pytest.approx(1e-3)  # no warm-up: the paper's constant
+    assert rate_now(tiny_network(warmup_steps=0)) == pytest.approx(
+        1e-3
+    )  # no warm-up: the paper's constant
 
 
 def test_a_checkpoint_taken_inside_the_warmup_resumes_at_its_step(tmp_path):

@@ -46,26 +46,57 @@ SELECTED_FINDINGS = {
 }
 
 # Findings the dataset uses that the paper did not select; known, so not reported as unknown.
-EXCLUDED_FINDINGS = frozenset({
-    # 2020 schema
-    "ARDS", "E.Coli", "No Finding", "Chlamydophila", "Legionella", "Klebsiella", "todo",
-    "Pneumonia", "Mycoplasma Bacterial Pneumonia", "Lipoid", "Varicella", "Bacterial",
-    "Influenza", "Tuberculosis", "Aspergillosis", "Nocardia", "MERS-CoV", "MRSA", "Herpes",
-    "Unknown", "Aspiration", "H1N1",
-    # current schema
-    "Pneumonia/Viral/Varicella", "Pneumonia/Viral/Influenza", "Pneumonia/Viral/Influenza/H1N1",
-    "Pneumonia/Viral/Herpes", "Pneumonia/Viral/MERS-CoV", "Pneumonia/Bacterial",
-    "Pneumonia/Bacterial/Chlamydophila", "Pneumonia/Bacterial/E.Coli",
-    "Pneumonia/Bacterial/Klebsiella", "Pneumonia/Bacterial/Legionella",
-    "Pneumonia/Bacterial/Mycoplasma", "Pneumonia/Bacterial/Nocardia",
-    "Pneumonia/Bacterial/Staphylococcus/MRSA", "Pneumonia/Fungal/Aspergillosis",
-    "Pneumonia/Lipoid", "Pneumonia/Aspiration",
-})
+EXCLUDED_FINDINGS = frozenset(
+    {
+        # 2020 schema
+        "ARDS",
+        "E.Coli",
+        "No Finding",
+        "Chlamydophila",
+        "Legionella",
+        "Klebsiella",
+        "todo",
+        "Pneumonia",
+        "Mycoplasma Bacterial Pneumonia",
+        "Lipoid",
+        "Varicella",
+        "Bacterial",
+        "Influenza",
+        "Tuberculosis",
+        "Aspergillosis",
+        "Nocardia",
+        "MERS-CoV",
+        "MRSA",
+        "Herpes",
+        "Unknown",
+        "Aspiration",
+        "H1N1",
+        # current schema
+        "Pneumonia/Viral/Varicella",
+        "Pneumonia/Viral/Influenza",
+        "Pneumonia/Viral/Influenza/H1N1",
+        "Pneumonia/Viral/Herpes",
+        "Pneumonia/Viral/MERS-CoV",
+        "Pneumonia/Bacterial",
+        "Pneumonia/Bacterial/Chlamydophila",
+        "Pneumonia/Bacterial/E.Coli",
+        "Pneumonia/Bacterial/Klebsiella",
+        "Pneumonia/Bacterial/Legionella",
+        "Pneumonia/Bacterial/Mycoplasma",
+        "Pneumonia/Bacterial/Nocardia",
+        "Pneumonia/Bacterial/Staphylococcus/MRSA",
+        "Pneumonia/Fungal/Aspergillosis",
+        "Pneumonia/Lipoid",
+        "Pneumonia/Aspiration",
+    }
+)
 
 log = logging.getLogger(__name__)
 
 
-def read_covid_chestxray(root: Path, skip_unknown_findings: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_covid_chestxray(
+    root: Path, skip_unknown_findings: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (selected rows in manifest columns, skipped rows with a reason).
 
     Reads `root/metadata.csv` only; image files are checked by the manifest, not opened here.
@@ -79,44 +110,61 @@ def read_covid_chestxray(root: Path, skip_unknown_findings: bool = False) -> tup
     unknown = ~finding.isin(SELECTED_FINDINGS.keys()) & ~finding.isin(EXCLUDED_FINDINGS)
     skipped = pd.DataFrame(columns=["image_id", "path", "source", "reason"])
     if unknown.any():
-        message = (f"{csv_path}: column 'finding' has {int(unknown.sum())} row(s) with finding(s) this "
-                   f"reader does not know: {count_values(finding[unknown])}. Known: "
-                   f"{sorted(SELECTED_FINDINGS)} (selected) and {sorted(EXCLUDED_FINDINGS)} (not used).")
+        message = (
+            f"{csv_path}: column 'finding' has {int(unknown.sum())} row(s) with finding(s) this "
+            f"reader does not know: {count_values(finding[unknown])}. Known: "
+            f"{sorted(SELECTED_FINDINGS)} (selected) and {sorted(EXCLUDED_FINDINGS)} (not used)."
+        )
         if not skip_unknown_findings:
-            raise DataError(message + " Decide how to map them in "
-                            "data_pipeline/sources/covid_chestxray.py, or pass --skip-unknown-findings.")
+            raise DataError(
+                message + " Decide how to map them in "
+                "data_pipeline/sources/covid_chestxray.py, or pass --skip-unknown-findings."
+            )
         log.warning("%s They are skipped.", message)
-        skipped = pd.DataFrame({
-            "image_id": meta.loc[unknown, "filename"],
-            "path": [str(root / "images" / f) for f in meta.loc[unknown, "filename"]],
-            "source": SOURCE,
-            "reason": "unknown finding " + finding[unknown].map(repr) + " in column 'finding'",
-        })
+        skipped = pd.DataFrame(
+            {
+                "image_id": meta.loc[unknown, "filename"],
+                "path": [str(root / "images" / f) for f in meta.loc[unknown, "filename"]],
+                "source": SOURCE,
+                "reason": "unknown finding " + finding[unknown].map(repr) + " in column 'finding'",
+            }
+        )
 
-    keep = (finding.isin(SELECTED_FINDINGS.keys())
-            & meta["view"].str.strip().isin(FRONTAL_VIEWS)
-            & (meta["modality"].str.strip() == "X-ray"))
+    keep = (
+        finding.isin(SELECTED_FINDINGS.keys())
+        & meta["view"].str.strip().isin(FRONTAL_VIEWS)
+        & (meta["modality"].str.strip() == "X-ray")
+    )
     rows = meta[keep]
     if rows.empty:
-        raise DataError(f"{csv_path}: no row passes the paper's filter (findings {sorted(SELECTED_FINDINGS)}, "
-                        f"views {sorted(FRONTAL_VIEWS)}, modality 'X-ray').")
+        raise DataError(
+            f"{csv_path}: no row passes the paper's filter (findings {sorted(SELECTED_FINDINGS)}, "
+            f"views {sorted(FRONTAL_VIEWS)}, modality 'X-ray')."
+        )
     duplicated = rows["filename"][rows["filename"].duplicated()]
     if not duplicated.empty:
-        raise DataError(f"{csv_path}: column 'filename' lists selected image(s) more than once: "
-                        f"{sorted(set(duplicated))}; expected one row per image.")
-    selected = pd.DataFrame({
-        "image_id": rows["filename"],
-        "path": [str(root / "images" / f) for f in rows["filename"]],
-        "label": finding[keep].map(SELECTED_FINDINGS),
-        "patient_id": rows["patientid"].str.strip(),
-        "source": SOURCE,
-        "view": rows["view"].str.strip(),
-        "finding": finding[keep],
-    }, columns=list(MANIFEST_COLUMNS))
+        raise DataError(
+            f"{csv_path}: column 'filename' lists selected image(s) more than once: "
+            f"{sorted(set(duplicated))}; expected one row per image."
+        )
+    selected = pd.DataFrame(
+        {
+            "image_id": rows["filename"],
+            "path": [str(root / "images" / f) for f in rows["filename"]],
+            "label": finding[keep].map(SELECTED_FINDINGS),
+            "patient_id": rows["patientid"].str.strip(),
+            "source": SOURCE,
+            "view": rows["view"].str.strip(),
+            "finding": finding[keep],
+        },
+        columns=list(MANIFEST_COLUMNS),
+    )
     empty_ids = selected["patient_id"] == ""
     if empty_ids.any():
-        raise DataError(f"{csv_path}: column 'patientid' is empty for selected image(s) "
-                        f"{selected.loc[empty_ids, 'image_id'].tolist()}; splits group by patient and need it.")
+        raise DataError(
+            f"{csv_path}: column 'patientid' is empty for selected image(s) "
+            f"{selected.loc[empty_ids, 'image_id'].tolist()}; splits group by patient and need it."
+        )
     return selected.reset_index(drop=True), skipped
 
 
@@ -124,11 +172,15 @@ def _check_file_names(names: pd.Series, csv_path: Path) -> None:
     """Reject file names that would read outside `images/` (absolute, `..`, empty)."""
     bad = [name for name in names if not is_relative_inside(name)]
     if bad:
-        raise DataError(f"{csv_path}: column 'filename' must hold paths inside the images folder; "
-                        f"found {len(bad)} that escape it or are empty: {bad[:10]}.")
+        raise DataError(
+            f"{csv_path}: column 'filename' must hold paths inside the images folder; "
+            f"found {len(bad)} that escape it or are empty: {bad[:10]}."
+        )
 
 
-def read(root: Path, *, skip_unknown_findings: bool = False, **_) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read(
+    root: Path, *, skip_unknown_findings: bool = False, **_
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The SourceReader's `read`: `read_covid_chestxray`."""
     return read_covid_chestxray(Path(root), skip_unknown_findings)
 

@@ -31,12 +31,15 @@ from data_pipeline.schema import DataError, count_values, read_source_csv
 
 log = logging.getLogger(__name__)
 LABELLED_COLUMNS = ("path", "label", "finding", "patient_id")
-SOURCE_LABEL = "source_label"  # after map_labels: the set's own label, beside the model's class in `label`
+SOURCE_LABEL = (
+    "source_label"  # after map_labels: the set's own label, beside the model's class in `label`
+)
 
 
 @dataclass(frozen=True)
 class LabelledReader:
     """A public dataset's reader: `read(root)` -> LABELLED_COLUMNS; `labels`: its labels' classes."""
+
     read: Callable[[Path], pd.DataFrame]
     labels: dict[str, str] = field(default_factory=dict)
     layout: str = ""
@@ -53,19 +56,28 @@ def read_labelled(spec: str) -> tuple[pd.DataFrame, dict[str, str]]:
         return read_class_folders(path), {}
     if path.suffix.lower() == ".csv":
         return read_labelled_csv(path), {}
-    raise DataError(f"--data {spec}: expected a folder of class folders (ROOT/<label>/...), a CSV with 'path' and "
-                    f"'label' columns, or one of the named readers {[f'{name}:ROOT' for name in READERS]}; "
-                    f"found {'no such file or folder' if not path.exists() else 'a file that is not a CSV'}.")
+    raise DataError(
+        f"--data {spec}: expected a folder of class folders (ROOT/<label>/...), a CSV with 'path' and "
+        f"'label' columns, or one of the named readers {[f'{name}:ROOT' for name in READERS]}; "
+        f"found {'no such file or folder' if not path.exists() else 'a file that is not a CSV'}."
+    )
 
 
 def read_class_folders(root: Path) -> pd.DataFrame:
     """ROOT/<label>/**/<image>: each folder directly under ROOT is a label."""
-    loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    loose = sorted(
+        p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
     if loose:
-        raise DataError(f"{root}: {len(loose)} image file(s) directly in it ({', '.join(loose[:3])}, ...); expected "
-                        f"every image inside a folder named by its label (ROOT/<label>/...).")
-    rows = [(str(p), folder.name) for folder in sorted(d for d in root.iterdir() if d.is_dir())
-            for p in _images(folder)]
+        raise DataError(
+            f"{root}: {len(loose)} image file(s) directly in it ({', '.join(loose[:3])}, ...); expected "
+            f"every image inside a folder named by its label (ROOT/<label>/...)."
+        )
+    rows = [
+        (str(p), folder.name)
+        for folder in sorted(d for d in root.iterdir() if d.is_dir())
+        for p in _images(folder)
+    ]
     return _table(rows, root)
 
 
@@ -74,8 +86,10 @@ def read_labelled_csv(path: Path) -> pd.DataFrame:
     table = read_source_csv(path, ("path", "label"))
     empty = table.index[table["label"].str.strip() == ""]
     if len(empty):
-        raise DataError(f"{path}: {len(empty)} row(s) with an empty 'label' (first at data row {empty[0] + 1}); "
-                        f"expected a label on every row.")
+        raise DataError(
+            f"{path}: {len(empty)} row(s) with an empty 'label' (first at data row {empty[0] + 1}); "
+            f"expected a label on every row."
+        )
     paths = [str(p if p.is_absolute() else path.parent / p) for p in map(Path, table["path"])]
     out = pd.DataFrame({"path": paths, "label": table["label"].str.strip()})
     for column in LABELLED_COLUMNS[2:]:
@@ -111,9 +125,11 @@ def _kermany_sets(folder: Path, root: Path) -> list[Path]:
         return [s for part in sets for s in _kermany_sets(part, root)]
     if (folder / "chest_xray").is_dir():
         return _kermany_sets(folder / "chest_xray", root)
-    raise DataError(f"kermany:{root}: expected Kermany et al.'s layout, chest_xray/{{train,val,test}}/"
-                    f"{{NORMAL,PNEUMONIA}}/ (ROOT may be chest_xray's folder, chest_xray or one of its sets); "
-                    f"found none of NORMAL/, PNEUMONIA/, train/, val/, test/ or chest_xray/ in {folder}.")
+    raise DataError(
+        f"kermany:{root}: expected Kermany et al.'s layout, chest_xray/{{train,val,test}}/"
+        f"{{NORMAL,PNEUMONIA}}/ (ROOT may be chest_xray's folder, chest_xray or one of its sets); "
+        f"found none of NORMAL/, PNEUMONIA/, train/, val/, test/ or chest_xray/ in {folder}."
+    )
 
 
 def _kermany_name(path: Path, label: str) -> tuple[str, str]:
@@ -123,18 +139,24 @@ def _kermany_name(path: Path, label: str) -> tuple[str, str]:
         return "", path.stem.rsplit("-", 1)[0]
     match = KERMANY_PNEUMONIA.match(path.stem)
     if match is None:
-        raise DataError(f"{path}: a PNEUMONIA file whose name says neither bacterial nor viral pneumonia; expected "
-                        f"person<N>_bacteria_<M> or person<N>_virus_<M>, as in Kermany et al.'s dataset.")
+        raise DataError(
+            f"{path}: a PNEUMONIA file whose name says neither bacterial nor viral pneumonia; expected "
+            f"person<N>_bacteria_<M> or person<N>_virus_<M>, as in Kermany et al.'s dataset."
+        )
     return KERMANY_FINDINGS[match.group(2)], match.group(1)
 
 
 READERS: dict[str, LabelledReader] = {
-    "kermany": LabelledReader(read_kermany, {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
-                              "chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/"),
+    "kermany": LabelledReader(
+        read_kermany,
+        {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
+        "chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/",
+    ),
 }
 
 
 # ---------------------------------------------------------------- labels
+
 
 def parse_label_map(text: str) -> dict[str, str]:
     """`NORMAL=normal,PNEUMONIA=pneumonia` -> {"NORMAL": "normal", "PNEUMONIA": "pneumonia"}."""
@@ -142,43 +164,57 @@ def parse_label_map(text: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         label, sep, target = (s.strip() for s in item.partition("="))
         if not sep or not label or not target:
-            raise DataError(f"--labels: expected LABEL=class pairs separated by commas, e.g. NORMAL=normal,"
-                            f"PNEUMONIA=pneumonia; received {item!r}.")
+            raise DataError(
+                f"--labels: expected LABEL=class pairs separated by commas, e.g. NORMAL=normal,"
+                f"PNEUMONIA=pneumonia; received {item!r}."
+            )
         mapping[label] = target
     return mapping
 
 
-def map_labels(table: pd.DataFrame, mapping: dict[str, str], classes: tuple[str, ...]) -> pd.DataFrame:
+def map_labels(
+    table: pd.DataFrame, mapping: dict[str, str], classes: tuple[str, ...]
+) -> pd.DataFrame:
     """`label` as one of `classes` through `mapping` (a class name, in any letter case, maps to
     itself), the set's own label kept in SOURCE_LABEL. Raises, listing the classes, when a
     mapping names something else or a label is left unmapped."""
     by_lower = {c.lower(): c for c in classes}
     wrong = {k: v for k, v in mapping.items() if v.lower() not in by_lower}
     if wrong:
-        raise DataError(f"--labels {', '.join(f'{k}={v}' for k, v in wrong.items())}: expected each label mapped to "
-                        f"one of the model's classes {list(classes)}; received {sorted(set(wrong.values()))}.")
+        raise DataError(
+            f"--labels {', '.join(f'{k}={v}' for k, v in wrong.items())}: expected each label mapped to "
+            f"one of the model's classes {list(classes)}; received {sorted(set(wrong.values()))}."
+        )
     resolved = {k: by_lower[v.lower()] for k, v in mapping.items()}
     unused = sorted(set(resolved) - set(table["label"]))
     if unused:
         log.warning("--labels: no image is labelled %s", ", ".join(unused))
-    classes_of = table["label"].map(lambda label: resolved.get(label) or by_lower.get(label.lower(), ""))
+    classes_of = table["label"].map(
+        lambda label: resolved.get(label) or by_lower.get(label.lower(), "")
+    )
     unmapped = table.loc[classes_of == "", "label"]
     if len(unmapped):
-        raise DataError(f"label(s) {count_values(unmapped)} are not among the model's classes {list(classes)}; "
-                        f"map each with --labels LABEL=class (e.g. --labels {unmapped.iloc[0]}={classes[-1]}).")
+        raise DataError(
+            f"label(s) {count_values(unmapped)} are not among the model's classes {list(classes)}; "
+            f"map each with --labels LABEL=class (e.g. --labels {unmapped.iloc[0]}={classes[-1]})."
+        )
     return table.assign(**{SOURCE_LABEL: table["label"], "label": classes_of})
 
 
 def _images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def _table(rows: list[tuple], root: Path) -> pd.DataFrame:
     if not rows:
-        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in its label folders.")
-    table = pd.DataFrame(rows, columns=LABELLED_COLUMNS[:len(rows[0])])
+        raise DataError(
+            f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in its label folders."
+        )
+    table = pd.DataFrame(rows, columns=LABELLED_COLUMNS[: len(rows[0])])
     for column in LABELLED_COLUMNS:
         if column not in table:
             table[column] = ""

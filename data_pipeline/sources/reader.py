@@ -20,6 +20,7 @@ class SourceReader:
     relative to the dataset's folder (the manifest's up-to-date key hashes them). `read(root,
     **options)` -> (its rows in the manifest's columns, the rows it left out with a reason); an
     option that is not the reader's own is not for it, and ignored."""
+
     name: str
     label_files: tuple[str, ...]
     read: Callable[..., tuple[pd.DataFrame, pd.DataFrame]]

@@ -28,24 +28,39 @@ def read_mapping(path: Path) -> pd.Series:
     try:
         records = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path}: expected RSNA's mapping file (a JSON list); found nothing at this path.") from None
+        raise DataError(
+            f"{path}: expected RSNA's mapping file (a JSON list); found nothing at this path."
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: expected a JSON list of records; not readable JSON ({exc}).") from None
+        raise DataError(
+            f"{path}: expected a JSON list of records; not readable JSON ({exc})."
+        ) from None
     if not isinstance(records, list) or not records:
-        raise DataError(f"{path}: expected a non-empty JSON list of records with {list(MAPPING_FIELDS)}; "
-                        f"found {type(records).__name__}{' (empty)' if records == [] else ''}.")
+        raise DataError(
+            f"{path}: expected a non-empty JSON list of records with {list(MAPPING_FIELDS)}; "
+            f"found {type(records).__name__}{' (empty)' if records == [] else ''}."
+        )
     for i, record in enumerate(records):
-        bad = [f for f in MAPPING_FIELDS if not isinstance(record, dict) or not isinstance(record.get(f), str)
-               or not record.get(f)]
+        bad = [
+            f
+            for f in MAPPING_FIELDS
+            if not isinstance(record, dict)
+            or not isinstance(record.get(f), str)
+            or not record.get(f)
+        ]
         if bad:
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{path}: record {i} lacks a text value for {bad}; expected each record to hold "
-                            f"{list(MAPPING_FIELDS)}, found {found}.")
+            raise DataError(
+                f"{path}: record {i} lacks a text value for {bad}; expected each record to hold "
+                f"{list(MAPPING_FIELDS)}, found {found}."
+            )
     table = pd.DataFrame([{f: r[f] for f in MAPPING_FIELDS} for r in records]).drop_duplicates()
     clash = table["subset_img_id"][table["subset_img_id"].duplicated()]
     if len(clash):
-        raise DataError(f"{path}: {len(clash)} subset_img_id(s) map to two NIH images, e.g. {clash.iloc[0]!r}; "
-                        f"expected one image each.")
+        raise DataError(
+            f"{path}: {len(clash)} subset_img_id(s) map to two NIH images, e.g. {clash.iloc[0]!r}; "
+            f"expected one image each."
+        )
     return table.set_index("subset_img_id")["img_id"]
 
 
@@ -57,12 +72,16 @@ def read_nih_entries(path: Path) -> pd.Series:
     wrong = ids.isna() | (ids != prefixes)
     if wrong.any():
         row = table[wrong].iloc[0]
-        raise DataError(f"{path}: {int(wrong.sum())} row(s) whose 'Patient ID' is not the number before '_' in "
-                        f"'Image Index', e.g. {row['Image Index']!r} with Patient ID {row['Patient ID']!r}.")
+        raise DataError(
+            f"{path}: {int(wrong.sum())} row(s) whose 'Patient ID' is not the number before '_' in "
+            f"'Image Index', e.g. {row['Image Index']!r} with Patient ID {row['Patient ID']!r}."
+        )
     return pd.Series(ids.astype(int).to_numpy(), index=table["Image Index"])
 
 
-def rsna_person_ids(image_ids: pd.Series, mapping: pd.Series, entries: pd.Series) -> tuple[pd.Series, int]:
+def rsna_person_ids(
+    image_ids: pd.Series, mapping: pd.Series, entries: pd.Series
+) -> tuple[pd.Series, int]:
     """Each RSNA image's patient_id: `nih-<Patient ID>` where the mapping knows the image (the
     NIH entries give the id; an image name missing there gives its prefix), else the image id
     as before. Returns the ids and how many images were mapped."""

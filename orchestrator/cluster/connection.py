@@ -13,7 +13,9 @@ from data_pipeline.schema import DataError
 from orchestrator.cluster import processes
 
 log = logging.getLogger(__name__)
-STARTUP_TIMEOUT = "timed out during startup"  # ray.init's words when a loaded machine starts a node late
+STARTUP_TIMEOUT = (
+    "timed out during startup"  # ray.init's words when a loaded machine starts a node late
+)
 _local: dict[str, str] = {}  # the local Ray this process started: its session folder
 
 
@@ -21,7 +23,11 @@ class StageError(DataError):
     """Ray work of a stage failed past its retries; the message names the stage and the cause."""
 
     def __init__(self, stage: str, cause: BaseException | str, kept: str = ""):
-        reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {str(cause).strip()[:500]}"
+        reason = (
+            cause
+            if isinstance(cause, str)
+            else f"{type(cause).__name__}: {str(cause).strip()[:500]}"
+        )
         super().__init__(f"stage '{stage}' failed: {reason}.{f' {kept}' if kept else ''}")
         self.stage = stage
 
@@ -50,10 +56,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
             shutdown()
             if attempt == 2 or STARTUP_TIMEOUT not in str(exc):
                 where = f"the cluster at {address}" if address else "a local Ray"
-                raise StageError("Ray start", f"could not start or join {where}: {type(exc).__name__}: {exc}") \
-                    from None
+                raise StageError(
+                    "Ray start", f"could not start or join {where}: {type(exc).__name__}: {exc}"
+                ) from None
             log.warning("Ray start: %s; trying once more", exc)
-    log.info("Ray: %s CPUs, %s GPUs", ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+    log.info(
+        "Ray: %s CPUs, %s GPUs",
+        ray.cluster_resources().get("CPU", 0),
+        ray.cluster_resources().get("GPU", 0),
+    )
 
 
 def local_session() -> str:
@@ -77,7 +88,9 @@ def cluster_address(address: str | None = None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def on_every_node(function: Callable[..., Any], *args: Any, timeout: float = 600.0) -> dict[str, Any]:
+def on_every_node(
+    function: Callable[..., Any], *args: Any, timeout: float = 600.0
+) -> dict[str, Any]:
     """`function(node, *args)` once on each alive node, where `node` is {"ip", "id", "gpus"}.
 
     It reserves no CPU, so that it runs beside runs that hold them all; a node that does not
@@ -88,14 +101,22 @@ def on_every_node(function: Callable[..., Any], *args: Any, timeout: float = 600
     remote = ray.remote(num_cpus=0, max_retries=0)(function)
     pending = {}
     for node in (n for n in ray.nodes() if n["Alive"]):
-        info = {"ip": node["NodeManagerAddress"], "id": node["NodeID"], "gpus": node["Resources"].get("GPU", 0.0)}
+        info = {
+            "ip": node["NodeManagerAddress"],
+            "id": node["NodeID"],
+            "gpus": node["Resources"].get("GPU", 0.0),
+        }
         strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        pending[f"{info['ip']} ({info['id'][:8]})"] = remote.options(scheduling_strategy=strategy).remote(info, *args)
+        pending[f"{info['ip']} ({info['id'][:8]})"] = remote.options(
+            scheduling_strategy=strategy
+        ).remote(info, *args)
     ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=timeout)
     results = {}
     for label, ref in pending.items():
         try:
-            results[label] = ray.get(ref) if ref in ready else TimeoutError(f"no answer in {timeout:.0f} s")
+            results[label] = (
+                ray.get(ref) if ref in ready else TimeoutError(f"no answer in {timeout:.0f} s")
+            )
         except Exception as exc:  # the node's error, reported as its check's result
             results[label] = exc
     return results

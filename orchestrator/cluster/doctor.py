@@ -86,8 +86,14 @@ class Requirements:
         inputs = [Path(p) for p in (data.covid_root, data.rsna_root) if p and not data.synthetic]
         if config.model.weights not in NAMED_WEIGHTS:
             inputs.append(Path(config.model.weights))
-        return cls(config.paths, config.tracking_target, config.cache, tuple(inputs),
-                   config.cluster.min_free_gb, config.cluster.allow_cpu_fallback)
+        return cls(
+            config.paths,
+            config.tracking_target,
+            config.cache,
+            tuple(inputs),
+            config.cluster.min_free_gb,
+            config.cluster.allow_cpu_fallback,
+        )
 
 
 def run_checks(need: Requirements) -> list[Check]:
@@ -105,7 +111,11 @@ def run_checks(need: Requirements) -> list[Check]:
     checks = []
     for node, answer in sorted(answers.items()):
         if isinstance(answer, BaseException):
-            checks.append(Check(node, "node", False, f"the check task failed: {type(answer).__name__}: {answer}"))
+            checks.append(
+                Check(
+                    node, "node", False, f"the check task failed: {type(answer).__name__}: {answer}"
+                )
+            )
         else:
             checks.extend(Check(node, name, ok, detail) for name, ok, detail in answer)
     return checks
@@ -116,19 +126,33 @@ def expectations(need: Requirements, token: str, roots: list[Path]) -> dict:
     from orchestrator.tracking.experiment import package_versions
 
     work = need.work
-    common = {"versions": package_versions(), "uri": need.tracking.uri,
-              "experiment": need.tracking.experiment, "min_free_gb": need.min_free_gb,
-              "allow_cpu_fallback": need.allow_cpu_fallback}
+    common = {
+        "versions": package_versions(),
+        "uri": need.tracking.uri,
+        "experiment": need.tracking.experiment,
+        "min_free_gb": need.min_free_gb,
+        "allow_cpu_fallback": need.allow_cpu_fallback,
+    }
     if work.remote:  # nothing shared but the bucket: the datasets are decoded on the driver's node
         files = work.store.rglob("*") if work.store.is_dir() else ()
         store = sum(f.stat().st_size for f in files if f.is_file())
-        return {**common, "remote": work.remote, "cache": dataclasses.asdict(need.cache),
-                "store_gb": store / 2**30}
-    return {**common, "token": token, "roots": [str(r) for r in roots],
-            "listings": {str(p): sorted(os.listdir(p)) for p in (work.store, work.splits) if p.is_dir()},
-            # the datasets are large: their entry counts (a file's size) stand for their listings
-            "inputs": {str(p): _entries(p) for p in need.inputs if p.exists()},
-            "storage": str(work.storage)}
+        return {
+            **common,
+            "remote": work.remote,
+            "cache": dataclasses.asdict(need.cache),
+            "store_gb": store / 2**30,
+        }
+    return {
+        **common,
+        "token": token,
+        "roots": [str(r) for r in roots],
+        "listings": {
+            str(p): sorted(os.listdir(p)) for p in (work.store, work.splits) if p.is_dir()
+        },
+        # the datasets are large: their entry counts (a file's size) stand for their listings
+        "inputs": {str(p): _entries(p) for p in need.inputs if p.exists()},
+        "storage": str(work.storage),
+    }
 
 
 def _entries(path: Path) -> int:
@@ -138,10 +162,20 @@ def _entries(path: Path) -> int:
 def node_checks(node: dict, expect: dict) -> list[tuple[str, bool, str]]:
     """The checks, on one node (a Ray task); (check, ok, detail) each."""
     if expect.get("remote"):
-        return [("packages", *_packages(expect)), ("gpus", *_gpus(node, expect)), ("storage", *_storage(expect)),
-                ("mlflow", *_mlflow(expect)), ("cache", *_cache(expect))]
-    return [("packages", *_packages(expect)), ("gpus", *_gpus(node, expect)), ("paths", *_paths(expect)),
-            ("mlflow", *_mlflow(expect)), ("disk", *_disk(expect))]
+        return [
+            ("packages", *_packages(expect)),
+            ("gpus", *_gpus(node, expect)),
+            ("storage", *_storage(expect)),
+            ("mlflow", *_mlflow(expect)),
+            ("cache", *_cache(expect)),
+        ]
+    return [
+        ("packages", *_packages(expect)),
+        ("gpus", *_gpus(node, expect)),
+        ("paths", *_paths(expect)),
+        ("mlflow", *_mlflow(expect)),
+        ("disk", *_disk(expect)),
+    ]
 
 
 def _storage(expect: dict) -> tuple[bool, str]:
@@ -165,9 +199,15 @@ def _cache(expect: dict) -> tuple[bool, str]:
         probe.unlink()
     except OSError as exc:
         return False, f"the cache folder {cache.root} is not writable here ({exc.strerror or exc})"
-    free, store, limit = shutil.disk_usage(cache.root).free / 2**30, expect["store_gb"], cache.max_gb
-    detail = (f"{cache.root}: {free:.1f} GiB free, the store {store:.2f} GiB, cache.max_gb {limit:g}, "
-              f"cluster.min_free_gb {expect['min_free_gb']:g}")
+    free, store, limit = (
+        shutil.disk_usage(cache.root).free / 2**30,
+        expect["store_gb"],
+        cache.max_gb,
+    )
+    detail = (
+        f"{cache.root}: {free:.1f} GiB free, the store {store:.2f} GiB, cache.max_gb {limit:g}, "
+        f"cluster.min_free_gb {expect['min_free_gb']:g}"
+    )
     if store > limit:
         return False, detail + ": the store alone is over cache.max_gb"
     return free + cache.size_gb() >= store + expect["min_free_gb"], detail
@@ -177,20 +217,39 @@ def _packages(expect: dict) -> tuple[bool, str]:
     from orchestrator.tracking.experiment import package_versions
 
     here = package_versions()
-    differ = [f"{k[len('version.'):]} {here.get(k)} (driver {v})" for k, v in expect["versions"].items() if here.get(k) != v]
-    return (False, "differ: " + ", ".join(differ)) if differ else (True, f"{len(here)} match the driver's")
+    differ = [
+        f"{k[len('version.') :]} {here.get(k)} (driver {v})"
+        for k, v in expect["versions"].items()
+        if here.get(k) != v
+    ]
+    return (
+        (False, "differ: " + ", ".join(differ))
+        if differ
+        else (True, f"{len(here)} match the driver's")
+    )
 
 
 def _gpus(node: dict, expect: dict) -> tuple[bool, str]:
     if not node["gpus"]:
         return True, "no GPUs on this node"
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}  # all of the node's GPUs
+    env = {
+        k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"
+    }  # all of the node's GPUs
     try:
-        done = subprocess.run([sys.executable, "-m", "orchestrator.cluster.devices"], capture_output=True, text=True,
-                              env=env, timeout=300, check=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cluster.devices"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=True,
+        )
         seen = json.loads(done.stdout.strip().splitlines()[-1])
     except subprocess.CalledProcessError as exc:
-        return False, f"TensorFlow could not be asked (exit {exc.returncode}): {exc.stderr.strip()[-300:]}"
+        return (
+            False,
+            f"TensorFlow could not be asked (exit {exc.returncode}): {exc.stderr.strip()[-300:]}",
+        )
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         return False, f"TensorFlow could not be asked: {type(exc).__name__}: {str(exc)[:300]}"
     build = f"TensorFlow {seen['tensorflow']}, CUDA {seen['cuda'] or 'none'}, cuDNN {seen['cudnn'] or 'none'}"
@@ -199,8 +258,11 @@ def _gpus(node: dict, expect: dict) -> tuple[bool, str]:
     detail = f"TensorFlow sees {len(seen['tf_gpus'])} of the {node['gpus']:g} GPUs Ray has here ({build})"
     if expect["allow_cpu_fallback"]:
         return True, detail + "; cluster.allow_cpu_fallback: runs go on without"
-    return False, detail + ("; this TensorFlow has no CUDA support" if not seen["cuda_build"]
-                            else "; the node's driver or CUDA libraries do not match")
+    return False, detail + (
+        "; this TensorFlow has no CUDA support"
+        if not seen["cuda_build"]
+        else "; the node's driver or CUDA libraries do not match"
+    )
 
 
 def _paths(expect: dict) -> tuple[bool, str]:
@@ -211,7 +273,9 @@ def _paths(expect: dict) -> tuple[bool, str]:
             if token.read_text() != expect["token"]:
                 problems.append(f"{root} holds another token file: not the driver's folder")
         except OSError:
-            problems.append(f"{root} is not the driver's folder here (mount it on shared storage at that path)")
+            problems.append(
+                f"{root} is not the driver's folder here (mount it on shared storage at that path)"
+            )
     for path, names in expect["listings"].items():
         try:
             if sorted(os.listdir(path)) != names:
@@ -224,8 +288,15 @@ def _paths(expect: dict) -> tuple[bool, str]:
                 problems.append(f"{path} holds other files than the driver's")
         except OSError as exc:
             problems.append(f"{path} is not readable here ({exc.strerror})")
-    return (False, "; ".join(problems)) if problems else (True, "shared at the same paths: " + ", ".join(
-        [*expect["roots"], *(Path(p).name for p in expect["listings"])]))
+    return (
+        (False, "; ".join(problems))
+        if problems
+        else (
+            True,
+            "shared at the same paths: "
+            + ", ".join([*expect["roots"], *(Path(p).name for p in expect["listings"])]),
+        )
+    )
 
 
 def _mlflow(expect: dict) -> tuple[bool, str]:
@@ -241,9 +312,15 @@ def _mlflow(expect: dict) -> tuple[bool, str]:
         with probing(uri):  # the runs' own client and settings, with a short timeout
             found = MlflowClient(uri).get_experiment_by_name(expect["experiment"])
     except Exception as exc:  # MLflow raises several types for a server that is down
-        return False, f"{uri} does not answer from this node ({type(exc).__name__}: {str(exc)[:200]})"
+        return (
+            False,
+            f"{uri} does not answer from this node ({type(exc).__name__}: {str(exc)[:200]})",
+        )
     if found is None:
-        return False, f"{uri} answers but has no experiment {expect['experiment']!r}: another server than the driver's"
+        return (
+            False,
+            f"{uri} answers but has no experiment {expect['experiment']!r}: another server than the driver's",
+        )
     return True, f"{uri} answers{' (a server)' if is_server_uri(uri) else ''}"
 
 
@@ -264,16 +341,23 @@ def open_server_warning(uri: str) -> str:
 
     if not is_server_uri(uri):
         return ""
-    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    request = urllib.request.Request(
+        f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
+    )
     try:
         with urllib.request.urlopen(request, timeout=10):
             pass
-    except (urllib.error.URLError, OSError):  # 401/403: it asks for credentials; or it is down (checked elsewhere)
+    except (
+        urllib.error.URLError,
+        OSError,
+    ):  # 401/403: it asks for credentials; or it is down (checked elsewhere)
         return ""
-    return (f"the MLflow tracking server at {uri} answers without credentials: whoever reaches it can read every "
-            f"run's predictions (patient ids) and replace a registered model's code. Run it with its built-in "
-            f"authentication (`mlflow server --app-name basic-auth`, clusters/README.md step 3) and give the "
-            f"clients MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.")
+    return (
+        f"the MLflow tracking server at {uri} answers without credentials: whoever reaches it can read every "
+        f"run's predictions (patient ids) and replace a registered model's code. Run it with its built-in "
+        f"authentication (`mlflow server --app-name basic-auth`, clusters/README.md step 3) and give the "
+        f"clients MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
+    )
 
 
 def render(checks: list[Check]) -> Table:

@@ -34,15 +34,23 @@ class GridOutcome:
     """{run name: "done" | error} for the runs launched, and where their slot time went; what
     they reported to Ray Tune: {run name: one row per epoch} and {run name: its test metrics}
     (orchestrator.cluster.reports)."""
+
     runs: dict[str, str]
     slot_time: SlotTime | None = None  # None: nothing launched
     histories: dict[str, pd.DataFrame] = field(default_factory=dict)
     test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def run_grid(jobs: list[RunJob], work: WorkPaths, cluster: ClusterSpec, cache: CacheSpec,
-             experiment: str, parent_run_id: str, verbose: bool = False,
-             lock_owner: str = "") -> GridOutcome:
+def run_grid(
+    jobs: list[RunJob],
+    work: WorkPaths,
+    cluster: ClusterSpec,
+    cache: CacheSpec,
+    experiment: str,
+    parent_run_id: str,
+    verbose: bool = False,
+    lock_owner: str = "",
+) -> GridOutcome:
     """Every run of `jobs` (fold x network) as a Ray Tune trial that drives a one-worker Ray Train
     run; `work` is the driver's workdir, `experiment` the MLflow experiment's name.
 
@@ -55,52 +63,94 @@ def run_grid(jobs: list[RunJob], work: WorkPaths, cluster: ClusterSpec, cache: C
     # finished runs are not launched again (a trial would start a TensorFlow worker only to find
     # that out; the driver has refused stale ones); the longest first, so that no long run is
     # left alone at the end
-    pending = [job for job in sorted(jobs, key=lambda j: -NETWORK_COST[j.network])
-               if not RunRecords(job.paths).is_done()]
+    pending = [
+        job
+        for job in sorted(jobs, key=lambda j: -NETWORK_COST[j.network])
+        if not RunRecords(job.paths).is_done()
+    ]
     if not pending:
         log.info("all %d runs are complete", len(jobs))
         return GridOutcome({})
     gpus, cpus = run_gpus(cluster), cluster.cpus_per_run
     slots = concurrency(cluster, gpus, cpus, len(pending))
-    log.info("%d runs to go of %d, %s GPU and %s CPU each, at most %d at a time", len(pending),
-             len(jobs), gpus, cpus, slots)
+    log.info(
+        "%d runs to go of %d, %s GPU and %s CPU each, at most %d at a time",
+        len(pending),
+        len(jobs),
+        gpus,
+        cpus,
+        slots,
+    )
     storage = work.ray_storage  # a folder, or object storage (Ray writes there through pyarrow)
     board = Progress.remote()
     in_trial = trains_in_trial(cluster)
     uploaded = uploaded_keys(work) if work.remote else {}
-    requests = {run_name(job.fold, job.network): RunRequest(
-        job=job, parent_run_id=parent_run_id, gpus=gpus, cpus=cpus, storage=storage,
-        max_failures=cluster.max_failures, in_trial=in_trial,
-        allow_cpu_fallback=cluster.allow_cpu_fallback, cache=cache, uploaded=uploaded,
-        progress=board, verbose=verbose, lock_owner=lock_owner) for job in pending}
+    requests = {
+        run_name(job.fold, job.network): RunRequest(
+            job=job,
+            parent_run_id=parent_run_id,
+            gpus=gpus,
+            cpus=cpus,
+            storage=storage,
+            max_failures=cluster.max_failures,
+            in_trial=in_trial,
+            allow_cpu_fallback=cluster.allow_cpu_fallback,
+            cache=cache,
+            uploaded=uploaded,
+            progress=board,
+            verbose=verbose,
+            lock_owner=lock_owner,
+        )
+        for job in pending
+    }
     # In Ray Train's local mode the trial trains: it holds the run's devices, and Tune restarts it
     # from its checkpoint when it dies. Otherwise it only drives its Train run: it reserves a little
     # memory and no CPU, so that the workers, which hold the devices, limit concurrency, and Ray
     # Train restarts them.
-    trial = {"CPU": cpus, **({"GPU": gpus} if gpus else {})} if in_trial else {"CPU": 0, "memory": 256 * 2**20}
-    table = RunTable({run_name(job.fold, job.network): job.epochs for job in pending}, progress=board)
+    trial = (
+        {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        if in_trial
+        else {"CPU": 0, "memory": 256 * 2**20}
+    )
+    table = RunTable(
+        {run_name(job.fold, job.network): job.epochs for job in pending}, progress=board
+    )
     if not verbose:  # Tune's own output engine prints a configuration box even at verbose=0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(drive_one_run, requests=requests), trial),
-        param_space={"run": tune.grid_search([{"fold": j.fold, "network": j.network} for j in pending])},
+        param_space={
+            "run": tune.grid_search([{"fold": j.fold, "network": j.network} for j in pending])
+        },
         # reuse_actors: a trial's process drives (or, in local mode, trains) the next run too:
         # fewer Python processes to start, and TensorFlow imported once per process
-        tune_config=tune.TuneConfig(max_concurrent_trials=slots, trial_name_creator=trial_name,
-                                    trial_dirname_creator=trial_name, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{experiment}-grid", storage_path=storage,
-                                  verbose=2 if verbose else 0, callbacks=[table],
-                                  failure_config=tune.FailureConfig(
-                                      max_failures=cluster.max_failures if in_trial else 1)),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=slots,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{experiment}-grid",
+            storage_path=storage,
+            verbose=2 if verbose else 0,
+            callbacks=[table],
+            failure_config=tune.FailureConfig(max_failures=cluster.max_failures if in_trial else 1),
+        ),
     )
     started, stamps = time.perf_counter(), {}
     try:
         results = tuner.fit()
         wall = time.perf_counter() - started
         stamps = ray.get(board.stamps.remote())
-    except ray.exceptions.RayError as exc:  # Tune's own machinery, not a run (those are in the results)
-        raise StageError("training runs", exc, "Finished runs keep their results; the same command resumes "
-                         "the others.") from None
+    except (
+        ray.exceptions.RayError
+    ) as exc:  # Tune's own machinery, not a run (those are in the results)
+        raise StageError(
+            "training runs",
+            exc,
+            "Finished runs keep their results; the same command resumes the others.",
+        ) from None
     finally:
         with contextlib.suppress(ray.exceptions.RayError):
             ray.kill(board)
@@ -108,7 +158,9 @@ def run_grid(jobs: list[RunJob], work: WorkPaths, cluster: ClusterSpec, cache: C
     for result in results:
         name = run_name(**result.config["run"])
         outcome[name] = "done" if result.error is None else f"failed: {result.error}"
-    return GridOutcome(outcome, slot_time(stamps, min(slots, len(pending)), wall), *histories(results))
+    return GridOutcome(
+        outcome, slot_time(stamps, min(slots, len(pending)), wall), *histories(results)
+    )
 
 
 def run_gpus(cluster: ClusterSpec) -> float:
@@ -119,14 +171,18 @@ def run_gpus(cluster: ClusterSpec) -> float:
     available = ray.cluster_resources().get("GPU", 0)
     local = cluster_address(cluster.address or None) is None
     if cluster.gpus_per_run < 0 and not available and not local:
-        raise ConfigError("cluster.gpus_per_run: -1 (one if the cluster has GPUs) on a cluster with no GPU node "
-                          "up; expected 1 (or 0.5) for GPU runs, which wait for the autoscaler to add GPU nodes, "
-                          "or 0 for CPU runs.")
+        raise ConfigError(
+            "cluster.gpus_per_run: -1 (one if the cluster has GPUs) on a cluster with no GPU node "
+            "up; expected 1 (or 0.5) for GPU runs, which wait for the autoscaler to add GPU nodes, "
+            "or 0 for CPU runs."
+        )
     gpus = cluster.gpus_per_run if cluster.gpus_per_run >= 0 else (1.0 if available else 0.0)
     if gpus > available and local:
-        raise ConfigError(f"cluster.gpus_per_run: {gpus:g} GPU per run, but this machine's local Ray has "
-                          f"{available:g} and cannot grow. Set cluster.gpus_per_run=0 to train on the CPU, "
-                          f"or submit to a cluster (cluster.address, or `ray job submit`).")
+        raise ConfigError(
+            f"cluster.gpus_per_run: {gpus:g} GPU per run, but this machine's local Ray has "
+            f"{available:g} and cannot grow. Set cluster.gpus_per_run=0 to train on the CPU, "
+            f"or submit to a cluster (cluster.address, or `ray job submit`)."
+        )
     return gpus
 
 
@@ -171,8 +227,10 @@ def check_tracking_reach(cluster: ClusterSpec, uri: str, shared_storage: bool) -
     """A sqlite file is one machine's: refused, before any worker starts, when the runs may run on
     other nodes, unless the config says its path is on shared storage (`shared_storage`)."""
     if sqlite_file(uri) is not None and not shared_storage and spans_nodes(cluster):
-        raise ConfigError(f"tracking.uri: {uri} is a sqlite file on the driver's machine, and the runs may run "
-                          f"on other nodes of this cluster, whose runs would land in databases of their own. "
-                          f"Expected a tracking server (`mlflow server --serve-artifacts`; tracking.uri or "
-                          f"MLFLOW_TRACKING_URI), or tracking.shared_storage: true if that path is on storage "
-                          f"every node mounts at the same path.")
+        raise ConfigError(
+            f"tracking.uri: {uri} is a sqlite file on the driver's machine, and the runs may run "
+            f"on other nodes of this cluster, whose runs would land in databases of their own. "
+            f"Expected a tracking server (`mlflow server --serve-artifacts`; tracking.uri or "
+            f"MLFLOW_TRACKING_URI), or tracking.shared_storage: true if that path is on storage "
+            f"every node mounts at the same path."
+        )

@@ -42,7 +42,12 @@ def end_session(session_dir: str, grace: float = 10.0) -> list[int]:
         if not left:
             break
         for pid in left:
-            log.warning("ending process %d (%s) of the local Ray that outlived it (%s)", pid, _title(pid), sig.name)
+            log.warning(
+                "ending process %d (%s) of the local Ray that outlived it (%s)",
+                pid,
+                _title(pid),
+                sig.name,
+            )
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -84,6 +89,8 @@ def _has_open_file(entry: Path, prefix: str) -> bool:
 
 def _title(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:60]
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:60]
+        )
     except OSError:
         return "?"

@@ -37,7 +37,9 @@ class Progress:
 
     def put(self, name: str, row: dict) -> None:
         self.rows.append((name, row))
-        self.unforwarded.setdefault(name, []).append(row)  # a few KB a run where no trial takes them
+        self.unforwarded.setdefault(name, []).append(
+            row
+        )  # a few KB a run where no trial takes them
 
     def take_run(self, name: str) -> list[dict]:
         """Run `name`'s rows that its trial has not taken yet, for Tune (orchestrator.cluster.reports):
@@ -81,7 +83,9 @@ class RunTable(tune.Callback):
 
     def setup(self, **info) -> None:
         console = Console()
-        if not console.is_terminal:  # a log file or a job's log: 80 columns would cut the run names short
+        if (
+            not console.is_terminal
+        ):  # a log file or a job's log: 80 columns would cut the run names short
             console = Console(width=LOG_WIDTH)
         self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
         self.live.start()
@@ -97,8 +101,12 @@ class RunTable(tune.Callback):
     def _read_progress(self) -> None:
         self.polled = time.monotonic()
         for name, row in ray.get(self.progress.take.remote()):
-            self._update_row(name, phase=row.get("phase"), epoch=row.get("step"),
-                             **{k: row.get(k) for k in self.METRICS})
+            self._update_row(
+                name,
+                phase=row.get("phase"),
+                epoch=row.get("step"),
+                **{k: row.get(k) for k in self.METRICS},
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.progress.stamp.remote(trial_name(trial), ENDED, time.time())
@@ -107,7 +115,9 @@ class RunTable(tune.Callback):
         self.live.console.print(f"{trial_name(trial)}: done")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        self.progress.stamp.remote(trial_name(trial), ENDED, time.time())  # the failed attempt's end
+        self.progress.stamp.remote(
+            trial_name(trial), ENDED, time.time()
+        )  # the failed attempt's end
         self._update(trial, status="restarting")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -135,6 +145,11 @@ class RunTable(tune.Callback):
             table.add_column(column, justify="left" if column in ("run", "status") else "right")
         for name, row in self.rows.items():
             epoch = f"{row['epoch']}/{self.epochs[name]}" if "epoch" in row else ""
-            table.add_row(name, row["status"], str(row.get("phase", "")), epoch,
-                          *(f"{row[k]:.4f}" if k in row else "" for k in self.METRICS))
+            table.add_row(
+                name,
+                row["status"],
+                str(row.get("phase", "")),
+                epoch,
+                *(f"{row[k]:.4f}" if k in row else "" for k in self.METRICS),
+            )
         return table

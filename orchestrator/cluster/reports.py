@@ -58,7 +58,12 @@ TEST_METRICS = (TEST_ACCURACY, TEST_AUC)
 
 def tune_metrics(run: dict, row: dict) -> dict:
     """What Tune gets of one report: the row, the run's identity and the row's step as iteration."""
-    return {**row, "fold": run["fold"], "network": run["network"], "training_iteration": int(row["step"])}
+    return {
+        **row,
+        "fold": run["fold"],
+        "network": run["network"],
+        "training_iteration": int(row["step"]),
+    }
 
 
 def epoch_reporter(board, run: dict, in_trial: bool):
@@ -118,12 +123,26 @@ def histories(results) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, flo
         frame = result.metrics_dataframe
         if frame is None or "step" not in frame:
             frame = pd.DataFrame(columns=["step"])
-        tested = frame[TEST_ACCURACY].notna() if TEST_ACCURACY in frame else pd.Series(False, index=frame.index)
-        rows = frame[~tested & frame["step"].notna()].drop_duplicates("step", keep="last").sort_values("step")
+        tested = (
+            frame[TEST_ACCURACY].notna()
+            if TEST_ACCURACY in frame
+            else pd.Series(False, index=frame.index)
+        )
+        rows = (
+            frame[~tested & frame["step"].notna()]
+            .drop_duplicates("step", keep="last")
+            .sort_values("step")
+        )
         columns = [c for c in (*HISTORY_COLUMNS, *IDENTITY) if c in rows]
         # whole numbers again: the test metrics' report, which has no phase, made the column float
-        epochs[name] = rows[columns].astype({c: int for c in ("step", "phase") if c in rows}).reset_index(drop=True)
+        epochs[name] = (
+            rows[columns]
+            .astype({c: int for c in ("step", "phase") if c in rows})
+            .reset_index(drop=True)
+        )
         if tested.any():
             last = frame[tested].iloc[-1]
-            tests[name] = {k: float(last[k]) for k in TEST_METRICS if k in last and not math.isnan(last[k])}
+            tests[name] = {
+                k: float(last[k]) for k in TEST_METRICS if k in last and not math.isnan(last[k])
+            }
     return epochs, tests

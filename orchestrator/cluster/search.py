@@ -32,8 +32,8 @@ TRIAL_COLUMNS = ("trial", "status", "validations", "best", "last")  # then the p
 
 @dataclass(frozen=True)
 class SearchOutcome:
-    table: pd.DataFrame   # one row per trial: TRIAL_COLUMNS and its point, best first
-    best: dict            # the best trial's point
+    table: pd.DataFrame  # one row per trial: TRIAL_COLUMNS and its point, best first
+    best: dict  # the best trial's point
     histories: dict[str, pd.DataFrame]  # each trial's reports (one row per validation)
     max_validations: int  # a trial that reported fewer was stopped early (or failed)
 
@@ -76,35 +76,57 @@ class SearchRequest:
     lock_owner: str = ""
 
 
-def run_search(config: Config, parent_run_id: str, experiment: str, verbose: bool = False,
-               lock_owner: str = "") -> SearchOutcome:
+def run_search(
+    config: Config, parent_run_id: str, experiment: str, verbose: bool = False, lock_owner: str = ""
+) -> SearchOutcome:
     """The search of `config.tune`, its trials children of `parent_run_id` in `experiment`."""
     connect(config.cluster.address or None, verbose=verbose)
     spec = config.tune
     gpus, cpus = run_gpus(config.cluster), config.cluster.cpus_per_run
     slots = spec.max_concurrent or concurrency(config.cluster, gpus, cpus, spec.trials)
     most = validations(spec, config.train, config.splits.phases)
-    request = SearchRequest(config, parent_run_id, experiment, gpus, cpus,
-                            str(config.paths.tune / "trials"), verbose, lock_owner)
+    request = SearchRequest(
+        config,
+        parent_run_id,
+        experiment,
+        gpus,
+        cpus,
+        str(config.paths.tune / "trials"),
+        verbose,
+        lock_owner,
+    )
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trial, request=request), resources),
         param_space=param_space(spec),
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.trials,
-                                    search_alg=search_algorithm(spec, slots), scheduler=scheduler(spec, most),
-                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-                                    # a stopped trial's thread trains on to its next report: its process
-                                    # cannot take the next trial (Tune waits 2 s for it), so each has its own
-                                    reuse_actors=False),
-        run_config=tune.RunConfig(name=f"{experiment}-search", storage_path=str((config.paths.tune / "ray").absolute()),
-                                  verbose=2 if verbose else 0, callbacks=[TrialLines(spec.metric, most, spec.trials)],
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.trials,
+            search_alg=search_algorithm(spec, slots),
+            scheduler=scheduler(spec, most),
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+            # a stopped trial's thread trains on to its next report: its process
+            # cannot take the next trial (Tune waits 2 s for it), so each has its own
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{experiment}-search",
+            storage_path=str((config.paths.tune / "ray").absolute()),
+            verbose=2 if verbose else 0,
+            callbacks=[TrialLines(spec.metric, most, spec.trials)],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
     try:
         results = tuner.fit()
     except ray.exceptions.RayError as exc:
-        raise StageError("the search", exc, "Its trials are in MLflow; a new `cxr tune` starts a new search.") from None
+        raise StageError(
+            "the search", exc, "Its trials are in MLflow; a new `cxr tune` starts a new search."
+        ) from None
     return _outcome(results, spec, most)
 
 
@@ -116,7 +138,9 @@ def search_algorithm(spec: TuneSpec, slots: int):
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.trials // 3)))
+        sampler = optuna.samplers.TPESampler(
+            seed=spec.seed, n_startup_trials=min(10, max(2, spec.trials // 3))
+        )
         return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=slots)
     return BasicVariantGenerator(max_concurrent=slots, random_state=spec.seed)
 
@@ -128,8 +152,12 @@ def scheduler(spec: TuneSpec, most: int):
         return FIFOScheduler()
     # max_t one past the last validation: ASHA stops a trial that reaches max_t, and a trial
     # stopped at its last report would end before its MLflow run is closed
-    return ASHAScheduler(time_attr="training_iteration", max_t=max(most, spec.grace_period) + 1,
-                         grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max(most, spec.grace_period) + 1,
+        grace_period=spec.grace_period,
+        reduction_factor=spec.reduction_factor,
+    )
 
 
 def tune_trial(point: dict, request: SearchRequest) -> None:
@@ -148,9 +176,14 @@ def tune_trial(point: dict, request: SearchRequest) -> None:
 
     base, name = request.base, tune.get_context().get_trial_name()
     config = apply_sample(base, point)
-    config = replace(config, cluster=replace(config.cluster, storage_path=str(Path(request.trials) / name)),
-                     tracking=replace(config.tracking, experiment=request.experiment))
-    placement = claim_devices(request.gpus, max(1, int(request.cpus)), config.cluster.allow_cpu_fallback)
+    config = replace(
+        config,
+        cluster=replace(config.cluster, storage_path=str(Path(request.trials) / name)),
+        tracking=replace(config.tracking, experiment=request.experiment),
+    )
+    placement = claim_devices(
+        request.gpus, max(1, int(request.cpus)), config.cluster.allow_cpu_fallback
+    )
     metric = base.tune.metric
 
     def report(row: dict) -> None:  # only validated epochs: the scheduler compares the metric
@@ -158,8 +191,14 @@ def tune_trial(point: dict, request: SearchRequest) -> None:
             tune.report({k: v for k, v in row.items() if v is not None})
 
     job = RunJob.of(config, base.tune.fold, point[NETWORK])
-    train_trial(job, request.parent_run_id, {f"sampled.{k}": str(v) for k, v in point.items()}, report,
-                placement, request.lock_owner)
+    train_trial(
+        job,
+        request.parent_run_id,
+        {f"sampled.{k}": str(v) for k, v in point.items()},
+        report,
+        placement,
+        request.lock_owner,
+    )
 
 
 class TrialLines(tune.Callback):
@@ -170,10 +209,16 @@ class TrialLines(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.ended += 1
-        result, count = trial.last_result or {}, (trial.last_result or {}).get("training_iteration", 0)
+        result, count = (
+            trial.last_result or {},
+            (trial.last_result or {}).get("training_iteration", 0),
+        )
         state = "complete" if count >= self.most else "stopped early"
-        print(f"{trial.trial_id}: {state} after {count} validation(s), {self.metric} {result.get(self.metric, float('nan')):.4f} "
-              f"({self.ended} of {self.trials} trials ended)", flush=True)
+        print(
+            f"{trial.trial_id}: {state} after {count} validation(s), {self.metric} {result.get(self.metric, float('nan')):.4f} "
+            f"({self.ended} of {self.trials} trials ended)",
+            flush=True,
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.ended += 1
@@ -188,14 +233,32 @@ def _outcome(results, spec: TuneSpec, most: int) -> SearchOutcome:
     rows, histories, points = [], {}, {}
     for result in results:
         name = result.path.rstrip("/").rsplit("/", 1)[-1] if result.path else "?"
-        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        history = (
+            result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        )
         values = history[spec.metric].dropna() if spec.metric in history else pd.Series(dtype=float)
-        status = ("failed" if result.error is not None else "stopped early" if len(values) < most else "complete")
+        status = (
+            "failed"
+            if result.error is not None
+            else "stopped early"
+            if len(values) < most
+            else "complete"
+        )
         best = (values.max() if spec.mode == "max" else values.min()) if len(values) else math.nan
         point = {k: v for k, v in result.config.items()}
-        rows.append({"trial": name, "status": status, "validations": len(values), "best": best,
-                     "last": values.iloc[-1] if len(values) else math.nan, **point})
+        rows.append(
+            {
+                "trial": name,
+                "status": status,
+                "validations": len(values),
+                "best": best,
+                "last": values.iloc[-1] if len(values) else math.nan,
+                **point,
+            }
+        )
         histories[name], points[name] = history, point
     table = pd.DataFrame(rows).sort_values("best", ascending=spec.mode == "min", na_position="last")
     table = table.reset_index(drop=True)
-    return SearchOutcome(table, points[table["trial"].iloc[0]] if len(table) else {}, histories, most)
+    return SearchOutcome(
+        table, points[table["trial"].iloc[0]] if len(table) else {}, histories, most
+    )

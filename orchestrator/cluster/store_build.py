@@ -19,8 +19,15 @@ log = logging.getLogger(__name__)
 RAY_RETRIES = 3  # a decoding task lost with its worker, node or object is sent again this often
 
 
-def build_store(manifest: pd.DataFrame, out: Path, spec: StoreSpec, address: str | None = None,
-                show_progress: bool = True, limits: DecodeSpec = DEFAULT, on_driver_node: bool = False) -> bool:
+def build_store(
+    manifest: pd.DataFrame,
+    out: Path,
+    spec: StoreSpec,
+    address: str | None = None,
+    show_progress: bool = True,
+    limits: DecodeSpec = DEFAULT,
+    on_driver_node: bool = False,
+) -> bool:
     """Decode every manifest image into the store at `out` with Ray tasks on all cores (of the
     driver's node only, with `on_driver_node`: where the other nodes do not see the raw files).
 
@@ -35,7 +42,9 @@ def build_store(manifest: pd.DataFrame, out: Path, spec: StoreSpec, address: str
     builder.start()
     try:
         with progress_bar(show_progress) as progress:
-            bar = progress.add_task(f"decoding to {spec.image_size}x{spec.image_size}", total=len(manifest))
+            bar = progress.add_task(
+                f"decoding to {spec.image_size}x{spec.image_size}", total=len(manifest)
+            )
             decoding = Decoding(spec.image_size, limits, on_driver_node)
             for chunk in builder.chunks():
                 decoding.submit(chunk)
@@ -44,7 +53,9 @@ def build_store(manifest: pd.DataFrame, out: Path, spec: StoreSpec, address: str
             while decoding.pending:
                 decoding.collect_one(builder, progress, bar)
         builder.finish()
-    except ray.exceptions.RayError as exc:  # not one of Ray's passing failures: named, and nothing kept
+    except (
+        ray.exceptions.RayError
+    ) as exc:  # not one of Ray's passing failures: named, and nothing kept
         builder.abort()
         raise StageError("image store", exc, f"Nothing was written to {out}.") from None
     except BaseException:  # interrupted or failed: leave no half-built store behind
@@ -59,14 +70,23 @@ class Decoding:
     object) is sent again, up to RAY_RETRIES times, with a warning; a task that raised, or one
     lost once more, ends the build with StageError naming its images and the cause."""
 
-    LOST = (ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError,
-            ray.exceptions.LocalRayletDiedError, ray.exceptions.RaySystemError)
+    LOST = (
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.ObjectLostError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.LocalRayletDiedError,
+        ray.exceptions.RaySystemError,
+    )
 
     def __init__(self, image_size: int, limits: DecodeSpec, on_driver_node: bool = False):
         self.image_size, self.limits = image_size, limits
-        self.task = ray.remote(num_cpus=1, max_retries=0)(decode_chunk)  # the retries are ours, and logged
+        self.task = ray.remote(num_cpus=1, max_retries=0)(
+            decode_chunk
+        )  # the retries are ours, and logged
         if on_driver_node:
-            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            here = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
             self.task = self.task.options(scheduling_strategy=here)
         self.pending: dict = {}  # object ref -> (chunk, attempts)
 
@@ -79,12 +99,22 @@ class Decoding:
         try:
             result: ChunkResult = ray.get(ref)
         except self.LOST as exc:
-            images = f"images {chunk[0][0] + 1}-{chunk[-1][0] + 1} of the manifest ({chunk[0][1]}, ...)"
+            images = (
+                f"images {chunk[0][0] + 1}-{chunk[-1][0] + 1} of the manifest ({chunk[0][1]}, ...)"
+            )
             if attempts > RAY_RETRIES:
-                raise StageError("image store", f"decoding {images} was lost {attempts} times, last: "
-                                 f"{type(exc).__name__}: {str(exc).strip()[:300]}") from None
-            log.warning("image store: decoding %s was lost (%s); sending it again (attempt %d of %d)", images,
-                        type(exc).__name__, attempts + 1, RAY_RETRIES + 1)
+                raise StageError(
+                    "image store",
+                    f"decoding {images} was lost {attempts} times, last: "
+                    f"{type(exc).__name__}: {str(exc).strip()[:300]}",
+                ) from None
+            log.warning(
+                "image store: decoding %s was lost (%s); sending it again (attempt %d of %d)",
+                images,
+                type(exc).__name__,
+                attempts + 1,
+                RAY_RETRIES + 1,
+            )
             self.submit(chunk, attempts)
             return
         builder.add(result)

@@ -31,6 +31,7 @@ ENDED = "ended"
 class SlotTime:
     """The training stage's slot time: `slots` runs at once for `wall` seconds, split into the
     segments of every attempt (`segments`, summed over runs) and the time no trial held."""
+
     slots: int
     wall: float
     segments: dict[str, float] = field(default_factory=dict)
@@ -85,6 +86,10 @@ def split_lines(slot: SlotTime, in_runs: dict[str, float]) -> list[str]:
     def share(seconds: float) -> str:
         return f"{seconds:.0f} s ({100 * seconds / held:.0f}%)"
 
-    ranked = ", ".join(f"{k} {share(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.5)
-    return [f"slot time of the runs: {held:.0f} s ({slot.slots} at a time x {slot.wall:.0f} s); accounted "
-            f"{100 * min(accounted, held) / held:.0f}%: {ranked}; not timed inside the trainer {share(untimed)}"]
+    ranked = ", ".join(
+        f"{k} {share(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.5
+    )
+    return [
+        f"slot time of the runs: {held:.0f} s ({slot.slots} at a time x {slot.wall:.0f} s); accounted "
+        f"{100 * min(accounted, held) / held:.0f}%: {ranked}; not timed inside the trainer {share(untimed)}"
+    ]

@@ -39,13 +39,22 @@ def upload_folders(storage: str, store: Path, splits: Path | None = None) -> lis
     """A store (and a splits folder) under the storage URI, by their keys, unless there already:
     what `cluster.storage_path: <storage>` workers fetch. Returns where each went."""
     if not is_uri(storage):
-        raise StorageError(f"{storage}: expected an object-storage URI to upload to, such as s3://bucket/prefix.")
+        raise StorageError(
+            f"{storage}: expected an object-storage URI to upload to, such as s3://bucket/prefix."
+        )
     if splits is not None and not (splits / SUMS_FILE).is_file():
-        raise StorageError(f"{splits}: no {SUMS_FILE}; expected a splits folder written by `cxr splits` or `cxr run`.")
+        raise StorageError(
+            f"{splits}: no {SUMS_FILE}; expected a splits folder written by `cxr splits` or `cxr run`."
+        )
     work = WorkPaths.of("", storage)
-    keys = {STORE: StoreBuilder.written_key(store), **({SPLITS: split_hash(splits)} if splits else {})}
+    keys = {
+        STORE: StoreBuilder.written_key(store),
+        **({SPLITS: split_hash(splits)} if splits else {}),
+    }
     if not keys[STORE]:
-        raise StorageError(f"{store}: not a complete image store (no {STORE_META}); expected one to upload.")
+        raise StorageError(
+            f"{store}: not a complete image store (no {STORE_META}); expected one to upload."
+        )
     where = []
     folders = {STORE: (store, STORE_META), SPLITS: (splits, SUMS_FILE)}
     for kind in keys:  # the store, then the splits if given

@@ -64,19 +64,33 @@ def drive_one_run(params: dict, requests: dict[str, RunRequest]) -> None:
     request.progress.stamp.remote(name, "trial", time.time())  # orchestrator.cluster.timeline
     gpus = request.gpus
     resources = {"CPU": request.cpus, **({"GPU": gpus} if gpus else {})}
-    scaling = (train.ScalingConfig(num_workers=0) if request.in_trial else  # local mode
-               train.ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources))
+    scaling = (
+        train.ScalingConfig(num_workers=0)
+        if request.in_trial
+        # local mode
+        else train.ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources)
+    )
     trainer = DataParallelTrainer(
-        _train_worker, train_loop_config={"request": request}, scaling_config=scaling,
+        _train_worker,
+        train_loop_config={"request": request},
+        scaling_config=scaling,
         # the name stays the same across restarts, so Ray resumes this run rather than starting anew
-        run_config=train.RunConfig(name=f"{name}-{tune.get_context().get_trial_id()}",
-                                   storage_path=request.storage,
-                                   failure_config=train.FailureConfig(max_failures=request.max_failures)),
+        run_config=train.RunConfig(
+            name=f"{name}-{tune.get_context().get_trial_id()}",
+            storage_path=request.storage,
+            failure_config=train.FailureConfig(max_failures=request.max_failures),
+        ),
     )
     try:
         # in the trial, the trainer reports each epoch itself; a Train worker's go through Progress
-        result = trainer.fit() if request.in_trial else fit_forwarding(trainer, request.progress, params["run"])
-    except SystemExit:  # Tune stopped the trial (its scheduler): tune.report raised it, the run ended KILLED
+        result = (
+            trainer.fit()
+            if request.in_trial
+            else fit_forwarding(trainer, request.progress, params["run"])
+        )
+    except (
+        SystemExit
+    ):  # Tune stopped the trial (its scheduler): tune.report raised it, the run ended KILLED
         raise
     except BaseException:
         # a worker killed by SIGKILL, the OOM killer or the loss of its node ended nothing, and Ray
@@ -92,14 +106,18 @@ def _mark_failed(job: RunJob) -> None:
     paths, name = job.paths, run_name(job.fold, job.network)
     try:
         with tempfile.TemporaryDirectory(prefix="cxr-run-") as scratch:
-            if paths.remote:  # the run's records from its object storage, into a folder of this process
+            if (
+                paths.remote
+            ):  # the run's records from its object storage, into a folder of this process
                 paths = RunPaths(Path(scratch), paths.remote)
                 remote_run.fetch(paths, models=False)
             status = RunTracker(job.tracking.uri, job.tracking.experiment, paths).mark("FAILED")
     except Exception:  # the run's own error is the one to see; the driver tries again at its end
         log.exception("%s: could not mark its MLflow run FAILED", name)
         return
-    log.warning("%s: Ray Train's restarts are spent; its MLflow run is %s", name, status or "not opened")
+    log.warning(
+        "%s: Ray Train's restarts are spent; its MLflow run is %s", name, status or "not opened"
+    )
 
 
 def _train_worker(params: dict) -> dict:
@@ -125,8 +143,14 @@ def _train_worker(params: dict) -> dict:
     placement[WORKER_PID] = str(os.getpid())
     board.stamp.remote(name, "trainer", time.time())
     try:
-        train_and_evaluate(job, request.parent_run_id, report=epoch_reporter(board, run, request.in_trial),
-                           placement=placement, lock_owner=request.lock_owner, keep_traced=request.in_trial)
+        train_and_evaluate(
+            job,
+            request.parent_run_id,
+            report=epoch_reporter(board, run, request.in_trial),
+            placement=placement,
+            lock_owner=request.lock_owner,
+            keep_traced=request.in_trial,
+        )
     finally:  # a trial's process trains the next run too (local mode): nothing of this one kept but
         # its traced model (orchestrator.training.traced), which the next run of its kind restarts
         board.stamp.remote(name, "trained", time.time())

@@ -67,16 +67,22 @@ def _read_config(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         where = f" (the base of {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}{where}: cannot read the config ({exc}).") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(data).__name__}.")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections at the top level, found {type(data).__name__}."
+        )
     base = data.pop(BASE, None)
     _move_keys(data, str(path))
     if base is None:
         return data
     if not isinstance(base, str) or not base:
-        raise ConfigError(f"{path}: {BASE}: expected the path of the config this one overlays, received {base!r}.")
+        raise ConfigError(
+            f"{path}: {BASE}: expected the path of the config this one overlays, received {base!r}."
+        )
     base_path = (path.parent / base).resolve()
     if base_path in chain or base_path == path.resolve():
-        raise ConfigError(f"{path}: {BASE}: {base} leads back to a config already in the chain {[str(p) for p in (*chain, path)]}; expected a chain that ends.")
+        raise ConfigError(
+            f"{path}: {BASE}: {base} leads back to a config already in the chain {[str(p) for p in (*chain, path)]}; expected a chain that ends."
+        )
     return _merged(_read_config(base_path, (*chain, path.resolve())), data)
 
 
@@ -84,7 +90,9 @@ def _merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overlay.items():
         under = _spread(out.get(key), value if isinstance(value, dict) else ())
-        out[key] = _merged(under, value) if isinstance(value, dict) and isinstance(under, dict) else value
+        out[key] = (
+            _merged(under, value) if isinstance(value, dict) and isinstance(under, dict) else value
+        )
     return out
 
 
@@ -112,16 +120,22 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 def from_mapping(cls: type, data: Mapping[str, Any], where: str, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, checking every key and value type."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, received {data!r}.")
+        raise ConfigError(
+            f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, received {data!r}."
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; expected keys of {prefix.rstrip('.') or 'the top level'}: {sorted(fields)}.")
+        raise ConfigError(
+            f"{where}: unknown key(s) {[prefix + k for k in unknown]}; expected keys of {prefix.rstrip('.') or 'the top level'}: {sorted(fields)}."
+        )
     values = {}
     for name, value in data.items():
         key, expected = prefix + name, hints[name]
-        value = _spread(value, ()) if expected in PER_NETWORK else value  # one value for every network
+        value = (
+            _spread(value, ()) if expected in PER_NETWORK else value
+        )  # one value for every network
         if dataclasses.is_dataclass(expected):
             values[name] = from_mapping(expected, value or {}, where, key + ".")
         else:
@@ -140,8 +154,12 @@ def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(expected)
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(expected) or (Any,)
-        if not isinstance(value, (list, tuple)):  # a tuple: a config turned back into a mapping (dataclasses.asdict)
-            raise ConfigError(f"{where}: {key}: expected a list, received {type(value).__name__} {value!r}.")
+        if not isinstance(
+            value, (list, tuple)
+        ):  # a tuple: a config turned back into a mapping (dataclasses.asdict)
+            raise ConfigError(
+                f"{where}: {key}: expected a list, received {type(value).__name__} {value!r}."
+            )
         return tuple(_check_type(v, inner, where, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(expected):
@@ -149,12 +167,16 @@ def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
                 return _check_type(value, option, where, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {key}: expected {expected}, received {type(value).__name__} {value!r}.")
+        raise ConfigError(
+            f"{where}: {key}: expected {expected}, received {type(value).__name__} {value!r}."
+        )
     if expected is Any or expected is type(None) and value is None:
         return value
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{where}: {key}: expected {getattr(expected, '__name__', expected)}, received {type(value).__name__} {value!r}.")
+        raise ConfigError(
+            f"{where}: {key}: expected {getattr(expected, '__name__', expected)}, received {type(value).__name__} {value!r}."
+        )
     return value
 
 
@@ -166,20 +188,31 @@ def resolved(config: Config, base: Path | None = None) -> Config:
     base = Path(base or Path.cwd())
 
     def absolute(path: str) -> str:
-        return str(base / path) if path and not Path(path).is_absolute() and not is_uri(path) else path
+        return (
+            str(base / path) if path and not Path(path).is_absolute() and not is_uri(path) else path
+        )
 
     uri = config.tracking_uri  # fixed here: workers see neither this folder nor this environment
     if (database := sqlite_file(uri)) is not None:
         uri = "sqlite:///" + absolute(str(database))
     weights = config.model.weights
     return dataclasses.replace(
-        config, workdir=absolute(config.workdir),
-        model=dataclasses.replace(config.model, weights=weights if weights in NAMED_WEIGHTS else absolute(weights)),
-        data=dataclasses.replace(config.data, covid_root=absolute(config.data.covid_root),
-                                 rsna_root=absolute(config.data.rsna_root)),
+        config,
+        workdir=absolute(config.workdir),
+        model=dataclasses.replace(
+            config.model, weights=weights if weights in NAMED_WEIGHTS else absolute(weights)
+        ),
+        data=dataclasses.replace(
+            config.data,
+            covid_root=absolute(config.data.covid_root),
+            rsna_root=absolute(config.data.rsna_root),
+        ),
         splits=dataclasses.replace(config.splits, import_dir=absolute(config.splits.import_dir)),
         tracking=dataclasses.replace(config.tracking, uri=uri),
-        cluster=dataclasses.replace(config.cluster, storage_path=absolute(config.cluster.storage_path)))
+        cluster=dataclasses.replace(
+            config.cluster, storage_path=absolute(config.cluster.storage_path)
+        ),
+    )
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:

@@ -31,8 +31,14 @@ def prepare_inputs(config: Config) -> None:
     are then published there for the workers (orchestrator.cluster.uploads)."""
     covid_root, rsna_root = ensure_data(config)
     ensure_manifest(config, covid_root, rsna_root)
-    build_store(read_manifest(config.paths.manifest), config.paths.store, config.store,
-                address=config.cluster.address or None, limits=config.decode, on_driver_node=bool(config.paths.remote))
+    build_store(
+        read_manifest(config.paths.manifest),
+        config.paths.store,
+        config.store,
+        address=config.cluster.address or None,
+        limits=config.decode,
+        on_driver_node=bool(config.paths.remote),
+    )
     ensure_splits(config)
     upload_inputs(config.paths)
 
@@ -42,16 +48,25 @@ def ensure_data(config: Config) -> tuple[Path, Path]:
     data = config.data
     if not data.synthetic:
         if not data.covid_root or not data.rsna_root:
-            raise ConfigError("data: set covid_root and rsna_root to the two datasets' folders, "
-                              "or data.synthetic to tiny|small|paper.")
+            raise ConfigError(
+                "data: set covid_root and rsna_root to the two datasets' folders, "
+                "or data.synthetic to tiny|small|paper."
+            )
         return Path(data.covid_root), Path(data.rsna_root)
     root = config.paths.data
-    wanted = stamp(data.synthetic, data.synthetic_seed, data.synthetic_marker, data.synthetic_phi_markers)
+    wanted = stamp(
+        data.synthetic, data.synthetic_seed, data.synthetic_marker, data.synthetic_phi_markers
+    )
     if (root / MARKER).is_file() and (root / MARKER).read_text() == wanted:
         log.info("synthetic data in %s is up to date", root)
     else:
-        write_synthetic(root, data.synthetic, data.synthetic_seed, source_marker=data.synthetic_marker,
-                        phi_markers=data.synthetic_phi_markers)
+        write_synthetic(
+            root,
+            data.synthetic,
+            data.synthetic_seed,
+            source_marker=data.synthetic_marker,
+            phi_markers=data.synthetic_phi_markers,
+        )
     return root / COVID_DIR, root / RSNA_DIR
 
 
@@ -72,7 +87,11 @@ def ensure_splits(config: Config) -> None:
     out = config.paths.splits
     manifest_hash = sha256_bytes(config.paths.manifest.read_bytes())
     written = SplitMeta.read_if_any(out)
-    if written is not None and written.spec == asdict(config.splits) and written.manifest_sha256 == manifest_hash:
+    if (
+        written is not None
+        and written.spec == asdict(config.splits)
+        and written.manifest_sha256 == manifest_hash
+    ):
         log.info("splits %s are up to date", out)
         return
     manifest = without_failures(read_manifest(config.paths.manifest), config.paths.store)

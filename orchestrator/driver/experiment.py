@@ -60,8 +60,14 @@ class Stopwatch:
         return result
 
 
-def run_experiment(config: Config, folds: list[int] | None = None, networks: list[str] | None = None,
-                   train_only: bool = False, verbose: bool = False, restart_stale: bool = False) -> pd.DataFrame:
+def run_experiment(
+    config: Config,
+    folds: list[int] | None = None,
+    networks: list[str] | None = None,
+    train_only: bool = False,
+    verbose: bool = False,
+    restart_stale: bool = False,
+) -> pd.DataFrame:
     """Run the stages; returns one row per training run (the report's input). `verbose` brings
     the workers' output and Ray's own warnings to the console; `restart_stale` moves runs of
     other settings aside instead of stopping (orchestrator.training.identity).
@@ -75,20 +81,31 @@ def run_experiment(config: Config, folds: list[int] | None = None, networks: lis
     stale_after = config.cluster.lock_stale_seconds
     with workdir_lock(config.paths, stale_after) as lock, terminated_on_sigterm():
         try:
-            return _run_stages(config, folds, networks, train_only, verbose, restart_stale, lock.token)
+            return _run_stages(
+                config, folds, networks, train_only, verbose, restart_stale, lock.token
+            )
         finally:
             connection.shutdown()
 
 
-def _run_stages(config: Config, folds: list[int], networks: list[str], train_only: bool, verbose: bool,
-                restart_stale: bool, lock_token: str) -> pd.DataFrame:
+def _run_stages(
+    config: Config,
+    folds: list[int],
+    networks: list[str],
+    train_only: bool,
+    verbose: bool,
+    restart_stale: bool,
+    lock_token: str,
+) -> pd.DataFrame:
     clock = Stopwatch()
     tracking, work = config.tracking_target, config.paths
     # first: an unreachable server fails now, not in 15 workers later
     check_tracking(tracking, work.mlruns)
     if work.remote:  # and object storage that refuses this driver's writes
         Prefix(work.remote).check_writable()
-    clock.timed("Ray start", lambda: connection.connect(config.cluster.address or None, verbose=verbose))
+    clock.timed(
+        "Ray start", lambda: connection.connect(config.cluster.address or None, verbose=verbose)
+    )
     interrupt_on_sigterm()  # again: ray.init replaced it
     # what this cluster can never hold fails now, not after the data stages
     grid.check_requests(config.cluster, tracking.uri, config.tracking.shared_storage)
@@ -97,18 +114,34 @@ def _run_stages(config: Config, folds: list[int], networks: list[str], train_onl
         clock.timed("data stages", lambda: prepare_inputs(config))
     else:  # `cxr train`: the workdir's inputs, on object storage for the workers if it is the run storage
         upload_inputs(work)
-    fetch_runs(work, config.splits.folds)  # on object storage: the runs' records, what the bucket says is done
+    fetch_runs(
+        work, config.splits.folds
+    )  # on object storage: the runs' records, what the bucket says is done
     reconcile_runs(tracking, work, config.splits.folds)
-    set_aside_stale(work, config.splits.folds, tracking, Identity.of(work, config.recipe), restart_stale)
+    set_aside_stale(
+        work, config.splits.folds, tracking, Identity.of(work, config.recipe), restart_stale
+    )
     parent = parent_run(tracking, work, config.splits.protocol)
     adopt_finished(tracking, work, config.splits.folds, parent)
     started = time.perf_counter()
     try:
         jobs = [RunJob.of(config, fold, network) for network in networks for fold in folds]
-        launched = grid.run_grid(jobs, work, config.cluster, config.cache, tracking.experiment, parent,
-                                 verbose=verbose, lock_owner=lock_token)
-    except BaseException:  # an error or Ctrl-C in the driver: no run, and not the parent, left RUNNING
-        with contextlib.suppress(Exception):  # the runs' MLflow ids, from object storage; the error stays the one seen
+        launched = grid.run_grid(
+            jobs,
+            work,
+            config.cluster,
+            config.cache,
+            tracking.experiment,
+            parent,
+            verbose=verbose,
+            lock_owner=lock_token,
+        )
+    except (
+        BaseException
+    ):  # an error or Ctrl-C in the driver: no run, and not the parent, left RUNNING
+        with contextlib.suppress(
+            Exception
+        ):  # the runs' MLflow ids, from object storage; the error stays the one seen
             fetch_runs(work, config.splits.folds)
         finish_parent(tracking.uri, work, parent, grid_results(config, folds, networks, {}))
         raise
@@ -135,9 +168,14 @@ def _finish_stages(config: Config, parent: str, results: pd.DataFrame, clock: St
     try:  # the tables of what finished; missing runs listed
         report = clock.timed("report", lambda: make_report(config, run_id=parent))
     except Exception:
-        log.exception("the report failed; the runs are complete. After fixing the cause: "
-                      "cxr report --config <config> --run-id %s", parent)
-    left_out = results["status"].eq("done") & (True if report is None else results["run"].isin(report.missing))
+        log.exception(
+            "the report failed; the runs are complete. After fixing the cause: "
+            "cxr report --config <config> --run-id %s",
+            parent,
+        )
+    left_out = results["status"].eq("done") & (
+        True if report is None else results["run"].isin(report.missing)
+    )
     if left_out.any():
         results.loc[left_out, "status"] = "not in the report"
         log.error("finished but not in the report: %s", ", ".join(results.loc[left_out, "run"]))
@@ -145,8 +183,10 @@ def _finish_stages(config: Config, parent: str, results: pd.DataFrame, clock: St
         try:
             clock.timed("model registry", lambda: publish(config, parent))
         except Exception:
-            log.exception("registering the models failed; the runs are complete. After fixing the cause, "
-                          "the same `cxr run` trains nothing and registers them")
+            log.exception(
+                "registering the models failed; the runs are complete. After fixing the cause, "
+                "the same `cxr run` trains nothing and registers them"
+            )
     return report
 
 
@@ -157,11 +197,20 @@ def publish(config: Config, parent: str) -> None:
     card = card_inputs(config)
     registered = register_models(config.tracking_uri, card, config.model_limits, parent)
     new = sum(r.new for r in registered)
-    print(f"\nmodel registry ({len(registered)} versions for these runs, {new} new, starred; `cxr models` "
-          f"lists them):\n{registry_table(registered).to_string(index=False)}")
+    print(
+        f"\nmodel registry ({len(registered)} versions for these runs, {new} new, starred; `cxr models` "
+        f"lists them):\n{registry_table(registered).to_string(index=False)}"
+    )
 
 
 def card_inputs(config: Config) -> CardInputs:
     """What the model cards of this config's runs say of it (orchestrator.serving.model_card)."""
-    return CardInputs(config.name, config.paths, config.splits, config.train.selection,
-                      config.model.weights, config.store.image_size, config.data.synthetic)
+    return CardInputs(
+        config.name,
+        config.paths,
+        config.splits,
+        config.train.selection,
+        config.model.weights,
+        config.store.image_size,
+        config.data.synthetic,
+    )

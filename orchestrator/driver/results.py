@@ -18,24 +18,34 @@ from orchestrator.training.records import RunRecords
 log = logging.getLogger(__name__)
 
 
-def collect(config: Config, folds: list[int], networks: list[str], outcome: dict[str, str]) -> pd.DataFrame:
+def collect(
+    config: Config, folds: list[int], networks: list[str], outcome: dict[str, str]
+) -> pd.DataFrame:
     """One row per run: status, test accuracy, COVID-19 recall, and where its time went."""
     rows = []
     for fold in folds:
         for network in networks:
             name, paths = run_name(fold, network), config.paths.run(fold, network)
-            row = {"run": name, "status": "done" if RunRecords(paths).is_done() else outcome.get(name, "missing")}
+            row = {
+                "run": name,
+                "status": "done" if RunRecords(paths).is_done() else outcome.get(name, "missing"),
+            }
             if paths.predictions.is_file() and row["status"] == "done":
                 p = pd.read_csv(paths.predictions)
                 covid = p[p["label"] == CLASSES[0]]
-                row.update(test_images=len(p), accuracy=round(100 * accuracy(p["label"], p["pred"]), 2),
-                           covid_recall=f"{(covid['pred'] == CLASSES[0]).sum()}/{len(covid)}")
+                row.update(
+                    test_images=len(p),
+                    accuracy=round(100 * accuracy(p["label"], p["pred"]), 2),
+                    covid_recall=f"{(covid['pred'] == CLASSES[0]).sum()}/{len(covid)}",
+                )
             row.update({f"s_{k}": v for k, v in RunRecords(paths).read_timing().items()})
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def grid_results(config: Config, folds: list[int], networks: list[str], outcome: dict[str, str]) -> pd.DataFrame:
+def grid_results(
+    config: Config, folds: list[int], networks: list[str], outcome: dict[str, str]
+) -> pd.DataFrame:
     """The runs' rows (`collect`), with the MLflow runs of those that did not finish FAILED where
     still RUNNING: a trial process killed with its worker (SIGKILL, the OOM killer, a lost node)
     could not end its run itself."""
@@ -50,18 +60,28 @@ def print_summary(results: pd.DataFrame, clock, slot: SlotTime | None = None) ->
     """The runs' rows, then the wall time: the driver's stages (`clock`, the driver's Stopwatch),
     summed over the runs, where their time went, and the training stage's slot time split into
     the trainer's parts and the process work around them (`slot`, of the runs launched now)."""
-    shown = [c for c in ("run", "status", "test_images", "accuracy", "covid_recall") if c in results]
+    shown = [
+        c for c in ("run", "status", "test_images", "accuracy", "covid_recall") if c in results
+    ]
     print(results[shown].to_string(index=False))
     seconds = {c[2:]: results[c].sum() for c in results if c.startswith("s_")}
     in_runs = sum(seconds.values())
     wall = clock.wall()
-    print(f"\nwall time {wall:.0f} s; driver stages: " +
-          ", ".join(f"{k} {v:.0f} s" for k, v in clock.stages.items()))
+    print(
+        f"\nwall time {wall:.0f} s; driver stages: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in clock.stages.items())
+    )
     if in_runs:
         steps = seconds.get("steps", 0.0)
-        rest = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]) if k != "steps")
-        print(f"inside the runs (summed over runs): {in_runs:.0f} s, of which training steps {steps:.0f} s "
-              f"({100 * steps / in_runs:.0f}%); outside the steps {100 * (1 - steps / in_runs):.0f}%: {rest}")
+        rest = ", ".join(
+            f"{k} {v:.0f} s"
+            for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])
+            if k != "steps"
+        )
+        print(
+            f"inside the runs (summed over runs): {in_runs:.0f} s, of which training steps {steps:.0f} s "
+            f"({100 * steps / in_runs:.0f}%); outside the steps {100 * (1 - steps / in_runs):.0f}%: {rest}"
+        )
     if slot is not None:
         launched = results[results["run"].isin(slot.runs)]
         timers = {c[2:]: float(launched[c].sum()) for c in launched if c.startswith("s_")}

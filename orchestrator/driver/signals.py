@@ -35,5 +35,8 @@ def interrupt_on_sigterm() -> None:
 
 
 def _interrupt(signum, frame):
-    log.warning("received %s: ending the runs, the parent run and the local Ray", signal.Signals(signum).name)
+    log.warning(
+        "received %s: ending the runs, the parent run and the local Ray",
+        signal.Signals(signum).name,
+    )
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")

@@ -35,17 +35,21 @@ BEST, TABLE = "best.yaml", "trials.csv"  # under <workdir>/tune/, and in the par
 
 @dataclass(frozen=True)
 class TuneResult:
-    table: object   # pandas.DataFrame: one row per trial, best first
-    best: Path      # the overlay
+    table: object  # pandas.DataFrame: one row per trial, best first
+    best: Path  # the overlay
     parent_run_id: str
 
 
 def run_tune(config: Config, config_path: Path, verbose: bool = False) -> TuneResult:
     """The search of `config.tune` (loaded from `config_path`, the overlay's base)."""
     refuse_test_pool(config)
-    if config.paths.remote:  # its trials read the workdir's store and splits, which other nodes lack
-        raise ConfigError(f"cluster.storage_path: {config.cluster.storage_path}: `cxr tune` keeps its trials on the "
-                          f"driver's storage; expected a folder every node mounts (or none: the workdir).")
+    if (
+        config.paths.remote
+    ):  # its trials read the workdir's store and splits, which other nodes lack
+        raise ConfigError(
+            f"cluster.storage_path: {config.cluster.storage_path}: `cxr tune` keeps its trials on the "
+            f"driver's storage; expected a folder every node mounts (or none: the workdir)."
+        )
     config = resolved(config)
     stale_after = config.cluster.lock_stale_seconds
     with workdir_lock(config.paths, stale_after) as lock, terminated_on_sigterm():
@@ -59,11 +63,16 @@ def refuse_test_pool(config: Config) -> None:
     """The objective must be a validation set of the training pool (the sound protocol's): the
     paper's s_test and the imported splits' validation are drawn from the test pool; without one there is nothing to judge on."""
     if config.splits.protocol != "sound":
-        drawn = ("drawn from the test pool (the paper's s_test: test-set selection)"
-                 if config.splits.validation == "test_pool" else "absent (splits.validation: none)")
-        raise ConfigError(f"cxr tune: splits.protocol {config.splits.protocol!r} has a validation set {drawn}; "
-                          f"expected a search on the training pool's validation sets: splits.protocol: sound "
-                          f"(e.g. an overlay on configs/sound.yaml, as configs/tune-demo.yaml is).")
+        drawn = (
+            "drawn from the test pool (the paper's s_test: test-set selection)"
+            if config.splits.validation == "test_pool"
+            else "absent (splits.validation: none)"
+        )
+        raise ConfigError(
+            f"cxr tune: splits.protocol {config.splits.protocol!r} has a validation set {drawn}; "
+            f"expected a search on the training pool's validation sets: splits.protocol: sound "
+            f"(e.g. an overlay on configs/sound.yaml, as configs/tune-demo.yaml is)."
+        )
 
 
 def _search(config: Config, config_path: Path, verbose: bool, lock_token: str) -> TuneResult:
@@ -78,10 +87,19 @@ def _search(config: Config, config_path: Path, verbose: bool, lock_token: str) -
     # created here, once: trials starting at once would race to create it
     found = ensure_experiment(config.tracking_uri, experiment, config.paths.mlruns)
     client = MlflowClient(config.tracking_uri)
-    tags = {names.ROLE: names.TUNE_ROLE, names.PROTOCOL: config.splits.protocol,
-            names.WORKDIR: str(config.paths.root), "cxr.config": str(config_path)}
-    parent = call(client.create_run, found.experiment_id, run_name=f"tune {config.name} ({time.strftime('%Y-%m-%d %H:%M')})",
-                  tags=tags, what="create_run").info.run_id
+    tags = {
+        names.ROLE: names.TUNE_ROLE,
+        names.PROTOCOL: config.splits.protocol,
+        names.WORKDIR: str(config.paths.root),
+        "cxr.config": str(config_path),
+    }
+    parent = call(
+        client.create_run,
+        found.experiment_id,
+        run_name=f"tune {config.name} ({time.strftime('%Y-%m-%d %H:%M')})",
+        tags=tags,
+        what="create_run",
+    ).info.run_id
     for key, value in flatten(config.tune, "tune.").items():
         client.log_param(parent, key, value)
     status = "FAILED"
@@ -93,8 +111,12 @@ def _search(config: Config, config_path: Path, verbose: bool, lock_token: str) -
         for artifact in (table, best):
             client.log_artifact(parent, str(artifact))
         if len(outcome.table):
-            client.log_metric(parent, f"best_{config.tune.metric}", float(outcome.table["best"].iloc[0]))
-        client.log_metric(parent, "trials_stopped_early", int((outcome.table["status"] == "stopped early").sum()))
+            client.log_metric(
+                parent, f"best_{config.tune.metric}", float(outcome.table["best"].iloc[0])
+            )
+        client.log_metric(
+            parent, "trials_stopped_early", int((outcome.table["status"] == "stopped early").sum())
+        )
         status = "FINISHED"
     finally:
         client.set_terminated(parent, status=status)
@@ -118,23 +140,33 @@ def write_best(config: Config, config_path: Path, outcome) -> Path:
     """best.yaml: the best trial's settings as an overlay on the config searched, with the
     command that runs it; written aside and renamed in."""
     if not len(outcome.table) or outcome.table["best"].isna().all():
-        raise ConfigError(f"cxr tune: no trial reported {config.tune.metric}; see {config.paths.tune / TABLE} "
-                          f"and each trial's MLflow run for why.")
+        raise ConfigError(
+            f"cxr tune: no trial reported {config.tune.metric}; see {config.paths.tune / TABLE} "
+            f"and each trial's MLflow run for why."
+        )
     row, target = outcome.table.iloc[0], config.paths.tune / BEST
     base = os.path.relpath(Path(config_path).absolute(), target.parent.absolute())
-    header = [f"# The best of `cxr tune --config {config_path}`: {row['trial']}, {config.tune.metric} "
-              f"{row['best']:.4f} on fold {config.tune.fold}'s validation set (the training pool's; no test set",
-              f"# was read), {outcome.best[NETWORK]}, of {len(outcome.table)} trials ({config.tune.search} search, "
-              f"{config.tune.scheduler} scheduler). Its batch size and epochs are {outcome.best[NETWORK]}'s;",
-              "# the other settings apply to every network. To train and test the protocol with them:",
-              f"#   cxr run --config {target}"]
+    header = [
+        f"# The best of `cxr tune --config {config_path}`: {row['trial']}, {config.tune.metric} "
+        f"{row['best']:.4f} on fold {config.tune.fold}'s validation set (the training pool's; no test set",
+        f"# was read), {outcome.best[NETWORK]}, of {len(outcome.table)} trials ({config.tune.search} search, "
+        f"{config.tune.scheduler} scheduler). Its batch size and epochs are {outcome.best[NETWORK]}'s;",
+        "# the other settings apply to every network. To train and test the protocol with them:",
+        f"#   cxr run --config {target}",
+    ]
     body = yaml.safe_dump({BASE: base, **best_overlay(outcome.best)}, sort_keys=False)
     return write_atomic(target, "\n".join(header) + "\n" + body)
 
 
-def with_flags(config: Config, trials: int | None, scheduler: str | None, search: str | None) -> Config:
+def with_flags(
+    config: Config, trials: int | None, scheduler: str | None, search: str | None
+) -> Config:
     """`config` with the command line's --trials, --scheduler and --search over its tune section."""
-    flags = {k: v for k, v in {"trials": trials, "scheduler": scheduler, "search": search}.items() if v is not None}
+    flags = {
+        k: v
+        for k, v in {"trials": trials, "scheduler": scheduler, "search": search}.items()
+        if v is not None
+    }
     try:
         return dataclasses.replace(config, tune=dataclasses.replace(config.tune, **flags))
     except ValueError as exc:

@@ -44,10 +44,12 @@ def border_mask(size: int, border: float) -> np.ndarray:
     """True on a frame `border` of the side wide (at least one pixel), false on the lung field."""
     width = max(1, int(round(border * size)))
     if 2 * width >= size:
-        raise DataError(f"audit.border: {border} of a {size}-pixel side leaves no inside to mask; expected a "
-                        f"fraction below 0.5.")
+        raise DataError(
+            f"audit.border: {border} of a {size}-pixel side leaves no inside to mask; expected a "
+            f"fraction below 0.5."
+        )
     mask = np.ones((size, size), bool)
-    mask[width:size - width, width:size - width] = False
+    mask[width : size - width, width : size - width] = False
     return mask
 
 
@@ -60,7 +62,9 @@ def border_features(images: np.ndarray, border: float) -> np.ndarray:
 def intensity_features(images: np.ndarray) -> np.ndarray:
     """Each image's gray-level histogram (as shares), mean and standard deviation."""
     flat = np.asarray(images).reshape(len(images), -1)
-    histograms = np.stack([np.bincount(row >> 3, minlength=HISTOGRAM_BINS) for row in flat]) / flat.shape[1]
+    histograms = (
+        np.stack([np.bincount(row >> 3, minlength=HISTOGRAM_BINS) for row in flat]) / flat.shape[1]
+    )
     return np.column_stack([histograms, flat.mean(axis=1) / 255.0, flat.std(axis=1) / 255.0])
 
 
@@ -72,19 +76,33 @@ def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, spec: 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    folds = min(spec.folds, len(np.unique(patients[target == 1])), len(np.unique(patients[target == 0])))
+    folds = min(
+        spec.folds, len(np.unique(patients[target == 1])), len(np.unique(patients[target == 0]))
+    )
     if folds < 2:
-        raise DataError(f"the source probe needs patients of both sources in at least 2 folds; found "
-                        f"{len(np.unique(patients[target == 1]))} and {len(np.unique(patients[target == 0]))}.")
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=spec.regularization, max_iter=2000))
+        raise DataError(
+            f"the source probe needs patients of both sources in at least 2 folds; found "
+            f"{len(np.unique(patients[target == 1]))} and {len(np.unique(patients[target == 0]))}."
+        )
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(C=spec.regularization, max_iter=2000)
+    )
     split = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=spec.seed)
-    scores = cross_val_predict(model, features, target, groups=patients, cv=split, method="predict_proba")[:, 1]
+    scores = cross_val_predict(
+        model, features, target, groups=patients, cv=split, method="predict_proba"
+    )[:, 1]
     positive = target.astype(bool)
     auc = float(weighted_auc(scores, positive, np.ones((1, len(scores))))[0])
     weights = bootstrap_weights(patients, target, spec.bootstrap, np.random.default_rng(spec.seed))
     low, high = percentile_interval(weighted_auc(scores, positive, weights))
-    return {"auc": auc, "ci_low": low, "ci_high": high, "folds": folds, "images": len(target),
-            "features": int(features.shape[1])}
+    return {
+        "auc": auc,
+        "ci_low": low,
+        "ci_high": high,
+        "folds": folds,
+        "images": len(target),
+        "features": int(features.shape[1]),
+    }
 
 
 def view_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -112,24 +130,34 @@ def view_tests(table: pd.DataFrame) -> dict[str, dict]:
             out[name] = {"chi2": math.nan, "dof": 0, "p": math.nan, "images": len(rows)}
             continue
         result = chi2_contingency(crossed.to_numpy())
-        out[name] = {"chi2": float(result.statistic), "dof": int(result.dof), "p": float(result.pvalue),
-                     "images": len(rows)}
+        out[name] = {
+            "chi2": float(result.statistic),
+            "dof": int(result.dof),
+            "p": float(result.pvalue),
+            "images": len(rows),
+        }
     return out
 
 
 def audit_inputs(work: WorkPaths) -> tuple[ImageStore, pd.DataFrame]:
     """The store and, per stored image, its source, view, class and patient."""
     if not StoreBuilder.written_key(work.store) or not work.manifest.is_file():
-        raise DataError(f"{work.root}: expected the manifest and the image store of this config "
-                        f"({work.manifest}, {work.store}); run `cxr run` (or `cxr manifest` and "
-                        f"`cxr prepare`) first.")
+        raise DataError(
+            f"{work.root}: expected the manifest and the image store of this config "
+            f"({work.manifest}, {work.store}); run `cxr run` (or `cxr manifest` and "
+            f"`cxr prepare`) first."
+        )
     store = ImageStore.open(work.store)
     manifest = read_manifest(work.manifest)
-    table = store.index.merge(manifest[["image_id", "label", "patient_id"]], on="image_id", how="left")
+    table = store.index.merge(
+        manifest[["image_id", "label", "patient_id"]], on="image_id", how="left"
+    )
     if table["label"].isna().any():
-        raise DataError(f"{work.store}: {int(table['label'].isna().sum())} stored image(s) are not "
-                        f"in {work.manifest}; the store is of another manifest: rebuild it "
-                        f"(`cxr prepare`).")
+        raise DataError(
+            f"{work.store}: {int(table['label'].isna().sum())} stored image(s) are not "
+            f"in {work.manifest}; the store is of another manifest: rebuild it "
+            f"(`cxr prepare`)."
+        )
     return store, table
 
 
@@ -139,8 +167,9 @@ def run_audit(work: WorkPaths, spec: AuditSpec) -> dict:
     store, table = audit_inputs(work)
     sources = sorted(table["source"].unique())
     if len(sources) != 2:
-        raise DataError(f"{work.store}: the source probe needs images of two sources; "
-                        f"found {sources}.")
+        raise DataError(
+            f"{work.store}: the source probe needs images of two sources; found {sources}."
+        )
     target = (table["source"] == sources[0]).to_numpy().astype(int)
     patients = (table["source"] + "/" + table["patient_id"]).to_numpy()
     images = store.images[table["row"].to_numpy()]
@@ -150,21 +179,36 @@ def run_audit(work: WorkPaths, spec: AuditSpec) -> dict:
     both = shared.any() and len(set(table.loc[shared, "source"])) == 2
     within = shared if both else np.ones(len(table), bool)
     audit = {
-        "positive_source": sources[0], "negative_source": sources[1], "image_size": store.image_size,
-        "border": spec.border, "border_pixels": int(border_mask(store.image_size, spec.border).sum()),
+        "positive_source": sources[0],
+        "negative_source": sources[1],
+        "image_size": store.image_size,
+        "border": spec.border,
+        "border_pixels": int(border_mask(store.image_size, spec.border).sum()),
         "intensity_images": SHARED_CLASS if both else "all",
-        "probes": {"border": probe(border_features(images, spec.border), target, patients, spec),
-                   "intensity": probe(intensity_features(images[within]), target[within], patients[within], spec)},
-        "views": view_table(table).to_dict(orient="records"), "view_tests": view_tests(table)}
+        "probes": {
+            "border": probe(border_features(images, spec.border), target, patients, spec),
+            "intensity": probe(
+                intensity_features(images[within]), target[within], patients[within], spec
+            ),
+        },
+        "views": view_table(table).to_dict(orient="records"),
+        "view_tests": view_tests(table),
+    }
     write_audit(work, audit)
     return audit
 
 
 def audit_lines(audit: dict, work: WorkPaths) -> list[str]:
     """`cxr audit`'s lines: each probe's AUC with its interval, each view test, where the files are."""
-    lines = [f"source probe, {name}: AUC {r['auc']:.3f} (95% interval {r['ci_low']:.3f}-{r['ci_high']:.3f}, "
-             f"{r['images']} images)" for name, r in audit["probes"].items()]
-    lines += [f"{name}: chi2 {t['chi2']:.2f}, dof {t['dof']}, p {t['p']:.3g}" for name, t in audit["view_tests"].items()]
+    lines = [
+        f"source probe, {name}: AUC {r['auc']:.3f} (95% interval {r['ci_low']:.3f}-{r['ci_high']:.3f}, "
+        f"{r['images']} images)"
+        for name, r in audit["probes"].items()
+    ]
+    lines += [
+        f"{name}: chi2 {t['chi2']:.2f}, dof {t['dof']}, p {t['p']:.3g}"
+        for name, t in audit["view_tests"].items()
+    ]
     return lines + [f"audit: {work.audit} and its section of the report's tables ({work.report})"]
 
 
@@ -183,7 +227,9 @@ def with_section(text: str, section: list[str]) -> str:
     lines = text.splitlines()
     if SECTION in lines:
         start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
         lines = lines[:start] + section + lines[end:]
     else:
         lines = lines + ([""] if lines else []) + section
@@ -191,21 +237,43 @@ def with_section(text: str, section: list[str]) -> str:
 
 
 def audit_markdown(audit: dict) -> list[str]:
-    lines = [SECTION, "",
-             f"Can a linear probe tell {audit['positive_source']} from {audit['negative_source']} without the lungs? "
-             f"AUC of a logistic regression cross-validated over patients ({audit['image_size']}x{audit['image_size']} "
-             f"store images), with a 95% bootstrap interval over patients. Near 1: the sources differ outside the "
-             f"disease, and a network can score by the source; an interval holding 0.5: the probe found nothing.", "",
-             "| probe | features | AUC | 95% interval |", "| --- | --- | --- | --- |"]
-    described = {"border": f"border frame, {audit['border']:.0%} of the side ({audit['border_pixels']} pixels)",
-                 "intensity": f"gray-level histogram ({HISTOGRAM_BINS} bins), mean, std of the whole image; "
-                              f"{audit['intensity_images']} images only"}
+    lines = [
+        SECTION,
+        "",
+        f"Can a linear probe tell {audit['positive_source']} from {audit['negative_source']} without the lungs? "
+        f"AUC of a logistic regression cross-validated over patients ({audit['image_size']}x{audit['image_size']} "
+        f"store images), with a 95% bootstrap interval over patients. Near 1: the sources differ outside the "
+        f"disease, and a network can score by the source; an interval holding 0.5: the probe found nothing.",
+        "",
+        "| probe | features | AUC | 95% interval |",
+        "| --- | --- | --- | --- |",
+    ]
+    described = {
+        "border": f"border frame, {audit['border']:.0%} of the side ({audit['border_pixels']} pixels)",
+        "intensity": f"gray-level histogram ({HISTOGRAM_BINS} bins), mean, std of the whole image; "
+        f"{audit['intensity_images']} images only",
+    }
     for name, result in audit["probes"].items():
-        lines.append(f"| {name} | {described[name]} | {result['auc']:.3f} | {result['ci_low']:.3f}-{result['ci_high']:.3f} |")
-    lines += ["", "Views per source and class (images):", "", "| source | class | view | images |",
-              "| --- | --- | --- | --- |"]
-    lines += [f"| {v['source']} | {v['label']} | {v['view']} | {v['images']} |" for v in audit["views"]]
-    lines += ["", "| chi-square test | chi2 | dof | p | images |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {t['chi2']:.2f} | {t['dof']} | {t['p']:.3g} | {t['images']} |"
-              for name, t in audit["view_tests"].items()]
+        lines.append(
+            f"| {name} | {described[name]} | {result['auc']:.3f} | {result['ci_low']:.3f}-{result['ci_high']:.3f} |"
+        )
+    lines += [
+        "",
+        "Views per source and class (images):",
+        "",
+        "| source | class | view | images |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {v['source']} | {v['label']} | {v['view']} | {v['images']} |" for v in audit["views"]
+    ]
+    lines += [
+        "",
+        "| chi-square test | chi2 | dof | p | images |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {name} | {t['chi2']:.2f} | {t['dof']} | {t['p']:.3g} | {t['images']} |"
+        for name, t in audit["view_tests"].items()
+    ]
     return lines + [""]

@@ -35,8 +35,10 @@ class Run(Protocol):  # orchestrator.report.inputs.RunResult
 
 
 def has_sources(runs: list[Run]) -> bool:
-    return bool(runs) and all(SOURCE_COLUMN in r.predictions.columns and (r.predictions[SOURCE_COLUMN] != "").all()
-                              for r in runs)
+    return bool(runs) and all(
+        SOURCE_COLUMN in r.predictions.columns and (r.predictions[SOURCE_COLUMN] != "").all()
+        for r in runs
+    )
 
 
 def table4_by_source(runs: list[Run]) -> pd.DataFrame:
@@ -46,10 +48,16 @@ def table4_by_source(runs: list[Run]) -> pd.DataFrame:
     for network in _networks(runs):
         mine = [r for r in runs if r.network == network]
         for source in _sources(mine):
-            per_fold = [_source_figures(r.predictions[r.predictions[SOURCE_COLUMN] == source]) for r in mine]
+            per_fold = [
+                _source_figures(r.predictions[r.predictions[SOURCE_COLUMN] == source]) for r in mine
+            ]
             per_fold = [f for f in per_fold if f["images"]]
-            row = {"network": network, "source": source, "folds": len(per_fold),
-                   "images_per_fold": float(np.mean([f["images"] for f in per_fold]))}
+            row = {
+                "network": network,
+                "source": source,
+                "folds": len(per_fold),
+                "images_per_fold": float(np.mean([f["images"] for f in per_fold])),
+            }
             for key in ("accuracy", *(f"recall_{c}" for c in CLASSES)):
                 values = [f[key] for f in per_fold if not math.isnan(f[key])]
                 row[key] = float(np.mean(values)) if values else math.nan
@@ -75,8 +83,15 @@ def confusion_by_source(runs: list[Run]) -> pd.DataFrame:
         pooled = pd.concat([r.predictions for r in runs if r.network == network])
         for (source, label), group in pooled.groupby([SOURCE_COLUMN, "label"], sort=True):
             calls = group["pred"].value_counts()
-            rows.append({"network": network, "source": source, "true": label,
-                         **{f"called {c}": int(calls.get(c, 0)) for c in CLASSES}, "images": len(group)})
+            rows.append(
+                {
+                    "network": network,
+                    "source": source,
+                    "true": label,
+                    **{f"called {c}": int(calls.get(c, 0)) for c in CLASSES},
+                    "images": len(group),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -92,9 +107,18 @@ def telltale(runs: list[Run]) -> pd.DataFrame:
             group = pooled[(pooled[SOURCE_COLUMN] == source) & (pooled["label"] == TELLTALE_CLASS)]
             called = int((group["pred"] == TELLTALE_CALL).sum())
             low, high = wilson(called, len(group))
-            row.update({f"{key}_images": len(group), f"{key}_called_covid": called,
-                        f"{key}_share": ratio(called, len(group)), f"{key}_low": low, f"{key}_high": high})
-        row["far_above"] = bool(row["covid_low"] > row["rsna_high"])  # NaN compares False: no images, no flag
+            row.update(
+                {
+                    f"{key}_images": len(group),
+                    f"{key}_called_covid": called,
+                    f"{key}_share": ratio(called, len(group)),
+                    f"{key}_low": low,
+                    f"{key}_high": high,
+                }
+            )
+        row["far_above"] = bool(
+            row["covid_low"] > row["rsna_high"]
+        )  # NaN compares False: no images, no flag
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -105,8 +129,10 @@ def telltale_notes(table: pd.DataFrame, folds_overlap: bool) -> list[str]:
     notes = []
     for row in table.itertuples():
         if row.covid_images == 0:
-            notes.append(f"{row.network}: no {COVID_SOURCE} pneumonia image was tested, so the report cannot tell "
-                         f"whether the network calls COVID-19 by the source dataset.")
+            notes.append(
+                f"{row.network}: no {COVID_SOURCE} pneumonia image was tested, so the report cannot tell "
+                f"whether the network calls COVID-19 by the source dataset."
+            )
         elif row.far_above:
             notes.append(
                 f"{row.network}: {row.covid_share:.1f}% of the {COVID_SOURCE} pneumonia images were called COVID-19 "
@@ -114,10 +140,13 @@ def telltale_notes(table: pd.DataFrame, folds_overlap: bool) -> list[str]:
                 f"against {row.rsna_share:.1f}% of the {RSNA_SOURCE} pneumonia images ({row.rsna_low:.1f}-"
                 f"{row.rsna_high:.1f}%, {row.rsna_called_covid} of {row.rsna_images}). Pneumonia from the COVID-19 "
                 f"images' dataset is called COVID-19 far more often: the network may recognise the source dataset "
-                f"rather than the disease (DeGrave et al., 2021); `cxr audit` probes the images for it.")
+                f"rather than the disease (DeGrave et al., 2021); `cxr audit` probes the images for it."
+            )
     if notes and folds_overlap:
-        notes.append("The tell-tale intervals pool every fold's predictions; an image tested in several folds counts "
-                     "each time, so the intervals are narrower than independent images would give.")
+        notes.append(
+            "The tell-tale intervals pool every fold's predictions; an image tested in several folds counts "
+            "each time, so the intervals are narrower than independent images would give."
+        )
     return notes
 
 

@@ -25,27 +25,42 @@ COVID = CLASSES[0]
 CALIBRATION_BINS = 10
 
 
-def external_metrics(predictions: pd.DataFrame, failed: int, replicates: int = 1000, seed: int = 0) -> dict:
+def external_metrics(
+    predictions: pd.DataFrame, failed: int, replicates: int = 1000, seed: int = 0
+) -> dict:
     """metrics.json's figures (without the model and data it names) for `predictions` and `failed`
     files that did not decode."""
     labels, preds = predictions["label"], predictions["pred"]
     files = len(predictions) + failed
     groups = _groups(predictions)
     named = predictions["patient_id"].astype(str).ne("")
-    unit = "patients" if named.all() else "images" if not named.any() else "patients (images where none is named)"
+    unit = (
+        "patients"
+        if named.all()
+        else "images"
+        if not named.any()
+        else "patients (images where none is named)"
+    )
     table = run_metrics(predictions, groups, replicates, seed, unit=unit)
     present = [c for c in CLASSES if (labels == c).any()]
     bins = reliability(predictions)
     return {
-        "files": files, "n": len(predictions), "failed": failed,
+        "files": files,
+        "n": len(predictions),
+        "failed": failed,
         "failure_share": proportion(failed, files),
         "accuracy": proportion(int((labels == preds).sum()), len(predictions)),
-        "called_covid": proportion(int(((labels != COVID) & (preds == COVID)).sum()), int((labels != COVID).sum())),
+        "called_covid": proportion(
+            int(((labels != COVID) & (preds == COVID)).sum()), int((labels != COVID).sum())
+        ),
         "classes": {name: _class(predictions, table, name) for name in present},
         "by_source_label": _breakdown(predictions, "source_label"),
         "by_finding": _breakdown(predictions[predictions["finding"].astype(str) != ""], "finding"),
-        "calibration": {"ece": expected_calibration_error(bins), "bins": CALIBRATION_BINS,
-                        "reliability": _records(bins)},
+        "calibration": {
+            "ece": expected_calibration_error(bins),
+            "bins": CALIBRATION_BINS,
+            "reliability": _records(bins),
+        },
         "confusion": {"classes": list(CLASSES), "matrix": confusion(labels, preds).tolist()},
     }
 
@@ -53,7 +68,13 @@ def external_metrics(predictions: pd.DataFrame, failed: int, replicates: int = 1
 def proportion(k: int, n: int) -> dict:
     """k of n in percent with its 95% Wilson interval (None where n is 0)."""
     low, high = wilson(k, n)
-    return {"value": _number(ratio(k, n)), "ci_low": _number(low), "ci_high": _number(high), "k": int(k), "of": int(n)}
+    return {
+        "value": _number(ratio(k, n)),
+        "ci_low": _number(low),
+        "ci_high": _number(high),
+        "k": int(k),
+        "of": int(n),
+    }
 
 
 def reliability(predictions: pd.DataFrame, bins: int = CALIBRATION_BINS) -> pd.DataFrame:
@@ -66,9 +87,15 @@ def reliability(predictions: pd.DataFrame, bins: int = CALIBRATION_BINS) -> pd.D
     rows = []
     for b in range(bins):
         inside = index == b
-        rows.append({"low": b / bins, "high": (b + 1) / bins, "n": int(inside.sum()),
-                     "confidence": float(confidence[inside].mean()) if inside.any() else math.nan,
-                     "accuracy": float(correct[inside].mean()) if inside.any() else math.nan})
+        rows.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "n": int(inside.sum()),
+                "confidence": float(confidence[inside].mean()) if inside.any() else math.nan,
+                "accuracy": float(correct[inside].mean()) if inside.any() else math.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -78,19 +105,32 @@ def expected_calibration_error(bins: pd.DataFrame) -> float | None:
     if not total:
         return None
     filled = bins[bins["n"] > 0]
-    return float(100.0 * (filled["n"] * (filled["accuracy"] - filled["confidence"]).abs()).sum() / total)
+    return float(
+        100.0 * (filled["n"] * (filled["accuracy"] - filled["confidence"]).abs()).sum() / total
+    )
 
 
 def _class(predictions: pd.DataFrame, table: pd.DataFrame, name: str) -> dict:
     rows = predictions[predictions["label"] == name]
     called = rows["pred"].value_counts()
     others = table[table["class"] == name].set_index("metric")
-    return {"n": len(rows), "recall": proportion(int((rows["pred"] == name).sum()), len(rows)),
-            "called_covid": proportion(int((rows["pred"] == COVID).sum()), len(rows)),
-            "predicted": {c: int(called.get(c, 0)) for c in CLASSES},
-            "metrics": {metric: {"value": _number(r.value), "ci_low": _number(r.ci_low), "ci_high": _number(r.ci_high),
-                                 "ci_method": r.ci_method, "n": int(r.n)}
-                        for metric, r in others.iterrows() if metric != "recall"}}
+    return {
+        "n": len(rows),
+        "recall": proportion(int((rows["pred"] == name).sum()), len(rows)),
+        "called_covid": proportion(int((rows["pred"] == COVID).sum()), len(rows)),
+        "predicted": {c: int(called.get(c, 0)) for c in CLASSES},
+        "metrics": {
+            metric: {
+                "value": _number(r.value),
+                "ci_low": _number(r.ci_low),
+                "ci_high": _number(r.ci_high),
+                "ci_method": r.ci_method,
+                "n": int(r.n),
+            }
+            for metric, r in others.iterrows()
+            if metric != "recall"
+        },
+    }
 
 
 def _breakdown(predictions: pd.DataFrame, column: str) -> dict:
@@ -99,8 +139,11 @@ def _breakdown(predictions: pd.DataFrame, column: str) -> dict:
     out = {}
     for value, rows in predictions.groupby(column, sort=True):
         called = rows["pred"].value_counts()
-        out[str(value)] = {"n": len(rows), "called_covid": proportion(int(called.get(COVID, 0)), len(rows)),
-                           "predicted": {c: int(called.get(c, 0)) for c in CLASSES}}
+        out[str(value)] = {
+            "n": len(rows),
+            "called_covid": proportion(int(called.get(COVID, 0)), len(rows)),
+            "predicted": {c: int(called.get(c, 0)) for c in CLASSES},
+        }
     return out
 
 
@@ -111,8 +154,10 @@ def _groups(predictions: pd.DataFrame) -> np.ndarray:
 
 
 def _records(bins: pd.DataFrame) -> list[dict]:
-    return [{key: _number(value) if isinstance(value, float) else value for key, value in row.items()}
-            for row in bins.to_dict("records")]
+    return [
+        {key: _number(value) if isinstance(value, float) else value for key, value in row.items()}
+        for row in bins.to_dict("records")
+    ]
 
 
 def _number(value: float) -> float | None:

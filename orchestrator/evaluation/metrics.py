@@ -59,12 +59,23 @@ def paper_metrics(matrix: np.ndarray) -> dict[str, float]:
     """Table 4's columns: overall accuracy (eq. 1), then per class recall (4), specificity (3),
     accuracy (2) and precision (5), in percent."""
     counts = class_counts(matrix)
-    per_class = {name: {"recall": ratio(c["TP"], c["TP"] + c["FN"]),
-                        "specificity": ratio(c["TN"], c["TN"] + c["FP"]),
-                        "accuracy": ratio(c["TP"] + c["TN"], sum(c.values())),
-                        "precision": ratio(c["TP"], c["TP"] + c["FP"])} for name, c in counts.items()}
-    return {"accuracy": ratio(np.trace(matrix), matrix.sum()),
-            **{f"{metric}_{name}": per_class[name][metric] for metric in PAPER_METRICS for name in CLASSES}}
+    per_class = {
+        name: {
+            "recall": ratio(c["TP"], c["TP"] + c["FN"]),
+            "specificity": ratio(c["TN"], c["TN"] + c["FP"]),
+            "accuracy": ratio(c["TP"] + c["TN"], sum(c.values())),
+            "precision": ratio(c["TP"], c["TP"] + c["FP"]),
+        }
+        for name, c in counts.items()
+    }
+    return {
+        "accuracy": ratio(np.trace(matrix), matrix.sum()),
+        **{
+            f"{metric}_{name}": per_class[name][metric]
+            for metric in PAPER_METRICS
+            for name in CLASSES
+        },
+    }
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -99,19 +110,25 @@ def macro_auc(labels: pd.Series, probabilities: np.ndarray) -> float:
     """The mean over classes of the one-vs-rest ROC AUC (columns of `probabilities` in the order
     of CLASSES), over the classes that have both positives and negatives; NaN if none has."""
     labels = np.asarray(labels)
-    values = [weighted_auc(probabilities[:, i], labels == c, np.ones((1, len(labels))))[0]
-              for i, c in enumerate(CLASSES) if 0 < (labels == c).sum() < len(labels)]
+    values = [
+        weighted_auc(probabilities[:, i], labels == c, np.ones((1, len(labels))))[0]
+        for i, c in enumerate(CLASSES)
+        if 0 < (labels == c).sum() < len(labels)
+    ]
     return float(np.mean(values)) if values else float("nan")
 
 
-def bootstrap_weights(groups: np.ndarray, strata: np.ndarray, replicates: int,
-                      rng: np.random.Generator) -> np.ndarray:
+def bootstrap_weights(
+    groups: np.ndarray, strata: np.ndarray, replicates: int, rng: np.random.Generator
+) -> np.ndarray:
     """Image weights (replicates x images) of a bootstrap that draws whole patients with
     replacement, separately within each class, so that every replicate keeps the test set's
     number of positive patients (pROC's stratified bootstrap). `groups` holds each image's
     patient and `strata` its class; a patient takes the class of its first image.
     """
-    _, first, codes = np.unique(groups, return_index=True, return_inverse=True)  # first: each patient's first image
+    _, first, codes = np.unique(
+        groups, return_index=True, return_inverse=True
+    )  # first: each patient's first image
     codes = codes.ravel()
     patient_stratum = strata[first]
     draws = np.zeros((replicates, len(first)))
@@ -131,8 +148,13 @@ def percentile_interval(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def run_metrics(predictions: pd.DataFrame, groups: np.ndarray, replicates: int = 1000, seed: int = 0,
-                unit: str = "patients") -> pd.DataFrame:
+def run_metrics(
+    predictions: pd.DataFrame,
+    groups: np.ndarray,
+    replicates: int = 1000,
+    seed: int = 0,
+    unit: str = "patients",
+) -> pd.DataFrame:
     """Every per-class metric of one run with its 95% interval: one row per (class, metric).
 
     Columns: class, metric, value, ci_low, ci_high, ci_method, n. `n` is what the metric rests
@@ -142,36 +164,63 @@ def run_metrics(predictions: pd.DataFrame, groups: np.ndarray, replicates: int =
     """
     labels, preds = predictions["label"].to_numpy(), predictions["pred"].to_numpy()
     counts = class_counts(confusion(predictions["label"], predictions["pred"]))
-    weights = (bootstrap_weights(np.asarray(groups), labels, replicates, np.random.default_rng(seed))
-               if replicates else None)
+    weights = (
+        bootstrap_weights(np.asarray(groups), labels, replicates, np.random.default_rng(seed))
+        if replicates
+        else None
+    )
     method = f"bootstrap over {unit}"
     rows = [_proportion("all", "accuracy", int((labels == preds).sum()), len(labels))]
     for name in CLASSES:
         c = counts[name]
-        rows += [_proportion(name, "recall", c["TP"], c["TP"] + c["FN"]),
-                 _proportion(name, "specificity", c["TN"], c["TN"] + c["FP"]),
-                 _proportion(name, "accuracy", c["TP"] + c["TN"], len(labels)),
-                 _proportion(name, "PPV", c["TP"], c["TP"] + c["FP"]),
-                 _proportion(name, "NPV", c["TN"], c["TN"] + c["FN"])]
+        rows += [
+            _proportion(name, "recall", c["TP"], c["TP"] + c["FN"]),
+            _proportion(name, "specificity", c["TN"], c["TN"] + c["FP"]),
+            _proportion(name, "accuracy", c["TP"] + c["TN"], len(labels)),
+            _proportion(name, "PPV", c["TP"], c["TP"] + c["FP"]),
+            _proportion(name, "NPV", c["TN"], c["TN"] + c["FN"]),
+        ]
         truth, called = labels == name, preds == name
         scores = predictions[f"p_{name}"].to_numpy(dtype=float)
-        statistics = {"F1": partial(_f1, truth=truth, called=called),
-                      "AUC": partial(weighted_auc, scores, truth)}
+        statistics = {
+            "F1": partial(_f1, truth=truth, called=called),
+            "AUC": partial(weighted_auc, scores, truth),
+        }
         for metric, statistic in statistics.items():
             value, low, high = _bootstrapped(statistic, weights, len(labels))
-            rows.append({"class": name, "metric": metric, "value": value, "ci_low": low, "ci_high": high,
-                         "ci_method": method, "n": c["TP"] + c["FN"]})
+            rows.append(
+                {
+                    "class": name,
+                    "metric": metric,
+                    "value": value,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "ci_method": method,
+                    "n": c["TP"] + c["FN"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _proportion(name: str, metric: str, successes: int, n: int) -> dict:
     low, high = wilson(successes, n)
-    return {"class": name, "metric": metric, "value": ratio(successes, n), "ci_low": low, "ci_high": high,
-            "ci_method": "wilson", "n": n}
+    return {
+        "class": name,
+        "metric": metric,
+        "value": ratio(successes, n),
+        "ci_low": low,
+        "ci_high": high,
+        "ci_method": "wilson",
+        "n": n,
+    }
 
 
 def _f1(weights: np.ndarray, truth: np.ndarray, called: np.ndarray) -> np.ndarray:
-    tp, fp, fn = weights @ (truth & called), weights @ (~truth & called), weights @ (truth & ~called)
+    tp, fp, fn = (
+        weights @ (truth & called),
+        weights @ (~truth & called),
+        weights @ (truth & ~called),
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         return 100.0 * 2 * tp / (2 * tp + fp + fn)
 
@@ -182,5 +231,5 @@ def _bootstrapped(statistic, weights: np.ndarray | None, images: int) -> tuple[f
     value = float(statistic(np.ones((1, images)))[0])
     if weights is None:
         return value, math.nan, math.nan
-    values = np.concatenate([statistic(weights[i:i + 200]) for i in range(0, len(weights), 200)])
+    values = np.concatenate([statistic(weights[i : i + 200]) for i in range(0, len(weights), 200)])
     return (value, *percentile_interval(values))

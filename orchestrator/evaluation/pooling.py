@@ -32,7 +32,9 @@ def overlap(runs: list[Run]) -> tuple[int, int]:
     return int((counts > 1).sum()), len(counts)
 
 
-def pooled_table(runs: list[Run], folds: int, replicates: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
+def pooled_table(
+    runs: list[Run], folds: int, replicates: int, seed: int
+) -> tuple[pd.DataFrame, list[str]]:
     """Per network whose `folds` runs all finished and whose test sets are disjoint: accuracy and
     each class's recall, specificity, precision (percent) and AUC (0-1) on the pooled test set,
     with percentile intervals from a bootstrap over patients. Returns the table and its notes."""
@@ -43,23 +45,34 @@ def pooled_table(runs: list[Run], folds: int, replicates: int, seed: int) -> tup
             continue
         repeated, tested = overlap(mine)
         if repeated:
-            notes.append(f"{network}: {repeated} of the {tested} test images are tested in more than one fold, so "
-                         f"the folds' test sets cannot be pooled into one (an image would count as often as it "
-                         f"is tested); the fold mean and std are all there is. The `sound` protocol tests every "
-                         f"image once and is pooled.")
+            notes.append(
+                f"{network}: {repeated} of the {tested} test images are tested in more than one fold, so "
+                f"the folds' test sets cannot be pooled into one (an image would count as often as it "
+                f"is tested); the fold mean and std are all there is. The `sound` protocol tests every "
+                f"image once and is pooled."
+            )
             continue
         pooled = pd.concat([r.predictions for r in mine], ignore_index=True)
         rows += [{"network": network, **row} for row in _pooled_metrics(pooled, replicates, seed)]
-        notes.append(f"{network}: the {len(mine)} folds' test sets partition {tested} images, each tested once: "
-                     f"pooled, they give the five-fold figures with intervals over patients (pooled.csv).")
-    return pd.DataFrame(rows, columns=["network", "class", "metric", "value", "ci_low", "ci_high", "n"]), notes
+        notes.append(
+            f"{network}: the {len(mine)} folds' test sets partition {tested} images, each tested once: "
+            f"pooled, they give the five-fold figures with intervals over patients (pooled.csv)."
+        )
+    return pd.DataFrame(
+        rows, columns=["network", "class", "metric", "value", "ci_low", "ci_high", "n"]
+    ), notes
 
 
 def _pooled_metrics(pooled: pd.DataFrame, replicates: int, seed: int) -> list[dict]:
     labels, preds = pooled["label"].to_numpy(), pooled["pred"].to_numpy()
-    weights = np.vstack([np.ones(len(pooled)),  # row 0: the pooled set itself
-                         bootstrap_weights(pooled[PATIENT_COLUMN].to_numpy(), labels, replicates,
-                                           np.random.default_rng(seed))])
+    weights = np.vstack(
+        [
+            np.ones(len(pooled)),  # row 0: the pooled set itself
+            bootstrap_weights(
+                pooled[PATIENT_COLUMN].to_numpy(), labels, replicates, np.random.default_rng(seed)
+            ),
+        ]
+    )
 
     def share(hits: np.ndarray, of: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -69,14 +82,27 @@ def _pooled_metrics(pooled: pd.DataFrame, replicates: int, seed: int) -> list[di
     out = [_row("all", "accuracy", share(labels == preds, everything), len(pooled))]
     for name in CLASSES:
         truth, called = labels == name, preds == name
-        out += [_row(name, "recall", share(called, truth), int(truth.sum())),
-                _row(name, "specificity", share(~called, ~truth), int((~truth).sum())),
-                _row(name, "precision", share(truth, called), int(called.sum())),
-                _row(name, "AUC", weighted_auc(pooled[f"p_{name}"].to_numpy(dtype=float), truth, weights),
-                     int(truth.sum()))]
+        out += [
+            _row(name, "recall", share(called, truth), int(truth.sum())),
+            _row(name, "specificity", share(~called, ~truth), int((~truth).sum())),
+            _row(name, "precision", share(truth, called), int(called.sum())),
+            _row(
+                name,
+                "AUC",
+                weighted_auc(pooled[f"p_{name}"].to_numpy(dtype=float), truth, weights),
+                int(truth.sum()),
+            ),
+        ]
     return out
 
 
 def _row(name: str, metric: str, values: np.ndarray, n: int) -> dict:
     low, high = percentile_interval(values[1:])
-    return {"class": name, "metric": metric, "value": float(values[0]), "ci_low": low, "ci_high": high, "n": n}
+    return {
+        "class": name,
+        "metric": metric,
+        "value": float(values[0]),
+        "ci_low": low,
+        "ci_high": high,
+        "n": n,
+    }

@@ -11,6 +11,7 @@ import pandas as pd
 @dataclass(frozen=True)
 class Report:
     """The report of one experiment, as written under `out`."""
+
     out: Path
     table3: pd.DataFrame
     table4: pd.DataFrame
@@ -18,4 +19,4 @@ class Report:
     notes: list[str]
     missing: list[str]
     figures: dict[str, Path]  # run name or network -> figure path
-    files: list[Path]         # everything this report wrote (the folder may hold older files)
+    files: list[Path]  # everything this report wrote (the folder may hold older files)

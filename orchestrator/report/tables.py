@@ -41,25 +41,43 @@ def table3(runs: list[RunResult]) -> pd.DataFrame:
     rows = []
     for run in sorted_runs(runs):
         counts = class_counts(matrix(run))
-        rows.append({"fold": run.fold, "network": run.network,
-                     **{f"{c}_{k}": counts[c][k] for c in CLASSES for k in COUNTS}})
-    return pd.DataFrame(rows, columns=["fold", "network", *(f"{c}_{k}" for c in CLASSES for k in COUNTS)])
+        rows.append(
+            {
+                "fold": run.fold,
+                "network": run.network,
+                **{f"{c}_{k}": counts[c][k] for c in CLASSES for k in COUNTS},
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["fold", "network", *(f"{c}_{k}" for c in CLASSES for k in COUNTS)]
+    )
 
 
 def table4(runs: list[RunResult]) -> pd.DataFrame:
     """The paper's Table 4 per run, then per network the mean of its folds (`average`, as the
     paper computes it) and their sample standard deviation (`std`), and the always-normal
     baseline; percent, two decimals."""
-    per_run = pd.DataFrame([{"fold": r.fold, "network": r.network, **paper_metrics(matrix(r))}
-                            for r in sorted_runs(runs)], columns=["fold", "network", *TABLE4_COLUMNS])
+    per_run = pd.DataFrame(
+        [
+            {"fold": r.fold, "network": r.network, **paper_metrics(matrix(r))}
+            for r in sorted_runs(runs)
+        ],
+        columns=["fold", "network", *TABLE4_COLUMNS],
+    )
     rows = [per_run]
     for statistic in ("average", "std"):
         for network in NETWORK_NAMES:
             folds = per_run[per_run["network"] == network][TABLE4_COLUMNS]
             if len(folds):
                 # a fold without a value (0 / 0) leaves the average empty rather than quietly 4 folds
-                values = folds.mean(skipna=False) if statistic == "average" else folds.std(ddof=1, skipna=False)
-                rows.append(pd.DataFrame([{"fold": statistic, "network": network, **values.to_dict()}]))
+                values = (
+                    folds.mean(skipna=False)
+                    if statistic == "average"
+                    else folds.std(ddof=1, skipna=False)
+                )
+                rows.append(
+                    pd.DataFrame([{"fold": statistic, "network": network, **values.to_dict()}])
+                )
     baseline = baseline_metrics(runs).mean(skipna=False)
     rows.append(pd.DataFrame([{"fold": "average", "network": BASELINE, **baseline.to_dict()}]))
     return pd.concat(rows, ignore_index=True).round(2)
@@ -84,10 +102,14 @@ def metrics_table(runs: list[RunResult], replicates: int, seed: int, unit: str) 
     """Every per-class metric of every run with its 95% interval (metrics.run_metrics)."""
     parts = []
     for run in sorted_runs(runs):
-        table = run_metrics(run.predictions, run.predictions["patient_id"].to_numpy(), replicates, seed, unit)
+        table = run_metrics(
+            run.predictions, run.predictions["patient_id"].to_numpy(), replicates, seed, unit
+        )
         parts.append(table.assign(fold=run.fold, network=run.network))
     table = pd.concat(parts, ignore_index=True)
-    return table[["network", "fold", "class", "metric", "value", "ci_low", "ci_high", "ci_method", "n"]]
+    return table[
+        ["network", "fold", "class", "metric", "value", "ci_low", "ci_high", "ci_method", "n"]
+    ]
 
 
 def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -95,8 +117,13 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     and the fewest positives (or negatives, predicted positives) any fold's value rests on."""
     grouped = metrics.groupby(["network", "class", "metric"], sort=False)
     # like Table 4's averages: a fold without a value (0 / 0) leaves the mean empty
-    table = grouped["value"].agg(mean=lambda v: v.mean(skipna=False), std=lambda v: v.std(ddof=1, skipna=False),
-                                 min="min", max="max", folds="size")
+    table = grouped["value"].agg(
+        mean=lambda v: v.mean(skipna=False),
+        std=lambda v: v.std(ddof=1, skipna=False),
+        min="min",
+        max="max",
+        folds="size",
+    )
     table["n_min"] = grouped["n"].min()
     return table.reset_index()
 
@@ -105,5 +132,9 @@ def source_tables(runs: list[RunResult]) -> dict[str, pd.DataFrame]:
     """The results by source dataset (orchestrator.evaluation.by_source), when the predictions carry it."""
     if not by_source.has_sources(runs):
         return {}
-    made = (by_source.table4_by_source(runs), by_source.confusion_by_source(runs), by_source.telltale(runs))
-    return dict(zip(SOURCE_TABLES, made))
+    made = (
+        by_source.table4_by_source(runs),
+        by_source.confusion_by_source(runs),
+        by_source.telltale(runs),
+    )
+    return dict(zip(SOURCE_TABLES, made, strict=False))

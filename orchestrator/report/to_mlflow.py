@@ -32,12 +32,18 @@ def log_report(uri: str, report: Report, inputs: ReportInputs) -> None:
         folder = path.parent.relative_to(report.out).as_posix()
         where = REPORT_ARTIFACTS if folder == "." else f"{REPORT_ARTIFACTS}/{folder}"
         client.log_artifact(inputs.parent_run_id, str(path), where)
-    averages = report.table4[(report.table4["fold"] == "average") & report.table4["network"].isin(NETWORK_NAMES)]
+    averages = report.table4[
+        (report.table4["fold"] == "average") & report.table4["network"].isin(NETWORK_NAMES)
+    ]
     # a later report (more runs done) must replace the values MLflow shows as latest: a fresh
     # timestamp, and the number of runs as the step
     now, step = int(time.time() * 1000), len(inputs.runs)
-    metrics = [Metric(f"average.{row['network']}.{column}", float(row[column]), now, step)
-               for _, row in averages.iterrows() for column in TABLE4_COLUMNS if not pd.isna(row[column])]
+    metrics = [
+        Metric(f"average.{row['network']}.{column}", float(row[column]), now, step)
+        for _, row in averages.iterrows()
+        for column in TABLE4_COLUMNS
+        if not pd.isna(row[column])
+    ]
     client.log_batch(inputs.parent_run_id, metrics=metrics)
     for run in inputs.runs:  # each run already holds its confusion matrix (the trainer logs it)
         curves = report.figures.get(f"curves/{run.name}")

@@ -1,11 +1,11 @@
 """`cxr evaluate`: external validation, a published model on a labelled set it never trained on.
 
-  --data (class folders, a CSV, a named reader: data_pipeline.sources.labelled) + --labels
-  -> `cxr predict`'s model loading, decoder, limits and batches (orchestrator.serving.predict)
-  -> --out DIR: predictions.csv, failures.csv, metrics.json (orchestrator.evaluation.external),
-     reliability.csv and the figures (confusion matrix, ROC, reliability diagram)
-  -> an MLflow evaluation run beside the model (orchestrator.tracking.evaluation_run) and, for a
-     registered version, its card's external-validation section rewritten
+--data (class folders, a CSV, a named reader: data_pipeline.sources.labelled) + --labels
+-> `cxr predict`'s model loading, decoder, limits and batches (orchestrator.serving.predict)
+-> --out DIR: predictions.csv, failures.csv, metrics.json (orchestrator.evaluation.external),
+   reliability.csv and the figures (confusion matrix, ROC, reliability diagram)
+-> an MLflow evaluation run beside the model (orchestrator.tracking.evaluation_run) and, for a
+   registered version, its card's external-validation section rewritten
 """
 
 from __future__ import annotations
@@ -34,14 +34,21 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Evaluation:
     paths: EvaluationPaths
-    metrics: dict             # metrics.json
+    metrics: dict  # metrics.json
     network: str
     predictions: pd.DataFrame  # predictions.csv
-    run_id: str = ""          # the MLflow evaluation run, where one was logged
+    run_id: str = ""  # the MLflow evaluation run, where one was logged
 
 
-def evaluate(model_uri: str, data: str, labels: str, out: Path, batch: int = 32, show_progress: bool = True,
-             replicates: int = 1000) -> Evaluation:
+def evaluate(
+    model_uri: str,
+    data: str,
+    labels: str,
+    out: Path,
+    batch: int = 32,
+    show_progress: bool = True,
+    replicates: int = 1000,
+) -> Evaluation:
     """Predict every image of `data`, measure, and write the outputs under `out`."""
     from models.inference import Classifier
     from orchestrator.serving.predict import (
@@ -58,24 +65,40 @@ def evaluate(model_uri: str, data: str, labels: str, out: Path, batch: int = 32,
     with tempfile.TemporaryDirectory(prefix="cxr-model-") as cache:
         folder = model_folder(model_uri, Path(cache))
         classifier, limits = Classifier.load(network_files(folder)), decode_limits(folder)
-    predicted = predict_files(classifier, [Path(p) for p in images["path"]], batch=batch,
-                              show_progress=show_progress, limits=limits)
+    predicted = predict_files(
+        classifier,
+        [Path(p) for p in images["path"]],
+        batch=batch,
+        show_progress=show_progress,
+        limits=limits,
+    )
     table = images.merge(predicted.table, on="path", how="inner")[list(EVALUATION_COLUMNS)]
-    failures = images.merge(predicted.failures, on="path")[[*FAILURE_COLUMNS, "label", SOURCE_LABEL]]
+    failures = images.merge(predicted.failures, on="path")[
+        [*FAILURE_COLUMNS, "label", SOURCE_LABEL]
+    ]
     paths = EvaluationPaths(Path(out))
     if table.empty:
         write_table(failures, paths.failures)
-        raise DataError(f"--data {data}: none of its {len(failures)} image file(s) decoded; each with its reason in "
-                        f"{paths.failures}.")
-    metrics = {"model": model_uri, "data": data, "network": classifier.network,
-               "image_size": classifier.image_size, "networks": len(classifier.members),
-               "labels": dict(sorted(images.groupby(SOURCE_LABEL)["label"].first().items())),
-               **external_metrics(table, len(failures), replicates)}
+        raise DataError(
+            f"--data {data}: none of its {len(failures)} image file(s) decoded; each with its reason in "
+            f"{paths.failures}."
+        )
+    metrics = {
+        "model": model_uri,
+        "data": data,
+        "network": classifier.network,
+        "image_size": classifier.image_size,
+        "networks": len(classifier.members),
+        "labels": dict(sorted(images.groupby(SOURCE_LABEL)["label"].first().items())),
+        **external_metrics(table, len(failures), replicates),
+    }
     write_outputs(paths, table, failures, metrics)
     return Evaluation(paths, metrics, classifier.network, table)
 
 
-def write_outputs(paths: EvaluationPaths, table: pd.DataFrame, failures: pd.DataFrame, metrics: dict) -> None:
+def write_outputs(
+    paths: EvaluationPaths, table: pd.DataFrame, failures: pd.DataFrame, metrics: dict
+) -> None:
     from orchestrator.evaluation.figures import (
         confusion_matrix_figure,
         reliability_figure,
@@ -88,10 +111,19 @@ def write_outputs(paths: EvaluationPaths, table: pd.DataFrame, failures: pd.Data
     bins = pd.DataFrame(metrics["calibration"]["reliability"])  # external_metrics' bins
     write_table(bins, paths.reliability)
     write_json(paths.metrics, metrics, indent=1)
-    figures, title = paths.figures, f"{metrics['network']} on {Path(metrics['data'].split(':')[-1]).name}"
-    confusion_matrix_figure(pd.DataFrame(metrics["confusion"]["matrix"]).to_numpy(), CLASSES, title,
-                            figures["confusion_matrix"])
-    roc_figure({"this set": table}, [c for c in CLASSES if c in metrics["classes"]], title, figures["roc"])
+    figures, title = (
+        paths.figures,
+        f"{metrics['network']} on {Path(metrics['data'].split(':')[-1]).name}",
+    )
+    confusion_matrix_figure(
+        pd.DataFrame(metrics["confusion"]["matrix"]).to_numpy(),
+        CLASSES,
+        title,
+        figures["confusion_matrix"],
+    )
+    roc_figure(
+        {"this set": table}, [c for c in CLASSES if c in metrics["classes"]], title, figures["roc"]
+    )
     reliability_figure(bins, metrics["calibration"]["ece"], title, figures["reliability"])
 
 
@@ -104,7 +136,9 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
         flat["ece"] = metrics["calibration"]["ece"]
     for name, figures in metrics["classes"].items():
         flat[f"n_{name}"] = float(figures["n"])
-        flat |= _flat(f"recall_{name}", figures["recall"]) | _flat(f"called_covid_{name}", figures["called_covid"])
+        flat |= _flat(f"recall_{name}", figures["recall"]) | _flat(
+            f"called_covid_{name}", figures["called_covid"]
+        )
     return flat
 
 
@@ -117,10 +151,17 @@ def log_to_mlflow(evaluation: Evaluation, uri: str) -> Evaluation:
 
     client = MlflowClient(uri)
     model = evaluated_model(client, evaluation.metrics["model"])
-    run_id = log_evaluation(model, evaluation.metrics["data"], evaluation.predictions, flat_metrics(evaluation.metrics),
-                            evaluation.paths.root)
+    run_id = log_evaluation(
+        model,
+        evaluation.metrics["data"],
+        evaluation.predictions,
+        flat_metrics(evaluation.metrics),
+        evaluation.paths.root,
+    )
     if model.version is not None:
-        record_external(client, model.version, [_card_row(r) for r in evaluations_of(client, model.uri)])
+        record_external(
+            client, model.version, [_card_row(r) for r in evaluations_of(client, model.uri)]
+        )
     return dataclasses.replace(evaluation, run_id=run_id)
 
 
@@ -129,7 +170,9 @@ def tracked(model_uri: str, named: bool) -> bool:
     for a local model folder only where a tracking store is named (--config, MLFLOW_TRACKING_URI)."""
     from orchestrator.serving.predict import MODEL_SCHEMES
 
-    return model_uri.startswith(MODEL_SCHEMES) or named or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return (
+        model_uri.startswith(MODEL_SCHEMES) or named or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    )
 
 
 def default_out(data: str) -> Path:
@@ -139,12 +182,16 @@ def default_out(data: str) -> Path:
 def summary(evaluation: Evaluation, uri: str) -> list[str]:
     """What `cxr evaluate` prints: counts, accuracy, the false alarms, ECE, each class's figures."""
     m = evaluation.metrics
-    lines = [f"{m['n']} of {m['files']} image(s) evaluated ({evaluation.network}), {m['failed']} failed to decode "
-             f"({share(m['failure_share'])}) -> {evaluation.paths.root}",
-             f"accuracy {share(m['accuracy'])}; images of no COVID-19 called COVID-19: {share(m['called_covid'])}; "
-             f"ECE {m['calibration']['ece']:.1f}%"]
-    lines += [f"  {name}: {c['n']} image(s), recall {share(c['recall'])}, called COVID-19 {share(c['called_covid'])}"
-              for name, c in m["classes"].items()]
+    lines = [
+        f"{m['n']} of {m['files']} image(s) evaluated ({evaluation.network}), {m['failed']} failed to decode "
+        f"({share(m['failure_share'])}) -> {evaluation.paths.root}",
+        f"accuracy {share(m['accuracy'])}; images of no COVID-19 called COVID-19: {share(m['called_covid'])}; "
+        f"ECE {m['calibration']['ece']:.1f}%",
+    ]
+    lines += [
+        f"  {name}: {c['n']} image(s), recall {share(c['recall'])}, called COVID-19 {share(c['called_covid'])}"
+        for name, c in m["classes"].items()
+    ]
     if evaluation.run_id:
         lines.append(f"MLflow evaluation run {evaluation.run_id} in {uri}, beside {m['model']}")
     return lines
@@ -159,18 +206,28 @@ def share(figure: dict) -> str:
 
 def _card_row(run) -> dict:
     when = time.strftime("%Y-%m-%d", time.gmtime(run.info.start_time / 1000))
-    return {"data": run.data.tags.get(EVALUATION_DATA, ""), "when": when, "run_id": run.info.run_id,
-            "metrics": run.data.metrics}
+    return {
+        "data": run.data.tags.get(EVALUATION_DATA, ""),
+        "when": when,
+        "run_id": run.info.run_id,
+        "metrics": run.data.metrics,
+    }
 
 
 def _flat(key: str, figure: dict) -> dict[str, float]:
     if figure["value"] is None:
         return {}
-    return {key: figure["value"], f"{key}_ci_low": figure["ci_low"], f"{key}_ci_high": figure["ci_high"]}
+    return {
+        key: figure["value"],
+        f"{key}_ci_low": figure["ci_low"],
+        f"{key}_ci_high": figure["ci_high"],
+    }
 
 
 def _check_unique(images: pd.DataFrame, data: str) -> None:
     twice = images["path"][images["path"].duplicated()]
     if len(twice):
-        raise DataError(f"--data {data}: {len(twice)} file(s) listed more than once (first: {twice.iloc[0]}); "
-                        f"expected each image once, with one label.")
+        raise DataError(
+            f"--data {data}: {len(twice)} file(s) listed more than once (first: {twice.iloc[0]}); "
+            f"expected each image once, with one label."
+        )

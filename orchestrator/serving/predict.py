@@ -40,16 +40,24 @@ def model_folder(uri: str, cache: Path | None = None) -> Path:
     if local.is_dir():
         return local
     if not uri.startswith(MODEL_SCHEMES):
-        raise ModelNotFound(f"--model {uri}: expected a local model folder or an MLflow URI (models:/name/version, "
-                            f"models:/name@alias, runs:/<run id>/model); found neither.")
+        raise ModelNotFound(
+            f"--model {uri}: expected a local model folder or an MLflow URI (models:/name/version, "
+            f"models:/name@alias, runs:/<run id>/model); found neither."
+        )
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(cache) if cache else None))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(cache) if cache else None
+            )
+        )
     except MlflowException as exc:
-        raise ModelNotFound(f"--model {uri}: not found in the tracking store {mlflow.get_tracking_uri()} "
-                            f"({exc.message.splitlines()[0][:300]}).") from None
+        raise ModelNotFound(
+            f"--model {uri}: not found in the tracking store {mlflow.get_tracking_uri()} "
+            f"({exc.message.splitlines()[0][:300]})."
+        ) from None
 
 
 def network_files(folder: Path) -> list[Path]:
@@ -58,7 +66,9 @@ def network_files(folder: Path) -> list[Path]:
 
     files = [folder / path for path in network_paths(_mlmodel(folder))]
     if not files:
-        raise ModelNotFound(f"{folder}: its MLmodel names no network file; expected a model published by `cxr run`.")
+        raise ModelNotFound(
+            f"{folder}: its MLmodel names no network file; expected a model published by `cxr run`."
+        )
     return files
 
 
@@ -74,8 +84,10 @@ def _mlmodel(folder: Path):
     from mlflow.models import Model
 
     if not (folder / "MLmodel").is_file():
-        raise ModelNotFound(f"{folder}: no MLmodel file; expected a model published by `cxr run` (its runs' "
-                            f"`model` artifact, or a registered cxr-* model).")
+        raise ModelNotFound(
+            f"{folder}: no MLmodel file; expected a model published by `cxr run` (its runs' "
+            f"`model` artifact, or a registered cxr-* model)."
+        )
     return Model.load(str(folder / "MLmodel"))
 
 
@@ -86,35 +98,47 @@ def image_files(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
         elif path.suffix.lower() == ".csv":
             table = read_source_csv(path, ("path",))
             found += [p if p.is_absolute() else path.parent / p for p in map(Path, table["path"])]
         elif path.exists():
             found.append(path)
         else:
-            raise DataError(f"{path}: no such file or folder; expected an image file, a folder of them or a CSV "
-                            f"with a 'path' column.")
+            raise DataError(
+                f"{path}: no such file or folder; expected an image file, a folder of them or a CSV "
+                f"with a 'path' column."
+            )
     return found
 
 
 @dataclass
 class Predictions:
-    table: pd.DataFrame      # PREDICT_COLUMNS, one row per decoded file
-    failures: pd.DataFrame   # FAILURE_COLUMNS
+    table: pd.DataFrame  # PREDICT_COLUMNS, one row per decoded file
+    failures: pd.DataFrame  # FAILURE_COLUMNS
 
 
-def predict_files(classifier, files: list[Path], batch: int = 32, gradcam_dir: Path | None = None,
-                  gradcam_class: str = "predicted", show_progress: bool = True,
-                  limits: DecodeSpec = DEFAULT) -> Predictions:
+def predict_files(
+    classifier,
+    files: list[Path],
+    batch: int = 32,
+    gradcam_dir: Path | None = None,
+    gradcam_class: str = "predicted",
+    show_progress: bool = True,
+    limits: DecodeSpec = DEFAULT,
+) -> Predictions:
     """Decode (within `limits`), predict and (optionally) explain `files`, `batch` at a time."""
     from models.inference import decode_batch
 
     rows, failures = [], []
     with progress_bar(show_progress) as progress:
-        bar = progress.add_task(f"predicting at {classifier.image_size}x{classifier.image_size}", total=len(files))
+        bar = progress.add_task(
+            f"predicting at {classifier.image_size}x{classifier.image_size}", total=len(files)
+        )
         for start in range(0, len(files), batch):
-            chunk = files[start:start + batch]
+            chunk = files[start : start + batch]
             decoded = decode_batch(chunk, classifier.image_size, limits)
             failures += [(str(chunk[i]), reason) for i, reason in decoded.failures]
             if decoded.indices:
@@ -122,19 +146,37 @@ def predict_files(classifier, files: list[Path], batch: int = 32, gradcam_dir: P
                 paths = [chunk[i] for i in decoded.indices]
                 rows.append(_rows(paths, probabilities, decoded.views))
                 if gradcam_dir is not None:
-                    explain(classifier, decoded.images, probabilities, paths, gradcam_dir, gradcam_class)
+                    explain(
+                        classifier, decoded.images, probabilities, paths, gradcam_dir, gradcam_class
+                    )
             progress.advance(bar, len(chunk))
-    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(PREDICT_COLUMNS))
-    return Predictions(table[list(PREDICT_COLUMNS)], pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)))
+    table = (
+        pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(PREDICT_COLUMNS))
+    )
+    return Predictions(
+        table[list(PREDICT_COLUMNS)], pd.DataFrame(failures, columns=list(FAILURE_COLUMNS))
+    )
 
 
 def _rows(paths: list[Path], probabilities: np.ndarray, views: list[str]) -> pd.DataFrame:
-    return pd.concat([pd.DataFrame({"path": [str(p) for p in paths]}), prediction_cells(probabilities),
-                      pd.DataFrame({"view": views})], axis=1)
+    return pd.concat(
+        [
+            pd.DataFrame({"path": [str(p) for p in paths]}),
+            prediction_cells(probabilities),
+            pd.DataFrame({"view": views}),
+        ],
+        axis=1,
+    )
 
 
-def explain(classifier, images: np.ndarray, probabilities: np.ndarray, paths: list[Path], out: Path,
-            which: str) -> list[Path]:
+def explain(
+    classifier,
+    images: np.ndarray,
+    probabilities: np.ndarray,
+    paths: list[Path],
+    out: Path,
+    which: str,
+) -> list[Path]:
     """Grad-CAM overlays, one PNG per image and class (`which`: predicted, all, or a class)."""
     from models.gradcam import gradcam, mean_maps
     from orchestrator.evaluation.figures import gradcam_figure
@@ -148,8 +190,15 @@ def explain(classifier, images: np.ndarray, probabilities: np.ndarray, paths: li
         maps = mean_maps([gradcam(m, images[chosen], classes) for m in classifier.members])
         for k, i in enumerate(chosen):
             target = out / f"{overlay_name(paths[i])}.{CLASSES[class_index]}.png"
-            gradcam_figure(images[i], {name: m[k] for name, m in maps.items()}, probabilities[i], CLASSES,
-                           CLASSES[class_index], f"{paths[i].name} ({classifier.network})", target)
+            gradcam_figure(
+                images[i],
+                {name: m[k] for name, m in maps.items()},
+                probabilities[i],
+                CLASSES,
+                CLASSES[class_index],
+                f"{paths[i].name} ({classifier.network})",
+                target,
+            )
             written.append(target)
     return written
 
@@ -159,7 +208,9 @@ def overlay_name(path: Path) -> str:
     read, and a hash of its whole path, so that two `img.png` of different folders (of the same
     name too) never overwrite each other; the same file named twice gets one."""
     digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
-    return f"{path.parent.name}_{path.stem}-{digest}" if path.parent.name else f"{path.stem}-{digest}"
+    return (
+        f"{path.parent.name}_{path.stem}-{digest}" if path.parent.name else f"{path.stem}-{digest}"
+    )
 
 
 def _targets(which: str, probabilities: np.ndarray) -> list[list[int]]:
@@ -169,7 +220,9 @@ def _targets(which: str, probabilities: np.ndarray) -> list[list[int]]:
         return [list(range(len(CLASSES)))] * len(probabilities)
     if which in CLASSES:
         return [[CLASSES.index(which)]] * len(probabilities)
-    raise DataError(f"--gradcam-class: expected predicted, all or one of {list(CLASSES)}; received {which!r}.")
+    raise DataError(
+        f"--gradcam-class: expected predicted, all or one of {list(CLASSES)}; received {which!r}."
+    )
 
 
 def write_predictions(predictions: Predictions, out: Path) -> Path | None:
@@ -184,8 +237,15 @@ def write_predictions(predictions: Predictions, out: Path) -> Path | None:
     return failed
 
 
-def predict_command(model: str, inputs: list[str], out: Path, batch: int, gradcam: Path | None, gradcam_class: str,
-                    show_progress: bool) -> tuple[list[str], int]:
+def predict_command(
+    model: str,
+    inputs: list[str],
+    out: Path,
+    batch: int,
+    gradcam: Path | None,
+    gradcam_class: str,
+    show_progress: bool,
+) -> tuple[list[str], int]:
     """`cxr predict`: the files of `inputs` predicted by `model` into `out` (and Grad-CAM overlays
     into `gradcam`); returns the lines to print and how many files failed to decode."""
     import tempfile
@@ -194,16 +254,33 @@ def predict_command(model: str, inputs: list[str], out: Path, batch: int, gradca
 
     files = image_files(inputs)
     if not files:
-        raise DataError(f"INPUT {' '.join(inputs)}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
-    with tempfile.TemporaryDirectory(prefix="cxr-model-") as cache:  # a downloaded model lives while it is used
+        raise DataError(
+            f"INPUT {' '.join(inputs)}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found."
+        )
+    with tempfile.TemporaryDirectory(
+        prefix="cxr-model-"
+    ) as cache:  # a downloaded model lives while it is used
         folder = model_folder(model, Path(cache))
         classifier, limits = Classifier.load(network_files(folder)), decode_limits(folder)
-    predictions = predict_files(classifier, files, batch=batch, gradcam_dir=gradcam, gradcam_class=gradcam_class,
-                                show_progress=show_progress, limits=limits)
+    predictions = predict_files(
+        classifier,
+        files,
+        batch=batch,
+        gradcam_dir=gradcam,
+        gradcam_class=gradcam_class,
+        show_progress=show_progress,
+        limits=limits,
+    )
     failed = write_predictions(predictions, out)
-    lines = [f"{len(predictions.table)} of {len(files)} image(s) predicted ({classifier.network}, "
-             f"{len(classifier.members)} network(s), {classifier.image_size}x{classifier.image_size}) -> {out}"]
+    lines = [
+        f"{len(predictions.table)} of {len(files)} image(s) predicted ({classifier.network}, "
+        f"{len(classifier.members)} network(s), {classifier.image_size}x{classifier.image_size}) -> {out}"
+    ]
     lines += [f"Grad-CAM overlays -> {gradcam}"] if gradcam is not None else []
     if failed is not None:
-        log.error("%d image(s) could not be decoded; each with its reason in %s", len(predictions.failures), failed)
+        log.error(
+            "%d image(s) could not be decoded; each with its reason in %s",
+            len(predictions.failures),
+            failed,
+        )
     return lines, len(predictions.failures)

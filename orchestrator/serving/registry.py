@@ -80,8 +80,9 @@ class Registered:
         return f"models:/{self.name}/{self.version}"
 
 
-def register_models(tracking_uri: str, card: CardInputs, limits: dict[str, int],
-                    parent_run_id: str) -> list[Registered]:
+def register_models(
+    tracking_uri: str, card: CardInputs, limits: dict[str, int], parent_run_id: str
+) -> list[Registered]:
     """Register every finished run of the config (`card`: its name, workdir and protocol) not
     registered yet, and each network's fold ensemble (of two folds or more) when its runs
     changed; `limits`: what one request to an ensemble may hold (Config.model_limits). Returns
@@ -107,8 +108,15 @@ def finished_runs(work: WorkPaths, folds: int) -> list[dict]:
         for fold in range(1, folds + 1):
             record = RunRecords(work.run(fold, network)).read_done()
             if record.get("run_id"):  # runs finished before models were published have no model_uri
-                runs.append({"fold": fold, "network": network, "run_id": record["run_id"],
-                             "model_uri": record.get("model_uri") or f"runs:/{record['run_id']}/{MODEL_ARTIFACT}"})
+                runs.append(
+                    {
+                        "fold": fold,
+                        "network": network,
+                        "run_id": record["run_id"],
+                        "model_uri": record.get("model_uri")
+                        or f"runs:/{record['run_id']}/{MODEL_ARTIFACT}",
+                    }
+                )
     return runs
 
 
@@ -118,9 +126,18 @@ def register_run(client: MlflowClient, card: CardInputs, run: dict) -> Registere
     if existing:
         return Registered(name, existing[0].version, False, run["network"])
     data = client.get_run(run["run_id"]).data
-    tags = {FOLD: str(run["fold"]), NETWORK: run["network"], RUN_ID: run["run_id"],
-            FINGERPRINT: data.tags.get(FINGERPRINT, ""), SPLIT_HASH: data.tags.get(SPLIT_HASH, ""),
-            **{key: f"{data.metrics[key]:.6f}" for key in (TEST_AUC, TEST_ACCURACY) if key in data.metrics}}
+    tags = {
+        FOLD: str(run["fold"]),
+        NETWORK: run["network"],
+        RUN_ID: run["run_id"],
+        FINGERPRINT: data.tags.get(FINGERPRINT, ""),
+        SPLIT_HASH: data.tags.get(SPLIT_HASH, ""),
+        **{
+            key: f"{data.metrics[key]:.6f}"
+            for key in (TEST_AUC, TEST_ACCURACY)
+            if key in data.metrics
+        },
+    }
     with _quietly():
         version = mlflow.register_model(run["model_uri"], name, tags=tags)
     text = run_card(card, name, str(version.version), run, data.tags)
@@ -140,8 +157,14 @@ def alias_folds(client: MlflowClient, name: str) -> None:
             client.set_registered_model_alias(name, fold_alias(int(fold)), version)
 
 
-def register_ensemble(client: MlflowClient, card: CardInputs, limits: dict[str, int], network: str,
-                      runs: list[dict], parent_run_id: str) -> Registered:
+def register_ensemble(
+    client: MlflowClient,
+    card: CardInputs,
+    limits: dict[str, int],
+    network: str,
+    runs: list[dict],
+    parent_run_id: str,
+) -> Registered:
     from models.serving import log_classifier
 
     name = ensemble_model_name(card.config_name, network)
@@ -151,14 +174,22 @@ def register_ensemble(client: MlflowClient, card: CardInputs, limits: dict[str, 
         client.set_registered_model_alias(name, ENSEMBLE_ALIAS, latest[0].version)
         return Registered(name, latest[0].version, False, network, ensemble=True)
     metrics = [client.get_run(r["run_id"]).data.metrics for r in runs]
-    means = {key: sum(m[key] for m in metrics) / len(metrics) for key in (TEST_AUC, TEST_ACCURACY)
-             if all(key in m for m in metrics)}
+    means = {
+        key: sum(m[key] for m in metrics) / len(metrics)
+        for key in (TEST_AUC, TEST_ACCURACY)
+        if all(key in m for m in metrics)
+    }
     # the parent run holds the ensemble; ending it here is undone by the driver's finish_parent
     with mlflow.start_run(run_id=parent_run_id):
-        info = log_classifier(ensemble_artifact(network), [member_file_uri(r["run_id"]) for r in runs],
-                              limits)
-    tags = {NETWORK: network, FOLDS: ",".join(str(r["fold"]) for r in runs), MEMBER_RUNS: members,
-            **{f"{MEMBERS_MEAN}{key}": f"{value:.6f}" for key, value in means.items()}}
+        info = log_classifier(
+            ensemble_artifact(network), [member_file_uri(r["run_id"]) for r in runs], limits
+        )
+    tags = {
+        NETWORK: network,
+        FOLDS: ",".join(str(r["fold"]) for r in runs),
+        MEMBER_RUNS: members,
+        **{f"{MEMBERS_MEAN}{key}": f"{value:.6f}" for key, value in means.items()},
+    }
     with _quietly():
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     text = ensemble_card(card, name, str(version.version), network, tags[FOLDS], means)
@@ -175,9 +206,15 @@ def record_external(client: MlflowClient, version, evaluations: list[dict]) -> N
     where = card_artifact(version)
     try:
         card = mlflow.artifacts.load_text(f"runs:/{version.run_id}/{where}")
-    except Exception as exc:  # a version registered by hand, or before cards existed: nothing to rewrite
-        log.warning("%s version %s: no model card to add the evaluation to (%s)", version.name, version.version,
-                    str(exc).splitlines()[0][:200])
+    except (
+        Exception
+    ) as exc:  # a version registered by hand, or before cards existed: nothing to rewrite
+        log.warning(
+            "%s version %s: no model card to add the evaluation to (%s)",
+            version.name,
+            version.version,
+            str(exc).splitlines()[0][:200],
+        )
         return
     card = with_external(card, evaluations)
     client.log_text(version.run_id, card, where)
@@ -217,10 +254,17 @@ def registry_table(registered: list[Registered]) -> pd.DataFrame:
     for network in dict.fromkeys(r.network for r in registered):
         runs = [r for r in registered if r.network == network and not r.ensemble]
         ensemble = [r for r in registered if r.network == network and r.ensemble]
-        rows.append({"model": runs[0].name if runs else "",
-                     "versions": ", ".join(f"{r.version}{'*' if r.new else ''}" for r in runs),
-                     "ensemble": (f"{ensemble[0].name} v{ensemble[0].version}{'*' if ensemble[0].new else ''}"
-                                  if ensemble else "")})
+        rows.append(
+            {
+                "model": runs[0].name if runs else "",
+                "versions": ", ".join(f"{r.version}{'*' if r.new else ''}" for r in runs),
+                "ensemble": (
+                    f"{ensemble[0].name} v{ensemble[0].version}{'*' if ensemble[0].new else ''}"
+                    if ensemble
+                    else ""
+                ),
+            }
+        )
     return pd.DataFrame(rows, columns=["model", "versions", "ensemble"])
 
 
@@ -243,16 +287,28 @@ def model_table(uri: str, prefix: str = "cxr-") -> pd.DataFrame:
     """`cxr models`: every version of the registered models named `prefix...`, newest first."""
     client = MlflowClient(uri)
     rows = []
-    for model in sorted(client.search_registered_models(f"name LIKE '{prefix}%'"), key=lambda m: m.name):
+    for model in sorted(
+        client.search_registered_models(f"name LIKE '{prefix}%'"), key=lambda m: m.name
+    ):
         aliases: dict[str, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
             aliases.setdefault(str(version), []).append(alias)
         for version in versions(client, model.name):
             tags = version.tags
-            figures = {key: tags.get(key) or tags.get(f"{MEMBERS_MEAN}{key}", "") for key in (TEST_AUC, TEST_ACCURACY)}
-            rows.append({"name": model.name, "version": int(version.version),
-                         "aliases": ",".join(aliases.get(str(version.version), [])),
-                         "folds": tags.get(FOLD) or tags.get(FOLDS, ""), **figures,
-                         "stale": "yes" if STALE in tags else "", "run_id": version.run_id or "",
-                         "uri": f"models:/{model.name}/{version.version}"})
+            figures = {
+                key: tags.get(key) or tags.get(f"{MEMBERS_MEAN}{key}", "")
+                for key in (TEST_AUC, TEST_ACCURACY)
+            }
+            rows.append(
+                {
+                    "name": model.name,
+                    "version": int(version.version),
+                    "aliases": ",".join(aliases.get(str(version.version), [])),
+                    "folds": tags.get(FOLD) or tags.get(FOLDS, ""),
+                    **figures,
+                    "stale": "yes" if STALE in tags else "",
+                    "run_id": version.run_id or "",
+                    "uri": f"models:/{model.name}/{version.version}",
+                }
+            )
     return pd.DataFrame(rows, columns=list(COLUMNS))

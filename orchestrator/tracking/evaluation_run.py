@@ -34,6 +34,7 @@ EXPERIMENT = "cxr-evaluations"  # the evaluations of models that MLflow does not
 @dataclass(frozen=True)
 class EvaluatedModel:
     """What `--model` names in MLflow: its canonical URI, and its version and run where it has them."""
+
     uri: str
     version: ModelVersion | None = None
     run_id: str = ""
@@ -43,34 +44,61 @@ def evaluated_model(client: MlflowClient, uri: str) -> EvaluatedModel:
     """`models:/name@alias` and `models:/name/3` as their version (models:/name/3), `runs:/id/...`
     as its run; anything else (a local folder) as given."""
     if uri.startswith("models:/"):
-        name, _, alias = uri[len("models:/"):].partition("@")
+        name, _, alias = uri[len("models:/") :].partition("@")
         name, _, number = name.partition("/")
-        version = (client.get_model_version_by_alias(name, alias) if alias else
-                   client.get_model_version(name, number) if number.isdigit() else None)
+        version = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, number)
+            if number.isdigit()
+            else None
+        )
         if version is not None:
-            return EvaluatedModel(f"models:/{version.name}/{version.version}", version, version.run_id or "")
-        log.warning("--model %s: not a version number or an alias; its evaluation is not linked to a version", uri)
+            return EvaluatedModel(
+                f"models:/{version.name}/{version.version}", version, version.run_id or ""
+            )
+        log.warning(
+            "--model %s: not a version number or an alias; its evaluation is not linked to a version",
+            uri,
+        )
     if uri.startswith("runs:/"):
-        return EvaluatedModel(uri, run_id=uri[len("runs:/"):].split("/", 1)[0])
+        return EvaluatedModel(uri, run_id=uri[len("runs:/") :].split("/", 1)[0])
     return EvaluatedModel(uri)
 
 
-def log_evaluation(model: EvaluatedModel, data: str, predictions: pd.DataFrame, metrics: dict[str, float],
-                   out: Path) -> str:
+def log_evaluation(
+    model: EvaluatedModel,
+    data: str,
+    predictions: pd.DataFrame,
+    metrics: dict[str, float],
+    out: Path,
+) -> str:
     """One evaluation run: tags, `metrics` (linked to the model's logged model where it has one),
     mlflow.models.evaluate's classifier metrics, and the files of `out`. Returns its run id."""
     client = MlflowClient()
-    experiment = (client.get_run(model.run_id).info.experiment_id if model.run_id else
-                  mlflow.set_experiment(EXPERIMENT).experiment_id)
+    experiment = (
+        client.get_run(model.run_id).info.experiment_id
+        if model.run_id
+        else mlflow.set_experiment(EXPERIMENT).experiment_id
+    )
     model_id = _model_id(client, model, experiment)
     tags = {ROLE: EVALUATION_ROLE, EVALUATED_MODEL: model.uri, EVALUATION_DATA: data}
-    with mlflow.start_run(experiment_id=experiment, run_name=f"evaluate {Path(data.split(':')[-1]).name}",
-                          tags=tags, log_system_metrics=False) as run:
+    with mlflow.start_run(
+        experiment_id=experiment,
+        run_name=f"evaluate {Path(data.split(':')[-1]).name}",
+        tags=tags,
+        log_system_metrics=False,
+    ) as run:
         mlflow.log_metrics(metrics, model_id=model_id)
         with _quiet_mlflow():
-            mlflow.models.evaluate(data=predictions[["label", "pred"]], targets="label", predictions="pred",
-                                   model_type="classifier", model_id=model_id,
-                                   evaluator_config={"log_model_explainability": False, "label_list": list(CLASSES)})
+            mlflow.models.evaluate(
+                data=predictions[["label", "pred"]],
+                targets="label",
+                predictions="pred",
+                model_type="classifier",
+                model_id=model_id,
+                evaluator_config={"log_model_explainability": False, "label_list": list(CLASSES)},
+            )
         mlflow.log_artifacts(str(out))
     return run.info.run_id
 
@@ -78,8 +106,11 @@ def log_evaluation(model: EvaluatedModel, data: str, predictions: pd.DataFrame, 
 def evaluations_of(client: MlflowClient, model_uri: str) -> list:
     """The evaluation runs of a model (its canonical URI), oldest first, in any experiment."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, f"tags.`{EVALUATED_MODEL}` = '{model_uri}' and "
-                                           f"tags.`{ROLE}` = '{EVALUATION_ROLE}'", max_results=1000)
+    runs = client.search_runs(
+        experiments,
+        f"tags.`{EVALUATED_MODEL}` = '{model_uri}' and tags.`{ROLE}` = '{EVALUATION_ROLE}'",
+        max_results=1000,
+    )
     return sorted(runs, key=lambda r: r.info.start_time)
 
 
@@ -89,11 +120,14 @@ def _model_id(client: MlflowClient, model: EvaluatedModel, experiment: str) -> s
         # MLflow 3.17 leaves model_id empty on versions registered from a logged model's URI
         source = model.version.source or ""
         if model.version.model_id or source.startswith("models:/m-"):
-            return model.version.model_id or source[len("models:/"):]
+            return model.version.model_id or source[len("models:/") :]
     if model.run_id:
         with contextlib.suppress(MlflowException):
-            found = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
-                                                filter_string=f"source_run_id = '{model.run_id}'")
+            found = mlflow.search_logged_models(
+                experiment_ids=[experiment],
+                output_format="list",
+                filter_string=f"source_run_id = '{model.run_id}'",
+            )
             return found[0].model_id if found else None
     return None
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 TEST_ACCURACY, TEST_AUC = "test_accuracy", "test_auc"  # a run's, on its fold's test set
 MODEL_ARTIFACT = "model"  # a run's published model (models.serving), its registry version's source
 MODEL_CARD = "MODEL_CARD.md"  # a registered version's card, in its run's artifacts
-REPORT_ARTIFACTS = "report"  # the report's folder among a parent run's artifacts (and a run's curves)
+REPORT_ARTIFACTS = (
+    "report"  # the report's folder among a parent run's artifacts (and a run's curves)
+)
 
 
 def ensemble_artifact(network: str) -> str:

@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 class RunTracker:
     """The MLflow run of one fold x network training run."""
 
-    def __init__(self, uri: str, experiment: str, run: RunPaths | Path, artifact_root: Path | None = None):
+    def __init__(
+        self, uri: str, experiment: str, run: RunPaths | Path, artifact_root: Path | None = None
+    ):
         """`run`: the run's folder (with its object storage, if any, as RunPaths holds it)."""
         self.uri = uri
         self.artifact_root = artifact_root
@@ -66,31 +68,55 @@ class RunTracker:
         self.run_id = ""
         self.logged: set[tuple[str, int]] = set()  # (metric, step) pairs the run holds
 
-    def open(self, run_name: str, tags: dict[str, str], params: dict[str, str], parent_run_id: str = "") -> bool:
+    def open(
+        self, run_name: str, tags: dict[str, str], params: dict[str, str], parent_run_id: str = ""
+    ) -> bool:
         """Start the run, or continue the one this run folder already started; True if new.
         `tags` hold the run's fingerprint: by it, its name and its parent a run folder that lost
         its id file finds its MLflow run again instead of opening a second one."""
-        experiment = call(ensure_experiment, self.uri, self.experiment, self.artifact_root, what="experiment")
+        experiment = call(
+            ensure_experiment, self.uri, self.experiment, self.artifact_root, what="experiment"
+        )
         previous = self._known_run(run_name, parent_run_id, tags.get(FINGERPRINT, ""))
         if previous:
             if parent_run_id and (found := self.adopt(parent_run_id)):
                 log.warning("%s: %s", run_name, found)
             call(mlflow.start_run, run_id=previous, log_system_metrics=True, what="start_run")
             log.info("continuing MLflow run %s (%s)", run_name, previous)
-            self.logged = {(key, m.step) for key in mlflow.active_run().data.metrics
-                           for m in call(self.client.get_metric_history, previous, key, what="metric history")}
+            self.logged = {
+                (key, m.step)
+                for key in mlflow.active_run().data.metrics
+                for m in call(self.client.get_metric_history, previous, key, what="metric history")
+            }
         else:
             tags = {**tags, PARENT_RUN: parent_run_id} if parent_run_id else tags
-            created = call(self.client.create_run, experiment.experiment_id, run_name=run_name, tags=tags,
-                           what="create_run")
-            self.records.write_mlflow_run(created.info.run_id)  # at once: a restart continues this run
+            created = call(
+                self.client.create_run,
+                experiment.experiment_id,
+                run_name=run_name,
+                tags=tags,
+                what="create_run",
+            )
+            self.records.write_mlflow_run(
+                created.info.run_id
+            )  # at once: a restart continues this run
             # system metrics (CPU, memory, disk, network; GPUs where NVML answers) every 10 s while
             # the run trains, by MLflow's own monitor thread: system/* in the run's metrics
-            call(mlflow.start_run, run_id=created.info.run_id, log_system_metrics=True, what="start_run")
+            call(
+                mlflow.start_run,
+                run_id=created.info.run_id,
+                log_system_metrics=True,
+                what="start_run",
+            )
             # params in chunks: MLflow caps one batch at 100
             items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
             for i in range(0, len(items), 100):
-                call(self.client.log_batch, created.info.run_id, params=items[i:i + 100], what="log params")
+                call(
+                    self.client.log_batch,
+                    created.info.run_id,
+                    params=items[i : i + 100],
+                    what="log params",
+                )
         self.run_id = mlflow.active_run().info.run_id
         return not previous
 
@@ -106,8 +132,13 @@ class RunTracker:
             return known
         found = self.find(run_name, parent_run_id, fingerprint)
         if found:
-            log.warning("%s: found its MLflow run %s by name, parent and fingerprint (its id file %s was missing or "
-                        "damaged); continuing it", run_name, found, self.paths.mlflow_run)
+            log.warning(
+                "%s: found its MLflow run %s by name, parent and fingerprint (its id file %s was missing or "
+                "damaged); continuing it",
+                run_name,
+                found,
+                self.paths.mlflow_run,
+            )
             self.records.write_mlflow_run(found)
         return found
 
@@ -120,8 +151,13 @@ class RunTracker:
         query = f"attributes.run_name = '{run_name}' and tags.`{FINGERPRINT}` = '{fingerprint}'"
         if parent_run_id:
             query += f" and tags.`{PARENT_RUN}` = '{parent_run_id}'"
-        runs = call(self.client.search_runs, [experiment.experiment_id], query, order_by=["attributes.start_time DESC"],
-                    what="search_runs")
+        runs = call(
+            self.client.search_runs,
+            [experiment.experiment_id],
+            query,
+            order_by=["attributes.start_time DESC"],
+            what="search_runs",
+        )
         return next((r.info.run_id for r in runs if r.info.status != "KILLED"), "")
 
     def reconcile(self, run_name: str, parent_run_id: str = "") -> str:
@@ -151,7 +187,9 @@ class RunTracker:
                 raise
             if not (done or damage):
                 return ""
-            return self._set_aside_done(damage or self.paths.done.name, f"its MLflow run {run_id} is not in {self.uri}")
+            return self._set_aside_done(
+                damage or self.paths.done.name, f"its MLflow run {run_id} is not in {self.uri}"
+            )
         status, tags = run.info.status, run.data.tags
         if status == "FINISHED" and not done:
             model_uri = tags.get(MODEL_URI, f"runs:/{run_id}/{MODEL_ARTIFACT}")
@@ -163,9 +201,13 @@ class RunTracker:
         if done and status != "FINISHED":
             if TEST_ACCURACY in run.data.metrics and MODEL_URI in tags:
                 call(self.client.set_terminated, run_id, status="FINISHED", what="set_terminated")
-                return (f"{self.paths.done.name} here and its MLflow run {run_id} {status}, with all its results: "
-                        f"ended it FINISHED")
-            return self._set_aside_done(self.paths.done.name, f"its MLflow run {run_id} is {status} without its results")
+                return (
+                    f"{self.paths.done.name} here and its MLflow run {run_id} {status}, with all its results: "
+                    f"ended it FINISHED"
+                )
+            return self._set_aside_done(
+                self.paths.done.name, f"its MLflow run {run_id} is {status} without its results"
+            )
         if damage:
             return self._set_aside_done(damage, f"its MLflow run {run_id} is {status}")
         return ""
@@ -192,9 +234,18 @@ class RunTracker:
         """The per-epoch rows the MLflow run holds (history.csv's columns), by step."""
         rows: dict[int, dict] = {}
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            for metric in call(self.client.get_metric_history, self.run_id, key, what="metric history"):
-                row = rows.setdefault(metric.step, {"step": metric.step, "phase": 1 + (metric.step - 1) // epochs_per_phase,
-                                                    "val_loss": math.nan, "val_accuracy": math.nan})
+            for metric in call(
+                self.client.get_metric_history, self.run_id, key, what="metric history"
+            ):
+                row = rows.setdefault(
+                    metric.step,
+                    {
+                        "step": metric.step,
+                        "phase": 1 + (metric.step - 1) // epochs_per_phase,
+                        "val_loss": math.nan,
+                        "val_accuracy": math.nan,
+                    },
+                )
                 row[key] = metric.value
         return [rows[step] for step in sorted(rows) if {"loss", "accuracy"} <= set(rows[step])]
 
@@ -214,27 +265,50 @@ class RunTracker:
         with warnings.catch_warnings():
             # MLflow registers its local-file source twice (schemes "" and "file") and warns that a
             # path matches both; they are the same class
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            inputs = [mlflow.data.from_pandas(table, source=Path(path).absolute().as_uri(), name=name, digest=digest)
-                      for name, _, table, path in datasets]
-        call(mlflow.log_inputs, datasets=inputs, contexts=[context for _, context, _, _ in datasets],
-             tags_list=[None] * len(inputs), what="log_inputs")
+            warnings.filterwarnings(
+                "ignore", message="The specified dataset source can be interpreted"
+            )
+            inputs = [
+                mlflow.data.from_pandas(
+                    table, source=Path(path).absolute().as_uri(), name=name, digest=digest
+                )
+                for name, _, table, path in datasets
+            ]
+        call(
+            mlflow.log_inputs,
+            datasets=inputs,
+            contexts=[context for _, context, _, _ in datasets],
+            tags_list=[None] * len(inputs),
+            what="log_inputs",
+        )
 
     def log_epochs(self, rows: list[dict[str, float]]) -> None:
         """Per-epoch metrics; each row has a `step` (the global epoch across phases) and a `phase`
         (not logged: it is in history.csv). Each (metric, step) is logged once, whatever was
         logged before a restart, so rows may be handed over again."""
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, int(row["step"])) for row in rows
-                   for key, value in row.items() if key not in ("step", "phase") and not math.isnan(float(value))
-                   and (key, int(row["step"])) not in self.logged]
+        metrics = [
+            Metric(key, float(value), now, int(row["step"]))
+            for row in rows
+            for key, value in row.items()
+            if key not in ("step", "phase")
+            and not math.isnan(float(value))
+            and (key, int(row["step"])) not in self.logged
+        ]
         for i in range(0, len(metrics), 1000):
-            call(self.client.log_batch, self.run_id, metrics=metrics[i:i + 1000], what="log epochs")
+            call(
+                self.client.log_batch, self.run_id, metrics=metrics[i : i + 1000], what="log epochs"
+            )
         self.logged.update((m.key, m.step) for m in metrics)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if tags:
-            call(self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())], what="tags")
+            call(
+                self.client.log_batch,
+                self.run_id,
+                tags=[RunTag(k, v) for k, v in sorted(tags.items())],
+                what="tags",
+            )
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Metrics of one step; with a step, those this run already holds at it are not logged
@@ -243,7 +317,12 @@ class RunTracker:
             metrics = {k: v for k, v in metrics.items() if (k, step) not in self.logged}
             self.logged.update((k, step) for k in metrics)
         if metrics:
-            call(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step, what="log metrics")
+            call(
+                mlflow.log_metrics,
+                {k: float(v) for k, v in metrics.items()},
+                step=step,
+                what="log metrics",
+            )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         call(mlflow.log_artifact, str(path), artifact_path, what="log_artifact")
@@ -279,8 +358,12 @@ class RunTracker:
         current = call(self.client.get_run, run_id, what="get_run").info.status
         if current != "RUNNING":
             return current
-        call(self.client.set_terminated, run_id, status=RunStatus.to_string(RunStatus.from_string(status)),
-             what="set_terminated")
+        call(
+            self.client.set_terminated,
+            run_id,
+            status=RunStatus.to_string(RunStatus.from_string(status)),
+            what="set_terminated",
+        )
         return status
 
     def end_stale(self, moved_to: str) -> str:
@@ -296,22 +379,46 @@ class RunTracker:
             return ""
         call(self.client.set_tag, run_id, STALE, moved_to, what="set_tag")
         call(self.client.set_terminated, run_id, status="KILLED", what="set_terminated")
-        for version in call(self.client.search_model_versions, f"run_id = '{run_id}'", what="model versions"):
-            call(self.client.set_model_version_tag, version.name, version.version, STALE, moved_to, what="tag version")
+        for version in call(
+            self.client.search_model_versions, f"run_id = '{run_id}'", what="model versions"
+        ):
+            call(
+                self.client.set_model_version_tag,
+                version.name,
+                version.version,
+                STALE,
+                moved_to,
+                what="tag version",
+            )
         return "KILLED"
 
 
-def placement_tags(node_ip: str, node_id: str, gpu_ids: list[str], tf_gpus: list[str], cuda: str,
-                   cudnn: str, machine: dict[str, float]) -> dict[str, str]:
+def placement_tags(
+    node_ip: str,
+    node_id: str,
+    gpu_ids: list[str],
+    tf_gpus: list[str],
+    cuda: str,
+    cudnn: str,
+    machine: dict[str, float],
+) -> dict[str, str]:
     """The tags saying what a run really got: its node, the GPU ids Ray assigned, the GPUs
     TensorFlow sees there, the CUDA and cuDNN versions TensorFlow was built with, and the node's
     logical CPUs and memory (`machine`: cpus, memory_gb)."""
-    return {NODE_IP: node_ip, NODE_ID: node_id, RAY_GPU_IDS: ",".join(gpu_ids), TF_GPUS: ",".join(tf_gpus),
-            CUDA_BUILD: cuda or "none", CUDNN_BUILD: cudnn or "none", NODE_CPUS: str(int(machine["cpus"])),
-            NODE_MEMORY_GB: f"{machine['memory_gb']:.1f}"}
+    return {
+        NODE_IP: node_ip,
+        NODE_ID: node_id,
+        RAY_GPU_IDS: ",".join(gpu_ids),
+        TF_GPUS: ",".join(tf_gpus),
+        CUDA_BUILD: cuda or "none",
+        CUDNN_BUILD: cudnn or "none",
+        NODE_CPUS: str(int(machine["cpus"])),
+        NODE_MEMORY_GB: f"{machine['memory_gb']:.1f}",
+    }
 
 
 # ---------------------------------------------------------------- the grid's run folders
+
 
 def reconcile_runs(tracking: TrackingTarget, work: WorkPaths, folds: int) -> None:
     """Every run folder of the grid (`folds` x networks) made to agree with its MLflow run before

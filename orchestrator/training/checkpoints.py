@@ -29,6 +29,7 @@ class Cursor:
     """Where a run stands, saved in each checkpoint: epochs completed (global, across phases),
     the phases whose end is logged, the best validation value so far and its epoch (its weights
     are saved beside the cursor), and the run's fingerprint (orchestrator.training.identity)."""
+
     epoch: int = 0
     phases_logged: int = 0
     best_value: float | None = None
@@ -37,7 +38,9 @@ class Cursor:
 
     @classmethod
     def read(cls, path: Path) -> "Cursor":
-        data = read_json(path, "a checkpoint's cursor", "The run resumes from the checkpoint before it.")
+        data = read_json(
+            path, "a checkpoint's cursor", "The run resumes from the checkpoint before it."
+        )
         if data is None:
             raise StateError(f"{path}: no such file; expected a checkpoint's cursor.")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -16,6 +16,7 @@ log = logging.getLogger("orchestrator.training.run")  # the run's lines, under t
 
 class EpochSink(Protocol):
     """What the callback needs of the run (orchestrator.training.run.Run)."""
+
     name: str
     seconds: dict[str, float]  # where the run's time went
 
@@ -34,9 +35,17 @@ class EpochEnd(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         row = self.run.on_epoch_end(self.model, epoch + 1, logs or {})
-        metrics = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "phase") and not pd.isna(v))
-        log.info("%s: epoch %d (phase %d) %s (%.1f s)", self.run.name, epoch + 1, row["phase"], metrics,
-                 time.perf_counter() - self._epoch_start)
+        metrics = " ".join(
+            f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "phase") and not pd.isna(v)
+        )
+        log.info(
+            "%s: epoch %d (phase %d) %s (%.1f s)",
+            self.run.name,
+            epoch + 1,
+            row["phase"],
+            metrics,
+            time.perf_counter() - self._epoch_start,
+        )
 
     # Where the time goes: training steps, and the first step of a process (which traces the
     # graph). The rest (build, batch norm, validation, checkpoints, logging, evaluation) is

@@ -23,9 +23,13 @@ class FailOnce(keras.callbacks.Callback):
         if not self.paths.failed_once.exists():
             self.paths.failed_once.touch()  # once: the restarted run goes on (on any node: published)
             RunRecords(self.paths).upload(self.paths.failed_once)
-            raise InjectedFailure(f"{self.name}: failure injected by execution.fail_at in phase {self.phase}")
+            raise InjectedFailure(
+                f"{self.name}: failure injected by execution.fail_at in phase {self.phase}"
+            )
 
 
-def fault_callbacks(fail_at: str, name: str, phase: int, paths: RunPaths) -> list[keras.callbacks.Callback]:
+def fault_callbacks(
+    fail_at: str, name: str, phase: int, paths: RunPaths
+) -> list[keras.callbacks.Callback]:
     """[FailOnce] when `fail_at` ("fold1-xception:2") names this run and phase, else []."""
     return [FailOnce(name, phase, paths)] if fail_at == f"{name}:{phase}" else []

@@ -22,16 +22,29 @@ def read_history(path: Path) -> list[dict]:
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise StateError(f"{path}: expected the run's history (one row per epoch), found a file that is not a "
-                         f"readable CSV ({type(exc).__name__}).") from None
+        raise StateError(
+            f"{path}: expected the run's history (one row per epoch), found a file that is not a "
+            f"readable CSV ({type(exc).__name__})."
+        ) from None
     whole = Path(path).read_bytes().endswith(b"\n")  # write_table ends every row, the last one too
-    if list(table.columns) != list(HISTORY_COLUMNS) or not whole or table[["step", "loss"]].isna().any().any():
-        raise StateError(f"{path}: expected the run's history, whole rows of {list(HISTORY_COLUMNS)}, found "
-                         f"{len(table)} row(s) of {list(table.columns)}{'' if whole else ', the last one cut short'}.")
-    return [{**row, "step": int(row["step"]), "phase": int(row["phase"])} for row in table.to_dict("records")]
+    if (
+        list(table.columns) != list(HISTORY_COLUMNS)
+        or not whole
+        or table[["step", "loss"]].isna().any().any()
+    ):
+        raise StateError(
+            f"{path}: expected the run's history, whole rows of {list(HISTORY_COLUMNS)}, found "
+            f"{len(table)} row(s) of {list(table.columns)}{'' if whole else ', the last one cut short'}."
+        )
+    return [
+        {**row, "step": int(row["step"]), "phase": int(row["phase"])}
+        for row in table.to_dict("records")
+    ]
 
 
-def load_history(paths: RunPaths, epoch: int, tracker=None, epochs_per_phase: int = 1) -> list[dict]:
+def load_history(
+    paths: RunPaths, epoch: int, tracker=None, epochs_per_phase: int = 1
+) -> list[dict]:
     """history.csv's rows up to the checkpoint resumed from (`epoch`: later ones will be redone),
     the file rewritten with them. A damaged file is rebuilt from the epochs MLflow holds (through
     `tracker`, an orchestrator.tracking.runs.RunTracker), when it holds all of them; else
@@ -48,11 +61,17 @@ def load_history(paths: RunPaths, epoch: int, tracker=None, epochs_per_phase: in
     return rows
 
 
-def _from_mlflow(paths: RunPaths, epoch: int, damage: StateError, tracker, epochs_per_phase: int) -> list[dict]:
+def _from_mlflow(
+    paths: RunPaths, epoch: int, damage: StateError, tracker, epochs_per_phase: int
+) -> list[dict]:
     rows = tracker.epochs(epochs_per_phase) if tracker is not None else []
     if [row["step"] for row in rows if row["step"] <= epoch] != list(range(1, epoch + 1)):
-        raise StateError(f"{damage} MLflow holds epochs {[r['step'] for r in rows]} of the {epoch} the checkpoint "
-                         f"covers, not enough to rebuild it: move the run folder {paths.root} aside, and "
-                         f"the run trains anew.") from None
-    log.warning("%s; rebuilt it from the %d epochs its MLflow run holds", str(damage).rstrip("."), epoch)
+        raise StateError(
+            f"{damage} MLflow holds epochs {[r['step'] for r in rows]} of the {epoch} the checkpoint "
+            f"covers, not enough to rebuild it: move the run folder {paths.root} aside, and "
+            f"the run trains anew."
+        ) from None
+    log.warning(
+        "%s; rebuilt it from the %d epochs its MLflow run holds", str(damage).rstrip("."), epoch
+    )
     return rows

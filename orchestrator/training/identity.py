@@ -46,14 +46,18 @@ class StaleRun(ConfigError):
 @dataclass(frozen=True)
 class Identity:
     fingerprint: str
-    settings: dict[str, str]  # what the fingerprint covers, dotted: split_hash, store_key, model.*, ...
+    settings: dict[
+        str, str
+    ]  # what the fingerprint covers, dotted: split_hash, store_key, model.*, ...
 
     @classmethod
     def of(cls, work: WorkPaths, recipe: Recipe) -> Identity:
         """The identity of the runs of `recipe` on the split and store in `work`."""
         splits, store = work.splits, work.store
-        settings = {SPLIT: split_hash(splits) if (splits / SUMS_FILE).is_file() else "",
-                    STORE: StoreBuilder.written_key(store)}
+        settings = {
+            SPLIT: split_hash(splits) if (splits / SUMS_FILE).is_file() else "",
+            STORE: StoreBuilder.written_key(store),
+        }
         recipe = _absolute_weights(recipe)  # a weights path means the same file from any folder
         for section in SECTIONS:
             settings.update(flatten(getattr(recipe, section), f"{section}."))
@@ -80,16 +84,25 @@ class Identity:
     @classmethod
     def read(cls, path: Path) -> "Identity | None":
         """The identity a run folder recorded (None if none); StateError if it cannot be read."""
-        data = read_json(path, "the run's fingerprint and settings", "`cxr run --restart-stale` moves the run "
-                         "folder aside and trains the run anew.")
+        data = read_json(
+            path,
+            "the run's fingerprint and settings",
+            "`cxr run --restart-stale` moves the run folder aside and trains the run anew.",
+        )
         if data is None:
             return None
-        if not isinstance(data.get("fingerprint"), str) or not isinstance(data.get("settings"), dict):
-            raise StateError(f"{path}: expected the run's fingerprint and settings, found {sorted(data)}.")
+        if not isinstance(data.get("fingerprint"), str) or not isinstance(
+            data.get("settings"), dict
+        ):
+            raise StateError(
+                f"{path}: expected the run's fingerprint and settings, found {sorted(data)}."
+            )
         return cls(data["fingerprint"], data["settings"])
 
     def write(self, path: Path) -> Path:
-        return write_json(path, {"fingerprint": self.fingerprint, "settings": self.settings}, indent=1)
+        return write_json(
+            path, {"fingerprint": self.fingerprint, "settings": self.settings}, indent=1
+        )
 
     def changes(self, recorded: dict[str, str] | None) -> list[str]:
         """`key: recorded -> current` for each covered setting that differs (hashes shortened)."""
@@ -114,7 +127,9 @@ def recorded_settings(tags: dict[str, str], params: dict[str, str]) -> dict[str,
     """The covered settings of an MLflow run: its split and store tags and its config params.
     A run logged before some settings left the covered sections holds them among its params
     (`train.fail_at`): only the settings the sections hold today count."""
-    covered = {key for section in SECTIONS for key in flatten(getattr(Recipe(), section), f"{section}.")}
+    covered = {
+        key for section in SECTIONS for key in flatten(getattr(Recipe(), section), f"{section}.")
+    }
     settings = {SPLIT: tags.get(SPLIT_HASH, ""), STORE: tags.get(STORE_KEY, "")}
     settings.update({key: value for key, value in params.items() if key in covered})
     return settings
@@ -122,16 +137,20 @@ def recorded_settings(tags: dict[str, str], params: dict[str, str]) -> dict[str,
 
 def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
     """`key: recorded -> current` for each setting that differs (hashes shortened)."""
-    return [f"{key}: {_short(recorded.get(key, 'unset'))} -> {_short(current.get(key, 'unset'))}"
-            for key in sorted(set(recorded) | set(current)) if recorded.get(key) != current.get(key)]
+    return [
+        f"{key}: {_short(recorded.get(key, 'unset'))} -> {_short(current.get(key, 'unset'))}"
+        for key in sorted(set(recorded) | set(current))
+        if recorded.get(key) != current.get(key)
+    ]
 
 
 @dataclass(frozen=True)
 class Stale:
     """One run folder of other settings: which, what state it is in, and what changed."""
+
     name: str
     paths: RunPaths
-    state: str           # done | checkpointed | started
+    state: str  # done | checkpointed | started
     changes: list[str]
 
 
@@ -150,7 +169,11 @@ def recorded_fingerprints(paths: RunPaths) -> dict[str, str]:
         identity, found["started"] = None, ""  # unknown: not this config's
     if identity is not None:
         found["started"] = identity.fingerprint
-    elif not found and paths.root.is_dir() and any(not p.name.startswith(".") for p in paths.root.iterdir()):
+    elif (
+        not found
+        and paths.root.is_dir()
+        and any(not p.name.startswith(".") for p in paths.root.iterdir())
+    ):
         found["started"] = ""  # files, and no record of what wrote them (its lock file aside)
     return found
 
@@ -172,8 +195,11 @@ def stale_run(paths: RunPaths, current: Identity) -> Stale | None:
 def find_stale(work: WorkPaths, folds: int, current: Identity) -> list[Stale]:
     """The stale run folders of the whole grid (every fold and network): a stale run outside the
     folds asked for would still reach the parent run's report."""
-    runs = [stale_run(work.run(fold, network), current)
-            for fold in range(1, folds + 1) for network in NETWORK_NAMES]
+    runs = [
+        stale_run(work.run(fold, network), current)
+        for fold in range(1, folds + 1)
+        for network in NETWORK_NAMES
+    ]
     return [run for run in runs if run is not None]
 
 
@@ -181,20 +207,25 @@ def describe(stale: list[Stale]) -> str:
     """The stale runs, and the settings that changed (once when every run shares them)."""
     changes = {tuple(s.changes) for s in stale}
     if len(changes) == 1:
-        return "\n".join([f"  {s.name} ({s.state})" for s in stale] + ["  changed: " + "; ".join(changes.pop())])
+        return "\n".join(
+            [f"  {s.name} ({s.state})" for s in stale] + ["  changed: " + "; ".join(changes.pop())]
+        )
     return "\n".join(f"  {s.name} ({s.state}): changed " + "; ".join(s.changes) for s in stale)
 
 
 def refuse(stale: list[Stale]) -> StaleRun:
-    return StaleRun(f"{len(stale)} run folder(s) hold runs of other settings than this config's, and would "
-                    f"be resumed, skipped as done or reported with its results:\n{describe(stale)}\n"
-                    f"Expected runs of this config. Go back to the settings they were trained with, use a "
-                    f"fresh workdir, or give --restart-stale to move them to runs/.stale/ (their MLflow runs "
-                    f"end KILLED) and train them anew.")
+    return StaleRun(
+        f"{len(stale)} run folder(s) hold runs of other settings than this config's, and would "
+        f"be resumed, skipped as done or reported with its results:\n{describe(stale)}\n"
+        f"Expected runs of this config. Go back to the settings they were trained with, use a "
+        f"fresh workdir, or give --restart-stale to move them to runs/.stale/ (their MLflow runs "
+        f"end KILLED) and train them anew."
+    )
 
 
-def check_one_fingerprint(tags: dict[str, dict[str, str]], params: dict[str, dict[str, str]],
-                          expected: Identity | None) -> None:
+def check_one_fingerprint(
+    tags: dict[str, dict[str, str]], params: dict[str, dict[str, str]], expected: Identity | None
+) -> None:
     """For a report: the MLflow runs (their tags and params, by run name) must share one
     fingerprint, and `expected`'s where it is known (the config's, when its workdir holds the split
     and store to compute it); else a DataError naming the runs of each fingerprint and what differs."""
@@ -208,17 +239,25 @@ def check_one_fingerprint(tags: dict[str, dict[str, str]], params: dict[str, dic
         reference, against = expected.settings, "this config's (with its workdir's split and store)"
     else:
         first = groups[wanted][0]
-        reference, against = recorded_settings(tags[first], params[first]), f"that of {', '.join(groups[wanted])}"
+        reference, against = (
+            recorded_settings(tags[first], params[first]),
+            f"that of {', '.join(groups[wanted])}",
+        )
     lines = []
     for fingerprint, names in groups.items():
         if fingerprint != wanted:
             changed = differences(recorded_settings(tags[names[0]], params[names[0]]), reference)
-            lines.append(f"  fingerprint {fingerprint[:12] or 'none (written before fingerprints)'}: "
-                         f"{', '.join(names)}; " + ("; ".join(changed) or "the same covered settings"))
-    raise DataError(f"the runs to report differ from {against} in what decides their results; a table of them "
-                    f"would mix runs of different settings:\n" + "\n".join(lines) +
-                    "\nExpected runs of one fingerprint: rerun the stale ones (`cxr run --restart-stale`), or "
-                    "report another parent run (--run-id).")
+            lines.append(
+                f"  fingerprint {fingerprint[:12] or 'none (written before fingerprints)'}: "
+                f"{', '.join(names)}; " + ("; ".join(changed) or "the same covered settings")
+            )
+    raise DataError(
+        f"the runs to report differ from {against} in what decides their results; a table of them "
+        f"would mix runs of different settings:\n"
+        + "\n".join(lines)
+        + "\nExpected runs of one fingerprint: rerun the stale ones (`cxr run --restart-stale`), or "
+        "report another parent run (--run-id)."
+    )
 
 
 def check_run(paths: RunPaths, current: Identity) -> None:
@@ -240,15 +279,24 @@ def move_stale(work: WorkPaths, tracking: TrackingTarget, stale: list[Stale]) ->
     for run in stale:
         moved = target / run.name
         shutil.move(str(run.paths.root), str(moved))
-        remote_run.move_aside(run.paths, work.remote_of(moved))  # object storage: copied, then deleted
+        remote_run.move_aside(
+            run.paths, work.remote_of(moved)
+        )  # object storage: copied, then deleted
         tracker = RunTracker(tracking.uri, tracking.experiment, moved)
         status = tracker.end_stale(str(moved))
-        log.warning("%s: %s run of other settings moved to %s%s", run.name, run.state, moved,
-                    f"; its MLflow run is {status}" if status else "")
+        log.warning(
+            "%s: %s run of other settings moved to %s%s",
+            run.name,
+            run.state,
+            moved,
+            f"; its MLflow run is {status}" if status else "",
+        )
     return target
 
-def set_aside_stale(work: WorkPaths, folds: int, tracking: TrackingTarget, current: Identity,
-                    restart: bool) -> None:
+
+def set_aside_stale(
+    work: WorkPaths, folds: int, tracking: TrackingTarget, current: Identity, restart: bool
+) -> None:
     """Stop on run folders of other settings than `current` (naming them and what changed), or,
     when `restart`, move them to runs/.stale/<time>/ with their MLflow runs KILLED."""
     stale = find_stale(work, folds, current)
@@ -258,5 +306,3 @@ def set_aside_stale(work: WorkPaths, folds: int, tracking: TrackingTarget, curre
         raise refuse(stale)
     where = move_stale(work, tracking, stale)
     log.warning("moved %d run(s) of other settings to %s; they are trained anew", len(stale), where)
-
-

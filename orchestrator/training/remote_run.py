@@ -35,15 +35,24 @@ def fetch(paths: RunPaths, models: bool = True) -> int:
     prefix = Prefix(paths.remote)
     names = prefix.files()
     under = f"{_checkpoints(paths)}/"
-    complete = {name.rsplit("/", 1)[0] for name in names if name.startswith(under) and name.endswith(f"/{CURSOR}")}
+    complete = {
+        name.rsplit("/", 1)[0]
+        for name in names
+        if name.startswith(under) and name.endswith(f"/{CURSOR}")
+    }
     wanted = [name for name in names if _wanted(name, under, complete, models)]
     _remove_all_but(paths, set(wanted))
     # each file written aside and renamed in; a checkpoint's cursor after its other files, so that
     # a fetch cut short leaves no checkpoint that looks complete
     for name in sorted(wanted, key=lambda n: n.endswith(f"/{CURSOR}")):
         prefix.child(name).download(paths.root / name)
-    log.log(logging.INFO if wanted else logging.DEBUG, "fetched %d files of %s from %s", len(wanted),
-            paths.root.name, paths.remote)
+    log.log(
+        logging.INFO if wanted else logging.DEBUG,
+        "fetched %d files of %s from %s",
+        len(wanted),
+        paths.root.name,
+        paths.remote,
+    )
     return len(wanted)
 
 

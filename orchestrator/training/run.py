@@ -74,6 +74,7 @@ INPUT_AND_LOOP = "input and fit loop"
 class RunSetup:
     """What one run is (its network and fold, and the settings that decide what it learns), and
     how it runs."""
+
     network: str
     fold: int
     train: TrainSpec
@@ -87,13 +88,22 @@ class RunSetup:
     @classmethod
     def of(cls, job: RunJob, fingerprint: str) -> RunSetup:
         recipe = job.recipe
-        return cls(job.network, job.fold, recipe.train, recipe.augment, recipe.model.weights,
-                   fingerprint, job.checkpoint, job.execution)
+        return cls(
+            job.network,
+            job.fold,
+            recipe.train,
+            recipe.augment,
+            recipe.model.weights,
+            fingerprint,
+            job.checkpoint,
+            job.execution,
+        )
 
 
 @dataclass(frozen=True)
 class Phase:
     """The phase being fitted: its number (1-based), its images, and its epochs as global counts."""
+
     number: int
     rows: pd.DataFrame
     first_epoch: int  # epochs completed before the phase
@@ -103,31 +113,59 @@ class Phase:
 class Run:
     """One fold x network run. `train()` does everything; it resumes where a checkpoint exists."""
 
-    def __init__(self, setup: RunSetup, inputs: RunInputs, paths: RunPaths, tracker=None,
-                 report: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        setup: RunSetup,
+        inputs: RunInputs,
+        paths: RunPaths,
+        tracker=None,
+        report: Callable[[dict], None] | None = None,
+    ):
         if setup.network not in BUILDERS:
-            raise ValueError(f"network: expected one of {sorted(BUILDERS)}, received {setup.network!r}.")
+            raise ValueError(
+                f"network: expected one of {sorted(BUILDERS)}, received {setup.network!r}."
+            )
         if setup.train.selection == "best" and inputs.val is None:
-            raise DataError(f"train.selection is 'best' but the splits have no val.csv for fold {setup.fold}; "
-                            f"use a protocol with a validation set, or selection 'last'.")
-        self.setup, self.inputs, self.paths, self.tracker, self.report = setup, inputs, paths, tracker, report
+            raise DataError(
+                f"train.selection is 'best' but the splits have no val.csv for fold {setup.fold}; "
+                f"use a protocol with a validation set, or selection 'last'."
+            )
+        self.setup, self.inputs, self.paths, self.tracker, self.report = (
+            setup,
+            inputs,
+            paths,
+            tracker,
+            report,
+        )
         self.network, self.fold, self.spec = setup.network, setup.fold, setup.train
         self.batch_size = getattr(self.spec.batch_size, self.network)
         self.epochs = getattr(self.spec.epochs, self.network)  # per phase
         self.seed = self.spec.seed * 1000 + self.fold
-        self.cursor = Cursor(fingerprint=setup.fingerprint)  # where training stands: the newest checkpoint's
+        self.cursor = Cursor(
+            fingerprint=setup.fingerprint
+        )  # where training stands: the newest checkpoint's
         self.phase: Phase | None = None  # the phase being fitted
-        self.pending: list[dict] = []  # epoch rows in history.csv not yet behind a checkpoint (MLflow gets them then)
+        self.pending: list[
+            dict
+        ] = []  # epoch rows in history.csv not yet behind a checkpoint (MLflow gets them then)
         self.last_checkpoint = time.monotonic()  # the run's start is its first resume point
-        self.statistics: BatchNormStatistics | None = None  # precise batch norm: built with the model
-        self.statistics_epoch = -1  # the epoch whose training batches gave the batch-norm statistics
+        self.statistics: BatchNormStatistics | None = (
+            None  # precise batch norm: built with the model
+        )
+        self.statistics_epoch = (
+            -1
+        )  # the epoch whose training batches gave the batch-norm statistics
         self.val_stream = None  # the validation set's tf.data pipeline, made at its first use
         self.last_row: dict = {}  # the newest epoch's history row
         self.history: list[dict] = []  # history.csv's rows
-        self.redone: tuple[int, int] | None = None  # epochs trained again: a checkpoint did not load
+        self.redone: tuple[int, int] | None = (
+            None  # epochs trained again: a checkpoint did not load
+        )
         self.seconds: dict[str, float] = defaultdict(float)  # where this process's time went
         self.model_uri = ""  # the published model's, once logged
-        self.optimizer_start: list[np.ndarray] | None = None  # a model built here: what restarts it (traced)
+        self.optimizer_start: list[np.ndarray] | None = (
+            None  # a model built here: what restarts it (traced)
+        )
 
     @contextmanager
     def timed(self, what: str) -> Iterator[None]:
@@ -166,20 +204,36 @@ class Run:
         keras.utils.set_random_seed(self.seed)
         with precision_policy(self.spec.mixed_precision):
             fresh = build(self.network, self.inputs.store.image_size, self.setup.weights)
-        key = traced.key_of(self.network, self.inputs.store.image_size, self.spec, self.setup.execution.run_eagerly)
+        key = traced.key_of(
+            self.network, self.inputs.store.image_size, self.spec, self.setup.execution.run_eagerly
+        )
         if self.setup.execution.reuse_traced and (kept := traced.take(key)) is not None:
-            log.info("%s: restarting this process's traced %s from its fresh weights", self.name, self.network)
+            log.info(
+                "%s: restarting this process's traced %s from its fresh weights",
+                self.name,
+                self.network,
+            )
             self.statistics, self.optimizer_start = kept.statistics, kept.optimizer_start
             return restart_from(kept.model, fresh, kept.optimizer_start)
-        model = compile_network(fresh, self.spec.learning_rate, jit_compile=self.spec.xla,
-                                run_eagerly=self.setup.execution.run_eagerly, warmup_steps=self.spec.warmup_steps)
+        model = compile_network(
+            fresh,
+            self.spec.learning_rate,
+            jit_compile=self.spec.xla,
+            run_eagerly=self.setup.execution.run_eagerly,
+            warmup_steps=self.spec.warmup_steps,
+        )
         self.optimizer_start = optimizer_start(model)
         return model
 
     def keep_traced(self) -> None:
         """Hand the finished run's model to this process's next run of the same kind (traced)."""
         if self.setup.execution.reuse_traced and self.optimizer_start is not None:
-            key = traced.key_of(self.network, self.inputs.store.image_size, self.spec, self.setup.execution.run_eagerly)
+            key = traced.key_of(
+                self.network,
+                self.inputs.store.image_size,
+                self.spec,
+                self.setup.execution.run_eagerly,
+            )
             traced.keep(traced.Traced(key, self.model, self.optimizer_start, self.statistics))
 
     def _resume(self) -> keras.Model | None:
@@ -188,32 +242,50 @@ class Run:
         tried, newest = [], None
         for checkpoint, cursor in checkpoints.newest_first(self.paths):
             newest = newest or cursor.epoch
-            if cursor.fingerprint != self.setup.fingerprint:  # identity stops this before; a last guard
-                raise DataError(f"{checkpoint}: a checkpoint of fingerprint {cursor.fingerprint[:12] or 'none'}, "
-                                f"expected {self.setup.fingerprint[:12] or 'none'} (this config's); it is not "
-                                f"resumed.")
+            if (
+                cursor.fingerprint != self.setup.fingerprint
+            ):  # identity stops this before; a last guard
+                raise DataError(
+                    f"{checkpoint}: a checkpoint of fingerprint {cursor.fingerprint[:12] or 'none'}, "
+                    f"expected {self.setup.fingerprint[:12] or 'none'} (this config's); it is not "
+                    f"resumed."
+                )
             try:
                 model = load_for_training(checkpoint / CHECKPOINT_MODEL, self.spec.mixed_precision)
             except Exception as exc:  # Keras raises many types for a damaged file
-                log.warning("%s: checkpoint %s does not load (%s: %s); trying the one before it", self.name,
-                            checkpoint, type(exc).__name__, str(exc)[:200])
+                log.warning(
+                    "%s: checkpoint %s does not load (%s: %s); trying the one before it",
+                    self.name,
+                    checkpoint,
+                    type(exc).__name__,
+                    str(exc)[:200],
+                )
                 tried.append(checkpoint.name)
                 continue
             if tried:
-                log.warning("%s: resuming from %s instead of %s, which did not load", self.name, checkpoint.name,
-                            ", ".join(tried))
+                log.warning(
+                    "%s: resuming from %s instead of %s, which did not load",
+                    self.name,
+                    checkpoint.name,
+                    ", ".join(tried),
+                )
                 self.redone = (cursor.epoch + 1, newest)
             else:
                 log.info("resuming %s from %s", self.name, checkpoint.name)
             if self.tracker is not None:
                 self.tracker.set_tags({RESUMED_FROM: str(cursor.epoch)})
-            model.run_eagerly = self.setup.execution.run_eagerly  # a setting of this process, not of the model
+            model.run_eagerly = (
+                self.setup.execution.run_eagerly
+            )  # a setting of this process, not of the model
             self._restore_best(checkpoint)
             self.cursor = cursor
             return build_state(model)
         if tried:
-            log.warning("%s: none of its checkpoints loads (%s); it starts again from its first epoch", self.name,
-                        ", ".join(tried))
+            log.warning(
+                "%s: none of its checkpoints loads (%s); it starts again from its first epoch",
+                self.name,
+                ", ".join(tried),
+            )
             self.redone = (1, newest)
         return None
 
@@ -242,8 +314,13 @@ class Run:
         self.history = load_history(self.paths, cursor.epoch, self.tracker, self.epochs)
         if self.redone and self.tracker is not None:  # MLflow keeps each epoch's first values
             self.tracker.set_tags({EPOCHS_REDONE: "{}-{}".format(*self.redone)})
-            log.warning("%s: epochs %d-%d are trained again; MLflow keeps the values of their first training, "
-                        "history.csv gets the new ones (tag %s)", self.name, *self.redone, EPOCHS_REDONE)
+            log.warning(
+                "%s: epochs %d-%d are trained again; MLflow keeps the values of their first training, "
+                "history.csv gets the new ones (tag %s)",
+                self.name,
+                *self.redone,
+                EPOCHS_REDONE,
+            )
         if self.tracker is not None and self.history:
             # a kill between a checkpoint and MLflow's write leaves epochs only in history.csv
             self.tracker.log_epochs(self.history)
@@ -252,8 +329,15 @@ class Run:
             start, end = max(cursor.epoch, (phase - 1) * epochs), phase * epochs
             self.phase = Phase(phase, rows, first_epoch=(phase - 1) * epochs, last_epoch=end)
             if start < end:
-                log.info("%s: phase %d/%d, epochs %d-%d, %d images", self.name, phase, len(self.inputs.phases),
-                         start + 1, end, len(rows))
+                log.info(
+                    "%s: phase %d/%d, epochs %d-%d, %d images",
+                    self.name,
+                    phase,
+                    len(self.inputs.phases),
+                    start + 1,
+                    end,
+                    len(rows),
+                )
                 self._fit_phase(model, start)
             # also when resumed from the phase's last checkpoint before its end was logged
             if cursor.phases_logged < phase and cursor.epoch == end:
@@ -265,18 +349,36 @@ class Run:
         return self.spec.steps_per_epoch or math.ceil(len(rows) / self.batch_size)
 
     def _stream(self, rows: pd.DataFrame, first_epoch: int, epochs: int, steps: int):
-        return training_stream(self.inputs.store, rows, self.batch_size, seed=self.seed, augment=self.setup.augment,
-                               first_epoch=first_epoch, epochs=epochs, steps_per_epoch=steps)
+        return training_stream(
+            self.inputs.store,
+            rows,
+            self.batch_size,
+            seed=self.seed,
+            augment=self.setup.augment,
+            first_epoch=first_epoch,
+            epochs=epochs,
+            steps_per_epoch=steps,
+        )
 
     def _fit_phase(self, model: keras.Model, start: int) -> None:
         phase = self.phase
         steps = self._steps(phase.rows)
         # validation is the callback's (after the batch-norm statistics), not fit's; an injected
         # failure (execution.fail_at, tests) comes after the epoch's checkpoint
-        callbacks = [EpochEnd(self), *fault_callbacks(self.setup.execution.fail_at, self.name, phase.number, self.paths)]
+        callbacks = [
+            EpochEnd(self),
+            *fault_callbacks(self.setup.execution.fail_at, self.name, phase.number, self.paths),
+        ]
         timed, began = sum(self.seconds.values()), time.perf_counter()
-        model.fit(self._stream(phase.rows, start, phase.last_epoch - start, steps), initial_epoch=start,
-                  epochs=phase.last_epoch, steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
+        model.fit(
+            self._stream(phase.rows, start, phase.last_epoch - start, steps),
+            initial_epoch=start,
+            epochs=phase.last_epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+        )
         # what the phase's fit spent outside the step, batch-norm, validation, checkpoint and logging
         # timers: building its tf.data pipeline, making each augmented batch on the run's own cores
         # between steps, and Keras' loop
@@ -288,13 +390,23 @@ class Run:
         cursor, phase = self.cursor, self.phase
         cursor.epoch = epoch
         every = self.spec.validation_freq  # 0: at the phase's end
-        if self.inputs.val is not None and (epoch % every == 0 if every else epoch == phase.last_epoch):
+        if self.inputs.val is not None and (
+            epoch % every == 0 if every else epoch == phase.last_epoch
+        ):
             logs.update(self._validate(model, epoch))
-        row = {"step": epoch, "phase": phase.number, **{k: float(logs[k]) for k in EPOCH_METRICS if k in logs}}
+        row = {
+            "step": epoch,
+            "phase": phase.number,
+            **{k: float(logs[k]) for k in EPOCH_METRICS if k in logs},
+        }
         self._append_history(row)
         self.last_row = row  # the phase summary's, at the phase's end
         value = row.get(self.spec.monitor)
-        if self.spec.selection == "best" and value is not None and cursor.improves(value, self.spec.monitor_mode):
+        if (
+            self.spec.selection == "best"
+            and value is not None
+            and cursor.improves(value, self.spec.monitor_mode)
+        ):
             cursor.best_value, cursor.best_epoch = float(value), epoch
             save_weights_only(model, self.paths.best_weights_tmp).replace(self.paths.best_weights)
         if self._checkpoint_due(epoch):
@@ -311,17 +423,26 @@ class Run:
     def _validate(self, model: keras.Model, epoch: int) -> dict[str, float]:
         self._fresh_statistics(model, self.phase.rows, epoch)
         with self.timed("validation"):
-            if self.val_stream is None:  # made once: each new tf.data pipeline traces its functions again
-                self.val_stream = eval_stream(self.inputs.store, self.inputs.val, self.setup.execution.eval_batch_size)
+            if (
+                self.val_stream is None
+            ):  # made once: each new tf.data pipeline traces its functions again
+                self.val_stream = eval_stream(
+                    self.inputs.store, self.inputs.val, self.setup.execution.eval_batch_size
+                )
             probabilities = predict_stream(model, self.val_stream)
         targets = one_hot(self.inputs.val["label"])
         # Keras' categorical cross-entropy (probabilities clipped to [1e-7, 1 - 1e-7]) and accuracy
         loss = -np.sum(targets * np.log(np.clip(probabilities, 1e-7, 1 - 1e-7)), axis=1).mean()
-        return {"val_loss": float(loss), "val_accuracy": accuracy(targets.argmax(axis=1), probabilities.argmax(axis=1))}
+        return {
+            "val_loss": float(loss),
+            "val_accuracy": accuracy(targets.argmax(axis=1), probabilities.argmax(axis=1)),
+        }
 
     def predict(self, model: keras.Model, rows: pd.DataFrame) -> np.ndarray:
         """Class probabilities of `rows`, in order, in inference mode."""
-        return predict_stream(model, eval_stream(self.inputs.store, rows, self.setup.execution.eval_batch_size))
+        return predict_stream(
+            model, eval_stream(self.inputs.store, rows, self.setup.execution.eval_batch_size)
+        )
 
     def _fresh_statistics(self, model: keras.Model, rows: pd.DataFrame, epoch: int) -> None:
         """Precise batch norm: the population statistics of the training batches of `epoch` (the
@@ -367,9 +488,19 @@ class Run:
         """The phase's summary metrics and weights to MLflow, then recorded as logged in the cursor
         (and in the phase's checkpoint, so that a restart from it does not log them again)."""
         cursor, phase = self.cursor, self.phase.number
-        self._fresh_statistics(model, self.phase.rows, cursor.epoch)  # the phase's weights are usable as they are
-        last = self.last_row if self.last_row.get("step") == cursor.epoch else self._history_row(cursor.epoch)
-        summary = {f"phase_{k}": v for k, v in last.items() if k not in ("step", "phase") and not pd.isna(v)}
+        self._fresh_statistics(
+            model, self.phase.rows, cursor.epoch
+        )  # the phase's weights are usable as they are
+        last = (
+            self.last_row
+            if self.last_row.get("step") == cursor.epoch
+            else self._history_row(cursor.epoch)
+        )
+        summary = {
+            f"phase_{k}": v
+            for k, v in last.items()
+            if k not in ("step", "phase") and not pd.isna(v)
+        }
         if self.tracker is not None:
             with self.timed("logging"):
                 self._log_phase(model, phase, summary)
@@ -388,7 +519,9 @@ class Run:
             self.tracker.log_artifact(weights, "checkpoints")
             weights.unlink()
         elif self.setup.checkpoint.log == "full":
-            self.tracker.log_artifact(checkpoints.complete(self.paths)[-1] / CHECKPOINT_MODEL, f"checkpoints/phase{phase}")
+            self.tracker.log_artifact(
+                checkpoints.complete(self.paths)[-1] / CHECKPOINT_MODEL, f"checkpoints/phase{phase}"
+            )
 
     # ------------------------------------------------------------ selection and evaluation
 
@@ -397,8 +530,13 @@ class Run:
         if self.spec.selection == "best" and self.paths.best_weights.is_file():
             # the best epoch's weights with the batch-norm statistics it was validated with
             load_weights_only(model, self.paths.best_weights)
-            log.info("%s: selected the best weights on the validation set (epoch %d, %s %.4f)", self.name,
-                     cursor.best_epoch, self.spec.monitor, cursor.best_value)
+            log.info(
+                "%s: selected the best weights on the validation set (epoch %d, %s %.4f)",
+                self.name,
+                cursor.best_epoch,
+                self.spec.monitor,
+                cursor.best_value,
+            )
         else:
             self._fresh_statistics(model, self.inputs.phases[-1], cursor.epoch)
         return model
@@ -407,8 +545,15 @@ class Run:
         test = self.inputs.test
         with self.timed("evaluation"):
             probabilities = self.predict(model, test)
-        predictions = pd.concat([pd.DataFrame({"image_id": test["image_id"].to_numpy(),
-                                               "label": test["label"].to_numpy()}), prediction_cells(probabilities)], axis=1)
+        predictions = pd.concat(
+            [
+                pd.DataFrame(
+                    {"image_id": test["image_id"].to_numpy(), "label": test["label"].to_numpy()}
+                ),
+                prediction_cells(probabilities),
+            ],
+            axis=1,
+        )
         # the report's patient bootstrap and fold overlap, and its results by source dataset
         for column in (PATIENT_COLUMN, SOURCE_COLUMN):
             predictions[column] = test[column].to_numpy()

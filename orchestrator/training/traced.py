@@ -24,9 +24,12 @@ from models.batchnorm import BatchNormStatistics
 @dataclass(frozen=True)
 class Traced:
     """A compiled model whose steps are traced, what restarts it, and its batch-norm probe."""
+
     key: Hashable  # what the traced steps depend on: network, image size, compilation settings
     model: keras.Model
-    optimizer_start: list[np.ndarray]  # models.training.optimizer_start, taken before its first step
+    optimizer_start: list[
+        np.ndarray
+    ]  # models.training.optimizer_start, taken before its first step
     statistics: BatchNormStatistics | None
 
 
@@ -36,8 +39,16 @@ _kept: Traced | None = None
 def key_of(network: str, image_size: int, spec, run_eagerly: bool) -> tuple:
     """What a traced model's steps depend on: the network, its input, and the compilation
     (`spec`, an orchestrator.config.TrainSpec, and eager mode)."""
-    return (network, image_size, spec.learning_rate, spec.warmup_steps, spec.mixed_precision, spec.xla,
-            run_eagerly, spec.batchnorm)
+    return (
+        network,
+        image_size,
+        spec.learning_rate,
+        spec.warmup_steps,
+        spec.mixed_precision,
+        spec.xla,
+        run_eagerly,
+        spec.batchnorm,
+    )
 
 
 def take(key: Hashable) -> Traced | None:

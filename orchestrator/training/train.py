@@ -36,9 +36,14 @@ from orchestrator.training.run import Run, RunSetup
 log = logging.getLogger(__name__)
 
 
-def train_and_evaluate(job: RunJob, parent_run_id: str = "",
-                       report: Callable[[dict], None] | None = None, placement: dict[str, str] | None = None,
-                       lock_owner: str = "", keep_traced: bool = False) -> Path:
+def train_and_evaluate(
+    job: RunJob,
+    parent_run_id: str = "",
+    report: Callable[[dict], None] | None = None,
+    placement: dict[str, str] | None = None,
+    lock_owner: str = "",
+    keep_traced: bool = False,
+) -> Path:
     """Train and evaluate one run (`job`, orchestrator.training.job.RunJob), tracked in MLflow.
 
     `placement`: tags saying where this attempt runs (node, GPUs), set again by a resumed run.
@@ -51,8 +56,13 @@ def train_and_evaluate(job: RunJob, parent_run_id: str = "",
     """
     paths = job.paths
     stale_after = job.lock_stale_seconds
-    lock = FileLock(paths.lock, f"run folder {paths.root}", stale_after, owner=lock_owner,
-                    command=f"the trainer of {run_name(job.fold, job.network)}")
+    lock = FileLock(
+        paths.lock,
+        f"run folder {paths.root}",
+        stale_after,
+        owner=lock_owner,
+        command=f"the trainer of {run_name(job.fold, job.network)}",
+    )
     lock.acquire(wait=stale_after * 1.25)  # an earlier attempt that died: its heartbeat goes stale
     try:
         remote_run.fetch(paths)  # on object storage: the bucket's run, whatever this node held
@@ -61,13 +71,17 @@ def train_and_evaluate(job: RunJob, parent_run_id: str = "",
         lock.release()
 
 
-def _train_and_evaluate(job: RunJob, parent_run_id: str, report, placement, keep_traced: bool) -> Path:
+def _train_and_evaluate(
+    job: RunJob, parent_run_id: str, report, placement, keep_traced: bool
+) -> Path:
     started = time.perf_counter()  # the run's set-up, timed: lock, MLflow run, inputs
     fold, network, work = job.fold, job.network, job.work
     paths, name, records = job.paths, run_name(fold, network), RunRecords(job.paths)
     identity = Identity.of(work, job.recipe)
     tracker = RunTracker(job.tracking.uri, job.tracking.experiment, paths, work.mlruns)
-    if found := tracker.reconcile(name, parent_run_id):  # a kill between MLflow's FINISHED and done.json
+    if found := tracker.reconcile(
+        name, parent_run_id
+    ):  # a kill between MLflow's FINISHED and done.json
         log.warning("%s: %s", name, found)
     check_run(paths, identity)
     if records.is_done():
@@ -76,20 +90,35 @@ def _train_and_evaluate(job: RunJob, parent_run_id: str, report, placement, keep
         return paths.root
     inputs = RunInputs.load(work.store, work.splits, fold, job.phases)
     if not paths.identity.is_file():
-        records.upload(identity.write(paths.identity))  # first, so that nothing in the folder predates it
-    tags = {names.FOLD: str(fold), names.NETWORK: network, names.PROTOCOL: inputs.split_meta.protocol,
-            names.VALIDATION: inputs.split_meta.validation, names.SOURCE_NAME: "cxr (orchestrator.training)",
-            names.SELECTION_ON_TEST_POOL: str(inputs.split_meta.validation == "test_pool"
-                                              and job.recipe.train.selection == "best").lower(),
-            names.FINGERPRINT: identity.fingerprint, **package_versions()}
+        records.upload(
+            identity.write(paths.identity)
+        )  # first, so that nothing in the folder predates it
+    tags = {
+        names.FOLD: str(fold),
+        names.NETWORK: network,
+        names.PROTOCOL: inputs.split_meta.protocol,
+        names.VALIDATION: inputs.split_meta.validation,
+        names.SOURCE_NAME: "cxr (orchestrator.training)",
+        names.SELECTION_ON_TEST_POOL: str(
+            inputs.split_meta.validation == "test_pool" and job.recipe.train.selection == "best"
+        ).lower(),
+        names.FINGERPRINT: identity.fingerprint,
+        **package_versions(),
+    }
     # set on every attempt, like the placement: what the run is, and where this attempt runs
-    identity_tags = {names.FINGERPRINT: identity.fingerprint, names.SPLIT_HASH: identity.split_hash,
-                     names.STORE_KEY: identity.store_key, **(placement or {})}
+    identity_tags = {
+        names.FINGERPRINT: identity.fingerprint,
+        names.SPLIT_HASH: identity.split_hash,
+        names.STORE_KEY: identity.store_key,
+        **(placement or {}),
+    }
     run = None
     try:  # from the run's opening on, any error ends it FAILED (Ctrl-C: KILLED), never RUNNING
         params = {**job.params, "fold": str(fold), "network": network}
         if tracker.open(name, tags, params, parent_run_id):
-            tracker.log_datasets(run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16])
+            tracker.log_datasets(
+                run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16]
+            )
         tracker.set_tags(identity_tags)
         setup = RunSetup.of(job, identity.fingerprint)
         run = Run(setup, inputs, paths, tracker, report)
@@ -107,7 +136,9 @@ def _train_and_evaluate(job: RunJob, parent_run_id: str, report, placement, keep
     # done.json. A kill between the last two leaves a FINISHED run that `reconcile` completes.
     with run.timed("run close"):
         tracker.close("FINISHED")
-        records.upload(paths.predictions, paths.history)  # before done.json, which says they are there
+        records.upload(
+            paths.predictions, paths.history
+        )  # before done.json, which says they are there
         records.write_done(tracker.run_id, identity.fingerprint, run.model_uri)
         discard_checkpoints(paths)
     run.save_timing()
@@ -122,15 +153,23 @@ def discard_checkpoints(paths: RunPaths) -> None:
     remote_run.discard_checkpoints(paths)
 
 
-def log_results(run: Run, tracker, predictions: pd.DataFrame, title: str, limits: dict | None = None) -> None:
+def log_results(
+    run: Run, tracker, predictions: pd.DataFrame, title: str, limits: dict | None = None
+) -> None:
     """The test accuracy and AUC, predictions, confusion matrix, history and the selected model."""
     with run.timed("logging"):
         matrix = confusion(predictions["label"], predictions["pred"])
         figure = confusion_matrix_figure(matrix, CLASSES, title, run.paths.confusion_matrix)
         auc = macro_auc(predictions["label"], predictions[list(PROBABILITY_COLUMNS)].to_numpy())
-        tracker.log_metrics({TEST_ACCURACY: accuracy(predictions["label"], predictions["pred"]),
-                             **({TEST_AUC: auc} if not math.isnan(auc) else {})})
+        tracker.log_metrics(
+            {
+                TEST_ACCURACY: accuracy(predictions["label"], predictions["pred"]),
+                **({TEST_AUC: auc} if not math.isnan(auc) else {}),
+            }
+        )
         for artifact in (run.paths.predictions, figure, run.paths.history):
             tracker.log_artifact(artifact)
         run.model_uri = tracker.log_model(run.model, run.paths.root, limits)
-    tracker.set_tags({MODEL_URI: run.model_uri})  # done.json's, should a kill come before it is written
+    tracker.set_tags(
+        {MODEL_URI: run.model_uri}
+    )  # done.json's, should a kill come before it is written

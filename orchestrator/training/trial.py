@@ -26,14 +26,24 @@ from orchestrator.training.job import RunJob
 from orchestrator.training.run import Run, RunSetup
 
 
-def train_trial(job: RunJob, parent_run_id: str, params: dict[str, str],
-                report: Callable[[dict], None], placement: dict[str, str] | None = None,
-                lock_owner: str = "") -> str:
+def train_trial(
+    job: RunJob,
+    parent_run_id: str,
+    params: dict[str, str],
+    report: Callable[[dict], None],
+    placement: dict[str, str] | None = None,
+    lock_owner: str = "",
+) -> str:
     """Train one trial (`job`, its run storage the trial's folder); returns its MLflow run id.
     `params`: the sampled settings, logged beside the config's. `report` gets each epoch's row."""
     paths = job.paths
-    lock = FileLock(paths.lock, f"trial folder {paths.root}", job.lock_stale_seconds, owner=lock_owner,
-                    command=f"the trial {paths.root.parent.parent.name}")
+    lock = FileLock(
+        paths.lock,
+        f"trial folder {paths.root}",
+        job.lock_stale_seconds,
+        owner=lock_owner,
+        command=f"the trial {paths.root.parent.parent.name}",
+    )
     lock.acquire(wait=job.lock_stale_seconds * 1.25)
     try:
         return _train_trial(job, parent_run_id, params, report, placement)
@@ -48,18 +58,30 @@ def _train_trial(job: RunJob, parent_run_id, params, report, placement) -> str:
     trial = Path(work.storage).name
     tracker = RunTracker(job.tracking.uri, job.tracking.experiment, paths.root, work.mlruns)
     inputs = RunInputs.load(work.store, work.splits, fold, job.phases, test=False)
-    tags = {names.ROLE: names.TRIAL_ROLE, names.FOLD: str(fold), names.NETWORK: network,
-            names.PROTOCOL: inputs.split_meta.protocol, names.VALIDATION: inputs.split_meta.validation,
-            names.FINGERPRINT: identity.fingerprint, names.SPLIT_HASH: identity.split_hash,
-            names.SOURCE_NAME: "cxr tune (orchestrator.training.trial)", **package_versions(), **(placement or {})}
+    tags = {
+        names.ROLE: names.TRIAL_ROLE,
+        names.FOLD: str(fold),
+        names.NETWORK: network,
+        names.PROTOCOL: inputs.split_meta.protocol,
+        names.VALIDATION: inputs.split_meta.validation,
+        names.FINGERPRINT: identity.fingerprint,
+        names.SPLIT_HASH: identity.split_hash,
+        names.SOURCE_NAME: "cxr tune (orchestrator.training.trial)",
+        **package_versions(),
+        **(placement or {}),
+    }
     run = None
     try:
         all_params = {**job.params, "fold": str(fold), "network": network, **params}
         if tracker.open(f"{trial} {run_name(fold, network)}", tags, all_params, parent_run_id):
-            tracker.log_datasets(run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16])
+            tracker.log_datasets(
+                run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16]
+            )
         setup = RunSetup.of(job, identity.fingerprint)
 
-        def reported(row: dict) -> None:  # a trial is never resumed: each epoch to MLflow at once, then to Tune
+        def reported(
+            row: dict,
+        ) -> None:  # a trial is never resumed: each epoch to MLflow at once, then to Tune
             tracker.log_epochs([row])
             report(row)
 
