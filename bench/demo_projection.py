@@ -20,18 +20,20 @@ from pathlib import Path
 from bench.scheduling import makespan
 from models.catalog import NETWORK_COST
 from orchestrator.paths import WorkPaths, run_name
-from orchestrator.training.records import RunRecords
+from orchestrator.tracking.records import RunRecords
 
 
 def run_seconds(workdir: Path, folds: int, overhead: float) -> dict[str, float]:
-    """Each run's trainer seconds (its timing.json) plus `overhead`; a run without timers is an error."""
+    """Each run's trainer seconds (its timing.json) plus `overhead`; a run without timers is an
+    error."""
     paths, seconds = WorkPaths(workdir), {}
     for fold in range(1, folds + 1):
         for network in NETWORK_COST:
             timers = RunRecords(paths.run(fold, network)).read_timing()
             if not timers:
                 raise SystemExit(
-                    f"{paths.run(fold, network).timing}: expected a finished run's timers, found none."
+                    f"{paths.run(fold, network).timing}: expected a finished run's timers, "
+                    f"found none."
                 )
             seconds[run_name(fold, network)] = sum(timers.values()) + overhead
     return seconds
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     for cores in (int(c) for c in args.cores.split(",")):
         print(
-            f"{cores:>3} cores: training stage about {makespan(list(seconds.values()), cores):,.0f} s"
+            f"{cores:>3} cores: training stage about "
+            f"{makespan(list(seconds.values()), cores):,.0f} s"
         )
 
 

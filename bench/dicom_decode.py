@@ -63,7 +63,8 @@ def main() -> None:
             pixel_array(ds, decoding_plugin="pylibjpeg"),
         )
         print(
-            f"{f.name}: {a.shape}, max |pillow - pylibjpeg| = {int(np.abs(a.astype(int) - b).max())}"
+            f"{f.name}: {a.shape}, "
+            f"max |pillow - pylibjpeg| = {int(np.abs(a.astype(int) - b).max())}"
         )
     pillow = rate(datasets, "pillow", args.repeats)
     libjpeg = rate(datasets, "pylibjpeg", args.repeats)

@@ -74,8 +74,8 @@ def main() -> None:
         "TF_NUM_INTEROP_THREADS": "1",
     }
     print(
-        f"{args.phases} phases x {args.steps} steps of batch {args.batch} at {args.size} px, validation and "
-        f"predict; one thread"
+        f"{args.phases} phases x {args.steps} steps of batch {args.batch} at {args.size} px, "
+        f"validation and predict; one thread"
     )
     for network in args.networks.split(","):
         seconds = {}

@@ -70,7 +70,8 @@ def main() -> None:
         ours, p_ours = rate_ours(model, store, rows, args.batch)
         authors, p_authors = rate_authors(model, rows, args.size)
     print(
-        f"{args.network} at {args.size}x{args.size}, {args.images} images, CPU cores: {os.cpu_count()}"
+        f"{args.network} at {args.size}x{args.size}, {args.images} images, "
+        f"CPU cores: {os.cpu_count()}"
     )
     print(f"same predictions: max |difference| = {np.abs(p_ours - p_authors).max():.2e}")
     print(f"ours (batched, {args.batch} per batch):     {ours:8.1f} images/s")

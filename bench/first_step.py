@@ -28,7 +28,9 @@ from models.networks import build
 from models.training import build_state
 network, size, ours = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "ours"
 model = build(network, size)
-model.compile(optimizer=keras.optimizers.Nadam(1e-4), loss="categorical_crossentropy", metrics=["accuracy"])
+model.compile(
+    optimizer=keras.optimizers.Nadam(1e-4), loss="categorical_crossentropy", metrics=["accuracy"]
+)
 x = np.random.default_rng(0).random((8, size, size, 3), np.float32)
 y = np.eye(3, dtype=np.float32)[np.arange(8) % 3]
 start = time.perf_counter()
@@ -59,7 +61,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=72)
     args = parser.parse_args()
     print(
-        f"first training step (build, trace, run) at {args.size}x{args.size}, batch 8, Nadam, one thread"
+        f"first training step (build, trace, run) at {args.size}x{args.size}, batch 8, Nadam, "
+        f"one thread"
     )
     for network in args.networks.split(","):
         keras_default, ours = (
@@ -67,7 +70,8 @@ def main() -> None:
             first_step(network, args.size, True),
         )
         print(
-            f"{network:>13}: Keras default {keras_default:6.1f} s   ours (state built first) {ours:6.1f} s   "
+            f"{network:>13}: Keras default {keras_default:6.1f} s   "
+            f"ours (state built first) {ours:6.1f} s   "
             f"ratio {keras_default / ours:.1f}x"
         )
 

@@ -1,7 +1,9 @@
 """Benchmark: the demo's training runs with each process's traced network restarted for its next
-run of the same kind (`execution.reuse_traced`, orchestrator.training.traced) against a trace per run.
+run of the same kind (`execution.reuse_traced`, orchestrator.training.traced) against a trace per
+run.
 
-Run: .venv/bin/python -m bench.fixed_cost [--folds 1,2,3] [--networks resnet50v2] [--set KEY=VALUE ...]
+Run: .venv/bin/python -m bench.fixed_cost [--folds 1,2,3] [--networks resnet50v2]
+     [--set KEY=VALUE ...]
 
 Both arms are `cxr train --config configs/demo.yaml` on copies of one prepared workdir (the demo's
 synthetic data, manifest, store and splits, made once), on a local Ray: the same runs, two at a
@@ -134,7 +136,8 @@ def main() -> None:
                 args.overrides,
             )
             print(
-                f"{name}: training runs {results[name]['training']:.0f} s (command {results[name]['wall']:.0f} s)"
+                f"{name}: training runs {results[name]['training']:.0f} s "
+                f"(command {results[name]['wall']:.0f} s)"
             )
             print(f"  {results[name]['inside']}\n  {results[name]['split']}")
     base, ours = (

@@ -27,8 +27,9 @@ s_test's 631 images and the batch-norm recomputation every epoch, the 11,302-ima
 of the 15 runs on 1 and on 8 devices.
 
 Each network x precision trains in a process of its own, and evaluates in another: a fresh
-memory counter each, and an out-of-memory that cannot take the other measurements with it. Each result is appended to --out
-as one JSON line when it is measured, so a run stopped at a time limit keeps what it had.
+memory counter each, and an out-of-memory that cannot take the other measurements with it. Each
+result is appended to --out as one JSON line when it is measured, so a run stopped at a time limit
+keeps what it had.
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ PAPER = {
     "batch": {"xception": 30, "resnet50v2": 30, "concatenated": 20},
     "phases": 8,
     "epochs": 100,  # per phase
-    "phase_images": 633,  # 149 COVID-19 + 34 covid-dataset pneumonia (shared) + 250 normal + 200 pneumonia
-    "val_images": 631,  # s_test: the fold's 31 test COVID-19 + 300 normal + 300 pneumonia, every epoch
-    "batchnorm_batches": 10,  # precise batch norm: training batches forwarded before each validation
+    # 149 COVID-19 + 34 covid-dataset pneumonia (shared) + 250 normal + 200 pneumonia
+    "phase_images": 633,
+    # s_test: the fold's 31 test COVID-19 + 300 normal + 300 pneumonia, every epoch
+    "val_images": 631,
+    # precise batch norm: training batches forwarded before each validation
+    "batchnorm_batches": 10,
     "test_images": 11302,
     "folds": 5,
 }
@@ -448,7 +452,8 @@ def measured(record: dict) -> tuple:
 
 
 def first_batches(records: list[dict]) -> dict[tuple, dict]:
-    """Per backend, size, network and precision, the training record of the smallest batch that fitted."""
+    """Per backend, size, network and precision, the training record of the smallest batch that
+    fitted."""
     first: dict[tuple, dict] = {}
     for r in records:
         if r.get("kind") == "train" and r.get("fits"):
@@ -467,8 +472,8 @@ def tables(records: list[dict], gpus: list[int], peak_tflops: float) -> str:
         "Forward GFLOP per image: "
         + ", ".join(f"{n} {g:.1f} at {s}x{s}" for (n, s), g in flops.items()),
         "",
-        "| backend, size | network | precision | batch | images/s | step ms | first step s | peak GiB | TFLOP/s "
-        "| share of peak |",
+        "| backend, size | network | precision | batch | images/s | step ms | first step s "
+        "| peak GiB | TFLOP/s | share of peak |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in (r for r in records if r.get("kind") == "train"):
@@ -479,19 +484,20 @@ def tables(records: list[dict], gpus: list[int], peak_tflops: float) -> str:
         tflops = 3 * r["forward_gflop"] * r["images_per_s"] / 1000
         peak = f"{r['peak_bytes'] / GIB:.1f}" if r.get("peak_bytes") else "n/a"
         lines.append(
-            f"{where} {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['first_step_s']:.1f} | {peak} "
-            f"| {tflops:.1f} | {tflops / peak_tflops:.1%} |"
+            f"{where} {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['first_step_s']:.1f} "
+            f"| {peak} | {tflops:.1f} | {tflops / peak_tflops:.1%} |"
         )
     lines += [
         "",
-        "| backend, size | network | precision | batched predict, images/s | one predict per image, "
-        "images/s | ratio |",
+        "| backend, size | network | precision | batched predict, images/s "
+        "| one predict per image, images/s | ratio |",
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     for r in (r for r in records if r.get("kind") == "eval"):
         lines.append(
-            f"| {r['backend']} {r['size']} | {r['network']} | {r['precision']} | {r['eval_images_per_s']:.1f} "
-            f"(batch {r['eval_batch']}) | {r['loop_images_per_s']:.1f} | {r['eval_ratio']:.1f}x |"
+            f"| {r['backend']} {r['size']} | {r['network']} | {r['precision']} "
+            f"| {r['eval_images_per_s']:.1f} (batch {r['eval_batch']}) "
+            f"| {r['loop_images_per_s']:.1f} | {r['eval_ratio']:.1f}x |"
         )
     lines += [
         "",
@@ -501,8 +507,8 @@ def tables(records: list[dict], gpus: list[int], peak_tflops: float) -> str:
     for r in projection(records, gpus):
         share = f" ({r['train_share']:.0%} training)" if "train_share" in r else ""
         lines.append(
-            f"| {r['backend']} {r['size']} | {r['network']} | {r['precision']} | {r.get('batch', '')} "
-            f"| {r['run_h']:.2f}{share} |"
+            f"| {r['backend']} {r['size']} | {r['network']} | {r['precision']} "
+            f"| {r.get('batch', '')} | {r['run_h']:.2f}{share} |"
         )
     failed = [
         f"- {r['network']} {r['precision']}: {r['error']}"

@@ -126,8 +126,8 @@ def main() -> None:
         ours = rate_ours(store, rows, args.epochs)
         authors = rate_authors(folder, rows, args.baseline_epochs)
     print(
-        f"images: {args.images} PNG files of {args.source_size}x{args.source_size}, batches of {BATCH} at "
-        f"{SIZE}x{SIZE}, Table 2 augmentations"
+        f"images: {args.images} PNG files of {args.source_size}x{args.source_size}, "
+        f"batches of {BATCH} at {SIZE}x{SIZE}, Table 2 augmentations"
     )
     print(f"ours (store + tf.data):                  {ours:8.1f} images/s")
     print(f"authors (ImageDataGenerator, PNG files): {authors:8.1f} images/s")

@@ -99,11 +99,12 @@ def main() -> None:
         ours, p_ours = rate_ours(classifier, files, args.batch)
         authors, p_authors = rate_authors(classifier.members[0], files, args.size)
     print(
-        f"{args.network} at {args.size}x{args.size}, {args.images} PNG files of {args.side}x{args.side}, "
-        f"CPU cores: {os.cpu_count()}"
+        f"{args.network} at {args.size}x{args.size}, "
+        f"{args.images} PNG files of {args.side}x{args.side}, CPU cores: {os.cpu_count()}"
     )
     print(
-        f"probabilities: max |difference| = {np.abs(p_ours - p_authors).max():.2e} (the two resizes differ)"
+        f"probabilities: max |difference| = {np.abs(p_ours - p_authors).max():.2e} "
+        f"(the two resizes differ)"
     )
     print(f"cxr predict (batches of {args.batch}):     {ours:8.2f} images/s")
     print(f"authors (load_img + predict per image): {authors:8.2f} images/s")

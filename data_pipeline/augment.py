@@ -40,7 +40,8 @@ class AugmentSpec:
     def __post_init__(self) -> None:
         if self.fill_mode not in FILL_MODES:
             raise ValueError(
-                f"augment.fill_mode: expected one of {list(FILL_MODES)}, received {self.fill_mode!r}."
+                f"augment.fill_mode: expected one of {list(FILL_MODES)}, "
+                f"received {self.fill_mode!r}."
             )
         for name in ("rotation", "zoom", "shift", "shear"):
             if getattr(self, name) < 0:

@@ -97,7 +97,8 @@ class DecodeError(ValueError):
 
 def too_large(width: int, height: int, frames: int, spec: DecodeSpec) -> str:
     return (
-        f"the image declares {width} x {height} pixels{f' x {frames} frames' if frames > 1 else ''}, more "
+        f"the image declares {width} x {height} "
+        f"pixels{f' x {frames} frames' if frames > 1 else ''}, more "
         f"than decode.max_pixels ({spec.max_pixels:,})"
     )
 
@@ -324,22 +325,32 @@ def _display_values(ds: pydicom.Dataset, raw: np.ndarray) -> np.ndarray:
                 float(ds.get("RescaleSlope", 1) or 1),
                 float(ds.get("RescaleIntercept", 0) or 0),
             )
-        rescale = lambda block: block.astype(np.float32) * np.float32(slope) + np.float32(intercept)  # noqa: E731
+
+        def rescale(block: np.ndarray) -> np.ndarray:
+            return block.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
         if lut:  # the first VOI LUT (PS3.3 C.11.2.1.1), pydicom's; its output depth to 0..255
             depth = float(2 ** int(lut[0].LUTDescriptor[2]) - 1)
-            to_display = lambda block: _stretch(
-                apply_voi_lut(rescale(block), ds, index=0, prefer_lut=True),  # noqa: E731
-                0.0,
-                depth,
-            )
+
+            def to_display(block: np.ndarray) -> np.ndarray:
+                return _stretch(
+                    apply_voi_lut(rescale(block), ds, index=0, prefer_lut=True), 0.0, depth
+                )
+
         elif window is not None:
             function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
-            to_display = lambda block: _apply_window(rescale(block), *window, function)  # noqa: E731
+
+            def to_display(block: np.ndarray) -> np.ndarray:
+                return _apply_window(rescale(block), *window, function)
+
         else:  # no VOI: the range of the output units, stretched
             lo, hi = sorted(
                 (float(raw.min()) * slope + intercept, float(raw.max()) * slope + intercept)
             )
-            to_display = lambda block: _stretch(rescale(block), lo, hi)  # noqa: E731
+
+            def to_display(block: np.ndarray) -> np.ndarray:
+                return _stretch(rescale(block), lo, hi)
+
         image = _by_rows(raw, to_display)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         image = 255 - image
@@ -359,7 +370,10 @@ def _window(ds: pydicom.Dataset) -> tuple[float, float] | None:
     """The first (centre, width) of the header, or None; multi-valued windows give several."""
     if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
         return None
-    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
+
+    def first(v) -> float:
+        return float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+
     return first(ds.WindowCenter), first(ds.WindowWidth)
 
 

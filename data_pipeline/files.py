@@ -89,8 +89,8 @@ def read_json(path: Path, what: str, remedy: str) -> dict | None:
     except ValueError:
         found = f"{len(text)} bytes" if text.strip() else "an empty file"
         raise StateError(
-            f"{path}: expected {what} as a JSON object, found {found} that is not one (cut short?). "
-            f"{remedy}"
+            f"{path}: expected {what} as a JSON object, found {found} that is not one "
+            f"(cut short?). {remedy}"
         ) from None
     if not isinstance(record, dict):
         raise StateError(

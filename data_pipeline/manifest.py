@@ -122,7 +122,8 @@ def record_file(out: Path) -> Path:
 
 
 def is_current(out: Path, key: str) -> bool:
-    """Whether the manifest at `out` was built from inputs of `key`, and is the file written then."""
+    """Whether the manifest at `out` was built from inputs of `key`, and is the file written
+    then."""
     try:
         record = read_json(record_file(out), "the manifest's key", "It is rebuilt.")
     except StateError:
@@ -158,7 +159,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
     bad = ~table["label"].isin(CLASSES)
     if bad.any():
         raise DataError(
-            f"{path}: column 'label' must be one of {list(CLASSES)}; found {sorted(set(table.loc[bad, 'label']))}."
+            f"{path}: column 'label' must be one of {list(CLASSES)}; "
+            f"found {sorted(set(table.loc[bad, 'label']))}."
         )
     return table
 
@@ -178,7 +180,8 @@ def class_counts(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def describe(result: ManifestResult, out: Path, skipped_path: Path | None) -> list[str]:
-    """`cxr manifest`'s lines: the class counts, where the manifest went, what was left out and why."""
+    """`cxr manifest`'s lines: the class counts, where the manifest went, what was left out and
+    why."""
     lines = [
         class_counts(result.manifest).to_string(index=False),
         f"{len(result.manifest)} images -> {out}",

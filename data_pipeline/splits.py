@@ -81,7 +81,8 @@ class SplitSpec:
             )
         if self.protocol == "import" and not self.import_dir:
             raise ValueError(
-                "splits.import_dir: the import protocol needs the folder of the authors' split files."
+                "splits.import_dir: the import protocol needs the folder of the authors' "
+                "split files."
             )
         if self.val_folds < 2:
             raise ValueError(f"splits.val_folds: expected at least 2, received {self.val_folds}.")
@@ -105,14 +106,15 @@ def make_splits(manifest: pd.DataFrame, spec: SplitSpec) -> Splits:
     if rsna_grouped_by_person(manifest):
         rsna = manifest[manifest["source"] == RSNA_SOURCE]
         notes = [
-            f"RSNA images are grouped by person: {rsna['patient_id'].nunique()} persons for {len(rsna)} "
-            f"images, from RSNA's mapping to NIH ChestX-ray14 and NIH's patient ids."
+            f"RSNA images are grouped by person: {rsna['patient_id'].nunique()} persons "
+            f"for {len(rsna)} images, from RSNA's mapping to NIH ChestX-ray14 "
+            f"and NIH's patient ids."
         ]
     else:
         notes = [
             "RSNA ids are per image, not per person: without RSNA's mapping to NIH ChestX-ray14 "
-            "(data.rsna_mapping, data.nih_entries) RSNA images are grouped by image, and one person's "
-            "images could sit on both sides."
+            "(data.rsna_mapping, data.nih_entries) RSNA images are grouped by image, "
+            "and one person's images could sit on both sides."
         ]
     if spec.protocol == "paper":
         folds = {k: _paper_fold(manifest, spec, k) for k in range(1, spec.folds + 1)}
@@ -220,7 +222,8 @@ def hold_out_patients(
             reachable[i, counts[i] :] |= reachable[i + 1, : n_images + 1 - counts[i]]
     if not reachable[0, n_images]:
         raise DataError(
-            f"{what}: no set of whole patients has exactly {n_images} images; change the configured count."
+            f"{what}: no set of whole patients has exactly {n_images} images; "
+            f"change the configured count."
         )
     chosen, remaining = [], n_images
     for i, patient in enumerate(order):
@@ -328,12 +331,13 @@ def _read_authors_file(path: Path, by_name: pd.DataFrame) -> pd.DataFrame:
             zip(
                 table.loc[disagree, "filename"],
                 table.loc[disagree, "class"],
-                rows.loc[disagree, "label"], strict=False,
+                rows.loc[disagree, "label"],
+                strict=False,
             )
         )
         raise DataError(
-            f"{path}: column 'class' disagrees with the manifest for {int(disagree.sum())} image(s) "
-            f"(file, theirs, ours): {shown[:10]}."
+            f"{path}: column 'class' disagrees with the manifest "
+            f"for {int(disagree.sum())} image(s) (file, theirs, ours): {shown[:10]}."
         )
     return rows
 
@@ -387,9 +391,9 @@ def group_stratified_folds(
 
     The criterion is sklearn's `StratifiedGroupKFold` (each group, largest first, goes where the
     spread of the strata's per-fold shares grows least), but sklearn walks every group in Python:
-    about 15 s per call on RSNA's 14,863 one-image persons, 91 of the sound splits' 95 s. A
-    one-image group holds one stratum, so those are dealt per stratum, each to the fold holding the
-    fewest of it; only the multi-image groups take the greedy walk (1 s for the whole split).
+    on RSNA's 14,863 one-image persons that walk is most of a sound split's time. A one-image
+    group holds one stratum, so those are dealt per stratum, each to the fold holding the fewest
+    of it; only the multi-image groups, far fewer, take the greedy walk.
     """
     rng = np.random.default_rng(seed)
     group_names, group_of = np.unique(groups, return_inverse=True)
@@ -573,7 +577,8 @@ class SplitMeta:
         data = json.loads(path.read_text())
         if not isinstance(data.get("spec"), dict):
             raise DataError(
-                f"{path}: expected a 'spec' mapping (the split settings), found {data.get('spec')!r}."
+                f"{path}: expected a 'spec' mapping (the split settings), "
+                f"found {data.get('spec')!r}."
             )
         return cls(
             spec=data["spec"],

@@ -65,9 +65,10 @@ class StoreError(DataError):
 
 
 def decode_resized(source: Source, size: int, limits: DecodeSpec = DEFAULT) -> np.ndarray:
-    """Decode (a path, or a file's bytes) with the readers' decoder, then resize to size x size (the paper squashes, it does
-    not pad: aspect ratio is not kept). Pillow's bilinear filter widens with the reduction
-    factor, so large radiographs are area-averaged rather than aliased."""
+    """Decode (a path, or a file's bytes) with the readers' decoder, then resize to size x size
+    (the paper squashes, it does not pad: aspect ratio is not kept). Pillow's bilinear filter
+    widens with the reduction factor, so large radiographs are area-averaged rather than
+    aliased."""
     image = Image.fromarray(decode_image(source, limits))
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
@@ -138,12 +139,20 @@ class StoreBuilder:
 
     @staticmethod
     def written_key(out: Path) -> str:
-        """The key of the complete store at `out` ("" if there is none): what its images came from."""
+        """The key of the complete store at `out` ("" if there is none): what its images came
+        from."""
         meta = Path(out) / STORE_META
         return json.loads(meta.read_text()).get("key", "") if meta.is_file() else ""
 
     def chunks(self) -> list[list[tuple[int, str, str]]]:
-        items = list(zip(range(len(self.manifest)), self.manifest["path"], self.manifest["view"], strict=False))
+        items = list(
+            zip(
+                range(len(self.manifest)),
+                self.manifest["path"],
+                self.manifest["view"],
+                strict=False,
+            )
+        )
         n = self.spec.chunk_size
         return [items[i : i + n] for i in range(0, len(items), n)]
 
@@ -158,7 +167,9 @@ class StoreBuilder:
         )
 
     def add(self, result: ChunkResult) -> None:
-        for position, image, view in zip(result.positions, result.images, result.views, strict=False):
+        for position, image, view in zip(
+            result.positions, result.images, result.views, strict=False
+        ):
             self._images[position] = image
             self._views[position] = view
             self._done[position] = True
@@ -178,7 +189,8 @@ class StoreBuilder:
                 report = self.out.with_name(self.out.name + ".failures.csv")
                 failures.to_csv(report, index=False, lineterminator="\n")
                 shown = "; ".join(
-                    f"{p}: {r}" for p, r in zip(failures["path"][:5], failures["reason"][:5], strict=False)
+                    f"{p}: {r}"
+                    for p, r in zip(failures["path"][:5], failures["reason"][:5], strict=False)
                 )
                 raise StoreError(
                     f"{len(failures)} image(s) could not be decoded ({shown}). All are listed in "
@@ -288,6 +300,7 @@ class ImageStore:
         if len(missing):
             raise StoreError(
                 f"{self.root}: {len(missing)} image(s) are not in the store: {list(missing[:10])}; "
-                f"rebuild it from the same manifest (`cxr prepare`), or split without failed images."
+                f"rebuild it from the same manifest (`cxr prepare`), "
+                f"or split without failed images."
             )
         return lookup.loc[ids].to_numpy()

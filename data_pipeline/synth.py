@@ -10,8 +10,9 @@ must drop are there too (lateral views, CT rows, other findings, `No Lung Opacit
 Images carry a class-dependent pattern a network can learn: pneumonia is one dense opacity (in
 RSNA images, inside the labelled boxes), COVID-19 is bilateral, multifocal haze with a reticular
 texture in both lungs, normal lungs are clear. No cue depends on where it sits, so all of them
-survive the paper's augmentations (rotations of 0-360 degrees, flips). Same seed, same bytes: every random draw comes
-from generators seeded by (seed, item), and nothing depends on time or the machine.
+survive the paper's augmentations (rotations of 0-360 degrees, flips). Same seed, same bytes:
+every random draw comes from generators seeded by (seed, item), and nothing depends on time or
+the machine.
 """
 
 from __future__ import annotations
@@ -408,8 +409,9 @@ def _write_rsna(root: Path, s: Scale, seed: int, phi_markers: bool = False) -> d
 
 
 def _write_rsna_images(folder: Path, todo: list[RsnaImage], size: int, seed: int) -> None:
-    """Pixels and DICOM encoding, about 3 ms a file in pydicom: the paper scale's 15,463 files
-    are split over the machine's cores (spawned, not forked: the caller may hold threads)."""
+    """Pixels and DICOM encoding, file by file in pydicom: the paper scale's 15,463 files add up,
+    so they are split over the machine's cores (spawned, not forked: the caller may hold
+    threads)."""
     workers = min(os.cpu_count() or 1, 8)
     if len(todo) < PARALLEL_FROM or workers == 1:
         _write_rsna_chunk(folder, todo, size, seed)
@@ -430,7 +432,8 @@ def _write_rsna_chunk(folder: Path, todo: list[RsnaImage], size: int, seed: int)
 
 
 def _boxes(rng: random.Random) -> list[tuple[float, float, float, float]]:
-    """1-3 opacity boxes (x, y, width, height) in the 1024 frame, inside the lungs like real ones."""
+    """1-3 opacity boxes (x, y, width, height) in the 1024 frame, inside the lungs like real
+    ones."""
     boxes = []
     for side in rng.sample([0, 1], rng.choice([1, 1, 2])):
         w, h = rng.uniform(150, 260), rng.uniform(200, 380)

@@ -140,6 +140,7 @@ def input_size(model: keras.Model) -> int:
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or shape[1] != shape[2] or shape[1] is None or shape[3] != 3:
         raise ModelError(
-            f"model {model.name!r}: expected a square 3-channel image input, found input shape {shape}."
+            f"model {model.name!r}: expected a square 3-channel image input, "
+            f"found input shape {shape}."
         )
     return int(shape[1])

@@ -6,9 +6,9 @@
   public `Model.load_weights` into a freshly built network.
 - Building the training state ahead of `fit`: without a distribution strategy Keras creates the
   optimizer's, loss's and metrics' variables inside the first trace of the train step, and
-  TensorFlow then traces the step twice (40 s instead of 17 s for Xception at 72x72 on one CPU
-  core: bench/first_step.py). `Model._symbolic_build` is the method `fit` itself calls under a
-  strategy.
+  TensorFlow then traces the step twice, more than doubling the first step's cost
+  (bench/first_step.py measures it). `Model._symbolic_build` is the method `fit` itself calls
+  under a strategy.
 
 tests/test_keras_adapter.py pins what the project relies on from each; pyproject.toml pins Keras
 to the minor version those tests ran on.

@@ -41,8 +41,9 @@ def backbone(name: str, inputs: keras.KerasTensor, weights: str) -> keras.Model:
         if weights == "imagenet":
             raise WeightsError(
                 f"could not download the ImageNet weights of {name} (no internet here?). Download "
-                f"{IMAGENET_FILES[name]} on a machine that has it, put it in a folder and set model.weights "
-                f"to that folder, or set model.weights to 'none' to train from random weights."
+                f"{IMAGENET_FILES[name]} on a machine that has it, put it in a folder and set "
+                f"model.weights to that folder, or set model.weights to 'none' to train from "
+                f"random weights."
             ) from exc
         raise
 

@@ -17,6 +17,7 @@ PRECISIONS: dict[str, str] = {
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(
-            f"train.mixed_precision: expected one of {', '.join(PRECISIONS)}, received {precision!r}."
+            f"train.mixed_precision: expected one of {', '.join(PRECISIONS)}, "
+            f"received {precision!r}."
         )
     return precision

@@ -117,7 +117,8 @@ def check_request(cells: list, limits: dict) -> None:
     holds 3 bytes in 4 characters): nothing is decoded for a request that is refused."""
     if len(cells) > limits["max_rows"]:
         _refuse(
-            f"the request holds {len(cells)} images; this model takes at most {limits['max_rows']} a request "
+            f"the request holds {len(cells)} images; "
+            f"this model takes at most {limits['max_rows']} a request "
             f"(max_rows): send them in several requests"
         )
     total = 0
@@ -137,7 +138,8 @@ def check_request(cells: list, limits: dict) -> None:
         total += size
     if total > limits["max_request_bytes"]:
         _refuse(
-            f"the request holds {total:,} bytes of images, more than this model's max_request_bytes "
+            f"the request holds {total:,} bytes of images, "
+            f"more than this model's max_request_bytes "
             f"({limits['max_request_bytes']:,}): send them in several requests"
         )
 

@@ -36,7 +36,8 @@ def load_for_training(path: Path, precision: str) -> keras.Model:
     """A compiled `.keras` checkpoint, as it was trained. It is loaded under its precision's policy:
     the file keeps each layer's policy but not the model's, and Keras wraps the optimizer in loss
     scaling only when it compiles a model whose own policy is mixed_float16. Loaded outside, a
-    float16 run would resume without loss scaling, and its optimizer's saved state would not load."""
+    float16 run would resume without loss scaling, and its optimizer's saved state would not
+    load."""
     with precision_policy(precision):
         return keras.models.load_model(path, safe_mode=True)
 
@@ -94,7 +95,9 @@ def restart_from(model: keras.Model, fresh: keras.Model, start: list[np.ndarray]
     restarted this way traces nothing, and learns as the same network built and compiled in a
     fresh process would (tests/test_trainer.py compares their histories)."""
     mine, theirs = model.variables, fresh.variables
-    if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs, strict=False)):
+    if len(mine) != len(theirs) or any(
+        a.shape != b.shape for a, b in zip(mine, theirs, strict=False)
+    ):
         raise ValueError(
             f"restart_from: expected {model.name}'s {len(mine)} variables in {fresh.name}, "
             f"received {len(theirs)} of other shapes."

@@ -113,8 +113,8 @@ class FileLock:
         self._record: Holder | None = None
 
     def acquire(self, wait: float = 0.0) -> "FileLock":
-        """Take the lock, taking it over from a holder that is gone; waits up to `wait` seconds for a
-        live holder, then raises Locked naming it."""
+        """Take the lock, taking it over from a holder that is gone; waits up to `wait` seconds for
+        a live holder, then raises Locked naming it."""
         deadline = time.monotonic() + wait
         while not self._create():
             holder = self._holder()
@@ -126,10 +126,10 @@ class FileLock:
                 continue
             if time.monotonic() >= deadline:
                 raise Locked(
-                    f"{self.what} is held by {holder.describe()}; expected it free. Wait for that command "
-                    f"to end, or stop it with {holder.how_to_stop()}. A holder that has died is taken "
-                    f"over by itself once its heartbeat is {self.stale_after:g} s old, or at once with "
-                    f"`cxr unlock --config <config>` ({self.path})."
+                    f"{self.what} is held by {holder.describe()}; expected it free. Wait for that "
+                    f"command to end, or stop it with {holder.how_to_stop()}. A holder that has "
+                    f"died is taken over by itself once its heartbeat is {self.stale_after:g} s "
+                    f"old, or at once with `cxr unlock --config <config>` ({self.path})."
                 )
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         self._beat = threading.Thread(
@@ -191,14 +191,18 @@ class FileLock:
             return Holder.read(self.path)
         except StateError:  # not a record this module writes (it links only complete ones)
             raise StateError(
-                f"{self.path}: {self.what}'s lock file is not a lock record; expected one written by "
-                f"cxr. If no cxr command runs on it, remove the file."
+                f"{self.path}: {self.what}'s lock file is not a lock record; expected one written "
+                f"by cxr. If no cxr command runs on it, remove the file."
             ) from None
 
     def _earlier_attempt(self, holder: Holder) -> str:
-        """A run folder's lock from an earlier attempt of the same driver on another host, or dead."""
+        """A run folder's lock from an earlier attempt of the same driver on another host, or
+        dead."""
         if self.owner and holder.owner == self.owner and holder.host != socket.gethostname():
-            return f"it is an earlier attempt of the same driver, on {holder.host}, which Ray restarted"
+            return (
+                f"it is an earlier attempt of the same driver, on {holder.host}, "
+                f"which Ray restarted"
+            )
         return ""
 
     def _take_over(self, holder: Holder, reason: str) -> None:
@@ -213,7 +217,8 @@ class FileLock:
         except StateError:
             moved = None
         if moved is not None and (moved.token, moved.heartbeat) != (holder.token, holder.heartbeat):
-            try:  # refreshed between the reading and the move: put it back, unless a new one is there
+            # refreshed between the reading and the move: put it back, unless a new one is there
+            try:
                 os.link(aside, self.path)
             except FileExistsError:
                 pass
@@ -265,8 +270,8 @@ def unlock(path: Path, what: str, stale_after: float) -> str:
     reason = holder.gone(stale_after)
     if not reason:
         raise Locked(
-            f"{what} is held by {holder.describe()}, whose heartbeat is fresh; refusing to unlock it. "
-            f"Stop that command first with {holder.how_to_stop()}."
+            f"{what} is held by {holder.describe()}, whose heartbeat is fresh; refusing to unlock "
+            f"it. Stop that command first with {holder.how_to_stop()}."
         )
     path.unlink(missing_ok=True)
     return f"{what}: removed the lock of {holder.describe()}: {reason}"

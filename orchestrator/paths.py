@@ -1,6 +1,6 @@
 """Where each stage leaves its files: the workdir, the run folders and an external validation's
 folder, as paths only. Nothing here reads or writes: the run records are read and written by
-orchestrator.training.records, and the store and splits by their own modules.
+orchestrator.tracking.records, and the store and splits by their own modules.
 
 It imports neither TensorFlow nor MLflow: the driver and the Ray workers read the same paths.
 """

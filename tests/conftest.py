@@ -40,8 +40,8 @@ TINY_PHASES = ["--set", "splits.phase_normal=8", "--set", "splits.phase_pneumoni
 
 
 # `cxr` arguments that shrink configs/paper.yaml to the tiny synthetic data and a few steps, for the
-# orchestration tests: only sizes and steps change, plus what this machine cannot do as the paper did
-# (its datasets and ImageNet weights are not here; no GPU: its GPUs are logical, or none).
+# orchestration tests: only sizes and steps change, plus what this machine cannot do as the paper
+# did (its datasets and ImageNet weights are not here; no GPU: its GPUs are logical, or none).
 # 1 phase of 1 step, eager Keras (2 steps cost less than tracing them) and Keras' own batch-norm
 # averages (no statistics to recompute) keep the suite short; phases, graph mode, precise batch
 # norm and learning are tested in test_trainer.py, test_batchnorm.py and test_learning.py.
@@ -68,7 +68,8 @@ PAPER_SHRINK = [
         "train.batchnorm_batches=1",
         "execution.run_eagerly=true",
         "train.batchnorm=moving",
-        # runs of a minute restart from scratch rather than write checkpoints (test_trainer resumes them)
+        # runs of a minute restart from scratch rather than write checkpoints (test_trainer
+        # resumes them)
         "checkpoint.min_seconds=600",
     )
 ]
@@ -194,9 +195,9 @@ def tiny_store(tiny_manifest, tmp_path_factory):
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory):
     """One run of the single-run trainer that learns: Xception, fold 1, the demo's data, splits
-    and settings (72x72, the demo's milder augmentations, random weights, 8 phases x 1 epoch, precise
-    batch norm, best-on-validation selection). Trained once per session (about two minutes);
-    every test that needs a trained model uses it."""
+    and settings (72x72, the demo's milder augmentations, random weights, 8 phases x 1 epoch,
+    precise batch norm, best-on-validation selection). Trained once per session (about two
+    minutes); every test that needs a trained model uses it."""
     import time
     from types import SimpleNamespace
 

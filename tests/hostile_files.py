@@ -53,7 +53,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def png_claiming(width: int, height: int, bit_depth: int, colour_type: int = 0) -> bytes:
-    """A valid PNG of zero pixels, its IDAT compressed row by row (a few KB per hundred megabytes)."""
+    """A valid PNG of zero pixels, its IDAT compressed row by row (a few KB per hundred
+    megabytes)."""
     channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
     row = b"\0" + bytes((width * channels * bit_depth + 7) // 8)
     compressor = zlib.compressobj(9)
@@ -149,7 +150,8 @@ def bombs() -> dict[str, bytes]:
 
 
 def png_with_size(data: bytes, width: int, height: int) -> bytes:
-    """The PNG with its IHDR's size replaced (and its CRC made right, so that the header is believed)."""
+    """The PNG with its IHDR's size replaced (and its CRC made right, so that the header is
+    believed)."""
     at = data.index(b"IHDR")
     header = struct.pack(">II", width, height) + data[at + 12 : at + 17]
     return (

@@ -707,7 +707,8 @@ def _guard(command: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in ("fixed", "guard"):
         sys.exit(
-            "usage: ray_clusters.py fixed|guard '<json>' (started by FixedCluster, AutoscalingCluster)"
+            "usage: ray_clusters.py fixed|guard '<json>' "
+            "(started by FixedCluster, AutoscalingCluster)"
         )
     if sys.argv[1] == "fixed":
         _serve_fixed(json.loads(sys.argv[2]))

@@ -239,7 +239,7 @@ def code_strings(path: Path) -> list[str]:
 def test_the_run_records_are_spelled_by_their_owner_only():
     """The MLflow run id, the parent's record and done.json (and the run folder's other state
     files) are named in orchestrator/paths.py, and read and written through their owners
-    (orchestrator/training/records.py, the identity and the checkpoints' cursor)."""
+    (orchestrator/tracking/records.py, the identity and the checkpoints' cursor)."""
     records = (
         "done.json",
         "mlflow_run.json",
@@ -256,3 +256,56 @@ def test_the_run_records_are_spelled_by_their_owner_only():
         if any(name in text for name in records)
     ]
     assert not found, found
+
+
+# ---------------------------------------------------------------- each stage gets its own settings
+
+FRONT_DOOR = ("orchestrator/cli/", "orchestrator/driver/")  # they hold the whole config
+MOST_WHOLE_CONFIG = 10  # the few entry points of a command beside them
+MOST_LINES = 80
+
+
+def functions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    tree = ast.parse(path.read_text(), str(path))
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def whole_config_functions(paths: list[Path]) -> list[str]:
+    """`file:function` for each function with a parameter of type Config (or an untyped
+    `config`): the functions that receive the whole config rather than their section."""
+    found = []
+    for path in paths:
+        for function in functions(path):
+            arguments = function.args
+            for argument in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]:
+                kind = ast.unparse(argument.annotation).strip("\"'") if argument.annotation else ""
+                if kind.rsplit(".", 1)[-1] == "Config" or (argument.arg == "config" and not kind):
+                    where = relative(path) if path.is_relative_to(ROOT) else path.name
+                    found.append(f"{where}:{function.name}")
+    return found
+
+
+def test_the_whole_config_stops_at_the_front_door_and_a_few_entry_points():
+    below = [p for p in sources("orchestrator") if not relative(p).startswith(FRONT_DOOR)]
+    found = whole_config_functions(below)
+    assert len(found) <= MOST_WHOLE_CONFIG, found
+
+
+def test_the_whole_config_counter_finds_one(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text(
+        "def a(config: Config): ...\ndef b(config): ...\ndef c(cfg: 'config.Config'): ...\n"
+        "def d(work: WorkPaths, config_name: str): ...\n"
+    )
+    found = [name.rsplit(":", 1)[1] for name in whole_config_functions([module])]
+    assert found == ["a", "b", "c"]
+
+
+def test_no_function_of_the_orchestrator_or_the_libraries_over_80_lines():
+    long = [
+        f"{relative(p)}:{f.name} ({f.end_lineno - f.lineno + 1} lines)"
+        for p in sources(*PACKAGES, "bench")
+        for f in functions(p)
+        if f.end_lineno - f.lineno + 1 > MOST_LINES
+    ]
+    assert not long, long

@@ -41,7 +41,8 @@ def test_the_probe_finds_a_marker_burned_into_one_source(marked):
     config, audit = marked
     border = audit["probes"]["border"]
     print(
-        f"border probe with the marker: AUC {border['auc']:.3f} ({border['ci_low']:.3f}-{border['ci_high']:.3f})"
+        f"border probe with the marker: AUC {border['auc']:.3f} "
+        f"({border['ci_low']:.3f}-{border['ci_high']:.3f})"
     )
     assert border["auc"] > 0.95 and border["ci_low"] > 0.9
     assert json.loads(config.paths.audit.read_text())["probes"]["border"]["auc"] == border["auc"]
@@ -52,7 +53,8 @@ def test_without_the_marker_the_probe_finds_nothing(unmarked):
     _, audit = unmarked
     for name, result in audit["probes"].items():
         print(
-            f"{name} probe without the marker: AUC {result['auc']:.3f} ({result['ci_low']:.3f}-{result['ci_high']:.3f})"
+            f"{name} probe without the marker: AUC {result['auc']:.3f} "
+            f"({result['ci_low']:.3f}-{result['ci_high']:.3f})"
         )
         assert result["ci_low"] < 0.5 < result["ci_high"], name
 

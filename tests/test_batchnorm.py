@@ -30,7 +30,8 @@ def test_recomputed_statistics_are_the_population_statistics_in_training_mode():
         np.random.default_rng(i).normal(2.0, 3.0, (n, 16, 16, 3)).astype(np.float32)
         for i, n in enumerate((8, 8, 5))
     ]  # a short last batch: batches weigh by their size
-    # by hand: bn1's input is conv1's output; bn2's input follows bn1 in training mode (batch statistics)
+    # by hand: bn1's input is conv1's output; bn2's input follows bn1 in training mode (batch
+    # statistics)
     conv1, bn1, conv2 = (model.get_layer(n) for n in ("conv1", "bn1", "conv2"))
     first = [conv1(b).numpy() for b in batches]
     second = [conv2(tf.nn.relu(bn1(f, training=True))).numpy() for f in first]
@@ -65,7 +66,9 @@ def test_inference_mode_uses_them_and_the_weights_are_untouched():
     before = model.predict(x, verbose=0)
     BatchNormStatistics(model).recompute([x])
     after = model.predict(x, verbose=0)
-    assert all(np.array_equal(a, w.numpy()) for a, w in zip(weights, model.trainable_weights, strict=False))
+    assert all(
+        np.array_equal(a, w.numpy()) for a, w in zip(weights, model.trainable_weights, strict=False)
+    )
     # on the batch the statistics came from, inference mode now equals training mode
     np.testing.assert_allclose(after, model(x, training=True).numpy(), atol=1e-5)
     assert not np.allclose(before, after, atol=1e-3)

@@ -44,7 +44,8 @@ SUBMIT_SETS = {
     "data.covid_root": "$CXR_SHARED/",
     "data.rsna_root": "$CXR_SHARED/",
 }
-# the object-storage variant's submit block (clusters/README.md, "Object storage: the steps that differ")
+# the object-storage variant's submit block (clusters/README.md, "Object storage: the steps that
+# differ")
 S3_SUBMIT_FIRST_LINE = (
     "ray job submit --runtime-env clusters/runtime_env.yaml -- "
     "cxr run --config configs/paper.yaml \\"
@@ -453,15 +454,16 @@ def test_submit_command_refuses_malformed_blocks(text, message):
         submit_command(text)
 
 
-# ------------------------------------------------------------------------------------ object storage
+# ----------------------------------------------------------------------------------- object storage
 
 
 SHARED_FILE_SYSTEM = re.compile(
     r"(?i)\bnfs4?\b|\befs\b|amazonaws\.com:/|/mnt/shared|persistentvolumeclaim|"
     r"readwritemany"
 )
-# a credential given its value in a file (`AWS_SECRET_ACCESS_KEY=abc`, `aws_access_key_id: abc`); a shell
-# variable or placeholder (`"$S"`, `<key>`, `%s`) is not a value. Kubernetes env entries: on the parsed manifests
+# a credential given its value in a file (`AWS_SECRET_ACCESS_KEY=abc`, `aws_access_key_id: abc`);
+# a shell variable or placeholder (`"$S"`, `<key>`, `%s`) is not a value. Kubernetes env entries:
+# on the parsed manifests
 AWS_CREDENTIAL = re.compile(
     r"(?i)\b(aws_secret_access_key|aws_access_key_id|aws_session_token)[\"']?\s*[:=]\s*[\"']?"
     r"(?![\s\"'$<{%])\S"
@@ -574,7 +576,8 @@ def test_readme_s3_submit_command_expands_to_a_bucket_and_head_paths_that_the_co
     sets = s3_submit_sets()
     assert sets["cluster.storage_path"] == f"s3://{BUCKET}/work/paper"
     assert sets["tracking.uri"] == "http://10.0.0.5:5000"
-    # the workdir and the datasets are on the head's disk, the datasets where `ray rsync-up` put them
+    # the workdir and the datasets are on the head's disk, the datasets where `ray rsync-up` put
+    # them
     (destination,) = re.findall(
         rf"^ray rsync-up clusters/{re.escape(S3_LAUNCHER)} data/ (\S+)$", text, flags=re.M
     )
@@ -594,7 +597,8 @@ def test_every_s3_launcher_node_starts_ray_with_its_cache_on_its_own_disk():
         if option.startswith("-v ")
     )
     assert mounts.get(LOCAL) == LOCAL, mounts  # the host's disk, at the same path in the container
-    # the host prepares it first: the instance store when there is one, else a folder on the root volume
+    # the host prepares it first: the instance store when there is one, else a folder on the root
+    # volume
     (prepare,) = [c for c in launcher["initialization_commands"] if f"mkdir -p {LOCAL}" in c]
     assert "Instance Storage" in prepare and f'mount "$dev" {LOCAL}' in prepare
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -705,7 +709,8 @@ def test_s3_recipes_take_the_buckets_credentials_from_roles_never_from_the_files
     launcher = load(S3_LAUNCHER)
     for name, node_type in launcher["available_node_types"].items():
         assert ROLE_ARN.fullmatch(node_type["node_config"]["IamInstanceProfile"]["Arn"]), name
-    # no Kubernetes container is given an AWS key as a literal value: only Secrets or the ServiceAccount
+    # no Kubernetes container is given an AWS key as a literal value: only Secrets or the
+    # ServiceAccount
     for name in (S3_RAYJOB, S3_MLFLOW):
         for document in load_all(name):
             for mapping in walk(document):

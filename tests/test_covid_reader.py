@@ -52,7 +52,9 @@ def test_real_metadata_versions_give_the_papers_filter_counts(tmp_path, version,
     assert skipped.empty
     assert set(rows["view"]) <= {"PA", "AP", "AP Supine", "AP semi erect"}
     assert rows["image_id"].is_unique
-    assert all(Path(p) == root / "images" / i for p, i in zip(rows["path"], rows["image_id"], strict=False))
+    assert all(
+        Path(p) == root / "images" / i for p, i in zip(rows["path"], rows["image_id"], strict=False)
+    )
 
 
 def test_current_hierarchical_schema_maps_to_the_same_classes(tmp_path):

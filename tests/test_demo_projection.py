@@ -1,4 +1,5 @@
-"""bench/demo_projection.py: the runs' own timers, placed longest first onto the cores (hand-counted)."""
+"""bench/demo_projection.py: the runs' own timers, placed longest first onto the cores
+(hand-counted)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from bench.demo_projection import main
 from bench.scheduling import makespan
 from models.catalog import NETWORK_COST
 from orchestrator.paths import WorkPaths
-from orchestrator.training.records import RunRecords
+from orchestrator.tracking.records import RunRecords
 
 
 def test_longest_first_onto_the_free_worker():

@@ -37,7 +37,8 @@ def test_cpu_runs_gpus_seen_and_the_fallback_pass():
 
 
 def test_the_node_probe_reports_what_tensorflow_sees():
-    """What `cxr doctor` runs on each node, in a process of its own, against this process's TensorFlow."""
+    """What `cxr doctor` runs on each node, in a process of its own, against this process's
+    TensorFlow."""
     import tensorflow as tf
 
     out = subprocess.run(

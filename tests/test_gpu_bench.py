@@ -104,8 +104,8 @@ def test_the_benchmark_runs_two_training_steps_on_cpu_under_tensorflow(tmp_path)
 
 
 def test_a_child_that_fails_is_a_result_naming_its_part_and_error():
-    """A child that raises (here: a precision the parent's flags would have refused) is recorded with
-    its error's last line, and the next children would go on."""
+    """A child that raises (here: a precision the parent's flags would have refused) is recorded
+    with its error's last line, and the next children would go on."""
     task = {
         "part": "train",
         "network": "xception",

@@ -30,7 +30,9 @@ CONFIGS = ROOT / "configs"
 
 def test_importing_the_driver_imports_neither_tensorflow_nor_keras():
     code = (
-        "import sys, orchestrator.driver.experiment, orchestrator.cli, orchestrator.paths, orchestrator.training.records, orchestrator.tracking.names, orchestrator.training.identity; "
+        "import sys, orchestrator.driver.experiment, orchestrator.cli, orchestrator.paths, "
+        "orchestrator.tracking.records, orchestrator.tracking.names, "
+        "orchestrator.training.identity; "
         "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
     )
     found = subprocess.run(
@@ -155,7 +157,8 @@ def test_monitor_mode_says_which_way_is_better():
 
 
 def workdir_with(tmp_path: Path, sums: str = "a  fold1/test.csv\n", key: str = "k1") -> Path:
-    """A workdir holding just what a fingerprint reads: the split's hash file and the store's key."""
+    """A workdir holding just what a fingerprint reads: the split's hash file and the store's
+    key."""
     (tmp_path / "splits").mkdir(parents=True, exist_ok=True)
     (tmp_path / "splits" / "SHA256SUMS").write_text(sums)
     (tmp_path / "store").mkdir(exist_ok=True)

@@ -74,7 +74,8 @@ def published(tmp_path_factory):
 
 
 def real_images(tmp_path):
-    """A folder of real files: a DICOM, PNGs and a JPEG, one in a subfolder (searched recursively)."""
+    """A folder of real files: a DICOM, PNGs and a JPEG, one in a subfolder (searched
+    recursively)."""
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     shutil.copy(fixture_path(DICOM), folder / "sub" / "a.dcm")
@@ -285,7 +286,9 @@ def test_gradcam_equals_its_closed_form_through_the_linear_head():
     probe = keras.Model(model.inputs, [model.get_layer(n).output for n in names.values()])
     features = dict(
         zip(
-            names, (np.asarray(f, np.float64) for f in probe(network_input(images), training=False)), strict=False
+            names,
+            (np.asarray(f, np.float64) for f in probe(network_input(images), training=False)),
+            strict=False,
         )
     )
     side, mixer = features["combined"].shape[1], model.get_layer("concat_conv").kernel.numpy()[0, 0]
@@ -314,7 +317,8 @@ def test_a_file_cxr_predict_refuses_is_listed_without_its_header_values(
     published, tmp_path, capsys
 ):
     """A DICOM whose patient fields are markers, its pixel data cut short, and a PNG bomb: both
-    listed in preds.failures.csv with one of the decoder's fixed reasons, no marker on the console."""
+    listed in preds.failures.csv with one of the decoder's fixed reasons, no marker on the
+    console."""
     from data_pipeline import decode
     from data_pipeline.synth import PHI_MARKERS
     from tests.hostile_files import png_claiming

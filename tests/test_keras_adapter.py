@@ -1,5 +1,5 @@
-"""What the project relies on from the Keras calls that have no public API (models/keras_adapter.py).
-A Keras release that changes them fails here, not in a run."""
+"""What the project relies on from the Keras calls that have no public API
+(models/keras_adapter.py). A Keras release that changes them fails here, not in a run."""
 
 from __future__ import annotations
 

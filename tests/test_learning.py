@@ -29,8 +29,8 @@ def test_one_run_reaches_80_percent_on_held_out_patients(learned_run):
     accuracy = (predictions["label"] == predictions["pred"]).mean()
     baseline = (predictions["label"] == "normal").mean()
     print(
-        f"test accuracy {accuracy:.3f} on {len(predictions)} images (always normal: {baseline:.3f}); "
-        f"trained in {learned_run.seconds:.0f} s"
+        f"test accuracy {accuracy:.3f} on {len(predictions)} images "
+        f"(always normal: {baseline:.3f}); trained in {learned_run.seconds:.0f} s"
     )
     assert accuracy >= BAR and accuracy - baseline >= 0.35
     covid = predictions[predictions["label"] == "COVID-19"]
@@ -82,7 +82,8 @@ def test_the_learning_is_in_mlflow_with_its_datasets(learned_run):
         per_phase * k for k in range(1, 9)
     ]  # each phase's last epoch once, across the 8 phases
     assert np.isfinite([m.value for m in client.get_metric_history(run.info.run_id, "loss")]).all()
-    # MLflow's system metrics, sampled every 10 s while the run trained (GPU ones where NVML answers)
+    # MLflow's system metrics, sampled every 10 s while the run trained (GPU ones where NVML
+    # answers)
     system = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
     assert system <= set(run.data.metrics), sorted(run.data.metrics)
 
@@ -142,9 +143,10 @@ def test_the_model_rests_on_the_opacity_boxes_and_gradcam_is_measured_there(lear
     inside = np.mean([mass_inside(cam, mask) for cam, mask in zip(cams, masks, strict=False)])
     area = masks.mean()
     print(
-        f"p(pneumonia) {before.mean():.2f} -> {after.mean():.2f} with the boxes covered; Grad-CAM mass inside "
-        f"the boxes {inside:.3f} on {len(ids)} of {len(rows)} pneumonia images called pneumonia, the boxes' share "
-        f"of the image {area:.3f}: ratio {inside / area:.2f} (issue 13 asks 2)"
+        f"p(pneumonia) {before.mean():.2f} -> {after.mean():.2f} with the boxes covered; "
+        f"Grad-CAM mass inside the boxes {inside:.3f} on {len(ids)} of {len(rows)} pneumonia "
+        f"images called pneumonia, the boxes' share of the image {area:.3f}: "
+        f"ratio {inside / area:.2f} (issue 13 asks 2)"
     )
     assert (
         len(ids) >= 10 and masks.any(axis=(1, 2)).all()

@@ -22,7 +22,9 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from orchestrator.lock import FileLock
-lock = FileLock(Path(sys.argv[1]), "workdir under test", float(sys.argv[2]), command="cxr run").acquire()
+lock = FileLock(
+    Path(sys.argv[1]), "workdir under test", float(sys.argv[2]), command="cxr run"
+).acquire()
 print("held", flush=True)
 if sys.argv[3] == "die":
     import os; os._exit(0)  # killed: no release, the file stays
@@ -125,7 +127,8 @@ def test_a_run_folders_lock_from_an_earlier_attempt_of_the_same_driver_is_taken_
     tmp_path, caplog
 ):
     """Ray Train restarts a run on another node once it declared its worker dead: the new worker
-    takes the run folder's lock from the old one of the same driver; another driver's it waits for."""
+    takes the run folder's lock from the old one of the same driver; another driver's it waits
+    for."""
     lock_file = tmp_path / "run" / ".cxr.lock"
     lock_file.parent.mkdir()
     record(lock_file, host="node-7", pid=1234, owner="driver-a")

@@ -23,7 +23,10 @@ def planned_install(tmp_path: Path, nvidia_smi_exit: int) -> str:
         + (
             "echo 'GPU 0: NVIDIA H200 (UUID: GPU-00000000-0000-0000-0000-000000000000)'\n"
             if nvidia_smi_exit == 0
-            else 'echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver."\n'
+            else (
+                "echo \"NVIDIA-SMI has failed because it couldn't communicate "
+                'with the NVIDIA driver."\n'
+            )
         )
         + f"exit {nvidia_smi_exit}\n"
     )

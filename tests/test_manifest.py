@@ -31,7 +31,9 @@ def test_real_files_give_the_papers_table_1_and_its_all_csv(real_manifest):
     # the authors' All.csv names RSNA images <patientId>.png
     paper = pd.read_csv(fixture_path("paper_splits/All.csv"), dtype=str)
     ours = manifest["image_id"].where(manifest["source"] != "rsna", manifest["image_id"] + ".png")
-    assert set(zip(ours, manifest["label"], strict=False)) == set(zip(paper["filename"], paper["class"], strict=False))
+    assert set(zip(ours, manifest["label"], strict=False)) == set(
+        zip(paper["filename"], paper["class"], strict=False)
+    )
     assert len(manifest) == len(paper) == 15085
 
 

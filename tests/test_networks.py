@@ -102,7 +102,9 @@ def test_local_imagenet_folder_and_whole_network_weights(tmp_path):
     whole = Path(tmp_path / "run.weights.h5")
     model.save_weights(whole)
     again = build("xception", 96, str(whole))
-    assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights(), strict=False))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights(), strict=False)
+    )
 
 
 def write_shipped_h5(path: Path, model: keras.Model) -> None:

@@ -12,7 +12,7 @@ it did not issue is refused, as S3 refuses it).
   runs' storage is the bucket. The 4-run job finishes with every checkpoint and done.json an
   object there; a worker SIGKILLed after a checkpoint resumes on the other node from the bucket,
   each epoch logged once; the same command from a fresh workdir trains nothing; `cxr prepare
-  --publish` puts a store and its splits there.
+  --upload` puts a store and its splits there.
 - `cxr doctor`'s checks of a node's bucket and cache.
 """
 
@@ -35,8 +35,8 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.objects import NodeCache, Prefix, get_tree, put_tree
 from orchestrator.paths import RunPaths
+from orchestrator.tracking.records import RunRecords
 from orchestrator.training import remote_run
-from orchestrator.training.records import RunRecords
 from tests.conftest import ROOT
 from tests.ray_clusters import FixedCluster, free_port, wait_for_url
 from tests.test_orchestration import NODE_ENV, end_group, start_server
@@ -82,7 +82,8 @@ SHRINK = [
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's server on 127.0.0.1 with authentication on after its first three requests, which
-    create the one user it knows (allowed everything on S3); then the bucket, with that user's key."""
+    create the one user it knows (allowed everything on S3); then the bucket, with that user's
+    key."""
     port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
     server = subprocess.Popen(
@@ -164,7 +165,7 @@ def folder(root: Path, files: dict[str, bytes]) -> Path:
 # ---------------------------------------------------------------- data_pipeline.objects
 
 
-def test_a_folder_is_published_marker_last_and_one_without_its_marker_never_fetched(
+def test_a_folder_is_uploaded_marker_last_and_one_without_its_marker_never_fetched(
     aws, tmp_path, monkeypatch
 ):
     files = {"a.bin": os.urandom(3000), "sub/b.bin": os.urandom(10), "MARK": b"done"}
@@ -370,7 +371,8 @@ def test_doctor_checks_a_nodes_bucket_and_its_own_cache(aws, tmp_path, monkeypat
     assert not [
         k for k in objects(aws["client"], "doctor/") if ".cxr-write-check" in k
     ]  # its probe removed
-    # a store over the cache's limit, a cache folder that cannot be made, a bucket that refuses the node
+    # a store over the cache's limit, a cache folder that cannot be made, a bucket that refuses the
+    # node
     tight = load_config(
         PAPER,
         [f"workdir={tmp_path / 'work'}", f"cluster.storage_path={uri}", "cache.max_gb=0.0005"],
@@ -397,7 +399,8 @@ def test_doctor_checks_a_nodes_bucket_and_its_own_cache(aws, tmp_path, monkeypat
 BLOCK = """
 import sys, ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)  # stdout: its own lines only
+# stdout: its own lines only
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 
 @ray.remote(num_gpus=1, num_cpus=0)
 class Hold:
@@ -425,7 +428,8 @@ class Killer(threading.Thread):
         self.seen: set[str] = set()
         self.killed: dict = {}
         self.error = ""
-        # connected to the cluster before any run: from a checkpoint seen to the kill, a second or two
+        # connected to the cluster before any run: from a checkpoint seen to the kill, a second or
+        # two
         self.blocker = subprocess.Popen(
             [sys.executable, "-c", BLOCK, cluster.address, str(SLOTS)],
             env=cluster.env,
@@ -670,7 +674,7 @@ def test_the_same_command_from_a_fresh_workdir_trains_nothing(bucket_job):
     )  # no run opened twice
 
 
-def test_cxr_prepare_publishes_a_store_and_its_splits_by_their_keys(bucket_job, aws, tmp_path):
+def test_cxr_prepare_uploads_a_store_and_its_splits_by_their_keys(bucket_job, aws, tmp_path):
     s3 = aws
     work = bucket_job["driver"] / "work"
     env = {**os.environ, **s3["env"]}
@@ -680,19 +684,20 @@ def test_cxr_prepare_publishes_a_store_and_its_splits_by_their_keys(bucket_job, 
         str(work / "manifest.csv"),
         "--out",
         str(work / "store"),
-        "--publish",
+        "--upload",
         f"s3://{BUCKET}/published",
         "--splits",
         str(work / "splits"),
     ]
     first = cxr(*args, cwd=tmp_path, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    where = re.findall(r"published -> (\S+)", first.stdout)
+    where = re.findall(r"uploaded -> (\S+)", first.stdout)
     assert [w.split("/")[-2] for w in where] == ["store", "splits"], first.stdout
     stored = objects(s3["client"], "published/")
     times = objects(s3["client"], "published/", "LastModified")
     local = {
-        f"store/{where[0].rsplit('/', 1)[1]}/{p.relative_to(work / 'store').as_posix()}": p.stat().st_size
+        f"store/{where[0].rsplit('/', 1)[1]}/"
+        f"{p.relative_to(work / 'store').as_posix()}": p.stat().st_size
         for p in (work / "store").rglob("*")
         if p.is_file()
     }
@@ -701,8 +706,10 @@ def test_cxr_prepare_publishes_a_store_and_its_splits_by_their_keys(bucket_job, 
     # a worker's copy of it is the store, byte for byte
     copy = NodeCache(tmp_path / "cache", 1.0).fetch(Prefix(where[0]), "store", "k", "store.json")
     assert (copy / "images.npy").read_bytes() == (work / "store" / "images.npy").read_bytes()
-    # published once: the same command finds it there and uploads nothing again
+    # uploaded once: the same command finds it there and uploads nothing again (here under the
+    # flag's former name, still read for one release with a warning)
+    args[args.index("--upload")] = "--publish"
     again = cxr(*args, cwd=tmp_path, env=env, timeout=300)
-    assert again.returncode == 0 and re.findall(r"published -> (\S+)", again.stdout) == where
-    assert "is on s3://" in again.stderr
+    assert again.returncode == 0 and re.findall(r"uploaded -> (\S+)", again.stdout) == where
+    assert "is on s3://" in again.stderr and "--publish is now --upload" in again.stderr
     assert objects(s3["client"], "published/", "LastModified") == times

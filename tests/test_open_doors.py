@@ -98,7 +98,8 @@ def test_no_credential_is_written_in_the_recipes():
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    """A real `mlflow server --app-name basic-auth` on 127.0.0.1, its admin's password drawn here."""
+    """A real `mlflow server --app-name basic-auth` on 127.0.0.1, its admin's password drawn
+    here."""
     pytest.importorskip(
         "flask_wtf", reason="MLflow's basic-auth app needs the `server` extra (mlflow[auth])"
     )

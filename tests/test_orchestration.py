@@ -1,4 +1,5 @@
-"""The cluster path through Ray's own machinery, on 127.0.0.1; every fixture ends only what it started.
+"""The cluster path through Ray's own machinery, on 127.0.0.1; every fixture ends only what it
+started.
 
 - a real `mlflow server --serve-artifacts` (one for the suite);
 - Ray's fake multi-node autoscaler: the runs wait, GPU nodes come, the runs finish on them;

@@ -186,7 +186,8 @@ def test_paper_config_lands_its_15_children_in_the_drivers_store(paper_local):
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs.values()}) == 1
     assert not paper_local["worker_dbs"]  # no child landed in a database of a worker's folder
     assert not paper_local["leftovers"]
-    # the slot time split: the trainer's parts and the process work around them (orchestrator.cluster.timeline)
+    # the slot time split: the trainer's parts and the process work around them
+    # (orchestrator.cluster.timeline)
     split = re.search(
         r"slot time of the runs: \d+ s \(2 at a time x \d+ s\); accounted (\d+)%: (.*)",
         paper_local["log"],
@@ -196,7 +197,8 @@ def test_paper_config_lands_its_15_children_in_the_drivers_store(paper_local):
     ), split
     table3 = pd.read_csv(paper_local["workdir"] / "report" / "table3.csv")
     assert len(table3) == 15 and "Table 4, average over folds" in paper_local["log"]
-    # the progress table's last drawing: each run done, its epoch and loss came through from its worker
+    # the progress table's last drawing: each run done, its epoch and loss came through from its
+    # worker
     for name in RUNS:
         assert re.search(
             rf"{name}\s*│ done\s*│\s*1 │\s*1/1 │\s*\d+\.\d{{4}} │", paper_local["log"]

@@ -1,6 +1,7 @@
 """The test clusters of tests/ray_clusters.py when they fail to start: nothing is left behind.
 Their working is tested where they are used (tests/test_orchestration.py: runs on every node and
-logical GPU, `ray job submit`, the fake autoscaler adding GPU nodes, no process left after close)."""
+logical GPU, `ray job submit`, the fake autoscaler adding GPU nodes, no process left after
+close)."""
 
 from __future__ import annotations
 

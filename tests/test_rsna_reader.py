@@ -53,7 +53,10 @@ CLASSES = [
 
 def test_boxes_deduplicated_and_not_normal_unused(tmp_path):
     rows = read_rsna_pneumonia(tiny_rsna(tmp_path, LABELS, CLASSES))
-    assert sorted(zip(rows["image_id"], rows["label"], strict=False)) == [("n1", "normal"), ("p1", "pneumonia")]
+    assert sorted(zip(rows["image_id"], rows["label"], strict=False)) == [
+        ("n1", "normal"),
+        ("p1", "pneumonia"),
+    ]
 
 
 def test_bad_target_value_is_named(tmp_path):

@@ -111,11 +111,17 @@ def test_import_reproduces_the_authors_files_exactly(real_manifest):
         trained = set()
         for n in range(1, 9):
             theirs = pd.read_csv(root / f"fold{k}" / f"train{n}.csv")
-            assert authors_names(fold[f"phase{n}"]) == set(zip(theirs["filename"], theirs["class"], strict=False))
+            assert authors_names(fold[f"phase{n}"]) == set(
+                zip(theirs["filename"], theirs["class"], strict=False)
+            )
             trained |= set(theirs["filename"])
         assert authors_names(fold["test"]) == set(
             zip(everything["filename"], everything["class"], strict=False)
-        ) - {(f, c) for f, c in zip(everything["filename"], everything["class"], strict=False) if f in trained}
+        ) - {
+            (f, c)
+            for f, c in zip(everything["filename"], everything["class"], strict=False)
+            if f in trained
+        }
     assert counts(splits.folds[3]["phase1"])["COVID-19"] == 150
     assert counts(splits.folds[3]["test"])["COVID-19"] == 30
 
@@ -137,7 +143,7 @@ def test_sound_protocol_tests_every_image_once_without_leakage(real_manifest):
     splits = make_splits(real_manifest, SplitSpec(protocol="sound", seed=0))
     tested = pd.concat([f["test"] for f in splits.folds.values()])
     assert tested["image_id"].is_unique and len(tested) == len(real_manifest)
-    for k, fold in splits.folds.items():
+    for fold in splits.folds.values():
         training = pd.concat([fold[p] for p in PHASES])
         assert not patient_keys(fold["val"]) & patient_keys(
             training
@@ -204,7 +210,8 @@ def test_hold_out_takes_whole_patients_and_exact_counts(tiny_manifest):
         assert len(whole) == 7  # no patient split across test and training
     with pytest.raises(DataError, match="only 30 exist"):
         hold_out_patients(covid, 31, np.random.default_rng(0), "COVID-19")
-    # a patient with more images than wanted (here 10 > 2 + 8) is never taken, nor does it break the table
+    # a patient with more images than wanted (here 10 > 2 + 8) is never taken, nor does it break
+    # the table
     big = pd.concat(
         [covid, covid.head(10).assign(patient_id="big", image_id=[f"big{i}" for i in range(10)])]
     )

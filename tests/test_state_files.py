@@ -21,9 +21,9 @@ from data_pipeline.files import StateError, new_build_dir, write_atomic
 from orchestrator.config import load_config
 from orchestrator.paths import RunPaths
 from orchestrator.tracking.names import FINGERPRINT, MODEL_URI, PARENT_RUN, TEST_ACCURACY
+from orchestrator.tracking.records import RunRecords
 from orchestrator.tracking.runs import RunTracker
 from orchestrator.training.identity import Identity, find_stale
-from orchestrator.training.records import RunRecords
 from tests.conftest import ROOT
 
 KILLED_WRITE = """

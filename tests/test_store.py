@@ -118,8 +118,11 @@ def test_an_interrupted_build_never_looks_complete(ray_local, tiny_manifest, tmp
     dies_mid_build = f"""
 import os, pandas as pd
 from data_pipeline.store import StoreBuilder, StoreSpec, decode_chunk
-builder = StoreBuilder({str(out)!r}, pd.read_csv({str(tmp_path / "manifest.csv")!r}, dtype=str, keep_default_na=False),
-                       StoreSpec(image_size=48))
+builder = StoreBuilder(
+    {str(out)!r},
+    pd.read_csv({str(tmp_path / "manifest.csv")!r}, dtype=str, keep_default_na=False),
+    StoreSpec(image_size=48),
+)
 builder.start()
 builder.add(decode_chunk(builder.chunks()[0], 48))
 os._exit(9)  # killed mid-build: no clean-up runs
@@ -155,7 +158,8 @@ os._exit(9)  # killed mid-build: no clean-up runs
 
 @pytest.fixture
 def broken_manifest(tiny_manifest, tmp_path) -> pd.DataFrame:
-    """The tiny manifest with one truncated JPEG and one empty DICOM, copied out of the shared data."""
+    """The tiny manifest with one truncated JPEG and one empty DICOM, copied out of the shared
+    data."""
     manifest = tiny_manifest.copy()
     jpeg = manifest.index[manifest["path"].str.endswith((".jpg", ".jpeg"))][0]
     dicom = manifest.index[manifest["source"] == "rsna"][0]

@@ -1,4 +1,5 @@
-"""Synthetic lookalike datasets: same layout and formats as the real ones, deterministic, learnable."""
+"""Synthetic lookalike datasets: same layout and formats as the real ones, deterministic,
+learnable."""
 
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def test_a_restarted_run_counts_both_attempts_but_not_the_wait_between_them():
     failed.append(("ended", 30.0))  # Tune's callback: the attempt ended (on_trial_recover)
     stamps = {"fold2-concatenated": failed + attempt(100.0, 1, 1, 1, 1, 20, 1)}
     slot = slot_time(stamps, slots=1, wall=130.0)
-    # first attempt 30 s (its training cut off counts as teardown), second 25 s; 70 s of waiting idle
+    # first attempt 30 s (its training cut off counts as teardown), second 25 s; 70 s of waiting
+    # idle
     assert slot.in_trials == 55.0 and slot.idle == 75.0
     assert slot.segments[SEGMENTS["ended"]] == 30.0 - 6.5 + 1
 

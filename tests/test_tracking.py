@@ -106,7 +106,12 @@ print("ready", flush=True)
 while not go.exists():
     time.sleep(0.05)
 for first in range(1, 21, 5):  # four checkpoints' worth of epochs
-    tracker.log_epochs([{"step": s, "phase": 1, "loss": 1.0 / s, "accuracy": s / 20} for s in range(first, first + 5)])
+    tracker.log_epochs(
+        [
+            {"step": s, "phase": 1, "loss": 1.0 / s, "accuracy": s / 20}
+            for s in range(first, first + 5)
+        ]
+    )
 tracker.close("FINISHED")
 """
 

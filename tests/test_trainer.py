@@ -85,7 +85,8 @@ def runs_of(config) -> list:
 
 
 def test_a_full_run_trains_every_phase_and_logs_it(workdir):
-    # eager: 4 steps cost less than tracing them (graph mode: test_changing_phase..., test_learning.py)
+    # eager: 4 steps cost less than tracing them (graph mode: test_changing_phase...,
+    # test_learning.py)
     config = config_for(workdir, "full", "checkpoint.log=weights", "execution.run_eagerly=true")
     began = time.perf_counter()
     root = train_and_evaluate(RunJob.of(config, 1, "xception"))
@@ -147,7 +148,8 @@ def test_a_full_run_trains_every_phase_and_logs_it(workdir):
         "checkpoints/phase1.weights.h5",
         "checkpoints/phase2.weights.h5",
     }
-    # the selected model, back from MLflow as `cxr predict` loads it, predicts the test images as the run did
+    # the selected model, back from MLflow as `cxr predict` loads it, predicts the test images as
+    # the run did
     from models.inference import Classifier
     from orchestrator.serving.predict import model_folder, network_files
 

@@ -19,8 +19,8 @@ from data_pipeline.columns import EPOCH_METRICS
 from orchestrator.config import load_config, resolved
 from orchestrator.paths import RunPaths
 from orchestrator.tracking.names import TEST_ACCURACY, TEST_AUC
+from orchestrator.tracking.records import RunRecords
 from orchestrator.training.job import RunJob
-from orchestrator.training.records import RunRecords
 from tests.conftest import PAPER_SHRINK, ROOT, local_ray
 from tests.ray_clusters import short_temp_dir
 
@@ -67,7 +67,12 @@ def assert_tune_matches(
             )
             logged = {m.step: m.value for m in client.get_metric_history(run_id, key)}
             assert logged == pytest.approx(
-                {int(s): v for s, v in zip(tuned["step"], column, strict=False) if not math.isnan(v)}, rel=1e-6
+                {
+                    int(s): v
+                    for s, v in zip(tuned["step"], column, strict=False)
+                    if not math.isnan(v)
+                },
+                rel=1e-6,
             ), (name, key)
         metrics = client.get_run(run_id).data.metrics
         assert tests[name] == pytest.approx(
@@ -139,7 +144,8 @@ def test_run_grid_returns_each_epoch_and_the_test_metrics_that_tune_holds(tiny_g
     # the same as the grid's results folder holds (what the other modules' checks read)
     histories, tests = tune_results(config.paths.ray_results, config.experiment_name)
     assert histories["fold1-xception"].equals(history) and tests == outcome.test_metrics
-    # Tune's own record: the first epoch from both attempts, the last step again with the test metrics
+    # Tune's own record: the first epoch from both attempts, the last step again with the test
+    # metrics
     (result,) = ResultGrid(
         ExperimentAnalysis(str(config.paths.ray_results / f"{config.experiment_name}-grid"))
     )

@@ -38,7 +38,8 @@ SOURCE_LABEL = (
 
 @dataclass(frozen=True)
 class LabelledReader:
-    """A public dataset's reader: `read(root)` -> LABELLED_COLUMNS; `labels`: its labels' classes."""
+    """A public dataset's reader: `read(root)` -> LABELLED_COLUMNS; `labels`: its labels'
+    classes."""
 
     read: Callable[[Path], pd.DataFrame]
     labels: dict[str, str] = field(default_factory=dict)
@@ -57,8 +58,9 @@ def read_labelled(spec: str) -> tuple[pd.DataFrame, dict[str, str]]:
     if path.suffix.lower() == ".csv":
         return read_labelled_csv(path), {}
     raise DataError(
-        f"--data {spec}: expected a folder of class folders (ROOT/<label>/...), a CSV with 'path' and "
-        f"'label' columns, or one of the named readers {[f'{name}:ROOT' for name in READERS]}; "
+        f"--data {spec}: expected a folder of class folders (ROOT/<label>/...), a CSV with "
+        f"'path' and 'label' columns, or one of the named readers "
+        f"{[f'{name}:ROOT' for name in READERS]}; "
         f"found {'no such file or folder' if not path.exists() else 'a file that is not a CSV'}."
     )
 
@@ -70,8 +72,8 @@ def read_class_folders(root: Path) -> pd.DataFrame:
     )
     if loose:
         raise DataError(
-            f"{root}: {len(loose)} image file(s) directly in it ({', '.join(loose[:3])}, ...); expected "
-            f"every image inside a folder named by its label (ROOT/<label>/...)."
+            f"{root}: {len(loose)} image file(s) directly in it ({', '.join(loose[:3])}, ...); "
+            f"expected every image inside a folder named by its label (ROOT/<label>/...)."
         )
     rows = [
         (str(p), folder.name)
@@ -87,8 +89,8 @@ def read_labelled_csv(path: Path) -> pd.DataFrame:
     empty = table.index[table["label"].str.strip() == ""]
     if len(empty):
         raise DataError(
-            f"{path}: {len(empty)} row(s) with an empty 'label' (first at data row {empty[0] + 1}); "
-            f"expected a label on every row."
+            f"{path}: {len(empty)} row(s) with an empty 'label' "
+            f"(first at data row {empty[0] + 1}); expected a label on every row."
         )
     paths = [str(p if p.is_absolute() else path.parent / p) for p in map(Path, table["path"])]
     out = pd.DataFrame({"path": paths, "label": table["label"].str.strip()})
@@ -140,8 +142,9 @@ def _kermany_name(path: Path, label: str) -> tuple[str, str]:
     match = KERMANY_PNEUMONIA.match(path.stem)
     if match is None:
         raise DataError(
-            f"{path}: a PNEUMONIA file whose name says neither bacterial nor viral pneumonia; expected "
-            f"person<N>_bacteria_<M> or person<N>_virus_<M>, as in Kermany et al.'s dataset."
+            f"{path}: a PNEUMONIA file whose name says neither bacterial nor viral pneumonia; "
+            f"expected person<N>_bacteria_<M> or person<N>_virus_<M>, "
+            f"as in Kermany et al.'s dataset."
         )
     return KERMANY_FINDINGS[match.group(2)], match.group(1)
 
@@ -182,8 +185,9 @@ def map_labels(
     wrong = {k: v for k, v in mapping.items() if v.lower() not in by_lower}
     if wrong:
         raise DataError(
-            f"--labels {', '.join(f'{k}={v}' for k, v in wrong.items())}: expected each label mapped to "
-            f"one of the model's classes {list(classes)}; received {sorted(set(wrong.values()))}."
+            f"--labels {', '.join(f'{k}={v}' for k, v in wrong.items())}: "
+            f"expected each label mapped to one of the model's classes {list(classes)}; "
+            f"received {sorted(set(wrong.values()))}."
         )
     resolved = {k: by_lower[v.lower()] for k, v in mapping.items()}
     unused = sorted(set(resolved) - set(table["label"]))
@@ -212,7 +216,8 @@ def _images(folder: Path) -> list[Path]:
 def _table(rows: list[tuple], root: Path) -> pd.DataFrame:
     if not rows:
         raise DataError(
-            f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in its label folders."
+            f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+            f"found in its label folders."
         )
     table = pd.DataFrame(rows, columns=LABELLED_COLUMNS[: len(rows[0])])
     for column in LABELLED_COLUMNS:

@@ -53,7 +53,8 @@ def read_rsna_pneumonia(root: Path) -> pd.DataFrame:
     if unknown_class.any():
         raise DataError(
             f"{classes_path}: column 'class' has unknown value(s) "
-            f"{count_values(classes.loc[unknown_class, 'class'])}; expected one of {sorted(KNOWN_CLASSES)}."
+            f"{count_values(classes.loc[unknown_class, 'class'])}; "
+            f"expected one of {sorted(KNOWN_CLASSES)}."
         )
 
     for path, table in ((labels_path, labels), (classes_path, classes)):

@@ -143,12 +143,14 @@ def add_prepare_parser(sub: Subcommands) -> None:
     )
     p.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, else a local one)")
     p.add_argument(
-        "--publish",
+        "--upload",
         metavar="URI",
-        help="then publish the store there, as cluster.storage_path: s3://bucket/prefix",
+        help="then upload the store there, as cluster.storage_path: s3://bucket/prefix",
     )
+    # its name until `publish` came to mean the Model Registry's; kept for one release
+    p.add_argument("--publish", metavar="URI", help=argparse.SUPPRESS)
     p.add_argument(
-        "--splits", type=Path, help="with --publish: a splits folder to publish beside the store"
+        "--splits", type=Path, help="with --upload: a splits folder to upload beside the store"
     )
     add_config_arguments(p)
     p.set_defaults(func=cmd_prepare)
@@ -166,5 +168,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     built = build_store(manifest, args.out, spec, address=args.address, limits=config.decode)
     print(f"image store {'written to' if built else 'up to date at'} {args.out}")
     if args.publish:
-        uris = upload_folders(args.publish, args.out, args.splits)
-        print("\n".join(f"published -> {uri}" for uri in uris))
+        log.warning("--publish is now --upload; the old flag is read for one release")
+    if target := args.upload or args.publish:
+        uris = upload_folders(target, args.out, args.splits)
+        print("\n".join(f"uploaded -> {uri}" for uri in uris))

@@ -68,7 +68,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
 
 
 def local_session() -> str:
-    """The session folder of the local Ray this process started ("" if it joined a cluster or none)."""
+    """The session folder of the local Ray this process started ("" if it joined a cluster or
+    none)."""
     return _local.get("session_dir", "")
 
 

@@ -57,7 +57,8 @@ def check_gpu(
         )
     raise DeviceError(
         f"node {node}: the run asked for {gpus_asked:g} GPU and Ray assigned GPU id(s) "
-        f"{ray_gpu_ids or 'none'} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}), "
+        f"{ray_gpu_ids or 'none'} "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}), "
         f"but TensorFlow sees no GPU. Likely cause: {cause}. It would train on the CPU; set "
         f"cluster.allow_cpu_fallback: true only for clusters of logical GPUs (tests)."
     )
@@ -75,13 +76,11 @@ def claim_devices(gpus: float, threads: int, allow_cpu_fallback: bool) -> dict[s
     try:  # once per process: a trial's process that trains its second run has them set
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-        for gpu in tf.config.list_physical_devices(
-            "GPU"
-        ):  # a fraction of a GPU must not grab all of it
+        # a fraction of a GPU must not grab all of it
+        for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
-    except (
-        RuntimeError
-    ):  # TensorFlow is initialised: by this process's earlier run, with the same request
+    except RuntimeError:
+        # TensorFlow is initialised: by this process's earlier run, with the same request
         pass
     context = ray.get_runtime_context()
     node_ip, node_id = ray.util.get_node_ip_address(), context.get_node_id()
@@ -94,8 +93,7 @@ def claim_devices(gpus: float, threads: int, allow_cpu_fallback: bool) -> dict[s
     )
 
 
-if (
-    __name__ == "__main__"
-):  # for `cxr doctor`: in a process of its own, so the caller never imports TensorFlow
+# for `cxr doctor`: in a process of its own, so the caller never imports TensorFlow
+if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     json.dump(tensorflow_devices(), sys.stdout)

@@ -252,10 +252,16 @@ def _gpus(node: dict, expect: dict) -> tuple[bool, str]:
         )
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         return False, f"TensorFlow could not be asked: {type(exc).__name__}: {str(exc)[:300]}"
-    build = f"TensorFlow {seen['tensorflow']}, CUDA {seen['cuda'] or 'none'}, cuDNN {seen['cudnn'] or 'none'}"
+    build = (
+        f"TensorFlow {seen['tensorflow']}, CUDA {seen['cuda'] or 'none'}, "
+        f"cuDNN {seen['cudnn'] or 'none'}"
+    )
     if len(seen["tf_gpus"]) >= node["gpus"]:
         return True, f"{len(seen['tf_gpus'])} of Ray's {node['gpus']:g} ({build})"
-    detail = f"TensorFlow sees {len(seen['tf_gpus'])} of the {node['gpus']:g} GPUs Ray has here ({build})"
+    detail = (
+        f"TensorFlow sees {len(seen['tf_gpus'])} of the {node['gpus']:g} GPUs Ray has here "
+        f"({build})"
+    )
     if expect["allow_cpu_fallback"]:
         return True, detail + "; cluster.allow_cpu_fallback: runs go on without"
     return False, detail + (
@@ -319,7 +325,8 @@ def _mlflow(expect: dict) -> tuple[bool, str]:
     if found is None:
         return (
             False,
-            f"{uri} answers but has no experiment {expect['experiment']!r}: another server than the driver's",
+            f"{uri} answers but has no experiment {expect['experiment']!r}: "
+            f"another server than the driver's",
         )
     return True, f"{uri} answers{' (a server)' if is_server_uri(uri) else ''}"
 
@@ -347,16 +354,15 @@ def open_server_warning(uri: str) -> str:
     try:
         with urllib.request.urlopen(request, timeout=10):
             pass
-    except (
-        urllib.error.URLError,
-        OSError,
-    ):  # 401/403: it asks for credentials; or it is down (checked elsewhere)
+    except (urllib.error.URLError, OSError):
+        # 401/403: it asks for credentials; or it is down (checked elsewhere)
         return ""
     return (
-        f"the MLflow tracking server at {uri} answers without credentials: whoever reaches it can read every "
-        f"run's predictions (patient ids) and replace a registered model's code. Run it with its built-in "
-        f"authentication (`mlflow server --app-name basic-auth`, clusters/README.md step 3) and give the "
-        f"clients MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
+        f"the MLflow tracking server at {uri} answers without credentials: whoever reaches it can "
+        f"read every run's predictions (patient ids) and replace a registered model's code. Run it "
+        f"with its built-in authentication (`mlflow server --app-name basic-auth`, "
+        f"clusters/README.md step 3) and give the clients MLFLOW_TRACKING_USERNAME and "
+        f"MLFLOW_TRACKING_PASSWORD."
     )
 
 
@@ -374,7 +380,8 @@ def failures(checks: list[Check]) -> str:
 
 
 def preflight(need: Requirements, console: Console | None = None) -> None:
-    """`cxr run`'s first step: the checks, the table printed on failure; PreflightError names them."""
+    """`cxr run`'s first step: the checks, the table printed on failure; PreflightError names
+    them."""
     checks = run_checks(need)
     if failed := failures(checks):
         (console or Console(stderr=True)).print(render(checks))
@@ -385,7 +392,8 @@ def preflight(need: Requirements, console: Console | None = None) -> None:
 
 def doctor(need: Requirements, address: str) -> int:
     """`cxr doctor`: the table of every check; 0 if all pass, else 1 (the failures named on
-    stderr). `need`: a resolved config's requirements; `address`: the cluster's (cluster.address)."""
+    stderr). `need`: a resolved config's requirements; `address`: the cluster's
+    (cluster.address)."""
     from orchestrator.tracking.experiment import check_tracking
 
     check_tracking(need.tracking, need.work.mlruns)

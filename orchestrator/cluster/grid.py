@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import ray
@@ -23,8 +23,8 @@ from orchestrator.cluster.uploads import uploaded_keys
 from orchestrator.cluster.worker import RunRequest, drive_one_run
 from orchestrator.config import ClusterSpec, ConfigError, sqlite_file
 from orchestrator.paths import WorkPaths, run_name
+from orchestrator.tracking.records import RunRecords
 from orchestrator.training.job import RunJob
-from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,7 @@ def run_grid(
     epochs and test metrics each run reported to Tune.
     """
     connect(cluster.address or None, verbose=verbose)
-    # finished runs are not launched again (a trial would start a TensorFlow worker only to find
-    # that out; the driver has refused stale ones); the longest first, so that no long run is
-    # left alone at the end
-    pending = [
-        job
-        for job in sorted(jobs, key=lambda j: -NETWORK_COST[j.network])
-        if not RunRecords(job.paths).is_done()
-    ]
+    pending = pending_runs(jobs)
     if not pending:
         log.info("all %d runs are complete", len(jobs))
         return GridOutcome({})
@@ -75,53 +68,57 @@ def run_grid(
     slots = concurrency(cluster, gpus, cpus, len(pending))
     log.info(
         "%d runs to go of %d, %s GPU and %s CPU each, at most %d at a time",
-        len(pending),
-        len(jobs),
-        gpus,
-        cpus,
-        slots,
+        *(len(pending), len(jobs), gpus, cpus, slots),
     )
-    storage = work.ray_storage  # a folder, or object storage (Ray writes there through pyarrow)
     board = Progress.remote()
-    in_trial = trains_in_trial(cluster)
-    uploaded = uploaded_keys(work) if work.remote else {}
-    requests = {
-        run_name(job.fold, job.network): RunRequest(
-            job=job,
-            parent_run_id=parent_run_id,
-            gpus=gpus,
-            cpus=cpus,
-            storage=storage,
-            max_failures=cluster.max_failures,
-            in_trial=in_trial,
-            allow_cpu_fallback=cluster.allow_cpu_fallback,
-            cache=cache,
-            uploaded=uploaded,
-            progress=board,
-            verbose=verbose,
-            lock_owner=lock_owner,
-        )
-        for job in pending
-    }
+    request = RunRequest(
+        job=pending[0],
+        parent_run_id=parent_run_id,
+        gpus=gpus,
+        cpus=cpus,
+        storage=work.ray_storage,  # a folder, or object storage (Ray writes there through pyarrow)
+        max_failures=cluster.max_failures,
+        in_trial=trains_in_trial(cluster),
+        allow_cpu_fallback=cluster.allow_cpu_fallback,
+        cache=cache,
+        uploaded=uploaded_keys(work) if work.remote else {},
+        progress=board,
+        verbose=verbose,
+        lock_owner=lock_owner,
+    )
+    requests = {run_name(job.fold, job.network): replace(request, job=job) for job in pending}
+    tuner = _tuner(requests, request, slots, experiment)
+    return _fit(tuner, board, min(slots, len(pending)))
+
+
+def pending_runs(jobs: list[RunJob]) -> list[RunJob]:
+    """The runs to launch, the longest first, so that no long run is left alone at the end.
+    Finished runs are not launched again (a trial would start a TensorFlow worker only to find
+    that out; the driver has refused stale ones)."""
+    by_cost = sorted(jobs, key=lambda job: -NETWORK_COST[job.network])
+    return [job for job in by_cost if not RunRecords(job.paths).is_done()]
+
+
+def _tuner(
+    requests: dict[str, RunRequest], request: RunRequest, slots: int, experiment: str
+) -> tune.Tuner:
+    """The grid's Tuner: one trial per request, at most `slots` at once."""
+    gpus, cpus = request.gpus, request.cpus
     # In Ray Train's local mode the trial trains: it holds the run's devices, and Tune restarts it
-    # from its checkpoint when it dies. Otherwise it only drives its Train run: it reserves a little
-    # memory and no CPU, so that the workers, which hold the devices, limit concurrency, and Ray
-    # Train restarts them.
-    trial = (
-        {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        if in_trial
-        else {"CPU": 0, "memory": 256 * 2**20}
-    )
-    table = RunTable(
-        {run_name(job.fold, job.network): job.epochs for job in pending}, progress=board
-    )
-    if not verbose:  # Tune's own output engine prints a configuration box even at verbose=0
+    # from its checkpoint when it dies. Otherwise it only drives its Train run: it reserves a
+    # little memory and no CPU, so that the workers, which hold the devices, limit concurrency,
+    # and Ray Train restarts them.
+    if request.in_trial:
+        trial = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    else:
+        trial = {"CPU": 0, "memory": 256 * 2**20}
+    epochs = {name: r.job.epochs for name, r in requests.items()}
+    runs = [{"fold": r.job.fold, "network": r.job.network} for r in requests.values()]
+    if not request.verbose:  # Tune's own output engine prints a configuration box at verbose=0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    tuner = tune.Tuner(
+    return tune.Tuner(
         tune.with_resources(tune.with_parameters(drive_one_run, requests=requests), trial),
-        param_space={
-            "run": tune.grid_search([{"fold": j.fold, "network": j.network} for j in pending])
-        },
+        param_space={"run": tune.grid_search(runs)},
         # reuse_actors: a trial's process drives (or, in local mode, trains) the next run too:
         # fewer Python processes to start, and TensorFlow imported once per process
         tune_config=tune.TuneConfig(
@@ -132,20 +129,24 @@ def run_grid(
         ),
         run_config=tune.RunConfig(
             name=f"{experiment}-grid",
-            storage_path=storage,
-            verbose=2 if verbose else 0,
-            callbacks=[table],
-            failure_config=tune.FailureConfig(max_failures=cluster.max_failures if in_trial else 1),
+            storage_path=request.storage,
+            verbose=2 if request.verbose else 0,
+            callbacks=[RunTable(epochs, progress=request.progress)],
+            failure_config=tune.FailureConfig(
+                max_failures=request.max_failures if request.in_trial else 1
+            ),
         ),
     )
+
+
+def _fit(tuner: tune.Tuner, board, slots: int) -> GridOutcome:
+    """The grid's trials run to their ends; each run's outcome, the slot time and reports."""
     started, stamps = time.perf_counter(), {}
     try:
         results = tuner.fit()
         wall = time.perf_counter() - started
         stamps = ray.get(board.stamps.remote())
-    except (
-        ray.exceptions.RayError
-    ) as exc:  # Tune's own machinery, not a run (those are in the results)
+    except ray.exceptions.RayError as exc:  # Tune's own machinery, not a run (those are results)
         raise StageError(
             "training runs",
             exc,
@@ -158,9 +159,7 @@ def run_grid(
     for result in results:
         name = run_name(**result.config["run"])
         outcome[name] = "done" if result.error is None else f"failed: {result.error}"
-    return GridOutcome(
-        outcome, slot_time(stamps, min(slots, len(pending)), wall), *histories(results)
-    )
+    return GridOutcome(outcome, slot_time(stamps, slots, wall), *histories(results))
 
 
 def run_gpus(cluster: ClusterSpec) -> float:

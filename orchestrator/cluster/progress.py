@@ -37,14 +37,13 @@ class Progress:
 
     def put(self, name: str, row: dict) -> None:
         self.rows.append((name, row))
-        self.unforwarded.setdefault(name, []).append(
-            row
-        )  # a few KB a run where no trial takes them
+        # a few KB a run where no trial takes them
+        self.unforwarded.setdefault(name, []).append(row)
 
     def take_run(self, name: str) -> list[dict]:
-        """Run `name`'s rows that its trial has not taken yet, for Tune (orchestrator.cluster.reports):
-        a read of their own, so that the table's `take` still gets every row. A later attempt of the
-        trial goes on where an earlier one stopped."""
+        """Run `name`'s rows that its trial has not taken yet, for Tune
+        (orchestrator.cluster.reports): a read of their own, so that the table's `take` still gets
+        every row. A later attempt of the trial goes on where an earlier one stopped."""
         return self.unforwarded.pop(name, [])
 
     def synced(self) -> bool:
@@ -72,7 +71,8 @@ class RunTable(tune.Callback):
     POLL_SECONDS = 1.0
 
     def __init__(self, epochs: dict[str, int], progress):
-        """`epochs`: each run's epochs in all (phases x its network's epochs per phase), by run name."""
+        """`epochs`: each run's epochs in all (phases x its network's epochs per phase), by run
+        name."""
         self.epochs, self.progress = epochs, progress
         self.rows = {name: {"status": "pending"} for name in epochs}
         self.live: Live | None = None  # made in setup(): Tune pickles its callbacks before
@@ -83,9 +83,8 @@ class RunTable(tune.Callback):
 
     def setup(self, **info) -> None:
         console = Console()
-        if (
-            not console.is_terminal
-        ):  # a log file or a job's log: 80 columns would cut the run names short
+        # a log file or a job's log: 80 columns would cut the run names short
+        if not console.is_terminal:
             console = Console(width=LOG_WIDTH)
         self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
         self.live.start()
@@ -115,9 +114,8 @@ class RunTable(tune.Callback):
         self.live.console.print(f"{trial_name(trial)}: done")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        self.progress.stamp.remote(
-            trial_name(trial), ENDED, time.time()
-        )  # the failed attempt's end
+        # the failed attempt's end
+        self.progress.stamp.remote(trial_name(trial), ENDED, time.time())
         self._update(trial, status="restarting")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

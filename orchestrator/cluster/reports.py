@@ -12,19 +12,19 @@ Two ways there, as the run trains:
 - in the trial (Ray Train's local mode): the trainer's epoch callback calls `tune.report`
   itself, in the trial's own thread (Train's local mode runs the train function there, and the
   Tune session is the process's); Tune's reporting is synchronous (the training thread waits for
-  the driver to take each result): about 5 ms a report, measured on this 2-core machine;
+  the driver to take each result), a short wait once an epoch;
 - in a Ray Train worker, which has no Tune session (`tune.report` there does nothing): the
   worker puts its rows on the Progress actor, as it does for the table, and the trial runs
   `trainer.fit()` in a thread of its own and meanwhile forwards its run's rows from the actor
   (`fit_forwarding`). Ray's TuneReportCallback (a developer API) would carry them instead,
-  through a queue actor per run: one more Python process for each run (measured here: 0.8
-  CPU-seconds for the queue's process where Ray had an idle worker ready for it; 3-5 for a
-  process started anew, as the Progress actor's note says), and `ray.train.report` from the
-  worker each epoch, a round through the Train controller. The Progress actor is there anyway,
-  and the trial asks it once a second for its run's rows.
+  through a queue actor per run: one more Python process for each run (cheap only where Ray has
+  an idle worker ready for it; a process started anew costs far more, as the Progress actor's
+  note says), and `ray.train.report` from the worker each epoch, a round through the Train
+  controller. The Progress actor is there anyway, and the trial asks it once a second for its
+  run's rows.
 
 Either way the trial's last report costs one read of the run's MLflow run, by the client the
-run's process already made (10-25 ms on sqlite; the first client in a process costs about 1 s).
+run's process already made (not a new one: a process's first client is the costly one).
 
 A restarted attempt resumes from the newest checkpoint of its run and reports only the epochs
 after it; the epochs its dead predecessor had trained past that checkpoint are trained and

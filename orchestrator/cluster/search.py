@@ -215,7 +215,8 @@ class TrialLines(tune.Callback):
         )
         state = "complete" if count >= self.most else "stopped early"
         print(
-            f"{trial.trial_id}: {state} after {count} validation(s), {self.metric} {result.get(self.metric, float('nan')):.4f} "
+            f"{trial.trial_id}: {state} after {count} validation(s), "
+            f"{self.metric} {result.get(self.metric, float('nan')):.4f} "
             f"({self.ended} of {self.trials} trials ended)",
             flush=True,
         )

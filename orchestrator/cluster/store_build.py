@@ -80,9 +80,8 @@ class Decoding:
 
     def __init__(self, image_size: int, limits: DecodeSpec, on_driver_node: bool = False):
         self.image_size, self.limits = image_size, limits
-        self.task = ray.remote(num_cpus=1, max_retries=0)(
-            decode_chunk
-        )  # the retries are ours, and logged
+        # the retries are ours, and logged
+        self.task = ray.remote(num_cpus=1, max_retries=0)(decode_chunk)
         if on_driver_node:
             here = NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False

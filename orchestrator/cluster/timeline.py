@@ -1,4 +1,4 @@
-"""Where the runs' slot time goes outside the trainer's own timers (issue 29's split).
+"""Where the runs' slot time goes outside the trainer's own timers (the split `cxr run` prints).
 
 The trainer times its parts (training steps, the first step's trace, batch-norm statistics,
 validation, MLflow, ...) into each run's timing.json. What a run costs before and after them is
@@ -47,7 +47,8 @@ class SlotTime:
 
     @property
     def idle(self) -> float:
-        """Slot time with no trial on it: Tune's start, the gaps between trials, the last runs' tail."""
+        """Slot time with no trial on it: Tune's start, the gaps between trials, the last runs'
+        tail."""
         return max(0.0, self.held - self.in_trials)
 
 
@@ -90,6 +91,7 @@ def split_lines(slot: SlotTime, in_runs: dict[str, float]) -> list[str]:
         f"{k} {share(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.5
     )
     return [
-        f"slot time of the runs: {held:.0f} s ({slot.slots} at a time x {slot.wall:.0f} s); accounted "
-        f"{100 * min(accounted, held) / held:.0f}%: {ranked}; not timed inside the trainer {share(untimed)}"
+        f"slot time of the runs: {held:.0f} s ({slot.slots} at a time x {slot.wall:.0f} s); "
+        f"accounted {100 * min(accounted, held) / held:.0f}%: {ranked}; "
+        f"not timed inside the trainer {share(untimed)}"
     ]

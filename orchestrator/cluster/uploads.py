@@ -1,5 +1,5 @@
 """The image store and the splits for nodes that share no folder with the driver: uploaded to
-object storage by the driver (`cxr prepare --publish`, `cxr run`), copied once per node into its
+object storage by the driver (`cxr prepare --upload`, `cxr run`), copied once per node into its
 cache and memory-mapped there (data_pipeline.objects).
 
 On the bucket, `<storage>/store/<store key>/` and `<storage>/splits/<split hash>/`: keyed by what
@@ -44,7 +44,8 @@ def upload_folders(storage: str, store: Path, splits: Path | None = None) -> lis
         )
     if splits is not None and not (splits / SUMS_FILE).is_file():
         raise StorageError(
-            f"{splits}: no {SUMS_FILE}; expected a splits folder written by `cxr splits` or `cxr run`."
+            f"{splits}: no {SUMS_FILE}; expected a splits folder written by `cxr splits` or "
+            f"`cxr run`."
         )
     work = WorkPaths.of("", storage)
     keys = {

@@ -88,9 +88,8 @@ def drive_one_run(params: dict, requests: dict[str, RunRequest]) -> None:
             if request.in_trial
             else fit_forwarding(trainer, request.progress, params["run"])
         )
-    except (
-        SystemExit
-    ):  # Tune stopped the trial (its scheduler): tune.report raised it, the run ended KILLED
+    except SystemExit:
+        # Tune stopped the trial (its scheduler): tune.report raised it, the run ended KILLED
         raise
     except BaseException:
         # a worker killed by SIGKILL, the OOM killer or the loss of its node ended nothing, and Ray
@@ -106,9 +105,8 @@ def _mark_failed(job: RunJob) -> None:
     paths, name = job.paths, run_name(job.fold, job.network)
     try:
         with tempfile.TemporaryDirectory(prefix="cxr-run-") as scratch:
-            if (
-                paths.remote
-            ):  # the run's records from its object storage, into a folder of this process
+            # the run's records from its object storage, into a folder of this process
+            if paths.remote:
                 paths = RunPaths(Path(scratch), paths.remote)
                 remote_run.fetch(paths, models=False)
             status = RunTracker(job.tracking.uri, job.tracking.experiment, paths).mark("FAILED")
@@ -164,7 +162,8 @@ def _train_worker(params: dict) -> dict:
 
 
 def _outcome(job: RunJob) -> dict:
-    """What the trial reports last: the run's last step and test metrics, as its MLflow run holds them."""
+    """What the trial reports last: the run's last step and test metrics, as its MLflow run
+    holds them."""
     from orchestrator.tracking.runs import RunTracker
 
     tracker = RunTracker(job.tracking.uri, job.tracking.experiment, job.paths)

@@ -81,7 +81,8 @@ def _read_config(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     base_path = (path.parent / base).resolve()
     if base_path in chain or base_path == path.resolve():
         raise ConfigError(
-            f"{path}: {BASE}: {base} leads back to a config already in the chain {[str(p) for p in (*chain, path)]}; expected a chain that ends."
+            f"{path}: {BASE}: {base} leads back to a config already in the chain "
+            f"{[str(p) for p in (*chain, path)]}; expected a chain that ends."
         )
     return _merged(_read_config(base_path, (*chain, path.resolve())), data)
 
@@ -97,8 +98,9 @@ def _merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spread(value: Any, keys: typing.Iterable[str]) -> Any:
-    """One value of a per-network setting (`epochs: 100`) as the mapping that some networks' values
-    (an overlay's `epochs: {resnet50v2: 2}`, `--set train.epochs.resnet50v2=2`) go into; else `value`."""
+    """One value of a per-network setting (`epochs: 100`) as the mapping that some networks'
+    values (an overlay's `epochs: {resnet50v2: 2}`, `--set train.epochs.resnet50v2=2`) go into;
+    else `value`."""
     names = [n.name for n in NETWORKS]
     one = isinstance(value, int) and not isinstance(value, bool) and set(keys) <= set(names)
     return dict.fromkeys(names, value) if one else value
@@ -128,14 +130,14 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str, prefix: str = "
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {[prefix + k for k in unknown]}; expected keys of {prefix.rstrip('.') or 'the top level'}: {sorted(fields)}."
+            f"{where}: unknown key(s) {[prefix + k for k in unknown]}; expected keys of "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}."
         )
     values = {}
     for name, value in data.items():
         key, expected = prefix + name, hints[name]
-        value = (
-            _spread(value, ()) if expected in PER_NETWORK else value
-        )  # one value for every network
+        # one value for every network
+        value = _spread(value, ()) if expected in PER_NETWORK else value
         if dataclasses.is_dataclass(expected):
             values[name] = from_mapping(expected, value or {}, where, key + ".")
         else:
@@ -154,9 +156,8 @@ def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(expected)
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(expected) or (Any,)
-        if not isinstance(
-            value, (list, tuple)
-        ):  # a tuple: a config turned back into a mapping (dataclasses.asdict)
+        # a tuple: a config turned back into a mapping (dataclasses.asdict)
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(
                 f"{where}: {key}: expected a list, received {type(value).__name__} {value!r}."
             )
@@ -175,7 +176,8 @@ def _check_type(value: Any, expected: Any, where: str, key: str) -> Any:
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(
-            f"{where}: {key}: expected {getattr(expected, '__name__', expected)}, received {type(value).__name__} {value!r}."
+            f"{where}: {key}: expected {getattr(expected, '__name__', expected)}, "
+            f"received {type(value).__name__} {value!r}."
         )
     return value
 
@@ -184,7 +186,8 @@ def resolved(config: Config, base: Path | None = None) -> Config:
     """The config with every relative path made absolute against `base` (default: the current
     folder), and the tracking URI fixed (config, else $MLFLOW_TRACKING_URI, else the default).
     Ray workers run in other folders (and on other nodes), so the driver resolves paths and the
-    URI once and hands the workers the result; on a cluster, give absolute paths on shared storage."""
+    URI once and hands the workers the result; on a cluster, give absolute paths on shared
+    storage."""
     base = Path(base or Path.cwd())
 
     def absolute(path: str) -> str:

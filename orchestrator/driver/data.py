@@ -1,5 +1,6 @@
 """The data stages of `cxr run`, each skipped when its outputs are up to date: the raw datasets
-(generated when synthetic), the manifest, the image store (decoded on the cluster) and the splits."""
+(generated when synthetic), the manifest, the image store (decoded on the cluster) and the
+splits."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 def prepare_inputs(config: Config) -> None:
     """The data stages; with object storage (cluster.storage_path s3://...) the raw files are
     decoded on the driver's node only (no other node need see them), and the store and splits
-    are then published there for the workers (orchestrator.cluster.uploads)."""
+    are then uploaded there for the workers (orchestrator.cluster.uploads)."""
     covid_root, rsna_root = ensure_data(config)
     ensure_manifest(config, covid_root, rsna_root)
     build_store(

@@ -6,8 +6,8 @@
 
 Re-running on the same workdir after the driver died skips finished runs, resumes unfinished
 ones from their checkpoints, and continues the same parent MLflow run. Runs of other settings
-(another fingerprint, orchestrator.training.identity) are neither: the command stops and names them, or
-with `restart_stale` moves them aside and trains them anew.
+(another fingerprint, orchestrator.training.identity) are neither: the command stops and names
+them, or with `restart_stale` moves them aside and trains them anew.
 """
 
 from __future__ import annotations
@@ -112,11 +112,12 @@ def _run_stages(
     clock.timed("preflight", lambda: preflight(Requirements.of(config)))
     if not train_only:
         clock.timed("data stages", lambda: prepare_inputs(config))
-    else:  # `cxr train`: the workdir's inputs, on object storage for the workers if it is the run storage
+    else:
+        # `cxr train`: the workdir's inputs, on object storage for the workers if it is the run
+        # storage
         upload_inputs(work)
-    fetch_runs(
-        work, config.splits.folds
-    )  # on object storage: the runs' records, what the bucket says is done
+    # on object storage: the runs' records, what the bucket says is done
+    fetch_runs(work, config.splits.folds)
     reconcile_runs(tracking, work, config.splits.folds)
     set_aside_stale(
         work, config.splits.folds, tracking, Identity.of(work, config.recipe), restart_stale
@@ -136,12 +137,10 @@ def _run_stages(
             verbose=verbose,
             lock_owner=lock_token,
         )
-    except (
-        BaseException
-    ):  # an error or Ctrl-C in the driver: no run, and not the parent, left RUNNING
-        with contextlib.suppress(
-            Exception
-        ):  # the runs' MLflow ids, from object storage; the error stays the one seen
+    except BaseException:
+        # an error or Ctrl-C in the driver: no run, and not the parent, left RUNNING
+        with contextlib.suppress(Exception):
+            # the runs' MLflow ids, from object storage; the error stays the one seen
             fetch_runs(work, config.splits.folds)
         finish_parent(tracking.uri, work, parent, grid_results(config, folds, networks, {}))
         raise
@@ -181,7 +180,7 @@ def _finish_stages(config: Config, parent: str, results: pd.DataFrame, clock: St
         log.error("finished but not in the report: %s", ", ".join(results.loc[left_out, "run"]))
     if config.tracking.register:
         try:
-            clock.timed("model registry", lambda: publish(config, parent))
+            clock.timed("model registry", lambda: register(config, parent))
         except Exception:
             log.exception(
                 "registering the models failed; the runs are complete. After fixing the cause, "
@@ -190,7 +189,7 @@ def _finish_stages(config: Config, parent: str, results: pd.DataFrame, clock: St
     return report
 
 
-def publish(config: Config, parent: str) -> None:
+def register(config: Config, parent: str) -> None:
     """The finished runs' models, and the fold ensembles, in the Model Registry (`cxr models`)."""
     from orchestrator.serving.registry import register_models, registry_table
 
@@ -198,8 +197,8 @@ def publish(config: Config, parent: str) -> None:
     registered = register_models(config.tracking_uri, card, config.model_limits, parent)
     new = sum(r.new for r in registered)
     print(
-        f"\nmodel registry ({len(registered)} versions for these runs, {new} new, starred; `cxr models` "
-        f"lists them):\n{registry_table(registered).to_string(index=False)}"
+        f"\nmodel registry ({len(registered)} versions for these runs, {new} new, starred; "
+        f"`cxr models` lists them):\n{registry_table(registered).to_string(index=False)}"
     )
 
 

@@ -12,8 +12,8 @@ from orchestrator.cluster.timeline import SlotTime, split_lines
 from orchestrator.config import Config
 from orchestrator.evaluation.metrics import accuracy
 from orchestrator.paths import run_name
+from orchestrator.tracking.records import RunRecords
 from orchestrator.tracking.runs import fail_unfinished
-from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,9 @@ def print_summary(results: pd.DataFrame, clock, slot: SlotTime | None = None) ->
             if k != "steps"
         )
         print(
-            f"inside the runs (summed over runs): {in_runs:.0f} s, of which training steps {steps:.0f} s "
-            f"({100 * steps / in_runs:.0f}%); outside the steps {100 * (1 - steps / in_runs):.0f}%: {rest}"
+            f"inside the runs (summed over runs): {in_runs:.0f} s, "
+            f"of which training steps {steps:.0f} s ({100 * steps / in_runs:.0f}%); "
+            f"outside the steps {100 * (1 - steps / in_runs):.0f}%: {rest}"
         )
     if slot is not None:
         launched = results[results["run"].isin(slot.runs)]

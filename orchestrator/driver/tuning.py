@@ -43,12 +43,11 @@ class TuneResult:
 def run_tune(config: Config, config_path: Path, verbose: bool = False) -> TuneResult:
     """The search of `config.tune` (loaded from `config_path`, the overlay's base)."""
     refuse_test_pool(config)
-    if (
-        config.paths.remote
-    ):  # its trials read the workdir's store and splits, which other nodes lack
+    # its trials read the workdir's store and splits, which other nodes lack
+    if config.paths.remote:
         raise ConfigError(
-            f"cluster.storage_path: {config.cluster.storage_path}: `cxr tune` keeps its trials on the "
-            f"driver's storage; expected a folder every node mounts (or none: the workdir)."
+            f"cluster.storage_path: {config.cluster.storage_path}: `cxr tune` keeps its trials on "
+            f"the driver's storage; expected a folder every node mounts (or none: the workdir)."
         )
     config = resolved(config)
     stale_after = config.cluster.lock_stale_seconds
@@ -61,7 +60,8 @@ def run_tune(config: Config, config_path: Path, verbose: bool = False) -> TuneRe
 
 def refuse_test_pool(config: Config) -> None:
     """The objective must be a validation set of the training pool (the sound protocol's): the
-    paper's s_test and the imported splits' validation are drawn from the test pool; without one there is nothing to judge on."""
+    paper's s_test and the imported splits' validation are drawn from the test pool; without one
+    there is nothing to judge on."""
     if config.splits.protocol != "sound":
         drawn = (
             "drawn from the test pool (the paper's s_test: test-set selection)"
@@ -148,9 +148,11 @@ def write_best(config: Config, config_path: Path, outcome) -> Path:
     base = os.path.relpath(Path(config_path).absolute(), target.parent.absolute())
     header = [
         f"# The best of `cxr tune --config {config_path}`: {row['trial']}, {config.tune.metric} "
-        f"{row['best']:.4f} on fold {config.tune.fold}'s validation set (the training pool's; no test set",
-        f"# was read), {outcome.best[NETWORK]}, of {len(outcome.table)} trials ({config.tune.search} search, "
-        f"{config.tune.scheduler} scheduler). Its batch size and epochs are {outcome.best[NETWORK]}'s;",
+        f"{row['best']:.4f} on fold {config.tune.fold}'s validation set "
+        f"(the training pool's; no test set",
+        f"# was read), {outcome.best[NETWORK]}, of {len(outcome.table)} trials "
+        f"({config.tune.search} search, {config.tune.scheduler} scheduler). "
+        f"Its batch size and epochs are {outcome.best[NETWORK]}'s;",
         "# the other settings apply to every network. To train and test the protocol with them:",
         f"#   cxr run --config {target}",
     ]

@@ -199,9 +199,11 @@ def run_audit(work: WorkPaths, spec: AuditSpec) -> dict:
 
 
 def audit_lines(audit: dict, work: WorkPaths) -> list[str]:
-    """`cxr audit`'s lines: each probe's AUC with its interval, each view test, where the files are."""
+    """`cxr audit`'s lines: each probe's AUC with its interval, each view test, where the files
+    are."""
     lines = [
-        f"source probe, {name}: AUC {r['auc']:.3f} (95% interval {r['ci_low']:.3f}-{r['ci_high']:.3f}, "
+        f"source probe, {name}: AUC {r['auc']:.3f} "
+        f"(95% interval {r['ci_low']:.3f}-{r['ci_high']:.3f}, "
         f"{r['images']} images)"
         for name, r in audit["probes"].items()
     ]
@@ -240,22 +242,26 @@ def audit_markdown(audit: dict) -> list[str]:
     lines = [
         SECTION,
         "",
-        f"Can a linear probe tell {audit['positive_source']} from {audit['negative_source']} without the lungs? "
-        f"AUC of a logistic regression cross-validated over patients ({audit['image_size']}x{audit['image_size']} "
-        f"store images), with a 95% bootstrap interval over patients. Near 1: the sources differ outside the "
-        f"disease, and a network can score by the source; an interval holding 0.5: the probe found nothing.",
+        f"Can a linear probe tell {audit['positive_source']} from {audit['negative_source']} "
+        f"without the lungs? AUC of a logistic regression cross-validated over patients "
+        f"({audit['image_size']}x{audit['image_size']} store images), with a 95% bootstrap "
+        f"interval over patients. Near 1: the sources differ outside the disease, and a network "
+        f"can score by the source; an interval holding 0.5: the probe found nothing.",
         "",
         "| probe | features | AUC | 95% interval |",
         "| --- | --- | --- | --- |",
     ]
     described = {
-        "border": f"border frame, {audit['border']:.0%} of the side ({audit['border_pixels']} pixels)",
+        "border": (
+            f"border frame, {audit['border']:.0%} of the side ({audit['border_pixels']} pixels)"
+        ),
         "intensity": f"gray-level histogram ({HISTOGRAM_BINS} bins), mean, std of the whole image; "
         f"{audit['intensity_images']} images only",
     }
     for name, result in audit["probes"].items():
         lines.append(
-            f"| {name} | {described[name]} | {result['auc']:.3f} | {result['ci_low']:.3f}-{result['ci_high']:.3f} |"
+            f"| {name} | {described[name]} | {result['auc']:.3f} "
+            f"| {result['ci_low']:.3f}-{result['ci_high']:.3f} |"
         )
     lines += [
         "",

@@ -130,22 +130,25 @@ def telltale_notes(table: pd.DataFrame, folds_overlap: bool) -> list[str]:
     for row in table.itertuples():
         if row.covid_images == 0:
             notes.append(
-                f"{row.network}: no {COVID_SOURCE} pneumonia image was tested, so the report cannot tell "
-                f"whether the network calls COVID-19 by the source dataset."
+                f"{row.network}: no {COVID_SOURCE} pneumonia image was tested, so the report "
+                f"cannot tell whether the network calls COVID-19 by the source dataset."
             )
         elif row.far_above:
             notes.append(
-                f"{row.network}: {row.covid_share:.1f}% of the {COVID_SOURCE} pneumonia images were called COVID-19 "
-                f"(95% CI {row.covid_low:.1f}-{row.covid_high:.1f}%, {row.covid_called_covid} of {row.covid_images}), "
-                f"against {row.rsna_share:.1f}% of the {RSNA_SOURCE} pneumonia images ({row.rsna_low:.1f}-"
-                f"{row.rsna_high:.1f}%, {row.rsna_called_covid} of {row.rsna_images}). Pneumonia from the COVID-19 "
-                f"images' dataset is called COVID-19 far more often: the network may recognise the source dataset "
-                f"rather than the disease (DeGrave et al., 2021); `cxr audit` probes the images for it."
+                f"{row.network}: {row.covid_share:.1f}% of the {COVID_SOURCE} pneumonia images "
+                f"were called COVID-19 (95% CI {row.covid_low:.1f}-{row.covid_high:.1f}%, "
+                f"{row.covid_called_covid} of {row.covid_images}), against {row.rsna_share:.1f}% "
+                f"of the {RSNA_SOURCE} pneumonia images ({row.rsna_low:.1f}-"
+                f"{row.rsna_high:.1f}%, {row.rsna_called_covid} of {row.rsna_images}). "
+                f"Pneumonia from the COVID-19 images' dataset is called COVID-19 far more often: "
+                f"the network may recognise the source dataset rather than the disease "
+                f"(DeGrave et al., 2021); `cxr audit` probes the images for it."
             )
     if notes and folds_overlap:
         notes.append(
-            "The tell-tale intervals pool every fold's predictions; an image tested in several folds counts "
-            "each time, so the intervals are narrower than independent images would give."
+            "The tell-tale intervals pool every fold's predictions; an image tested in several "
+            "folds counts each time, so the intervals are narrower than independent images "
+            "would give."
         )
     return notes
 

@@ -130,7 +130,10 @@ def roc_figure(predictions: dict, classes: Sequence[str], title: str, path: Path
                 np.mean(curves, axis=0),
                 color="black",
                 linewidth=2,
-                label=f"mean (AUC {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1) if len(aucs) > 1 else 0:.3f})",
+                label=(
+                    f"mean (AUC {np.mean(aucs):.3f} "
+                    f"± {np.std(aucs, ddof=1) if len(aucs) > 1 else 0:.3f})"
+                ),
             )
         else:
             ax.text(
@@ -230,7 +233,8 @@ def gradcam_figure(
 
 def comparison_figure(table, baseline: str, path: Path) -> Path:
     """`cxr compare`: per network, each config's accuracy (mean over folds, std as the error bar;
-    the pooled figure as a dot where there is one), the always-normal baseline as a line per config."""
+    the pooled figure as a dot where there is one), the always-normal baseline as a line per
+    config."""
     configs = list(dict.fromkeys(table["config"]))
     networks = [n for n in dict.fromkeys(table["network"]) if n != baseline]
     width = 0.8 / max(1, len(configs))

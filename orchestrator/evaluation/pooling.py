@@ -46,17 +46,18 @@ def pooled_table(
         repeated, tested = overlap(mine)
         if repeated:
             notes.append(
-                f"{network}: {repeated} of the {tested} test images are tested in more than one fold, so "
-                f"the folds' test sets cannot be pooled into one (an image would count as often as it "
-                f"is tested); the fold mean and std are all there is. The `sound` protocol tests every "
-                f"image once and is pooled."
+                f"{network}: {repeated} of the {tested} test images are tested in more than one "
+                f"fold, so the folds' test sets cannot be pooled into one (an image would count as "
+                f"often as it is tested); the fold mean and std are all there is. The `sound` "
+                f"protocol tests every image once and is pooled."
             )
             continue
         pooled = pd.concat([r.predictions for r in mine], ignore_index=True)
         rows += [{"network": network, **row} for row in _pooled_metrics(pooled, replicates, seed)]
         notes.append(
-            f"{network}: the {len(mine)} folds' test sets partition {tested} images, each tested once: "
-            f"pooled, they give the five-fold figures with intervals over patients (pooled.csv)."
+            f"{network}: the {len(mine)} folds' test sets partition {tested} images, "
+            f"each tested once: pooled, they give the five-fold figures with intervals over "
+            f"patients (pooled.csv)."
         )
     return pd.DataFrame(
         rows, columns=["network", "class", "metric", "value", "ci_low", "ci_high", "n"]

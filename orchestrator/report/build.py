@@ -48,7 +48,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     if not inputs.runs:
         raise DataError(
-            f"no finished runs to report on ({inputs.source}); missing: {', '.join(inputs.missing)}."
+            f"no finished runs to report on ({inputs.source}); "
+            f"missing: {', '.join(inputs.missing)}."
         )
     t3, t4 = table3(inputs.runs), table4(inputs.runs)
     metrics = metrics_table(inputs.runs, replicates, seed, inputs.patient_unit)
@@ -171,7 +172,8 @@ def check_given(manifest: Path | None, splits: Path | None) -> None:
     the intervals (patients) or drop the notes (selection) without a word."""
     if manifest is not None and not Path(manifest).is_file():
         raise DataError(
-            f"--manifest {manifest}: expected the manifest CSV (image_id, patient_id); no such file."
+            f"--manifest {manifest}: expected the manifest CSV (image_id, patient_id); "
+            f"no such file."
         )
     if splits is not None and SplitMeta.read_if_any(splits) is None:
         raise DataError(

@@ -1,4 +1,5 @@
-"""`cxr compare --config A --config B ...`: protocols side by side, from what their `cxr run`s logged.
+"""`cxr compare --config A --config B ...`: protocols side by side, from what their `cxr run`s
+logged.
 
 For each config, its latest parent MLflow run's report (logged under `report/` by `cxr run` or
 `cxr report`): Table 4's averages with their spread over folds, the always-normal baseline, the
@@ -116,8 +117,10 @@ def _telltale(p: Protocol, network: str) -> dict:
         return {"covid_pneumonia_called_covid": ""}
     row = p.telltale.set_index("network").loc[network]
     return {
-        "covid_pneumonia_called_covid": f"{row['covid_share']:.1f}% ({row['covid_low']:.1f}-{row['covid_high']:.1f}) "
-        f"vs RSNA {row['rsna_share']:.1f}%"
+        "covid_pneumonia_called_covid": (
+            f"{row['covid_share']:.1f}% ({row['covid_low']:.1f}-{row['covid_high']:.1f}) "
+            f"vs RSNA {row['rsna_share']:.1f}%"
+        )
     }
 
 
@@ -142,9 +145,9 @@ def compare_markdown(table: pd.DataFrame, protocols: list[Protocol], figure: Pat
         "# Protocols side by side",
         "",
         "Accuracy and COVID-19 recall: mean ± std over folds (percent), as the paper reports them. "
-        "Tell-tale: covid-chestxray-dataset pneumonia images called COVID-19 (Wilson 95%), against RSNA's. "
-        "Pooled: every image tested once, the folds' test sets taken together (bootstrap over patients); "
-        "only where the folds partition the data.",
+        "Tell-tale: covid-chestxray-dataset pneumonia images called COVID-19 (Wilson 95%), "
+        "against RSNA's. Pooled: every image tested once, the folds' test sets taken together "
+        "(bootstrap over patients); only where the folds partition the data.",
         "",
         "| config | network | accuracy | COVID-19 recall | tell-tale | pooled accuracy (95%) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -156,7 +159,8 @@ def compare_markdown(table: pd.DataFrame, protocols: list[Protocol], figure: Pat
             else values["pooled_interval"]
         )
         lines.append(
-            f"| {values['config']} | {values['network']} | {_spread(values['accuracy'], values['accuracy_std'])} | "
+            f"| {values['config']} | {values['network']} "
+            f"| {_spread(values['accuracy'], values['accuracy_std'])} | "
             f"{_spread(values['recall_COVID-19'], values['recall_COVID-19_std'])} | "
             f"{values['covid_pneumonia_called_covid']} | {pooled} |"
         )

@@ -18,7 +18,7 @@ from models.catalog import NETWORK_NAMES
 from orchestrator.evaluation import by_source
 from orchestrator.paths import HISTORY_FILE, PREDICTIONS_FILE, WorkPaths, run_name
 from orchestrator.tracking import names
-from orchestrator.training.records import read_parent
+from orchestrator.tracking.records import read_parent
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,8 @@ def from_mlflow(
                 continue
             if name in runs:
                 log.warning(
-                    "report: two finished MLflow runs are named %s (%s, %s); the later one, %s, is used",
+                    "report: two finished MLflow runs are named %s (%s, %s); "
+                    "the later one, %s, is used",
                     name,
                     runs[name].run_id,
                     run_id,
@@ -292,7 +293,8 @@ def manifest_lookup(
     missing = [c for c in ("image_id", column) if c not in table.columns]
     if missing:
         raise DataError(
-            f"{manifest}: expected a manifest with the columns image_id and {column}; missing {missing}."
+            f"{manifest}: expected a manifest with the columns image_id and {column}; "
+            f"missing {missing}."
         )
     repeated = table["image_id"][table["image_id"].duplicated()]
     if len(repeated):
@@ -316,7 +318,8 @@ def attach_sources(runs: list[RunResult], manifest: Path | None) -> list[RunResu
     for run in runs:
         sources = run.predictions["image_id"].map(lookup)
         if sources.isna().any():
-            return runs  # attach_patients has named images missing from the manifest; sources are optional
+            # attach_patients has named images missing from the manifest; sources are optional
+            return runs
         out.append(replace(run, predictions=run.predictions.assign(**{SOURCE_COLUMN: sources})))
     return out
 

@@ -29,9 +29,9 @@ def overlap_note(runs: list[RunResult], unit: str = "patients") -> str | None:
     if not shared:
         return None
     return (
-        f"Folds overlap: {shared} of the {len(seen)} COVID-19 {unit} in the test sets are tested in more "
-        f"than one fold (up to {max(seen.values())} times). The folds are not independent estimates; "
-        f"the std across folds understates the uncertainty."
+        f"Folds overlap: {shared} of the {len(seen)} COVID-19 {unit} in the test sets are "
+        f"tested in more than one fold (up to {max(seen.values())} times). The folds are not "
+        f"independent estimates; the std across folds understates the uncertainty."
     )
 
 
@@ -50,8 +50,8 @@ def few_positives_notes(metrics: pd.DataFrame) -> list[str]:
             ).append(metric)
         listed = "; ".join(f"{', '.join(names)} on {count}" for count, names in parts.items())
         notes.append(
-            f"{name} metrics that rest on fewer than {FEW_POSITIVES} cases in some runs: {listed}. "
-            f"Read their 95% intervals, not the point values."
+            f"{name} metrics that rest on fewer than {FEW_POSITIVES} cases in some runs: "
+            f"{listed}. Read their 95% intervals, not the point values."
         )
     return notes
 
@@ -63,8 +63,9 @@ def notes(
     if test_pool_runs:
         which = "all runs" if len(test_pool_runs) == len(inputs.runs) else ", ".join(test_pool_runs)
         out.append(
-            "Checkpoints were selected on a validation set drawn from the test pool (the paper's s_test) "
-            f"in {which}: test-set selection, so every number below is optimistic."
+            "Checkpoints were selected on a validation set drawn from the test pool "
+            f"(the paper's s_test) in {which}: test-set selection, so every number below is "
+            "optimistic."
         )
     out += [
         f"The splits carry this flag: {flag}."
@@ -73,8 +74,9 @@ def notes(
     ]
     if not inputs.selection_known:
         out.append(
-            "How checkpoints were selected is not known for these prediction files (give --splits to "
-            "carry the splits' flags); if on the test pool, every number below is optimistic."
+            "How checkpoints were selected is not known for these prediction files "
+            "(give --splits to carry the splits' flags); if on the test pool, every number below "
+            "is optimistic."
         )
     overlap = overlap_note(inputs.runs, inputs.patient_unit)
     if overlap:
@@ -83,18 +85,20 @@ def notes(
     base = table[table["network"] == BASELINE].iloc[0]
     out.append(
         f"Baseline: a classifier that calls every image normal, so never COVID-19, scores "
-        f"{base['accuracy_COVID-19']:.2f}% COVID-19 accuracy and {base['specificity_COVID-19']:.2f}% "
-        f"COVID-19 specificity from the class prevalence alone (overall accuracy {base['accuracy']:.2f}%)."
+        f"{base['accuracy_COVID-19']:.2f}% COVID-19 accuracy and "
+        f"{base['specificity_COVID-19']:.2f}% COVID-19 specificity from the class prevalence "
+        f"alone (overall accuracy {base['accuracy']:.2f}%)."
     )
     if inputs.patient_unit != "patients":
         out.append(
-            "The prediction files carry no patient ids (give --manifest): the bootstrap resamples images, "
-            "so a patient's several images count as independent and the F1 and AUC intervals are too narrow."
+            "The prediction files carry no patient ids (give --manifest): the bootstrap resamples "
+            "images, so a patient's several images count as independent and the F1 and AUC "
+            "intervals are too narrow."
         )
     if inputs.missing:
         out.append(
-            f"Missing runs ({len(inputs.missing)}): {', '.join(inputs.missing)}. Averages are over the "
-            f"folds present."
+            f"Missing runs ({len(inputs.missing)}): {', '.join(inputs.missing)}. "
+            f"Averages are over the folds present."
         )
     return out
 
@@ -102,8 +106,9 @@ def notes(
 def source_notes(inputs: ReportInputs, per_source: dict[str, pd.DataFrame]) -> list[str]:
     if not per_source:
         return [
-            "The predictions carry no source dataset (give --manifest): the results by source dataset, which "
-            "show whether a network recognises the dataset rather than the disease, are left out."
+            "The predictions carry no source dataset (give --manifest): the results by source "
+            "dataset, which show whether a network recognises the dataset rather than the disease, "
+            "are left out."
         ]
     overlap = overlap_note(inputs.runs, inputs.patient_unit) is not None
     return by_source.telltale_notes(per_source[TELLTALE_TABLE], overlap)

@@ -122,9 +122,9 @@ def source_markdown(per_source: dict[str, pd.DataFrame]) -> list[str]:
     return [
         "## By source dataset",
         "",
-        "Every COVID-19 image comes from one dataset and every normal one from another: a network can "
-        "score by recognising the dataset. Table 7: Table 4's accuracy and recalls within each source "
-        "(mean ± std over folds, percent).",
+        "Every COVID-19 image comes from one dataset and every normal one from another: "
+        "a network can score by recognising the dataset. Table 7: Table 4's accuracy and recalls "
+        "within each source (mean ± std over folds, percent).",
         "",
         _md_table(table4.round(2)),
         "",
@@ -132,8 +132,8 @@ def source_markdown(per_source: dict[str, pd.DataFrame]) -> list[str]:
         "",
         _md_table(confusion_table),
         "",
-        "Table 9, the tell-tale: the share of each source's pneumonia images called COVID-19 (percent, "
-        "Wilson 95% interval, over all folds' predictions).",
+        "Table 9, the tell-tale: the share of each source's pneumonia images called COVID-19 "
+        "(percent, Wilson 95% interval, over all folds' predictions).",
         "",
         _md_table(telltale.round(2)),
         "",
@@ -148,7 +148,9 @@ def _pooled_cells(pooled: pd.DataFrame) -> pd.DataFrame:
         ],
         interval=[
             f"{lo:.3f}-{hi:.3f}" if m == "AUC" else f"{lo:.2f}-{hi:.2f}"
-            for lo, hi, m in zip(pooled["ci_low"], pooled["ci_high"], pooled["metric"], strict=False)
+            for lo, hi, m in zip(
+                pooled["ci_low"], pooled["ci_high"], pooled["metric"], strict=False
+            )
         ],
     )
     return cells[["network", "class", "metric", "value", "interval", "n"]]
@@ -229,7 +231,10 @@ def against_baseline(averages: pd.DataFrame) -> str:
         if (accuracy.drop(BASELINE) > baseline).all()
         else "NOT every network beats it"
     )
-    return f"against the always-normal baseline ({baseline:.2f}%), in accuracy points: {gaps}; {verdict}"
+    return (
+        f"against the always-normal baseline ({baseline:.2f}%), in accuracy points: {gaps}; "
+        f"{verdict}"
+    )
 
 
 def print_report(report: Report) -> None:

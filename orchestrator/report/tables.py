@@ -69,7 +69,8 @@ def table4(runs: list[RunResult]) -> pd.DataFrame:
         for network in NETWORK_NAMES:
             folds = per_run[per_run["network"] == network][TABLE4_COLUMNS]
             if len(folds):
-                # a fold without a value (0 / 0) leaves the average empty rather than quietly 4 folds
+                # a fold without a value (0 / 0) leaves the average empty rather than
+                # quietly 4 folds
                 values = (
                     folds.mean(skipna=False)
                     if statistic == "average"
@@ -129,7 +130,8 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def source_tables(runs: list[RunResult]) -> dict[str, pd.DataFrame]:
-    """The results by source dataset (orchestrator.evaluation.by_source), when the predictions carry it."""
+    """The results by source dataset (orchestrator.evaluation.by_source), when the predictions
+    carry it."""
     if not by_source.has_sources(runs):
         return {}
     made = (

@@ -80,8 +80,8 @@ def evaluate(
     if table.empty:
         write_table(failures, paths.failures)
         raise DataError(
-            f"--data {data}: none of its {len(failures)} image file(s) decoded; each with its reason in "
-            f"{paths.failures}."
+            f"--data {data}: none of its {len(failures)} image file(s) decoded; "
+            f"each with its reason in {paths.failures}."
         )
     metrics = {
         "model": model_uri,
@@ -128,7 +128,8 @@ def write_outputs(
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
-    """metrics.json's figures as MLflow metrics: accuracy_ci_low, recall_normal, called_covid_pneumonia, ..."""
+    """metrics.json's figures as MLflow metrics: accuracy_ci_low, recall_normal,
+    called_covid_pneumonia, ..."""
     flat = {key: float(metrics[key]) for key in ("files", "n", "failed")}
     for key in ("accuracy", "called_covid", "failure_share"):
         flat |= _flat(key, metrics[key])
@@ -167,7 +168,8 @@ def log_to_mlflow(evaluation: Evaluation, uri: str) -> Evaluation:
 
 def tracked(model_uri: str, named: bool) -> bool:
     """Whether an evaluation is logged: always for a model in MLflow, which it is logged beside;
-    for a local model folder only where a tracking store is named (--config, MLFLOW_TRACKING_URI)."""
+    for a local model folder only where a tracking store is named (--config,
+    MLFLOW_TRACKING_URI)."""
     from orchestrator.serving.predict import MODEL_SCHEMES
 
     return (
@@ -183,13 +185,15 @@ def summary(evaluation: Evaluation, uri: str) -> list[str]:
     """What `cxr evaluate` prints: counts, accuracy, the false alarms, ECE, each class's figures."""
     m = evaluation.metrics
     lines = [
-        f"{m['n']} of {m['files']} image(s) evaluated ({evaluation.network}), {m['failed']} failed to decode "
-        f"({share(m['failure_share'])}) -> {evaluation.paths.root}",
-        f"accuracy {share(m['accuracy'])}; images of no COVID-19 called COVID-19: {share(m['called_covid'])}; "
+        f"{m['n']} of {m['files']} image(s) evaluated ({evaluation.network}), "
+        f"{m['failed']} failed to decode ({share(m['failure_share'])}) -> {evaluation.paths.root}",
+        f"accuracy {share(m['accuracy'])}; "
+        f"images of no COVID-19 called COVID-19: {share(m['called_covid'])}; "
         f"ECE {m['calibration']['ece']:.1f}%",
     ]
     lines += [
-        f"  {name}: {c['n']} image(s), recall {share(c['recall'])}, called COVID-19 {share(c['called_covid'])}"
+        f"  {name}: {c['n']} image(s), recall {share(c['recall'])}, "
+        f"called COVID-19 {share(c['called_covid'])}"
         for name, c in m["classes"].items()
     ]
     if evaluation.run_id:
@@ -201,7 +205,10 @@ def share(figure: dict) -> str:
     """A proportion of metrics.json as `87.5% (52.9-97.8, 7/8)`."""
     if figure["value"] is None:
         return f"n/a (0/{figure['of']})"
-    return f"{figure['value']:.1f}% ({figure['ci_low']:.1f}-{figure['ci_high']:.1f}, {figure['k']}/{figure['of']})"
+    return (
+        f"{figure['value']:.1f}% ({figure['ci_low']:.1f}-{figure['ci_high']:.1f}, "
+        f"{figure['k']}/{figure['of']})"
+    )
 
 
 def _card_row(run) -> dict:

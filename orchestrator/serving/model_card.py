@@ -25,11 +25,14 @@ from orchestrator.report.tables import TELLTALE_TABLE
 from orchestrator.tracking.names import NODE_CPUS, NODE_MEMORY_GB, TF_GPUS
 
 INTENDED_USE = (
-    "**Intended use: research only.** It reproduces and audits Rahimzadeh & Attar (2020). It is not "
-    "a diagnostic device, has not been validated for clinical use, and must not be used to diagnose, "
-    "triage or exclude COVID-19 or pneumonia in any patient."
+    "**Intended use: research only.** It reproduces and audits Rahimzadeh & Attar (2020). "
+    "It is not a diagnostic device, has not been validated for clinical use, and must not be used "
+    "to diagnose, triage or exclude COVID-19 or pneumonia in any patient."
 )
-NO_EXTERNAL = "None recorded: it has been tested only on its own fold's test set, drawn from the data it trained on."
+NO_EXTERNAL = (
+    "None recorded: it has been tested only on its own fold's test set, drawn from the data it "
+    "trained on."
+)
 EXTERNAL = "## External validation"
 CARD_LIMIT = 5000  # characters of a version's description: MLflow's SQL stores keep 5,000
 
@@ -85,8 +88,8 @@ def ensemble_card(
     lines += [
         "## Test figures",
         "",
-        "None of its own: each fold's test set held images that other folds trained on. The folds' mean "
-        f"test figures: {figures} (each fold's card has its own, with intervals).",
+        "None of its own: each fold's test set held images that other folds trained on. "
+        f"The folds' mean test figures: {figures} (each fold's card has its own, with intervals).",
         "",
     ]
     lines += _source_checks(card.work, network) + [EXTERNAL, "", NO_EXTERNAL, ""]
@@ -160,7 +163,8 @@ def _test_figures(predictions: pd.DataFrame) -> list[str]:
 
 
 def _source_checks(work: WorkPaths, network: str) -> list[str]:
-    """The report's tell-tale row of `network` and `cxr audit`'s probes, where the workdir has them."""
+    """The report's tell-tale row of `network` and `cxr audit`'s probes, where the workdir has
+    them."""
     lines = ["## Source checks", ""]
     telltale = work.report / TELLTALE_TABLE
     rows = pd.read_csv(telltale) if telltale.is_file() else pd.DataFrame()
@@ -168,7 +172,8 @@ def _source_checks(work: WorkPaths, network: str) -> list[str]:
     if not row.empty:
         r = row.iloc[0]
         lines.append(
-            f"- Tell-tale (pneumonia called COVID-19, all folds): covid-chestxray-dataset {r.covid_share:.1f}% "
+            f"- Tell-tale (pneumonia called COVID-19, all folds): "
+            f"covid-chestxray-dataset {r.covid_share:.1f}% "
             f"({r.covid_low:.1f}-{r.covid_high:.1f}), RSNA {r.rsna_share:.1f}% ({r.rsna_low:.1f}-"
             f"{r.rsna_high:.1f}); {'far above' if r.far_above else 'not far above'} RSNA's."
         )
@@ -177,7 +182,8 @@ def _source_checks(work: WorkPaths, network: str) -> list[str]:
     if work.audit.is_file():
         probes = json.loads(work.audit.read_text()).get("probes", {})
         lines += [
-            f"- `cxr audit`, {probe} probe: AUC {p['auc']:.3f} ({p['ci_low']:.3f}-{p['ci_high']:.3f})"
+            f"- `cxr audit`, {probe} probe: AUC {p['auc']:.3f} "
+            f"({p['ci_low']:.3f}-{p['ci_high']:.3f})"
             for probe, p in probes.items()
         ]
     else:
@@ -208,8 +214,9 @@ def with_external(card: str, evaluations: list[dict]) -> str:
     lines = [
         "",
         "",
-        '`cxr evaluate` on data it never trained on; percent, 95% Wilson intervals. "called COVID-19": '
-        "the share of the images of no COVID-19 that it called COVID-19 (the external false-alarm rate).",
+        "`cxr evaluate` on data it never trained on; percent, 95% Wilson intervals. "
+        '"called COVID-19": the share of the images of no COVID-19 that it called COVID-19 '
+        "(the external false-alarm rate).",
         "",
         "| data | images | accuracy | called COVID-19 | ECE | failed to decode | run |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -218,14 +225,16 @@ def with_external(card: str, evaluations: list[dict]) -> str:
         m = e["metrics"]
         lines.append(
             f"| `{e['data']}` ({e['when']}) | {m.get('n', 0):.0f} of {m.get('files', 0):.0f} | "
-            f"{_share(m, 'accuracy')} | {_share(m, 'called_covid')} | {m.get('ece', float('nan')):.1f}% | "
+            f"{_share(m, 'accuracy')} | {_share(m, 'called_covid')} | "
+            f"{m.get('ece', float('nan')):.1f}% | "
             f"{m.get('failure_share', 0):.1f}% | {e['run_id']} |"
         )
     return head + found + "\n".join(lines) + "\n" + tail
 
 
 def card_description(card: str) -> str:
-    """A card as a version's description, cut to what MLflow's SQL stores keep; MODEL_CARD.md holds it whole."""
+    """A card as a version's description, cut to what MLflow's SQL stores keep; MODEL_CARD.md
+    holds it whole."""
     if len(card) <= CARD_LIMIT:
         return card
     note = "\n\n(cut here: the whole card is MODEL_CARD.md in the run's artifacts)"
@@ -235,4 +244,7 @@ def card_description(card: str) -> str:
 def _share(metrics: dict, key: str) -> str:
     if key not in metrics:
         return "n/a"
-    return f"{metrics[key]:.1f}% ({metrics.get(f'{key}_ci_low', 0):.1f}-{metrics.get(f'{key}_ci_high', 0):.1f})"
+    return (
+        f"{metrics[key]:.1f}% "
+        f"({metrics.get(f'{key}_ci_low', 0):.1f}-{metrics.get(f'{key}_ci_high', 0):.1f})"
+    )

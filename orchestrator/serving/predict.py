@@ -108,8 +108,8 @@ def image_files(inputs: list[str]) -> list[Path]:
             found.append(path)
         else:
             raise DataError(
-                f"{path}: no such file or folder; expected an image file, a folder of them or a CSV "
-                f"with a 'path' column."
+                f"{path}: no such file or folder; expected an image file, a folder of them "
+                f"or a CSV with a 'path' column."
             )
     return found
 
@@ -274,7 +274,8 @@ def predict_command(
     failed = write_predictions(predictions, out)
     lines = [
         f"{len(predictions.table)} of {len(files)} image(s) predicted ({classifier.network}, "
-        f"{len(classifier.members)} network(s), {classifier.image_size}x{classifier.image_size}) -> {out}"
+        f"{len(classifier.members)} network(s), "
+        f"{classifier.image_size}x{classifier.image_size}) -> {out}"
     ]
     lines += [f"Grad-CAM overlays -> {gradcam}"] if gradcam is not None else []
     if failed is not None:

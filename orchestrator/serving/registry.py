@@ -1,4 +1,4 @@
-"""The MLflow Model Registry: what `cxr run` publishes at its end, and `cxr models`.
+"""The MLflow Model Registry: what `cxr run` registers at its end, and `cxr models`.
 
 - Each finished run's model (a pyfunc of models.serving: image files in, probabilities out) is a
   version of `cxr-<config name>-<network>`, tagged with its fold, run id, fingerprint, split
@@ -61,7 +61,7 @@ from orchestrator.tracking.names import (
     fold_alias,
     registered_model_name,
 )
-from orchestrator.training.records import RunRecords
+from orchestrator.tracking.records import RunRecords
 
 log = logging.getLogger(__name__)
 COLUMNS = ("name", "version", "aliases", "folds", TEST_AUC, TEST_ACCURACY, "stale", "run_id", "uri")

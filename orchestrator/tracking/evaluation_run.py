@@ -33,7 +33,8 @@ EXPERIMENT = "cxr-evaluations"  # the evaluations of models that MLflow does not
 
 @dataclass(frozen=True)
 class EvaluatedModel:
-    """What `--model` names in MLflow: its canonical URI, and its version and run where it has them."""
+    """What `--model` names in MLflow: its canonical URI, and its version and run where it has
+    them."""
 
     uri: str
     version: ModelVersion | None = None
@@ -58,7 +59,8 @@ def evaluated_model(client: MlflowClient, uri: str) -> EvaluatedModel:
                 f"models:/{version.name}/{version.version}", version, version.run_id or ""
             )
         log.warning(
-            "--model %s: not a version number or an alias; its evaluation is not linked to a version",
+            "--model %s: not a version number or an alias; "
+            "its evaluation is not linked to a version",
             uri,
         )
     if uri.startswith("runs:/"):

@@ -31,7 +31,7 @@ from data_pipeline.files import StateError, write_table
 from orchestrator.config import ConfigError, TrackingTarget, is_server_uri, sqlite_file
 from orchestrator.paths import WorkPaths
 from orchestrator.tracking import names
-from orchestrator.training.records import read_parent, write_parent
+from orchestrator.tracking.records import read_parent, write_parent
 
 log = logging.getLogger(__name__)
 SERVED_ARTIFACTS = "mlflow-artifacts:"  # the location of artifacts a server stores for its clients

@@ -47,7 +47,7 @@ from orchestrator.tracking.names import (
     TEST_AUC,
     TF_GPUS,
 )
-from orchestrator.training.records import RunRecords, read_parent
+from orchestrator.tracking.records import RunRecords, read_parent
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,8 @@ class RunTracker:
                 tags=tags,
                 what="create_run",
             )
-            self.records.write_mlflow_run(
-                created.info.run_id
-            )  # at once: a restart continues this run
+            # at once: a restart continues this run
+            self.records.write_mlflow_run(created.info.run_id)
             # system metrics (CPU, memory, disk, network; GPUs where NVML answers) every 10 s while
             # the run trains, by MLflow's own monitor thread: system/* in the run's metrics
             call(
@@ -133,8 +132,8 @@ class RunTracker:
         found = self.find(run_name, parent_run_id, fingerprint)
         if found:
             log.warning(
-                "%s: found its MLflow run %s by name, parent and fingerprint (its id file %s was missing or "
-                "damaged); continuing it",
+                "%s: found its MLflow run %s by name, parent and fingerprint "
+                "(its id file %s was missing or damaged); continuing it",
                 run_name,
                 found,
                 self.paths.mlflow_run,
@@ -161,9 +160,9 @@ class RunTracker:
         return next((r.info.run_id for r in runs if r.info.status != "KILLED"), "")
 
     def reconcile(self, run_name: str, parent_run_id: str = "") -> str:
-        """Make the run folder and its MLflow run agree before the run is skipped or trained; returns
-        what was found and done ("" when they agree). A run is finished when MLflow says FINISHED
-        and done.json says so too (written after it):
+        """Make the run folder and its MLflow run agree before the run is skipped or trained;
+        returns what was found and done ("" when they agree). A run is finished when MLflow says
+        FINISHED and done.json says so too (written after it):
         - FINISHED in MLflow, done.json missing or damaged (a kill between the two): done.json is
           written from the MLflow run;
         - done.json here, and the MLflow run not FINISHED (a kill under an older order, or a run
@@ -197,13 +196,16 @@ class RunTracker:
             self.records.write_mlflow_run(run_id)
             record = self.paths.done.name
             state = f"its {record} was damaged" if damage else f"it had no {record}"
-            return f"its MLflow run {run_id} is FINISHED but {state} (killed between the two); wrote {record} from it"
+            return (
+                f"its MLflow run {run_id} is FINISHED but {state} (killed between the two); "
+                f"wrote {record} from it"
+            )
         if done and status != "FINISHED":
             if TEST_ACCURACY in run.data.metrics and MODEL_URI in tags:
                 call(self.client.set_terminated, run_id, status="FINISHED", what="set_terminated")
                 return (
-                    f"{self.paths.done.name} here and its MLflow run {run_id} {status}, with all its results: "
-                    f"ended it FINISHED"
+                    f"{self.paths.done.name} here and its MLflow run {run_id} {status}, "
+                    f"with all its results: ended it FINISHED"
                 )
             return self._set_aside_done(
                 self.paths.done.name, f"its MLflow run {run_id} is {status} without its results"
@@ -228,7 +230,10 @@ class RunTracker:
     def _set_aside_done(self, what: str, why: str) -> str:
         """done.json moved aside (kept, never deleted), so that the run is trained to its end."""
         aside = self.records.set_aside_done()
-        return f"{what.rstrip('.')}; {why}: moved {self.paths.done.name} to {aside.name}, and the run trains to its end"
+        return (
+            f"{what.rstrip('.')}; {why}: moved {self.paths.done.name} to {aside.name}, "
+            f"and the run trains to its end"
+        )
 
     def epochs(self, epochs_per_phase: int) -> list[dict]:
         """The per-epoch rows the MLflow run holds (history.csv's columns), by step."""
@@ -250,7 +255,8 @@ class RunTracker:
         return [rows[step] for step in sorted(rows) if {"loss", "accuracy"} <= set(rows[step])]
 
     def test_metrics(self) -> dict[str, float]:
-        """The run's test accuracy and AUC as its MLflow run holds them ({} before they are logged)."""
+        """The run's test accuracy and AUC as its MLflow run holds them ({} before they are
+        logged)."""
         run_id = self.run_id or self.records.read_mlflow_run()
         if not run_id:
             return {}
@@ -351,7 +357,8 @@ class RunTracker:
     def mark(self, status: str) -> str:
         """End this run folder's MLflow run as `status` (e.g. FAILED) from outside the run, if it is
         still RUNNING: a worker killed by SIGKILL, the kernel's OOM killer or the loss of its node
-        could not end it itself. Returns the status the run has afterwards ("" if none was opened)."""
+        could not end it itself. Returns the status the run has afterwards ("" if none was
+        opened)."""
         run_id = self.records.read_mlflow_run()
         if not run_id:
             return ""

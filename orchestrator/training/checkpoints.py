@@ -3,7 +3,7 @@
 A checkpoint is a folder `checkpoints/ckpt-<global epoch>/` holding the model (its format is the
 trainer's), the best weights as of its epoch, and `cursor.json`, written last: a checkpoint
 without a cursor is incomplete and never listed. The folder is built aside and renamed in, then
-published to the run's object storage where it has one (orchestrator.training.remote_run).
+uploaded to the run's object storage where it has one (orchestrator.training.remote_run).
 This module imports no Keras: the driver reads cursors to tell stale runs.
 """
 
@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 
 from data_pipeline.files import StateError, new_build_dir, read_json, replace_dir, write_json
 from orchestrator.paths import CURSOR, RunPaths
-from orchestrator.training.records import RunRecords
-from orchestrator.training.remote_run import publish_checkpoint
+from orchestrator.tracking.records import RunRecords
+from orchestrator.training.remote_run import upload_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def write(paths: RunPaths, cursor: Cursor, save: Callable[[Path], None], keep: i
         shutil.rmtree(tmp, ignore_errors=True)
     for old in complete(paths)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    publish_checkpoint(paths, target, kept=complete(paths))
+    upload_checkpoint(paths, target, kept=complete(paths))
     return target
 
 

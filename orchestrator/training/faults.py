@@ -1,13 +1,13 @@
-"""Failure injection for the tests (execution.fail_at): a run fails once, at the end of a phase's first
-epoch, after that epoch's checkpoint; the restarted run goes on. Kept out of the training loop:
-a Keras callback added only when the setting names this run."""
+"""Failure injection for the tests (execution.fail_at): a run fails once, at the end of a phase's
+first epoch, after that epoch's checkpoint; the restarted run goes on. Kept out of the training
+loop: a Keras callback added only when the setting names this run."""
 
 from __future__ import annotations
 
 import keras
 
 from orchestrator.paths import RunPaths
-from orchestrator.training.records import RunRecords
+from orchestrator.tracking.records import RunRecords
 
 
 class InjectedFailure(RuntimeError):
@@ -21,7 +21,8 @@ class FailOnce(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not self.paths.failed_once.exists():
-            self.paths.failed_once.touch()  # once: the restarted run goes on (on any node: published)
+            # once: the restarted run goes on (on any node: uploaded)
+            self.paths.failed_once.touch()
             RunRecords(self.paths).upload(self.paths.failed_once)
             raise InjectedFailure(
                 f"{self.name}: failure injected by execution.fail_at in phase {self.phase}"

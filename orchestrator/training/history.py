@@ -34,7 +34,8 @@ def read_history(path: Path) -> list[dict]:
     ):
         raise StateError(
             f"{path}: expected the run's history, whole rows of {list(HISTORY_COLUMNS)}, found "
-            f"{len(table)} row(s) of {list(table.columns)}{'' if whole else ', the last one cut short'}."
+            f"{len(table)} row(s) of {list(table.columns)}"
+            f"{'' if whole else ', the last one cut short'}."
         )
     return [
         {**row, "step": int(row["step"]), "phase": int(row["phase"])}
@@ -67,9 +68,9 @@ def _from_mlflow(
     rows = tracker.epochs(epochs_per_phase) if tracker is not None else []
     if [row["step"] for row in rows if row["step"] <= epoch] != list(range(1, epoch + 1)):
         raise StateError(
-            f"{damage} MLflow holds epochs {[r['step'] for r in rows]} of the {epoch} the checkpoint "
-            f"covers, not enough to rebuild it: move the run folder {paths.root} aside, and "
-            f"the run trains anew."
+            f"{damage} MLflow holds epochs {[r['step'] for r in rows]} of the {epoch} "
+            f"the checkpoint covers, not enough to rebuild it: move the run folder {paths.root} "
+            f"aside, and the run trains anew."
         ) from None
     log.warning(
         "%s; rebuilt it from the %d epochs its MLflow run holds", str(damage).rstrip("."), epoch

@@ -4,8 +4,8 @@ A run's fingerprint hashes what the run learns: the split (its hash), the image 
 and the `model`, `augment` and `train` sections whole. How a run is carried out (checkpoints,
 execution, tracking, the cluster) lives in other sections, so no list of result-free settings is
 kept. Fingerprints written before those settings left `train` are the same: they hashed `train`
-without them. It is written when the run first opens (identity.json, with the settings it covers), into
-every checkpoint's cursor, into done.json, and as the MLflow tag `cxr.fingerprint`.
+without them. It is written when the run first opens (identity.json, with the settings it
+covers), into every checkpoint's cursor, into done.json, and as the MLflow tag `cxr.fingerprint`.
 
 A run folder whose fingerprint is not the config's is stale: it is never resumed, skipped as
 done, or reported. `cxr run` stops and names the stale runs and what changed; with
@@ -31,8 +31,8 @@ from models.catalog import NETWORK_NAMES
 from orchestrator.config import NAMED_WEIGHTS, ConfigError, Recipe, TrackingTarget, flatten
 from orchestrator.paths import RunPaths, WorkPaths
 from orchestrator.tracking.names import FINGERPRINT, SPLIT_HASH, STORE_KEY
+from orchestrator.tracking.records import RunRecords
 from orchestrator.training import checkpoints
-from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 SPLIT, STORE = "split_hash", "store_key"
@@ -156,7 +156,8 @@ class Stale:
 
 def recorded_fingerprints(paths: RunPaths) -> dict[str, str]:
     """Where this run folder records a fingerprint, and which: done.json, the newest cursor, and
-    identity.json. A folder holding files but none of these is of a version before fingerprints ("")."""
+    identity.json. A folder holding files but none of these is of a version before fingerprints
+    ("")."""
     found = {}
     if paths.done.is_file():
         found["done"] = RunRecords(paths).read_done().get("fingerprint", "")
@@ -228,7 +229,8 @@ def check_one_fingerprint(
 ) -> None:
     """For a report: the MLflow runs (their tags and params, by run name) must share one
     fingerprint, and `expected`'s where it is known (the config's, when its workdir holds the split
-    and store to compute it); else a DataError naming the runs of each fingerprint and what differs."""
+    and store to compute it); else a DataError naming the runs of each fingerprint and what
+    differs."""
     groups: dict[str, list[str]] = {}
     for name in sorted(tags):
         groups.setdefault(tags[name].get(FINGERPRINT, ""), []).append(name)
@@ -255,8 +257,8 @@ def check_one_fingerprint(
         f"the runs to report differ from {against} in what decides their results; a table of them "
         f"would mix runs of different settings:\n"
         + "\n".join(lines)
-        + "\nExpected runs of one fingerprint: rerun the stale ones (`cxr run --restart-stale`), or "
-        "report another parent run (--run-id)."
+        + "\nExpected runs of one fingerprint: rerun the stale ones "
+        "(`cxr run --restart-stale`), or report another parent run (--run-id)."
     )
 
 
@@ -279,9 +281,8 @@ def move_stale(work: WorkPaths, tracking: TrackingTarget, stale: list[Stale]) ->
     for run in stale:
         moved = target / run.name
         shutil.move(str(run.paths.root), str(moved))
-        remote_run.move_aside(
-            run.paths, work.remote_of(moved)
-        )  # object storage: copied, then deleted
+        # object storage: copied, then deleted
+        remote_run.move_aside(run.paths, work.remote_of(moved))
         tracker = RunTracker(tracking.uri, tracking.experiment, moved)
         status = tracker.end_stale(str(moved))
         log.warning(

@@ -1,4 +1,5 @@
-"""What one run reads: its phases, its validation and test sets (the split's files) and the image store."""
+"""What one run reads: its phases, its validation and test sets (the split's files) and the image
+store."""
 
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ class RunInputs:
     store: ImageStore
     phases: list[pd.DataFrame]
     val: pd.DataFrame | None
-    test: (
-        pd.DataFrame | None
-    )  # None: a tuning trial (orchestrator.training.trial), which never reads it
+    # None: a tuning trial (orchestrator.training.trial), which never reads it
+    test: pd.DataFrame | None
     split_meta: SplitMeta
 
     @classmethod

@@ -2,8 +2,8 @@
 and each process that trains or reads it works in a local copy.
 
 What is there, and when it is complete (an object is written whole by one PUT; nothing is renamed):
-- the records (done.json, mlflow_run.json, identity.json, timing.json): published by RunPaths as
-  they are written;
+- the records (done.json, mlflow_run.json, identity.json, timing.json): uploaded by their owner
+  (orchestrator.tracking.records) as they are written;
 - a checkpoint `checkpoints/ckpt-<epoch>/`: once complete here (orchestrator.training.checkpoints),
   history.csv (its epochs up to it), then the checkpoint's files, its cursor last. A checkpoint
   without its cursor object is incomplete and never fetched; those no longer kept are removed;
@@ -21,7 +21,7 @@ import shutil
 from data_pipeline.objects import Prefix, put_tree
 from models.catalog import NETWORK_NAMES
 from orchestrator.paths import CURSOR, RunPaths, WorkPaths
-from orchestrator.training.records import RunRecords
+from orchestrator.tracking.records import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 def fetch(paths: RunPaths, models: bool = True) -> int:
     """The run's objects into its local folder, which then holds nothing else but its lock
     (checkpoints of no cursor neither). `models` False: the records and the checkpoints' cursors
-    only (the driver's view: no model bytes). Returns the files fetched; nothing without a remote."""
+    only (the driver's view: no model bytes). Returns the files fetched; nothing without a
+    remote."""
     if not paths.remote:
         return 0
     prefix = Prefix(paths.remote)
@@ -75,7 +76,7 @@ def _remove_all_but(paths: RunPaths, wanted: set[str]) -> None:
             file.rmdir()
 
 
-def publish_checkpoint(paths: RunPaths, checkpoint, kept: list) -> None:
+def upload_checkpoint(paths: RunPaths, checkpoint, kept: list) -> None:
     """A checkpoint complete here, to the bucket: the history up to it, its files, its cursor last;
     then the bucket's checkpoints that are not in `kept` (the local complete ones) are removed."""
     if not paths.remote:

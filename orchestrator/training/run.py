@@ -55,6 +55,7 @@ from orchestrator.config import CheckpointSpec, ExecutionSpec, TrainSpec
 from orchestrator.evaluation.metrics import accuracy
 from orchestrator.paths import BEST_WEIGHTS, CHECKPOINT_MODEL, RunPaths, run_name
 from orchestrator.tracking.names import EPOCHS_REDONE, RESUMED_FROM
+from orchestrator.tracking.records import RunRecords
 from orchestrator.training import checkpoints, traced
 from orchestrator.training.checkpoints import Cursor
 from orchestrator.training.epoch_end import EpochEnd
@@ -62,7 +63,6 @@ from orchestrator.training.faults import fault_callbacks
 from orchestrator.training.history import load_history
 from orchestrator.training.inputs import RunInputs
 from orchestrator.training.job import RunJob
-from orchestrator.training.records import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -141,20 +141,16 @@ class Run:
         self.batch_size = getattr(self.spec.batch_size, self.network)
         self.epochs = getattr(self.spec.epochs, self.network)  # per phase
         self.seed = self.spec.seed * 1000 + self.fold
-        self.cursor = Cursor(
-            fingerprint=setup.fingerprint
-        )  # where training stands: the newest checkpoint's
+        # where training stands: the newest checkpoint's
+        self.cursor = Cursor(fingerprint=setup.fingerprint)
         self.phase: Phase | None = None  # the phase being fitted
-        self.pending: list[
-            dict
-        ] = []  # epoch rows in history.csv not yet behind a checkpoint (MLflow gets them then)
+        # epoch rows in history.csv not yet behind a checkpoint (MLflow gets them then)
+        self.pending: list[dict] = []
         self.last_checkpoint = time.monotonic()  # the run's start is its first resume point
-        self.statistics: BatchNormStatistics | None = (
-            None  # precise batch norm: built with the model
-        )
-        self.statistics_epoch = (
-            -1
-        )  # the epoch whose training batches gave the batch-norm statistics
+        # precise batch norm: built with the model
+        self.statistics: BatchNormStatistics | None = None
+        # the epoch whose training batches gave the batch-norm statistics
+        self.statistics_epoch = -1
         self.val_stream = None  # the validation set's tf.data pipeline, made at its first use
         self.last_row: dict = {}  # the newest epoch's history row
         self.history: list[dict] = []  # history.csv's rows
@@ -242,11 +238,11 @@ class Run:
         tried, newest = [], None
         for checkpoint, cursor in checkpoints.newest_first(self.paths):
             newest = newest or cursor.epoch
-            if (
-                cursor.fingerprint != self.setup.fingerprint
-            ):  # identity stops this before; a last guard
+            # identity stops this before; a last guard
+            if cursor.fingerprint != self.setup.fingerprint:
                 raise DataError(
-                    f"{checkpoint}: a checkpoint of fingerprint {cursor.fingerprint[:12] or 'none'}, "
+                    f"{checkpoint}: a checkpoint of fingerprint "
+                    f"{cursor.fingerprint[:12] or 'none'}, "
                     f"expected {self.setup.fingerprint[:12] or 'none'} (this config's); it is not "
                     f"resumed."
                 )
@@ -274,9 +270,8 @@ class Run:
                 log.info("resuming %s from %s", self.name, checkpoint.name)
             if self.tracker is not None:
                 self.tracker.set_tags({RESUMED_FROM: str(cursor.epoch)})
-            model.run_eagerly = (
-                self.setup.execution.run_eagerly
-            )  # a setting of this process, not of the model
+            # a setting of this process, not of the model
+            model.run_eagerly = self.setup.execution.run_eagerly
             self._restore_best(checkpoint)
             self.cursor = cursor
             return build_state(model)
@@ -290,7 +285,8 @@ class Run:
         return None
 
     def _restore_best(self, checkpoint: Path) -> None:
-        """The best weights as of the checkpoint: a later best came from epochs that will be redone."""
+        """The best weights as of the checkpoint: a later best came from epochs that will be
+        redone."""
         saved = checkpoint / BEST_WEIGHTS
         if saved.is_file():
             shutil.copyfile(saved, self.paths.best_weights)
@@ -315,8 +311,8 @@ class Run:
         if self.redone and self.tracker is not None:  # MLflow keeps each epoch's first values
             self.tracker.set_tags({EPOCHS_REDONE: "{}-{}".format(*self.redone)})
             log.warning(
-                "%s: epochs %d-%d are trained again; MLflow keeps the values of their first training, "
-                "history.csv gets the new ones (tag %s)",
+                "%s: epochs %d-%d are trained again; MLflow keeps the values of their first "
+                "training, history.csv gets the new ones (tag %s)",
                 self.name,
                 *self.redone,
                 EPOCHS_REDONE,
@@ -379,14 +375,15 @@ class Run:
             shuffle=False,
             verbose=0,
         )
-        # what the phase's fit spent outside the step, batch-norm, validation, checkpoint and logging
-        # timers: building its tf.data pipeline, making each augmented batch on the run's own cores
-        # between steps, and Keras' loop
+        # what the phase's fit spent outside the step, batch-norm, validation, checkpoint and
+        # logging timers: building its tf.data pipeline, making each augmented batch on the run's
+        # own cores between steps, and Keras' loop
         inside = sum(self.seconds.values()) - timed
         self.seconds[INPUT_AND_LOOP] += max(0.0, time.perf_counter() - began - inside)
 
     def on_epoch_end(self, model: keras.Model, epoch: int, logs: dict) -> dict:
-        """`epoch` counts completed epochs across phases (the global step). Returns the epoch's row."""
+        """`epoch` counts completed epochs across phases (the global step). Returns the epoch's
+        row."""
         cursor, phase = self.cursor, self.phase
         cursor.epoch = epoch
         every = self.spec.validation_freq  # 0: at the phase's end
@@ -423,9 +420,8 @@ class Run:
     def _validate(self, model: keras.Model, epoch: int) -> dict[str, float]:
         self._fresh_statistics(model, self.phase.rows, epoch)
         with self.timed("validation"):
-            if (
-                self.val_stream is None
-            ):  # made once: each new tf.data pipeline traces its functions again
+            # made once: each new tf.data pipeline traces its functions again
+            if self.val_stream is None:
                 self.val_stream = eval_stream(
                     self.inputs.store, self.inputs.val, self.setup.execution.eval_batch_size
                 )
@@ -446,7 +442,8 @@ class Run:
 
     def _fresh_statistics(self, model: keras.Model, rows: pd.DataFrame, epoch: int) -> None:
         """Precise batch norm: the population statistics of the training batches of `epoch` (the
-        first `batchnorm_batches` of them, augmented as trained), before any use in inference mode."""
+        first `batchnorm_batches` of them, augmented as trained), before any use in inference
+        mode."""
         if self.statistics is None or self.statistics_epoch == epoch:
             return
         with self.timed("batchnorm"):
@@ -471,9 +468,9 @@ class Run:
         return target
 
     def _append_history(self, row: dict) -> None:
-        """Each epoch at once, the whole file rewritten aside and renamed in (a kill never leaves half
-        a row); rows past the checkpoint a run resumes from are dropped then. One column set for the
-        whole run (validation cells stay empty on epochs without validation)."""
+        """Each epoch at once, the whole file rewritten aside and renamed in (a kill never leaves
+        half a row); rows past the checkpoint a run resumes from are dropped then. One column set
+        for the whole run (validation cells stay empty on epochs without validation)."""
         self.history.append(row)
         write_table(pd.DataFrame(self.history, columns=list(HISTORY_COLUMNS)), self.paths.history)
         self.pending.append(row)
@@ -488,9 +485,8 @@ class Run:
         """The phase's summary metrics and weights to MLflow, then recorded as logged in the cursor
         (and in the phase's checkpoint, so that a restart from it does not log them again)."""
         cursor, phase = self.cursor, self.phase.number
-        self._fresh_statistics(
-            model, self.phase.rows, cursor.epoch
-        )  # the phase's weights are usable as they are
+        # the phase's weights are usable as they are
+        self._fresh_statistics(model, self.phase.rows, cursor.epoch)
         last = (
             self.last_row
             if self.last_row.get("step") == cursor.epoch

@@ -27,12 +27,8 @@ SETTINGS = {
     "zoom": ("augment", "zoom"),
     "shift": ("augment", "shift"),
 }
-RANGES = (
-    "learning_rate",
-    "rotation",
-    "zoom",
-    "shift",
-)  # (low, high): log-uniform for the rate, else uniform
+# (low, high): log-uniform for the rate, else uniform
+RANGES = ("learning_rate", "rotation", "zoom", "shift")
 CHOICES = ("batch_size", "epochs", "networks")
 NETWORK = "network"  # a point's network, searched when `tune.networks` names several
 
@@ -70,7 +66,8 @@ class TuneSpec:
         for name, options in allowed.items():
             if getattr(self, name) not in options:
                 raise ValueError(
-                    f"tune.{name}: expected one of {list(options)}, received {getattr(self, name)!r}."
+                    f"tune.{name}: expected one of {list(options)}, "
+                    f"received {getattr(self, name)!r}."
                 )
         for name in RANGES:
             value = getattr(self, name)
@@ -81,14 +78,16 @@ class TuneSpec:
                 and value[0] <= 0
             ):
                 raise ValueError(
-                    f"tune.{name}: expected [low, high] with 0 {'<' if name == 'learning_rate' else '<='} "
-                    f"low < high, or [] to keep the config's; received {list(value)}."
+                    f"tune.{name}: expected [low, high] with "
+                    f"0 {'<' if name == 'learning_rate' else '<='} low < high, or [] to keep the "
+                    f"config's; received {list(value)}."
                 )
         for name in CHOICES:
             value = getattr(self, name)
             if name == "networks" and (not value or set(value) - set(NETWORK_NAMES)):
                 raise ValueError(
-                    f"tune.networks: expected some of {list(NETWORK_NAMES)}, received {list(value)}."
+                    f"tune.networks: expected some of {list(NETWORK_NAMES)}, "
+                    f"received {list(value)}."
                 )
             if name != "networks" and any(v < 1 for v in value):
                 raise ValueError(
@@ -108,7 +107,8 @@ class TuneSpec:
                 )
 
     def searched(self) -> dict[str, tuple]:
-        """The searched settings and their range or choices (the network where several are named)."""
+        """The searched settings and their range or choices (the network where several are
+        named)."""
         space = {name: getattr(self, name) for name in SETTINGS if getattr(self, name)}
         return space | ({NETWORK: self.networks} if len(self.networks) > 1 else {})
 
@@ -147,6 +147,7 @@ def best_overlay(point: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """A sampled number as YAML writes it plainly (numpy scalars do not dump), 4 significant digits."""
+    """A sampled number as YAML writes it plainly (numpy scalars do not dump), 4 significant
+    digits."""
     value = float(value)
     return float(f"{value:.4g}") if math.isfinite(value) else value

@@ -25,12 +25,12 @@ from orchestrator.paths import RunPaths, run_name
 from orchestrator.tracking import names
 from orchestrator.tracking.experiment import package_versions
 from orchestrator.tracking.names import MODEL_URI, TEST_ACCURACY, TEST_AUC
+from orchestrator.tracking.records import RunRecords
 from orchestrator.tracking.runs import RunTracker
 from orchestrator.training import remote_run
 from orchestrator.training.identity import Identity, check_run
 from orchestrator.training.inputs import RunInputs, run_datasets
 from orchestrator.training.job import RunJob
-from orchestrator.training.records import RunRecords
 from orchestrator.training.run import Run, RunSetup
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ def train_and_evaluate(
     `placement`: tags saying where this attempt runs (node, GPUs), set again by a resumed run.
     `lock_owner`: the token of the driver's workdir lock, whose earlier attempts at this run may
     hold the run folder's lock (orchestrator.lock). `keep_traced`: this process trains more runs,
-    so the finished run's traced model is kept for the next of its kind (orchestrator.training.traced,
-    as `execution.reuse_traced` allows). Returns the run folder. A finished run
-    (done.json) of the same fingerprint is not trained again; a run folder of another
+    so the finished run's traced model is kept for the next of its kind
+    (orchestrator.training.traced, as `execution.reuse_traced` allows). Returns the run folder. A
+    finished run (done.json) of the same fingerprint is not trained again; a run folder of another
     fingerprint is refused (orchestrator.training.identity.StaleRun).
     """
     paths = job.paths
@@ -79,9 +79,8 @@ def _train_and_evaluate(
     paths, name, records = job.paths, run_name(fold, network), RunRecords(job.paths)
     identity = Identity.of(work, job.recipe)
     tracker = RunTracker(job.tracking.uri, job.tracking.experiment, paths, work.mlruns)
-    if found := tracker.reconcile(
-        name, parent_run_id
-    ):  # a kill between MLflow's FINISHED and done.json
+    # a kill between MLflow's FINISHED and done.json
+    if found := tracker.reconcile(name, parent_run_id):
         log.warning("%s: %s", name, found)
     check_run(paths, identity)
     if records.is_done():
@@ -90,9 +89,8 @@ def _train_and_evaluate(
         return paths.root
     inputs = RunInputs.load(work.store, work.splits, fold, job.phases)
     if not paths.identity.is_file():
-        records.upload(
-            identity.write(paths.identity)
-        )  # first, so that nothing in the folder predates it
+        # first, so that nothing in the folder predates it
+        records.upload(identity.write(paths.identity))
     tags = {
         names.FOLD: str(fold),
         names.NETWORK: network,
@@ -129,16 +127,16 @@ def _train_and_evaluate(
     except BaseException as exc:
         if run is not None:
             run.save_timing()
-        # SystemExit: Ray Tune stopped the trial that trains this run (its scheduler), at an epoch's report
+        # SystemExit: Ray Tune stopped the trial that trains this run (its scheduler), at an
+        # epoch's report
         tracker.close("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     # Finished means finished everywhere: everything logged, then the MLflow run FINISHED, then
     # done.json. A kill between the last two leaves a FINISHED run that `reconcile` completes.
     with run.timed("run close"):
         tracker.close("FINISHED")
-        records.upload(
-            paths.predictions, paths.history
-        )  # before done.json, which says they are there
+        # before done.json, which says they are there
+        records.upload(paths.predictions, paths.history)
         records.write_done(tracker.run_id, identity.fingerprint, run.model_uri)
         discard_checkpoints(paths)
     run.save_timing()
@@ -170,6 +168,5 @@ def log_results(
         for artifact in (run.paths.predictions, figure, run.paths.history):
             tracker.log_artifact(artifact)
         run.model_uri = tracker.log_model(run.model, run.paths.root, limits)
-    tracker.set_tags(
-        {MODEL_URI: run.model_uri}
-    )  # done.json's, should a kill come before it is written
+    # done.json's, should a kill come before it is written
+    tracker.set_tags({MODEL_URI: run.model_uri})
