@@ -32,7 +32,8 @@ class RunJob:
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
     lock_stale_seconds: float = 120.0
     model_limits: dict[str, int] = field(default_factory=dict)  # a published model's requests
-    params: dict[str, str] = field(default_factory=dict)  # the whole config, as MLflow params
+    # the whole config, as MLflow params (the trainer sets `workdir` to the one it trains in)
+    params: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: Config, fold: int, network: str) -> RunJob:

@@ -112,7 +112,8 @@ def _train_and_evaluate(
     }
     run = None
     try:  # from the run's opening on, any error ends it FAILED (Ctrl-C: KILLED), never RUNNING
-        params = {**job.params, "fold": str(fold), "network": network}
+        # the workdir this process trains in: a node's cache folder on object storage
+        params = {**job.params, "workdir": str(work.root), "fold": str(fold), "network": network}
         if tracker.open(name, tags, params, parent_run_id):
             tracker.log_datasets(
                 run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16]

@@ -72,7 +72,13 @@ def _train_trial(job: RunJob, parent_run_id, params, report, placement) -> str:
     }
     run = None
     try:
-        all_params = {**job.params, "fold": str(fold), "network": network, **params}
+        all_params = {
+            **job.params,
+            "workdir": str(work.root),
+            "fold": str(fold),
+            "network": network,
+            **params,
+        }
         if tracker.open(f"{trial} {run_name(fold, network)}", tags, all_params, parent_run_id):
             tracker.log_datasets(
                 run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16]
