@@ -109,9 +109,8 @@ def store_key(manifest: pd.DataFrame, spec: StoreSpec, limits: DecodeSpec = DEFA
         mtime=[st.st_mtime_ns if st else -1 for st in stats],
     )
     text = listing.to_csv(index=False, lineterminator="\n")
-    return sha256_bytes(
-        f"v{STORE_VERSION}/{spec.image_size}/{spec.exclude_failed}/{limits.max_pixels}/{text}".encode()
-    )
+    settings = f"v{STORE_VERSION}/{spec.image_size}/{spec.exclude_failed}/{limits.max_pixels}"
+    return sha256_bytes(f"{settings}/{text}".encode())
 
 
 class StoreBuilder:

@@ -19,7 +19,14 @@ import yaml
 
 from data_pipeline.objects import is_uri
 from models.catalog import NETWORKS
-from orchestrator.config.schema import NAMED_WEIGHTS, PER_NETWORK, Config, ConfigError, sqlite_file
+from orchestrator.config.schema import (
+    NAMED_WEIGHTS,
+    PER_NETWORK,
+    Config,
+    ConfigError,
+    ModelSpec,
+    sqlite_file,
+)
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -191,20 +198,15 @@ def resolved(config: Config, base: Path | None = None) -> Config:
     base = Path(base or Path.cwd())
 
     def absolute(path: str) -> str:
-        return (
-            str(base / path) if path and not Path(path).is_absolute() and not is_uri(path) else path
-        )
+        return absolute_path(path, base)
 
     uri = config.tracking_uri  # fixed here: workers see neither this folder nor this environment
     if (database := sqlite_file(uri)) is not None:
         uri = "sqlite:///" + absolute(str(database))
-    weights = config.model.weights
     return dataclasses.replace(
         config,
         workdir=absolute(config.workdir),
-        model=dataclasses.replace(
-            config.model, weights=weights if weights in NAMED_WEIGHTS else absolute(weights)
-        ),
+        model=resolved_model(config.model, base),
         data=dataclasses.replace(
             config.data,
             covid_root=absolute(config.data.covid_root),
@@ -216,6 +218,21 @@ def resolved(config: Config, base: Path | None = None) -> Config:
             config.cluster, storage_path=absolute(config.cluster.storage_path)
         ),
     )
+
+
+def absolute_path(path: str, base: Path) -> str:
+    """`path` against `base` when it is relative; an empty path and a URI as they are."""
+    if path and not Path(path).is_absolute() and not is_uri(path):
+        return str(base / path)
+    return path
+
+
+def resolved_model(model: ModelSpec, base: Path | None = None) -> ModelSpec:
+    """The model section with a weights file's path made absolute (default: against the current
+    folder), so that it means the same file from any folder; named weights as they are."""
+    if model.weights in NAMED_WEIGHTS:
+        return model
+    return dataclasses.replace(model, weights=absolute_path(model.weights, base or Path.cwd()))
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:

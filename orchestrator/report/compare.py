@@ -144,8 +144,8 @@ def compare_markdown(table: pd.DataFrame, protocols: list[Protocol], figure: Pat
     lines = [
         "# Protocols side by side",
         "",
-        "Accuracy and COVID-19 recall: mean ± std over folds (percent), as the paper reports them. "
-        "Tell-tale: covid-chestxray-dataset pneumonia images called COVID-19 (Wilson 95%), "
+        "Accuracy and COVID-19 recall: mean ± std over folds (percent), as the paper reports "
+        "them. Tell-tale: covid-chestxray-dataset pneumonia images called COVID-19 (Wilson 95%), "
         "against RSNA's. Pooled: every image tested once, the folds' test sets taken together "
         "(bootstrap over patients); only where the folds partition the data.",
         "",

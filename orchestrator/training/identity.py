@@ -28,7 +28,8 @@ from data_pipeline.schema import DataError
 from data_pipeline.splits import SUMS_FILE, split_hash
 from data_pipeline.store import StoreBuilder
 from models.catalog import NETWORK_NAMES
-from orchestrator.config import NAMED_WEIGHTS, ConfigError, Recipe, TrackingTarget, flatten
+from orchestrator.config import ConfigError, Recipe, TrackingTarget, flatten
+from orchestrator.config.loading import resolved_model
 from orchestrator.paths import RunPaths, WorkPaths
 from orchestrator.tracking.names import FINGERPRINT, SPLIT_HASH, STORE_KEY
 from orchestrator.tracking.records import RunRecords
@@ -58,7 +59,7 @@ class Identity:
             SPLIT: split_hash(splits) if (splits / SUMS_FILE).is_file() else "",
             STORE: StoreBuilder.written_key(store),
         }
-        recipe = _absolute_weights(recipe)  # a weights path means the same file from any folder
+        recipe = dataclasses.replace(recipe, model=resolved_model(recipe.model))
         for section in SECTIONS:
             settings.update(flatten(getattr(recipe, section), f"{section}."))
         return cls.from_settings(settings)
@@ -109,14 +110,6 @@ class Identity:
         if recorded is None:
             return ["not recorded (the run was written before run fingerprints)"]
         return differences(recorded, self.settings)
-
-
-def _absolute_weights(recipe: Recipe) -> Recipe:
-    weights = recipe.model.weights
-    if weights in NAMED_WEIGHTS or Path(weights).is_absolute():
-        return recipe
-    model = dataclasses.replace(recipe.model, weights=str(Path.cwd() / weights))
-    return dataclasses.replace(recipe, model=model)
 
 
 def _short(value: str) -> str:
