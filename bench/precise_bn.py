@@ -37,7 +37,7 @@ from models.catalog import NETWORK_NAMES
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.paths import RunPaths
 from orchestrator.training.inputs import RunInputs  # noqa: E402
-from orchestrator.training.run import Phase, Run, RunSetup  # noqa: E402
+from orchestrator.training.run import Run, RunSetup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,10 +78,7 @@ def parse_args() -> argparse.Namespace:
 def train_moving(run: Run, inputs: RunInputs, epochs: int, network: str):
     """The run's phases, trained with Keras' moving statistics; the model at the last epoch."""
     start = time.perf_counter()
-    model = run.model()
-    for phase, rows in enumerate(inputs.phases, start=1):
-        run.phase = Phase(phase, rows, first_epoch=(phase - 1) * epochs, last_epoch=phase * epochs)
-        run._fit_phase(model, (phase - 1) * epochs)
+    model = run.fit()  # train.batchnorm moving and selection last: the last epoch's model
     print(
         f"{network}: {int(model.optimizer.iterations)} steps of {run.batch_size} images in "
         f"{time.perf_counter() - start:.0f} s; batch-norm momentum 0.99"
@@ -111,7 +108,7 @@ def compare_statistics(run: Run, model, config, inputs: RunInputs, training: pd.
         run.batch_size,
         run.seed,
         config.augment,
-        first_epoch=run.cursor.epoch - 1,
+        first_epoch=len(inputs.phases) * run.epochs - 1,
         steps_per_epoch=config.train.batchnorm_batches,
     )
     layers = BatchNormStatistics(model).recompute(stream)

@@ -1,4 +1,4 @@
-"""tf.data streams over the image store: augmented training batches for one phase, plain
+"""tf.data streams over the image store: augmented training batches for a run's phases, plain
 evaluation batches for the validation and test sets.
 
 Order of the chain, and why:
@@ -77,20 +77,52 @@ def training_stream(
     epochs: int = 1,
     steps_per_epoch: int = 0,
 ) -> tf.data.Dataset:
-    """Epochs `first_epoch` .. `first_epoch + epochs - 1` over `rows` (a phase: shared + unique
-    part), back to back, shuffled and augmented.
+    """Epochs `first_epoch` .. `first_epoch + epochs - 1` over `rows` (one phase: shared + unique
+    part), back to back, shuffled and augmented: `phases_stream` over this one phase."""
+    return phases_stream(
+        store,
+        [rows],
+        first_epoch + epochs,
+        batch_size,
+        seed,
+        augment,
+        first_epoch,
+        first_epoch + epochs,
+        steps_per_epoch,
+    )
+
+
+def phases_stream(
+    store: ImageStore,
+    phases: list[pd.DataFrame],
+    epochs_per_phase: int,
+    batch_size: int,
+    seed: int,
+    augment: AugmentSpec,
+    first_epoch: int,
+    end_epoch: int,
+    steps_per_epoch: int = 0,
+) -> tf.data.Dataset:
+    """Epochs `first_epoch` .. `end_epoch - 1` of a run, back to back, shuffled and augmented;
+    epoch e trains on phase e // `epochs_per_phase` (0-based; each phase's rows: shared + unique
+    part). One pipeline for the rest of a run: each new tf.data pipeline traces its functions
+    again, and a fit loop that starts one per phase pays for it each time.
 
     Each epoch's order and augmentations are a function of (seed, epoch) alone (stateless
     random ops), so a run resumed at epoch e sees exactly what an uninterrupted run would have.
     `steps_per_epoch` > 0 keeps only that many batches of each epoch (short runs for tests).
     """
-    ids = tf.constant(store.rows(rows["image_id"]))
-    targets = tf.constant(one_hot(rows["label"]))
+    ids = tf.constant(np.concatenate([store.rows(rows["image_id"]) for rows in phases]))
+    targets = tf.constant(np.concatenate([one_hot(rows["label"]) for rows in phases]))
+    sizes = [len(rows) for rows in phases]
+    offsets = tf.constant(np.cumsum([0, *sizes[:-1]]), tf.int64)
+    lengths = tf.constant(sizes, tf.int64)
     load = _gather(store)
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(len(rows), dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        phase = epoch // epochs_per_phase
+        order = offsets[phase] + tf.random.experimental.stateless_shuffle(
+            tf.range(lengths[phase]), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
         )
         # augmentation seeds: second component above 2**31, so never equal to a shuffle seed
         batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
@@ -107,13 +139,19 @@ def training_stream(
         images = augment_batch(_rescale(load(tf.gather(ids, batch))), augment, pair)
         return _rgb(images, store.image_size), tf.gather(targets, batch)
 
-    per_epoch = -(-len(rows) // batch_size)
-    per_epoch = min(per_epoch, steps_per_epoch) if steps_per_epoch else per_epoch
+    def steps(epoch: int) -> int:
+        per_epoch = -(-sizes[epoch // epochs_per_phase] // batch_size)
+        return min(per_epoch, steps_per_epoch) if steps_per_epoch else per_epoch
+
     return (
-        tf.data.Dataset.range(first_epoch, first_epoch + epochs)
+        tf.data.Dataset.range(first_epoch, end_epoch)
         .flat_map(one_epoch)
         # flat_map hides the length; stated, Keras stops at the end instead of running into it
-        .apply(tf.data.experimental.assert_cardinality(epochs * per_epoch))
+        .apply(
+            tf.data.experimental.assert_cardinality(
+                sum(steps(e) for e in range(first_epoch, end_epoch))
+            )
+        )
         .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 class Network:
     name: str
     batch_size: int  # the paper's (Table 2)
-    cost: int  # relative time per run: the longest runs are launched first
+    # relative time per training image and epoch; times a run's epochs, its expected time: the
+    # longest runs are launched first
+    cost: float
 
 
 # In the paper's tables' order. The CLI's choices, the config's batch sizes, the launch order and

@@ -1,7 +1,8 @@
 """What the console shows: the results and the progress, not every library's start-up lines.
 
 `cxr -v` keeps all of them; otherwise TensorFlow's C++ start-up lines (CUDA stubs, CPU features),
-MLflow's database set-up lines and, in Ray workers, everything but warnings stay off.
+MLflow's database set-up lines and progress bars and, in Ray workers, everything but warnings
+stay off.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ def quiet_third_parties() -> None:
     """Before TensorFlow or MLflow load: their own log levels."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow draws a progress bar for each artifact it downloads (the registry's models, the
+    # report's predictions): dozens of lines on a console that shows results
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

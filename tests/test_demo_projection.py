@@ -42,3 +42,23 @@ def test_the_projection_reads_each_runs_timers(tmp_path, capsys):
 def test_a_run_without_timers_is_named(tmp_path):
     with pytest.raises(SystemExit, match="timing.json: expected a finished run's timers"):
         main(["--workdir", str(tmp_path), "--folds", "1"])
+
+
+def test_the_grid_launches_the_runs_longest_expected_first(tmp_path):
+    """Expected time: the network's cost per image and epoch times the run's epochs. In the demo
+    resnet50v2 trains twice the epochs of xception, and must not start last; runs of one network
+    go one after another (a process that trains several traces each network once)."""
+    from orchestrator.cluster.grid import pending_runs
+    from orchestrator.config import load_config, resolved
+    from orchestrator.training.job import RunJob
+
+    config = resolved(load_config("configs/demo.yaml", [f"workdir={tmp_path}"]))
+    jobs = [RunJob.of(config, fold, n) for fold in (1, 2) for n in NETWORK_COST]
+    order = [(job.network, job.epochs) for job in pending_runs(jobs)]
+    expected = [NETWORK_COST[n] * epochs for n, epochs in order]
+    assert expected == sorted(expected, reverse=True) and len(order) == 6
+    assert order[-2:] == [("xception", 8), ("xception", 8)], order
+    networks = [network for network, _ in order]
+    assert networks == sorted(networks, key=networks.index)  # each network's runs together
+    RunRecords(RunJob.of(config, 1, "concatenated").paths).write_done("id", "fp", "")
+    assert len(pending_runs(jobs)) == 5  # a finished run is not launched again

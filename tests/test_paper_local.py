@@ -344,6 +344,19 @@ def test_cxr_run_registers_each_run_and_a_fold_ensemble_per_network(paper_local)
     )
 
 
+def test_the_console_of_cxr_run_is_short_and_holds_no_progress_bars(paper_local):
+    """The whole `cxr run` of 15 runs (one of them killed and resumed) on at most 60 lines: the
+    runs' results, Table 4's averages, where the time went and the MLflow UI command, but no
+    library's progress bars (MLflow draws one per artifact it downloads)."""
+    for console in (paper_local["log"], paper_local["again"].stdout + paper_local["again"].stderr):
+        lines = console.splitlines()
+        assert 10 < len(lines) <= 60, f"{len(lines)} lines:\n{console}"
+        assert not [line for line in lines if "Downloading artifacts" in line or "%|" in line]
+    first = paper_local["log"]
+    assert "average" in first and "baseline" in first, first
+    assert "mlflow ui --backend-store-uri" in first, first
+
+
 def test_the_ensemble_holds_the_networks_of_its_five_registered_folds(paper_local, tmp_path):
     """The registered ensemble's members are, byte for byte and in fold order, the networks of the
     five registered fold versions (that its prediction is their mean is test_inference's)."""

@@ -10,7 +10,7 @@ import pytest
 from data_pipeline.augment import AugmentSpec
 from data_pipeline.schema import CLASSES
 from data_pipeline.splits import SplitSpec, make_splits
-from data_pipeline.tfdata import eval_stream, one_hot, training_stream
+from data_pipeline.tfdata import eval_stream, one_hot, phases_stream, training_stream
 
 NO_AUGMENT = AugmentSpec(
     horizontal_flip=False, vertical_flip=False, rotation=0, zoom=0, shift=0, shear=0
@@ -73,6 +73,22 @@ def test_augmented_epochs_differ_and_resume_exactly(tiny_store, phase):
         )
     )[0]
     assert np.array_equal(resumed, x[n:])
+
+
+def test_one_pipeline_over_a_runs_phases_is_each_phases_stream_back_to_back(tiny_store, phase):
+    """A run's one pipeline (2 epochs a phase over 3 phases of different sizes, resumed at epoch 3)
+    gives, batch for batch, what a pipeline per phase gives for the same epochs."""
+    phases = [phase, phase.iloc[:20], phase.iloc[5:30]]
+    kind = dict(batch_size=8, seed=4, augment=AugmentSpec())
+    whole = epoch(phases_stream(tiny_store, phases, 2, first_epoch=3, end_epoch=6, **kind))
+    parts = [
+        epoch(training_stream(tiny_store, phases[e // 2], first_epoch=e, epochs=1, **kind))
+        for e in (3, 4, 5)
+    ]
+    stitched = (np.concatenate(p) for p in zip(*parts, strict=True))
+    for got, expected in zip(whole, stitched, strict=True):
+        assert np.array_equal(got, expected)
+    assert len(whole[0]) == 20 + 2 * 25  # epoch 3: the second phase; 4 and 5: the third
 
 
 def test_eval_stream_is_the_store_scaled_by_1_over_255(tiny_store, tiny_manifest):

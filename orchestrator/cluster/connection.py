@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = (
     "timed out during startup"  # ray.init's words when a loaded machine starts a node late
 )
+START_ATTEMPTS = 4
 _local: dict[str, str] = {}  # the local Ray this process started: its session folder
 
 
@@ -34,7 +35,8 @@ class StageError(DataError):
 
 def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local one in this process
-    (tried twice when a loaded machine starts its node late).
+    (tried up to START_ATTEMPTS times when a loaded machine starts its node late: Ray gives a
+    starting node a fixed 30 s to register, which a busy 2-core machine can exceed).
 
     Unless `verbose`, the workers' output (TensorFlow's C++ start-up lines, Ray Train's internal
     messages, the runs' own logs) stays in Ray's session logs instead of the console, and Ray's
@@ -44,7 +46,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
         return
     address = cluster_address(address)
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
-    for attempt in (1, 2):
+    for attempt in range(1, START_ATTEMPTS + 1):
         try:
             if address:
                 ray.init(address=address, **quiet)
@@ -54,12 +56,12 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
             break
         except Exception as exc:  # ray.init raises bare Exceptions and ConnectionErrors
             shutdown()
-            if attempt == 2 or STARTUP_TIMEOUT not in str(exc):
+            if attempt == START_ATTEMPTS or STARTUP_TIMEOUT not in str(exc):
                 where = f"the cluster at {address}" if address else "a local Ray"
                 raise StageError(
                     "Ray start", f"could not start or join {where}: {type(exc).__name__}: {exc}"
                 ) from None
-            log.warning("Ray start: %s; trying once more", exc)
+            log.warning("Ray start (attempt %d of %d): %s", attempt, START_ATTEMPTS, exc)
     log.info(
         "Ray: %s CPUs, %s GPUs",
         ray.cluster_resources().get("CPU", 0),

@@ -92,10 +92,13 @@ def run_grid(
 
 
 def pending_runs(jobs: list[RunJob]) -> list[RunJob]:
-    """The runs to launch, the longest first, so that no long run is left alone at the end.
-    Finished runs are not launched again (a trial would start a TensorFlow worker only to find
-    that out; the driver has refused stale ones)."""
-    by_cost = sorted(jobs, key=lambda job: -NETWORK_COST[job.network])
+    """The runs to launch, the longest expected first (the network's cost per training image
+    times the run's epochs), so that no long run is left alone at the end; runs of one network
+    next to each other, so that a process that trains several restarts its traced model instead
+    of tracing another (orchestrator.training.traced). Finished runs are not launched again (a
+    trial would start a TensorFlow worker only to find that out; the driver has refused stale
+    ones)."""
+    by_cost = sorted(jobs, key=lambda job: (-NETWORK_COST[job.network] * job.epochs, job.network))
     return [job for job in by_cost if not RunRecords(job.paths).is_done()]
 
 

@@ -400,6 +400,29 @@ class RunTracker:
         return "KILLED"
 
 
+class NoTracker:
+    """A run tracked nowhere (benchmarks, tests of the trainer alone): the calls the trainer makes
+    of a RunTracker, each doing nothing, so that the trainer has no `tracker is None` branches."""
+
+    run_id = ""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_epochs(self, rows: list[dict[str, float]]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def epochs(self, epochs_per_phase: int) -> list[dict]:
+        """No epochs held: a damaged history.csv cannot be rebuilt from here."""
+        return []
+
+
 def placement_tags(
     node_ip: str,
     node_id: str,

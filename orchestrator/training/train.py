@@ -20,7 +20,6 @@ import pandas as pd
 from data_pipeline.schema import CLASSES, PROBABILITY_COLUMNS
 from orchestrator.evaluation.figures import confusion_matrix_figure
 from orchestrator.evaluation.metrics import accuracy, confusion, macro_auc
-from orchestrator.lock import FileLock
 from orchestrator.paths import RunPaths, run_name
 from orchestrator.tracking import names
 from orchestrator.tracking.experiment import package_versions
@@ -29,9 +28,10 @@ from orchestrator.tracking.records import RunRecords
 from orchestrator.tracking.runs import RunTracker
 from orchestrator.training import remote_run
 from orchestrator.training.identity import Identity, check_run
-from orchestrator.training.inputs import RunInputs, run_datasets
+from orchestrator.training.inputs import RunInputs
 from orchestrator.training.job import RunJob
-from orchestrator.training.run import Run, RunSetup
+from orchestrator.training.opening import locked, opened_run
+from orchestrator.training.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,10 @@ def train_and_evaluate(
     finished run (done.json) of the same fingerprint is not trained again; a run folder of another
     fingerprint is refused (orchestrator.training.identity.StaleRun).
     """
-    paths = job.paths
-    stale_after = job.lock_stale_seconds
-    lock = FileLock(
-        paths.lock,
-        f"run folder {paths.root}",
-        stale_after,
-        owner=lock_owner,
-        command=f"the trainer of {run_name(job.fold, job.network)}",
-    )
-    lock.acquire(wait=stale_after * 1.25)  # an earlier attempt that died: its heartbeat goes stale
-    try:
-        remote_run.fetch(paths)  # on object storage: the bucket's run, whatever this node held
+    command = f"the trainer of {run_name(job.fold, job.network)}"
+    with locked(job, "run folder", lock_owner, command):
+        remote_run.fetch(job.paths)  # on object storage: the bucket's run, whatever this node held
         return _train_and_evaluate(job, parent_run_id, report, placement, keep_traced)
-    finally:
-        lock.release()
 
 
 def _train_and_evaluate(
@@ -110,37 +99,23 @@ def _train_and_evaluate(
         names.STORE_KEY: identity.store_key,
         **(placement or {}),
     }
-    run = None
-    try:  # from the run's opening on, any error ends it FAILED (Ctrl-C: KILLED), never RUNNING
-        # the workdir this process trains in: a node's cache folder on object storage
-        params = {**job.params, "workdir": str(work.root), "fold": str(fold), "network": network}
-        if tracker.open(name, tags, params, parent_run_id):
-            tracker.log_datasets(
-                run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16]
-            )
+    # the workdir this process trains in: a node's cache folder on object storage
+    params = {**job.params, "workdir": str(work.root), "fold": str(fold), "network": network}
+    opening = (name, tags, params, parent_run_id)
+    with opened_run(job, tracker, inputs, identity, opening, report, started=started) as run:
         tracker.set_tags(identity_tags)
-        setup = RunSetup.of(job, identity.fingerprint)
-        run = Run(setup, inputs, paths, tracker, report)
-        run.seconds["run set-up"] += time.perf_counter() - started
         predictions = pd.read_csv(run.train())
         log_results(run, tracker, predictions, f"fold {fold}, {network}", job.model_limits)
-        tracker.log_metrics({f"seconds_{k}": v for k, v in run.save_timing().items()})
-    except BaseException as exc:
-        if run is not None:
-            run.save_timing()
-        # SystemExit: Ray Tune stopped the trial that trains this run (its scheduler), at an
-        # epoch's report
-        tracker.close("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
-        raise
+        tracker.log_metrics({f"seconds_{k}": v for k, v in run.clock.save(paths).items()})
     # Finished means finished everywhere: everything logged, then the MLflow run FINISHED, then
     # done.json. A kill between the last two leaves a FINISHED run that `reconcile` completes.
-    with run.timed("run close"):
+    with run.clock.timed("run close"):
         tracker.close("FINISHED")
         # before done.json, which says they are there
         records.upload(paths.predictions, paths.history)
         records.write_done(tracker.run_id, identity.fingerprint, run.model_uri)
         discard_checkpoints(paths)
-    run.save_timing()
+    run.clock.save(paths)
     if keep_traced:  # for this process's next run of the same network
         run.keep_traced()
     return paths.root
@@ -156,7 +131,7 @@ def log_results(
     run: Run, tracker, predictions: pd.DataFrame, title: str, limits: dict | None = None
 ) -> None:
     """The test accuracy and AUC, predictions, confusion matrix, history and the selected model."""
-    with run.timed("logging"):
+    with run.clock.timed("logging"):
         matrix = confusion(predictions["label"], predictions["pred"])
         figure = confusion_matrix_figure(matrix, CLASSES, title, run.paths.confusion_matrix)
         auc = macro_auc(predictions["label"], predictions[list(PROBABILITY_COLUMNS)].to_numpy())

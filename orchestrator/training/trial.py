@@ -15,15 +15,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.lock import FileLock
 from orchestrator.paths import run_name
 from orchestrator.tracking import names
 from orchestrator.tracking.experiment import package_versions
 from orchestrator.tracking.runs import RunTracker
 from orchestrator.training.identity import Identity
-from orchestrator.training.inputs import RunInputs, run_datasets
+from orchestrator.training.inputs import RunInputs
 from orchestrator.training.job import RunJob
-from orchestrator.training.run import Run, RunSetup
+from orchestrator.training.opening import locked, opened_run
 
 
 def train_trial(
@@ -36,19 +35,9 @@ def train_trial(
 ) -> str:
     """Train one trial (`job`, its run storage the trial's folder); returns its MLflow run id.
     `params`: the sampled settings, logged beside the config's. `report` gets each epoch's row."""
-    paths = job.paths
-    lock = FileLock(
-        paths.lock,
-        f"trial folder {paths.root}",
-        job.lock_stale_seconds,
-        owner=lock_owner,
-        command=f"the trial {paths.root.parent.parent.name}",
-    )
-    lock.acquire(wait=job.lock_stale_seconds * 1.25)
-    try:
+    command = f"the trial {job.paths.root.parent.parent.name}"
+    with locked(job, "trial folder", lock_owner, command):
         return _train_trial(job, parent_run_id, params, report, placement)
-    finally:
-        lock.release()
 
 
 def _train_trial(job: RunJob, parent_run_id, params, report, placement) -> str:
@@ -70,38 +59,23 @@ def _train_trial(job: RunJob, parent_run_id, params, report, placement) -> str:
         **package_versions(),
         **(placement or {}),
     }
-    run = None
-    try:
-        all_params = {
-            **job.params,
-            "workdir": str(work.root),
-            "fold": str(fold),
-            "network": network,
-            **params,
-        }
-        if tracker.open(f"{trial} {run_name(fold, network)}", tags, all_params, parent_run_id):
-            tracker.log_datasets(
-                run_datasets(inputs, work.splits, fold), digest=identity.split_hash[:16]
-            )
-        setup = RunSetup.of(job, identity.fingerprint)
+    all_params = {
+        **job.params,
+        "workdir": str(work.root),
+        "fold": str(fold),
+        "network": network,
+        **params,
+    }
 
-        def reported(
-            row: dict,
-        ) -> None:  # a trial is never resumed: each epoch to MLflow at once, then to Tune
-            tracker.log_epochs([row])
-            report(row)
+    def reported(row: dict) -> None:
+        # a trial is never resumed: each epoch to MLflow at once, then to Tune
+        tracker.log_epochs([row])
+        report(row)
 
-        run = Run(setup, inputs, paths, tracker, reported)
-        run.seconds["run set-up"] += time.perf_counter() - started
+    opening = (f"{trial} {run_name(fold, network)}", tags, all_params, parent_run_id)
+    stopped = {names.STOPPED_EARLY: "true"}  # the scheduler's stop, at the trial's next report
+    with opened_run(job, tracker, inputs, identity, opening, reported, stopped, started) as run:
         run.fit()
-    except BaseException as exc:
-        # SystemExit: Ray Tune ends a trial its scheduler stopped at the trial's next report
-        if isinstance(exc, SystemExit) and tracker.run_id:
-            tracker.set_tags({names.STOPPED_EARLY: "true"})
-        tracker.close("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
-        raise
-    finally:
-        if run is not None:
-            run.save_timing()
+        run.clock.save(paths)
     tracker.close("FINISHED")
     return tracker.run_id
