@@ -198,7 +198,7 @@ def test_a_fingerprint_covers_split_store_model_augment_and_train_but_not_loggin
         assert identity_of(config_in(work, same)).fingerprint == base.fingerprint, same
     changed = identity_of(config_in(work, "train.learning_rate=1e-3"))
     assert changed.fingerprint != base.fingerprint
-    assert changed.changes(base.settings) == ["train.learning_rate: 0.0003 -> 0.001"]
+    assert changed.changes(base.settings) == ["train.learning_rate: 0.0006 -> 0.001"]
     for other in (
         "augment.zoom=0.1",
         "model.weights=imagenet",
@@ -247,11 +247,11 @@ def test_run_folders_of_other_settings_are_found_and_named_with_what_changed(tmp
         ("fold2-xception", "checkpointed"),
         ("fold3-xception", "started"),
     ]
-    assert all(s.changes == ["train.learning_rate: 0.0003 -> 0.001"] for s in stale)
+    assert all(s.changes == ["train.learning_rate: 0.0006 -> 0.001"] for s in stale)
     with pytest.raises(
         StaleRun,
         match=r"(?s)fold1-xception \(done\).*changed: train.learning_rate: "
-        r"0.0003 -> 0.001.*--restart-stale",
+        r"0.0006 -> 0.001.*--restart-stale",
     ):
         check_run(
             new_config.paths.run(1, "xception"), Identity.of(new_config.paths, new_config.recipe)
@@ -321,7 +321,7 @@ def test_a_report_refuses_runs_of_another_fingerprint_than_the_configs(tmp_path)
     with pytest.raises(
         DataError,
         match=r"(?s)differ from this config's.*fingerprint [0-9a-f]{12}: fold2-xception; "
-        r"train.learning_rate: 0.001 -> 0.0003\n",
+        r"train.learning_rate: 0.001 -> 0.0006\n",
     ):
         check_one_fingerprint(tags, params, current)
 
@@ -334,8 +334,11 @@ def test_fingerprints_are_those_written_before_the_run_settings_left_train(tmp_p
         "demo": "9e773365f46080e7038f9438bc502a92f37998204f4b5bfe7cbb6199b09d4695",
         "paper": "2cf07247028cce3b464507e946df0d2ca43e33354be1ddd3b526188f48d1d7d8",
     }
+    # the demo's learning rate of then (it has changed since, and so has its fingerprint)
+    then = {"demo": ["train.learning_rate=3.0e-4"], "paper": []}
     for name, fingerprint in before.items():
-        config = load_config(CONFIGS / f"{name}.yaml", [f"workdir={tmp_path / 'none'}"])
+        sets = [f"workdir={tmp_path / 'none'}", *then[name]]
+        config = load_config(CONFIGS / f"{name}.yaml", sets)
         assert identity_of(config).fingerprint == fingerprint, name
 
 

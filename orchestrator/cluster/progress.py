@@ -14,8 +14,6 @@ from rich.table import Table
 from orchestrator.cluster.timeline import ENDED, LAUNCHED
 from orchestrator.paths import run_name
 
-LOG_WIDTH = 120  # the progress table's width where the output is not a terminal
-
 
 def trial_name(trial) -> str:
     return run_name(**trial.config["run"])
@@ -76,18 +74,21 @@ class RunTable(tune.Callback):
         self.epochs, self.progress = epochs, progress
         self.rows = {name: {"status": "pending"} for name in epochs}
         self.live: Live | None = None  # made in setup(): Tune pickles its callbacks before
+        self.console: Console | None = None
         self.polled = 0.0
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "live": None}
+        return {**self.__dict__, "live": None, "console": None}
 
     def setup(self, **info) -> None:
-        console = Console()
-        # a log file or a job's log: 80 columns would cut the run names short
-        if not console.is_terminal:
-            console = Console(width=LOG_WIDTH)
-        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
-        self.live.start()
+        # A terminal gets the table, redrawn in place and gone at the end (the results follow);
+        # a log file or a job's log gets one line per finished run instead of every drawing.
+        self.console = Console()
+        if self.console.is_terminal:
+            self.live = Live(
+                self._render(), console=self.console, refresh_per_second=2, transient=True
+            )
+            self.live.start()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.progress.stamp.remote(trial_name(trial), LAUNCHED, time.time())
@@ -111,7 +112,7 @@ class RunTable(tune.Callback):
         self.progress.stamp.remote(trial_name(trial), ENDED, time.time())
         self._read_progress()  # its last epochs first
         self._update(trial, status="done")
-        self.live.console.print(f"{trial_name(trial)}: done")
+        self.console.print(self._done_line(trial_name(trial)), soft_wrap=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         # the failed attempt's end
@@ -121,21 +122,27 @@ class RunTable(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.progress.stamp.remote(trial_name(trial), ENDED, time.time())
         self._update(trial, status="failed")
-        self.live.console.print(f"{trial_name(trial)}: failed; its log: {trial.local_path}")
+        self.console.print(f"{trial_name(trial)}: failed; its log: {trial.local_path}")
 
     def on_experiment_end(self, trials, **info) -> None:
         self._read_progress()
-        self.live.update(self._render())
-        self.live.stop()
-        if not self.live.console.is_terminal:  # the final table was drawn without its line end
-            self.live.console.line()
+        if self.live is not None:
+            self.live.stop()
 
     def _update(self, trial, **values) -> None:
         self._update_row(trial_name(trial), **values)
 
     def _update_row(self, name: str, **values) -> None:
         self.rows.setdefault(name, {}).update({k: v for k, v in values.items() if v is not None})
-        self.live.update(self._render())
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def _done_line(self, name: str) -> str:
+        """A finished run's line: its last epoch as its worker reported it."""
+        row = self.rows.get(name, {})
+        where = f", epoch {row['epoch']}/{self.epochs[name]} (phase {row.get('phase')})"
+        metrics = "".join(f", {k} {row[k]:.4f}" for k in self.METRICS if k in row)
+        return f"{name}: done{where if 'epoch' in row else ''}{metrics}"
 
     def _render(self) -> Table:
         table = Table(title="training runs", title_justify="left")

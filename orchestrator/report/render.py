@@ -238,12 +238,16 @@ def against_baseline(averages: pd.DataFrame) -> str:
 
 
 def print_report(report: Report) -> None:
-    """What a terminal shows: the average rows of Table 4, the notes, and where the rest is."""
+    """What a terminal shows: the average rows of Table 4, how many notes qualify them (the first
+    of them), and where the rest is: the notes in full are in the report, not on the console."""
     shown = ["network", "accuracy", *(f"{m}_{CLASSES[0]}" for m in PAPER_METRICS)]
     averages = report.table4[report.table4["fold"] == "average"][shown]
     print("\nTable 4, average over folds (percent):")
     print(averages.to_string(index=False, na_rep=""))
     print(against_baseline(averages))
-    for note in report.notes:
-        print(f"note: {note}")
-    print(f"report: {report.out / TABLES_FILE} (tables, intervals, figures)")
+    if report.notes:
+        first = report.notes[0].split(". ")[0].rstrip(".")
+        print(
+            f"{len(report.notes)} notes on reading these numbers in the report; the first: {first}."
+        )
+    print(f"report: {report.out / TABLES_FILE} (tables, intervals, figures, notes)")
