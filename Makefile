@@ -31,10 +31,11 @@ test: install
 	# tests using one; `pytest` alone runs the same tests one after another
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
+# The whole protocol (5 folds x 3 networks x 8 phases) on the tiny synthetic data, local Ray,
+# MLflow on work/demo/mlflow.db; prints the results and the command that opens the MLflow UI.
+# With GPUs (the CUDA build), one run per GPU; else two at a time on the CPU cores. (Comments out
+# here: make echoes a recipe's comment lines.)
 demo: install
-	# the whole protocol (5 folds x 3 networks x 8 phases) on the tiny synthetic data, local Ray,
-	# MLflow on work/demo/mlflow.db; prints the results and the command that opens the MLflow UI.
-	# With GPUs (the CUDA build), one run per GPU; else two at a time on the CPU cores
 	$(BIN)/cxr run --config configs/demo.yaml
 
 clean:

@@ -9,7 +9,7 @@ step and carries the run's test metrics as its MLflow run holds them.
 
 Two ways there, as the run trains:
 
-- in the trial (Ray Train's local mode): the trainer's epoch callback calls `tune.report`
+- in the trial (Ray Train's local mode): the trainer's loop calls `tune.report`
   itself, in the trial's own thread (Train's local mode runs the train function there, and the
   Tune session is the process's); Tune's reporting is synchronous (the training thread waits for
   the driver to take each result), a short wait once an epoch;

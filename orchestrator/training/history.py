@@ -43,13 +43,11 @@ def read_history(path: Path) -> list[dict]:
     ]
 
 
-def load_history(
-    paths: RunPaths, epoch: int, tracker=None, epochs_per_phase: int = 1
-) -> list[dict]:
+def load_history(paths: RunPaths, epoch: int, tracker, epochs_per_phase: int = 1) -> list[dict]:
     """history.csv's rows up to the checkpoint resumed from (`epoch`: later ones will be redone),
     the file rewritten with them. A damaged file is rebuilt from the epochs MLflow holds (through
-    `tracker`, an orchestrator.tracking.runs.RunTracker), when it holds all of them; else
-    StateError says what to do."""
+    `tracker`, a RunTracker or NoTracker of orchestrator.tracking.runs), when it holds all of
+    them; else StateError says what to do."""
     if epoch == 0:
         rows: list[dict] = []
     else:
@@ -65,7 +63,7 @@ def load_history(
 def _from_mlflow(
     paths: RunPaths, epoch: int, damage: StateError, tracker, epochs_per_phase: int
 ) -> list[dict]:
-    rows = tracker.epochs(epochs_per_phase) if tracker is not None else []
+    rows = tracker.epochs(epochs_per_phase)
     if [row["step"] for row in rows if row["step"] <= epoch] != list(range(1, epoch + 1)):
         raise StateError(
             f"{damage} MLflow holds epochs {[r['step'] for r in rows]} of the {epoch} "

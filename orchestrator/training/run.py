@@ -184,7 +184,8 @@ class Run:
                 self.keep_best(model, state, row)
                 if self.checkpoint_due(state, phase):
                     self.checkpoint(model, state)
-                self.report(row)
+                with self.clock.timed("reports"):  # Ray Tune's report waits for its driver
+                    self.report(row)
                 fail_once_if_asked(self.setup.execution.fail_at, self.name, phase, self.paths)
                 log_epoch(self.name, row, trained.seconds)
             # also when resumed from the phase's last checkpoint before its end was logged
@@ -313,7 +314,9 @@ class Run:
             return
         if cursor.improves(value, self.spec.monitor_mode):
             cursor.best_value, cursor.best_epoch = float(value), cursor.epoch
-            save_weights_only(model, self.paths.best_weights_tmp).replace(self.paths.best_weights)
+            with self.clock.timed("best weights"):
+                saved = save_weights_only(model, self.paths.best_weights_tmp)
+                saved.replace(self.paths.best_weights)
 
     def checkpoint_due(self, state: RunState, phase: Phase) -> bool:
         every, epoch = self.setup.checkpoint.every, state.cursor.epoch
@@ -359,7 +362,8 @@ class Run:
             self.tracker.log_metrics(summary, step=phase.number)
             self.log_phase_weights(model, phase.number)
         cursor.phases_logged = phase.number
-        checkpoints.record_cursor(self.paths, cursor)
+        with self.clock.timed("checkpoints"):
+            checkpoints.record_cursor(self.paths, cursor)
 
     def log_phase_weights(self, model: keras.Model, phase: int) -> None:
         if self.setup.checkpoint.log == "weights":
@@ -377,7 +381,8 @@ class Run:
         cursor = state.cursor
         if self.spec.selection == "best" and self.paths.best_weights.is_file():
             # the best epoch's weights with the batch-norm statistics it was validated with
-            load_weights_only(model, self.paths.best_weights)
+            with self.clock.timed("best weights"):
+                load_weights_only(model, self.paths.best_weights)
             log.info(
                 "%s: selected the best weights on the validation set (epoch %d, %s %.4f)",
                 self.name,
