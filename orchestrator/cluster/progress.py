@@ -61,8 +61,8 @@ class Progress:
 
 
 class RunTable(tune.Callback):
-    """The progress table of the runs, redrawn in place on a terminal (one line per finished run,
-    and the table at the end, elsewhere): run, status, phase, epoch, loss, accuracy, val_accuracy.
+    """The progress table of the runs, redrawn in place on a terminal and gone at the end: run,
+    status, phase, epoch, loss, accuracy, val_accuracy; and everywhere a line per finished run.
     A Ray Tune callback; it lives in the driver and reads the epochs from `progress`."""
 
     METRICS = ("loss", "accuracy", "val_accuracy")

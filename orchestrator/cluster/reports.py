@@ -35,7 +35,7 @@ A trial that Tune stops (a scheduler's decision) gets SystemExit from its next `
 the trial, that ends the run at once, its MLflow run KILLED. A trial that forwards a Train
 worker's rows ends, but nothing tells the worker yet: its Train run goes on in the trial's process,
 or dies with it, its MLflow run left RUNNING (a stop flag on the Progress actor, read by the
-worker's epoch callback, would end it as in the trial).
+worker's epoch report, would end it as in the trial).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def tune_metrics(run: dict, row: dict) -> dict:
 
 
 def epoch_reporter(board, run: dict, in_trial: bool):
-    """The trainer's per-epoch callback: the row to the Progress actor (the table; on a cluster,
+    """The trainer's per-epoch report: the row to the Progress actor (the table; on a cluster,
     the trial too), and in the trial (local mode) straight to Tune."""
     name = run_name(**run)
 
