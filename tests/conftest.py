@@ -196,8 +196,10 @@ def tiny_store(tiny_manifest, tmp_path_factory):
 def learned_run(tmp_path_factory):
     """One run of the single-run trainer that learns: Xception, fold 1, the demo's data, splits
     and settings (72x72, the demo's milder augmentations, random weights, 8 phases x 1 epoch,
-    precise batch norm, best-on-validation selection). Trained once per session (about two
-    minutes); every test that needs a trained model uses it."""
+    precise batch norm, best-on-validation selection) at learning rate 3e-4: the demo's 6e-4
+    serves resnet50v2, and leaves xception's single fold more sensitive to the process's numerics
+    (78% to 100% on fold 1 across thread counts and instruction sets). Trained once per session
+    (about two minutes); every test that needs a trained model uses it."""
     import time
     from types import SimpleNamespace
 
@@ -212,7 +214,7 @@ def learned_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("learned")
     config = load_config(
         ROOT / "configs" / "demo.yaml",
-        [f"workdir={root}", f"tracking.uri=sqlite:///{root}/mlflow.db"],
+        [f"workdir={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", "train.learning_rate=3e-4"],
     )
     write_synthetic(config.paths.data, config.data.synthetic, config.data.synthetic_seed)
     manifest = build_manifest(config.paths.data / COVID_DIR, config.paths.data / RSNA_DIR).manifest
