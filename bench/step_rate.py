@@ -77,23 +77,12 @@ def set_threads(threads: int) -> None:
 
 
 def compile_for_bench(model, steps_per_execution: int, xla: bool):
-    """Compile as the trainer does. models.training.compile_network has no steps_per_execution,
-    so for more than one step per execution the same compilation is spelt out here."""
-    import keras
+    """Compile as the trainer does (models.training.compile_network)."""
+    from models.training import compile_network
 
-    from models.training import build_state, compile_network
-
-    if steps_per_execution == 1:
-        return compile_network(model, LEARNING_RATE, jit_compile=xla, run_eagerly=False)
-    model.compile(
-        optimizer=keras.optimizers.Nadam(learning_rate=LEARNING_RATE),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=xla,
-        run_eagerly=False,
-        steps_per_execution=steps_per_execution,
+    return compile_network(
+        model, LEARNING_RATE, jit_compile=xla, steps_per_execution=steps_per_execution
     )
-    return build_state(model)
 
 
 def time_fit(model, batch: int, size: int, steps: int, steps_per_execution: int) -> dict:
